@@ -1,0 +1,169 @@
+//! LLM backends: everything that turns a prompt into streamed tokens.
+//!
+//! # Layout
+//! - [`Backend`]: the one trait every provider implements (stream tokens, report usage, say
+//!   whether it is up, say how many generations it serves at once).
+//! - [`config`]: `BackendConfig` (one `[backends.NAME]` table) and `TypeRoute` (one `[types.NAME]`).
+//! - [`router`]: `Router`, which picks backend + model + timeout per task type and falls back
+//!   when the first choice is unreachable.
+//! - Providers: [`ollama`] (`/api/chat`), [`openai`] (`/v1/chat/completions`, SSE), [`exec`]
+//!   (a configured program: task JSON on stdin, answer on stdout) and [`codex`] (`codex exec`).
+//!   The embedded GGUF engine lives in its own crate, `koubou-llama`, and implements the same trait.
+//!
+//! Architecture invariant: nothing here knows about queues, workers or HTTP servers; a backend
+//! is given a request and a cancellation token and returns a [`Generation`] or a [`BackendError`].
+
+pub mod codex;
+pub mod config;
+pub mod exec;
+pub mod ollama;
+pub mod openai;
+pub mod router;
+mod sse;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+pub use config::{BackendConfig, BackendsConfig, EmbeddedConfig, TypeRoute};
+pub use koubou_task::{GenOptions, Usage};
+pub use router::{Plan, RouteError, Router};
+use serde::Serialize;
+pub use tokio_util::sync::CancellationToken;
+
+/// One generation to run.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    /// The model to ask for (the router resolves it; never empty).
+    pub model: String,
+    pub system: Option<String>,
+    pub prompt: String,
+    pub options: GenOptions,
+    /// The wall-clock budget; the caller also enforces it, but process backends use it to kill
+    /// their child in time.
+    pub timeout: Duration,
+    /// For backends that hand the whole task to a program (exec): its id and type.
+    pub task_id: String,
+    pub task_kind: String,
+}
+
+/// What a finished generation returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    pub text: String,
+    pub usage: Usage,
+    /// The model that answered, as the backend names it.
+    pub model: String,
+    /// `stop`, `length`, or whatever the backend said.
+    pub finish_reason: String,
+}
+
+/// Receives tokens as they are generated.
+pub trait TokenSink: Send + Sync {
+    fn token(&self, text: &str);
+}
+
+impl<F: Fn(&str) + Send + Sync> TokenSink for F {
+    fn token(&self, text: &str) {
+        self(text)
+    }
+}
+
+/// A sink that drops every token (for callers that want only the final text).
+pub struct Discard;
+
+impl TokenSink for Discard {
+    fn token(&self, _: &str) {}
+}
+
+/// Whether a backend can serve, and what it serves.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Health {
+    pub up: bool,
+    /// What was checked and what came back, in words (e.g. "ollama 0.5.1 at http://…; 3 models").
+    pub detail: String,
+    /// Models the backend says it has, where it can list them.
+    pub models: Vec<String>,
+}
+
+impl Health {
+    pub fn up(detail: impl Into<String>, models: Vec<String>) -> Self {
+        Health { up: true, detail: detail.into(), models }
+    }
+    pub fn down(detail: impl Into<String>) -> Self {
+        Health { up: false, detail: detail.into(), models: vec![] }
+    }
+}
+
+/// An LLM provider.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// The configured name (`[backends.NAME]`).
+    fn name(&self) -> &str;
+    /// The provider kind: `ollama`, `openai`, `codex`, `exec` or `embedded`.
+    fn kind(&self) -> &'static str;
+    /// The model used when neither the task nor its type names one.
+    fn default_model(&self) -> &str;
+    /// How many generations it serves at once without queueing them itself; the pool never runs
+    /// more workers against it than this.
+    fn capacity(&self) -> usize;
+    /// Checks reachability (and, where possible, which models exist). Must answer within a few
+    /// seconds even when the provider hangs.
+    async fn health(&self) -> Health;
+    /// Runs one generation, calling `sink` with each piece of text as it arrives. Stops promptly
+    /// (and kills any child process) when `cancel` fires, returning [`BackendError::Cancelled`].
+    async fn generate(
+        &self,
+        req: GenerateRequest,
+        sink: &dyn TokenSink,
+        cancel: CancellationToken,
+    ) -> Result<Generation, BackendError>;
+}
+
+/// Why a generation failed. Each variant says whether trying again (or elsewhere) can help.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Nothing answered (connection refused, DNS, program not found). The router tries the
+    /// fallback backend; the queue retries later.
+    #[error("backend {backend} is unreachable: {detail}")]
+    Unreachable { backend: String, detail: String },
+    /// The provider answered but does not have the model. `hint` says how to get it.
+    #[error("model {model:?} is not available on {backend}: {hint}")]
+    ModelMissing { backend: String, model: String, hint: String },
+    /// The provider refused the request (4xx): trying again will not help.
+    #[error("{backend} rejected the request (HTTP {status}): {detail}")]
+    Rejected { backend: String, status: u16, detail: String },
+    /// The provider failed (5xx, a crashed program, a broken stream): may work next time.
+    #[error("{backend} failed: {detail}")]
+    Failed { backend: String, detail: String },
+    /// The stream ended without the provider saying it was done.
+    #[error("{backend}: the answer stream ended early: {detail}")]
+    Truncated { backend: String, detail: String },
+    #[error("{backend} did not finish within {0:?}", .timeout)]
+    Timeout { backend: String, timeout: Duration },
+    #[error("cancelled")]
+    Cancelled,
+    /// The configuration cannot work (bad URL, missing program, missing key).
+    #[error("backend {backend} is misconfigured: {detail}")]
+    Config { backend: String, detail: String },
+}
+
+impl BackendError {
+    /// Worth another attempt later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Unreachable { .. }
+                | BackendError::Failed { .. }
+                | BackendError::Truncated { .. }
+                | BackendError::Timeout { .. }
+        )
+    }
+
+    /// Worth trying the fallback backend right away.
+    pub fn wants_fallback(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Unreachable { .. } | BackendError::ModelMissing { .. } | BackendError::Config { .. }
+        )
+    }
+}

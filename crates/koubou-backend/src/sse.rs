@@ -1,0 +1,1 @@
+//! TODO: provider module (being written).

@@ -1,0 +1,149 @@
+//! The event bus: one stream of what happens, read by every face.
+//!
+//! Producers: the queue (created, claimed, finished, requeued), the worker (tokens), the pool
+//! (scaling) and the backend health checker. Consumers: WebSocket, GraphQL subscriptions, the
+//! dashboard, MCP progress, metrics, `submit --wait`. Nobody polls the database to learn what
+//! changed.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::{Millis, Priority, TaskId, TaskKind, TaskStatus, Usage, WorkerId, now_millis};
+
+/// One thing that happened, with when.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Milliseconds since the Unix epoch.
+    pub at: Millis,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// What happened. Serialized with an `event` tag, e.g. `{"event":"task_token","task_id":…}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    TaskCreated { task_id: TaskId, kind: TaskKind, priority: Priority },
+    TaskClaimed { task_id: TaskId, worker_id: WorkerId, attempt: u32 },
+    /// The router chose where the task runs.
+    TaskStarted { task_id: TaskId, worker_id: WorkerId, backend: String, model: String },
+    /// A piece of the answer, as the backend streams it.
+    TaskToken { task_id: TaskId, text: String },
+    TaskCompleted { task_id: TaskId, usage: Option<Usage>, latency_ms: Millis },
+    /// An attempt failed; `retry_at` is set when the task will be tried again.
+    TaskFailed { task_id: TaskId, error: String, retry_at: Option<Millis>, status: TaskStatus },
+    TaskCancelled { task_id: TaskId },
+    /// A running task went back to the queue (lease lost, worker shut down).
+    TaskRequeued { task_id: TaskId, reason: String },
+    WorkerScaled { workers: usize, previous: usize, reason: String },
+    WorkerState { worker_id: WorkerId, state: String, task_id: Option<TaskId> },
+    BackendHealth { backend: String, up: bool, detail: String },
+}
+
+impl EventKind {
+    /// The task this event is about, if any.
+    pub fn task_id(&self) -> Option<TaskId> {
+        use EventKind::*;
+        match self {
+            TaskCreated { task_id, .. }
+            | TaskClaimed { task_id, .. }
+            | TaskStarted { task_id, .. }
+            | TaskToken { task_id, .. }
+            | TaskCompleted { task_id, .. }
+            | TaskFailed { task_id, .. }
+            | TaskCancelled { task_id }
+            | TaskRequeued { task_id, .. } => Some(*task_id),
+            WorkerState { task_id, .. } => *task_id,
+            WorkerScaled { .. } | BackendHealth { .. } => None,
+        }
+    }
+
+    /// The `event` tag this kind serializes with.
+    pub fn name(&self) -> &'static str {
+        use EventKind::*;
+        match self {
+            TaskCreated { .. } => "task_created",
+            TaskClaimed { .. } => "task_claimed",
+            TaskStarted { .. } => "task_started",
+            TaskToken { .. } => "task_token",
+            TaskCompleted { .. } => "task_completed",
+            TaskFailed { .. } => "task_failed",
+            TaskCancelled { .. } => "task_cancelled",
+            TaskRequeued { .. } => "task_requeued",
+            WorkerScaled { .. } => "worker_scaled",
+            WorkerState { .. } => "worker_state",
+            BackendHealth { .. } => "backend_health",
+        }
+    }
+
+    /// Ends the task's story: completed, cancelled, or failed for good.
+    pub fn is_terminal(&self) -> bool {
+        match self {
+            EventKind::TaskCompleted { .. } | EventKind::TaskCancelled { .. } => true,
+            EventKind::TaskFailed { status, .. } => status.is_terminal(),
+            _ => false,
+        }
+    }
+}
+
+/// A cheap, cloneable handle on the in-process bus (a bounded broadcast channel).
+///
+/// A receiver that falls more than `capacity` events behind gets `RecvError::Lagged`: faces drop
+/// such slow clients rather than slowing anyone else down.
+#[derive(Clone)]
+pub struct EventBus {
+    tx: broadcast::Sender<Arc<Event>>,
+}
+
+impl EventBus {
+    pub fn new(capacity: usize) -> Self {
+        EventBus { tx: broadcast::channel(capacity.max(16)).0 }
+    }
+
+    /// Sends to every current subscriber; a bus nobody listens to drops the event.
+    pub fn publish(&self, kind: EventKind) {
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(Arc::new(Event { at: now_millis(), kind }));
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.tx.subscribe()
+    }
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus::new(8192)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_shape() {
+        let id: TaskId = "0193a4b2-7c1e-7d3f-9a40-1b2c3d4e5f60".parse().unwrap();
+        let e = Event { at: 1, kind: EventKind::TaskToken { task_id: id, text: "hi".into() } };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"at":1,"event":"task_token","task_id":"0193a4b2-7c1e-7d3f-9a40-1b2c3d4e5f60","text":"hi"}"#
+        );
+        assert_eq!(serde_json::from_str::<Event>(&s).unwrap(), e);
+        assert_eq!(e.kind.name(), "task_token");
+    }
+
+    #[tokio::test]
+    async fn slow_subscriber_lags() {
+        let bus = EventBus::new(16);
+        let mut rx = bus.subscribe();
+        for _ in 0..40 {
+            bus.publish(EventKind::TaskCancelled { task_id: TaskId::new() });
+        }
+        assert!(matches!(rx.recv().await, Err(broadcast::error::RecvError::Lagged(_))));
+    }
+}

@@ -1,0 +1,38 @@
+//! The vocabulary every other Koubou crate speaks.
+//!
+//! # Layout
+//! - [`id`]: `TaskId` (UUIDv7: unique and sortable by creation time) and `WorkerId`.
+//! - [`kind`]: `TaskKind` (`general`, `code`, or a configured custom type) and `Priority` (1–10).
+//! - [`task`]: `Task` (the stored record), `NewTask` (what a client submits), `TaskStatus`, `Usage`.
+//! - [`event`]: `Event`, the one message type of the event bus, and `EventBus` itself.
+//! - [`validate`]: the rules a submitted task must pass, shared by every face.
+//!
+//! Architecture invariant: this crate does no I/O, knows no database, no HTTP and no LLM.
+
+pub mod event;
+pub mod id;
+pub mod kind;
+pub mod task;
+pub mod validate;
+
+pub use event::{Event, EventBus, EventKind};
+pub use id::{TaskId, WorkerId};
+pub use kind::{Priority, TaskKind};
+pub use task::{GenOptions, NewTask, Task, TaskStatus, Usage};
+pub use validate::{FieldError, Limits};
+
+/// Milliseconds since the Unix epoch: the one clock format stored and sent.
+pub type Millis = i64;
+
+/// Now, in [`Millis`].
+pub fn now_millis() -> Millis {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as Millis
+}
+
+/// RFC 3339 rendering of a [`Millis`] timestamp, for humans and JSON.
+pub fn rfc3339(ms: Millis) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}

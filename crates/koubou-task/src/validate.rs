@@ -1,0 +1,134 @@
+//! Rules for a submission, shared by every face so that REST, WebSocket, GraphQL and MCP reject
+//! the same input with the same words.
+
+use serde::Serialize;
+
+/// A rejected field: which one, and why, in words a user can act on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError { field: field.into(), message: message.into() }
+    }
+}
+
+/// Size limits on a submission (config: `[limits]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest prompt (plus system prompt) in bytes.
+    pub max_prompt_bytes: usize,
+    /// Largest `max_attempts` a client may ask for.
+    pub max_attempts_cap: u32,
+    /// Longest `timeout_secs` a client may ask for.
+    pub max_timeout_secs: u64,
+    /// Largest metadata object, serialized, in bytes.
+    pub max_metadata_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_prompt_bytes: 1 << 20,
+            max_attempts_cap: 20,
+            max_timeout_secs: 24 * 3600,
+            max_metadata_bytes: 64 << 10,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks a submission against the limits (type names are checked by the router).
+    pub fn check(&self, t: &crate::NewTask) -> Result<(), FieldError> {
+        if t.prompt.trim().is_empty() {
+            return Err(FieldError::new("prompt", "must not be empty"));
+        }
+        let size = t.prompt.len() + t.system.as_ref().map_or(0, String::len);
+        if size > self.max_prompt_bytes {
+            return Err(FieldError::new(
+                "prompt",
+                format!("is {size} bytes; the limit is {} bytes (limits.max_prompt_bytes)", self.max_prompt_bytes),
+            ));
+        }
+        if let Some(n) = t.max_attempts {
+            if n == 0 || n > self.max_attempts_cap {
+                return Err(FieldError::new(
+                    "max_attempts",
+                    format!("must be from 1 to {}, got {n}", self.max_attempts_cap),
+                ));
+            }
+        }
+        if let Some(s) = t.timeout_secs {
+            if s == 0 || s > self.max_timeout_secs {
+                return Err(FieldError::new(
+                    "timeout_secs",
+                    format!("must be from 1 to {}, got {s}", self.max_timeout_secs),
+                ));
+            }
+        }
+        if let Some(k) = &t.idempotency_key {
+            if k.is_empty() || k.len() > 256 {
+                return Err(FieldError::new("idempotency_key", "must be 1 to 256 bytes"));
+            }
+        }
+        for (field, v) in [("model", &t.model), ("backend", &t.backend)] {
+            if let Some(v) = v {
+                if v.is_empty() || v.len() > 256 {
+                    return Err(FieldError::new(field, "must be 1 to 256 bytes"));
+                }
+            }
+        }
+        let o = &t.options;
+        if let Some(v) = o.temperature {
+            if !(0.0..=5.0).contains(&v) {
+                return Err(FieldError::new("options.temperature", format!("must be from 0 to 5, got {v}")));
+            }
+        }
+        if let Some(v) = o.top_p {
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(FieldError::new("options.top_p", format!("must be in (0, 1], got {v}")));
+            }
+        }
+        if o.max_tokens == Some(0) {
+            return Err(FieldError::new("options.max_tokens", "must be at least 1"));
+        }
+        if o.stop.len() > 16 || o.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return Err(FieldError::new("options.stop", "at most 16 strings of 1 to 256 bytes"));
+        }
+        if !t.metadata.is_empty() {
+            let n = serde_json::to_vec(&t.metadata).map_or(0, |v| v.len());
+            if n > self.max_metadata_bytes {
+                return Err(FieldError::new(
+                    "metadata",
+                    format!("is {n} bytes serialized; the limit is {}", self.max_metadata_bytes),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{NewTask, TaskKind};
+
+    #[test]
+    fn rejects_and_names_the_field() {
+        let l = Limits { max_prompt_bytes: 10, ..Limits::default() };
+        let mut t = NewTask::new(TaskKind::general(), "   ");
+        assert_eq!(l.check(&t).unwrap_err().field, "prompt");
+        t.prompt = "x".repeat(11);
+        assert!(l.check(&t).unwrap_err().message.contains("limit is 10"));
+        t.prompt = "ok".into();
+        t.max_attempts = Some(0);
+        assert_eq!(l.check(&t).unwrap_err().field, "max_attempts");
+        t.max_attempts = Some(3);
+        assert!(l.check(&t).is_ok());
+    }
+}
