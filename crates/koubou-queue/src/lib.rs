@@ -1,0 +1,202 @@
+//! The durable task queue: where accepted tasks live until they are done.
+//!
+//! # Layout
+//! - [`TaskQueue`]: the one trait every store implements: submit, read, list, claim with a
+//!   lease, heartbeat, complete / fail / release, cancel, count.
+//! - [`sqlite`]: `SqliteQueue`, the embedded default (one file, WAL, group commit on one writer
+//!   thread, readers on their own connections).
+//! - [`wait`]: `claim_wait`, which parks an idle worker until a task arrives or something falls
+//!   due (a retry's backoff, a lease's expiry) — woken by the queue, never by a polling timer.
+//! - [`backoff`]: the retry schedule.
+//!
+//! Architecture invariants:
+//! - A task runs at most once at a time: claims are atomic, and every write a worker makes is
+//!   fenced by its [`Lease`] (task id + worker + attempt number), so a worker whose lease was
+//!   lost can no longer change the task.
+//! - An accepted task is never lost: `submit` answers only after the transaction commits, and a
+//!   running task whose worker vanished goes back to the queue when its lease runs out.
+//! - Events are published on the bus only after the change they describe has committed.
+
+pub mod backoff;
+pub mod sqlite;
+pub mod wait;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use koubou_task::{Millis, NewTask, Task, TaskId, TaskKind, TaskStatus, Usage, WorkerId};
+use serde::Serialize;
+pub use sqlite::{SqliteConfig, SqliteQueue};
+use tokio_util::sync::CancellationToken;
+pub use wait::claim_wait;
+
+/// Errors of the queue layer. `NotFound` and `Conflict` are the caller's; the rest are ours.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("task {0} not found")]
+    NotFound(TaskId),
+    /// The request does not fit the task's state (e.g. cancelling a completed task).
+    #[error("task {id} is {status}: {detail}")]
+    Conflict { id: TaskId, status: TaskStatus, detail: String },
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("cannot open the queue at {path}: {detail}")]
+    Open { path: String, detail: String },
+    #[error("the queue is shut down")]
+    Closed,
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// What `submit` did: a new task, or the existing one with the same idempotency key.
+#[derive(Clone, Debug)]
+pub struct Submitted {
+    pub task: Task,
+    pub created: bool,
+}
+
+/// Proof that a worker holds a task: every write the worker makes is checked against it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub task_id: TaskId,
+    pub worker_id: WorkerId,
+    pub attempt: u32,
+}
+
+/// A claimed task, its lease, and the token the queue fires when the task is cancelled.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub task: Task,
+    pub lease: Lease,
+    pub cancel: CancellationToken,
+}
+
+/// What a heartbeat learned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// Still ours; renewed.
+    Held,
+    /// Cancelled by a user: stop now.
+    Cancelled,
+    /// Gone (expired and requeued, or finished elsewhere): stop and write nothing more.
+    Lost,
+}
+
+/// While running: what to record with a heartbeat.
+#[derive(Clone, Debug, Default)]
+pub struct Progress<'a> {
+    pub backend: Option<&'a str>,
+    pub model: Option<&'a str>,
+    pub partial: Option<&'a str>,
+}
+
+/// A successful attempt.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub result: String,
+    pub backend: String,
+    pub model: String,
+    pub usage: Usage,
+}
+
+/// A failed attempt.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub error: String,
+    /// Worth trying again (if attempts remain).
+    pub retryable: bool,
+    pub backend: Option<String>,
+    pub model: Option<String>,
+    /// Output produced before the failure, kept for the record.
+    pub partial: Option<String>,
+}
+
+/// A filter and page for listing tasks, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct TaskQuery {
+    pub statuses: Vec<TaskStatus>,
+    pub kind: Option<TaskKind>,
+    /// Substring of the prompt (case-insensitive for ASCII).
+    pub search: Option<String>,
+    /// Only tasks older than this cursor (from a previous page's `next_cursor`).
+    pub before: Option<i64>,
+    pub limit: usize,
+}
+
+/// One page of tasks.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskPage {
+    pub tasks: Vec<Task>,
+    /// Pass as `before` for the next page; `None` on the last page.
+    pub next_cursor: Option<i64>,
+    /// How many tasks match the filter in all.
+    pub total: u64,
+}
+
+/// How many tasks are in each status.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct StatusCounts {
+    pub pending: u64,
+    pub running: u64,
+    pub retrying: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+impl StatusCounts {
+    pub fn get(&self, s: TaskStatus) -> u64 {
+        match s {
+            TaskStatus::Pending => self.pending,
+            TaskStatus::Running => self.running,
+            TaskStatus::Retrying => self.retrying,
+            TaskStatus::Completed => self.completed,
+            TaskStatus::Failed => self.failed,
+            TaskStatus::Cancelled => self.cancelled,
+        }
+    }
+    pub fn total(&self) -> u64 {
+        TaskStatus::ALL.iter().map(|s| self.get(*s)).sum()
+    }
+}
+
+/// Where a queued task stands.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct QueuePosition {
+    /// Queued tasks that will be claimed before this one (higher priority, or older at the same).
+    pub ahead: u64,
+}
+
+/// A durable task store with atomic, leased claims.
+#[async_trait]
+pub trait TaskQueue: Send + Sync + 'static {
+    /// Stores a validated task (or returns the one with the same idempotency key).
+    async fn submit(&self, new: NewTask) -> Result<Submitted, QueueError>;
+    async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError>;
+    async fn list(&self, query: TaskQuery) -> Result<TaskPage, QueueError>;
+    async fn counts(&self) -> Result<StatusCounts, QueueError>;
+    /// `None` when the task is not queued.
+    async fn position(&self, id: TaskId) -> Result<Option<QueuePosition>, QueueError>;
+
+    /// Takes the most urgent claimable task (highest priority, then oldest), if any, for
+    /// `lease` — optionally only of the given kinds.
+    async fn claim(&self, worker: &WorkerId, kinds: Option<&[TaskKind]>, lease: Duration)
+    -> Result<Option<Claimed>, QueueError>;
+    /// Renews the lease (and records progress).
+    async fn heartbeat(&self, lease: &Lease, ttl: Duration, progress: Progress<'_>) -> Result<LeaseStatus, QueueError>;
+    async fn complete(&self, lease: &Lease, done: Completion) -> Result<Task, QueueError>;
+    /// Schedules a retry with backoff, or fails the task for good.
+    async fn fail(&self, lease: &Lease, failure: Failure) -> Result<Task, QueueError>;
+    /// Gives the task back untouched (shutdown): it is claimable again at once and the attempt
+    /// does not count.
+    async fn release(&self, lease: &Lease) -> Result<(), QueueError>;
+    /// Cancels a queued or running task; a running one's worker is told through its token.
+    async fn cancel(&self, id: TaskId) -> Result<Task, QueueError>;
+    /// Requeues every running task held by workers of `node` (after that node restarted).
+    async fn recover_node(&self, node: &str) -> Result<u64, QueueError>;
+
+    /// Fires whenever a task may have become claimable.
+    fn wakeup(&self) -> &tokio::sync::Notify;
+    /// The next moment something falls due without any new write (a retry, a lease expiry).
+    async fn next_due(&self) -> Result<Option<Millis>, QueueError>;
+}

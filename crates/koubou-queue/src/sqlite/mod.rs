@@ -1,0 +1,366 @@
+//! `SqliteQueue`: the embedded default store.
+//!
+//! One file in WAL mode. All writes go through one writer thread that takes every job waiting
+//! in its channel, runs them in one transaction (each in its own savepoint, so one failing job
+//! does not undo the others), commits once, and only then answers the callers and publishes
+//! their events: group commit, so durability costs one sync per batch rather than per task.
+//! Reads run on a small pool of separate connections and never wait for the writer.
+
+mod ops;
+mod rows;
+mod schema;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+        mpsc,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use koubou_task::{EventBus, EventKind, Millis, NewTask, Task, TaskId, TaskKind, WorkerId, now_millis};
+use parking_lot::Mutex;
+use rusqlite::{Connection, OpenFlags};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Claimed, Completion, Failure, Lease, LeaseStatus, Progress, QueueError, QueuePosition, StatusCounts, Submitted,
+    TaskPage, TaskQuery, TaskQueue, backoff::Backoff,
+};
+
+/// How hard each commit tries to reach the disk.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// WAL with `synchronous=NORMAL`: a committed task survives a crash or kill of Koubou; a
+    /// power cut may lose the last moments.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: every commit is on disk before it is answered (survives power loss).
+    Full,
+}
+
+/// `[queue]` in config.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqliteConfig {
+    /// The database file; unset means `$KOUBOU_HOME/db/koubou.db`.
+    pub path: Option<PathBuf>,
+    pub durability: Durability,
+    /// Attempts a task gets unless it asks for another number.
+    pub max_attempts: u32,
+    pub retry: Backoff,
+    /// Most jobs the writer commits in one transaction.
+    pub max_batch: usize,
+    /// Read connections kept open.
+    pub readers: usize,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        SqliteConfig { path: None, durability: Durability::Normal, max_attempts: 3, retry: Backoff::default(), max_batch: 1024, readers: 4 }
+    }
+}
+
+/// What a writer job sees: the open transaction and what to do once it commits.
+pub(crate) struct Ctx<'c> {
+    pub conn: &'c Connection,
+    pub now: Millis,
+    pub cfg: &'c SqliteConfig,
+    /// Published after commit.
+    pub events: Vec<EventKind>,
+    /// Wake parked workers after commit.
+    pub wake: bool,
+    /// Cancel these running tasks' tokens after commit.
+    pub cancels: Vec<TaskId>,
+    /// Register these claims' tokens after commit.
+    pub claimed: Vec<(TaskId, CancellationToken)>,
+    /// The earliest retry or lease expiry written by this batch.
+    pub due: Millis,
+    /// Set when housekeeping recomputed the next due moment from the table.
+    pub due_recomputed: Option<Millis>,
+    pub next_due: Millis,
+}
+
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&mut Ctx<'_>) -> Reply + Send>;
+
+struct Shared {
+    cfg: SqliteConfig,
+    path: PathBuf,
+    bus: EventBus,
+    wakeup: Notify,
+    /// Tokens of tasks claimed in this process, fired on cancel or lost lease.
+    running: Mutex<HashMap<TaskId, CancellationToken>>,
+    next_due: AtomicI64,
+    readers: Mutex<Vec<Connection>>,
+}
+
+/// The SQLite task queue. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteQueue {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+}
+
+fn open_conn(path: &PathBuf, cfg: &SqliteConfig, write: bool) -> Result<Connection, QueueError> {
+    let flags = if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| QueueError::Open { path: path.display().to_string(), detail: e.to_string() })?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    if write {
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(QueueError::Open { path: path.display().to_string(), detail: format!("cannot use WAL (got {mode})") });
+        }
+        let sync = match cfg.durability {
+            Durability::Normal => "NORMAL",
+            Durability::Full => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+    }
+    Ok(conn)
+}
+
+impl SqliteQueue {
+    /// Opens (creating and migrating as needed) the queue at `path`.
+    pub fn open(path: impl Into<PathBuf>, cfg: SqliteConfig, bus: EventBus) -> Result<SqliteQueue, QueueError> {
+        let path = path.into();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| QueueError::Open { path: dir.display().to_string(), detail: e.to_string() })?;
+        }
+        let mut conn = open_conn(&path, &cfg, true)?;
+        schema::migrate(&mut conn)?;
+        let first_due = ops::next_due_from_table(&conn)?;
+        let shared = Arc::new(Shared {
+            cfg,
+            path,
+            bus,
+            wakeup: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            next_due: AtomicI64::new(first_due),
+            readers: Mutex::new(Vec::new()),
+        });
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("koubou-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, s))
+            .map_err(|e| QueueError::Open { path: shared.path.display().to_string(), detail: e.to_string() })?;
+        Ok(SqliteQueue { shared, jobs })
+    }
+
+    pub fn path(&self) -> &PathBuf {
+        &self.shared.path
+    }
+
+    pub fn bus(&self) -> &EventBus {
+        &self.shared.bus
+    }
+
+    /// Runs `f` on the writer thread inside the current batch's transaction; answers after commit.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Ctx<'_>) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let (tx, rx) = oneshot::channel::<Result<T, QueueError>>();
+        let job: Job = Box::new(move |ctx| {
+            let mark = (ctx.events.len(), ctx.cancels.len(), ctx.claimed.len(), ctx.wake);
+            let result = ctx.conn.execute_batch("SAVEPOINT job").map_err(QueueError::from).and_then(|_| {
+                let r = f(ctx);
+                let end = if r.is_ok() { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+                ctx.conn.execute_batch(end)?;
+                r
+            });
+            if result.is_err() {
+                ctx.events.truncate(mark.0);
+                ctx.cancels.truncate(mark.1);
+                ctx.claimed.truncate(mark.2);
+                ctx.wake = mark.3;
+            }
+            Box::new(move |committed: Result<(), String>| {
+                let _ = tx.send(match committed {
+                    Ok(()) => result,
+                    Err(e) => Err(QueueError::Corrupt(format!("commit failed: {e}"))),
+                });
+            })
+        });
+        self.jobs.send(job).map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// Runs `f` on a read connection from the pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match shared.readers.lock().pop() {
+                Some(c) => c,
+                None => open_conn(&shared.path, &shared.cfg, false)?,
+            };
+            let r = f(&conn);
+            let mut pool = shared.readers.lock();
+            if pool.len() < shared.cfg.readers.max(1) {
+                pool.push(conn);
+            }
+            r
+        })
+        .await
+        .map_err(|e| QueueError::Corrupt(format!("reader panicked: {e}")))?
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
+    let max_batch = shared.cfg.max_batch.max(1);
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut ctx = Ctx {
+            conn: &conn,
+            now: now_millis(),
+            cfg: &shared.cfg,
+            events: Vec::new(),
+            wake: false,
+            cancels: Vec::new(),
+            claimed: Vec::new(),
+            due: Millis::MAX,
+            due_recomputed: None,
+            next_due: shared.next_due.load(Ordering::Acquire),
+        };
+        let begun = conn.execute_batch("BEGIN IMMEDIATE");
+        let replies: Vec<Reply> = match &begun {
+            Ok(()) => batch.into_iter().map(|job| job(&mut ctx)).collect(),
+            Err(_) => Vec::new(),
+        };
+        let committed = begun.and_then(|_| conn.execute_batch("COMMIT")).map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            tracing::error!(error = %e, "queue commit failed");
+            e.to_string()
+        });
+        if committed.is_ok() {
+            let base = ctx.due_recomputed.unwrap_or(ctx.next_due);
+            shared.next_due.store(base.min(ctx.due), Ordering::Release);
+            {
+                // Cancels first: a lease that expired and was claimed again in the same batch
+                // must stop the old holder, not the new one.
+                let mut running = shared.running.lock();
+                for id in &ctx.cancels {
+                    if let Some(t) = running.remove(id) {
+                        t.cancel();
+                    }
+                }
+                for (id, token) in ctx.claimed.drain(..) {
+                    running.insert(id, token);
+                }
+            }
+            for e in ctx.events.drain(..) {
+                if let Some(id) = e.task_id().filter(|_| e.is_terminal()) {
+                    shared.running.lock().remove(&id);
+                }
+                shared.bus.publish(e);
+            }
+            if ctx.wake {
+                shared.wakeup.notify_waiters();
+            }
+        }
+        for r in replies {
+            r(committed.clone());
+        }
+    }
+}
+
+#[async_trait]
+impl TaskQueue for SqliteQueue {
+    async fn submit(&self, new: NewTask) -> Result<Submitted, QueueError> {
+        self.write(move |ctx| ops::submit(ctx, new)).await
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError> {
+        self.read(move |c| ops::get(c, id)).await
+    }
+
+    async fn list(&self, query: TaskQuery) -> Result<TaskPage, QueueError> {
+        self.read(move |c| ops::list(c, &query)).await
+    }
+
+    async fn counts(&self) -> Result<StatusCounts, QueueError> {
+        self.read(ops::counts).await
+    }
+
+    async fn position(&self, id: TaskId) -> Result<Option<QueuePosition>, QueueError> {
+        self.read(move |c| ops::position(c, id)).await
+    }
+
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        kinds: Option<&[TaskKind]>,
+        lease: Duration,
+    ) -> Result<Option<Claimed>, QueueError> {
+        let worker = worker.clone();
+        let kinds = kinds.map(<[TaskKind]>::to_vec);
+        self.write(move |ctx| ops::claim(ctx, &worker, kinds.as_deref(), lease)).await
+    }
+
+    async fn heartbeat(&self, lease: &Lease, ttl: Duration, progress: Progress<'_>) -> Result<LeaseStatus, QueueError> {
+        let lease = lease.clone();
+        let own = |s: Option<&str>| s.map(str::to_owned);
+        let (b, m, p) = (own(progress.backend), own(progress.model), own(progress.partial));
+        self.write(move |ctx| ops::heartbeat(ctx, &lease, ttl, b, m, p)).await
+    }
+
+    async fn complete(&self, lease: &Lease, done: Completion) -> Result<Task, QueueError> {
+        let lease = lease.clone();
+        self.write(move |ctx| ops::complete(ctx, &lease, done)).await
+    }
+
+    async fn fail(&self, lease: &Lease, failure: Failure) -> Result<Task, QueueError> {
+        let lease = lease.clone();
+        self.write(move |ctx| ops::fail(ctx, &lease, failure)).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), QueueError> {
+        let lease = lease.clone();
+        self.write(move |ctx| ops::release(ctx, &lease)).await
+    }
+
+    async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
+        self.write(move |ctx| ops::cancel(ctx, id)).await
+    }
+
+    async fn recover_node(&self, node: &str) -> Result<u64, QueueError> {
+        let node = node.to_owned();
+        self.write(move |ctx| ops::recover_node(ctx, &node)).await
+    }
+
+    fn wakeup(&self) -> &Notify {
+        &self.shared.wakeup
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
+        let due = self.shared.next_due.load(Ordering::Acquire);
+        Ok((due != Millis::MAX).then_some(due))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,412 @@
+//! The SQL of each queue operation. Writers take a [`Ctx`] (inside the batch transaction) and
+//! stage their events; readers take a plain connection.
+
+use std::time::Duration;
+
+use koubou_task::{EventKind, Millis, NewTask, Task, TaskId, TaskKind, TaskStatus, WorkerId};
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Ctx,
+    rows::{COLUMNS, seq_from_row, task_from_row},
+};
+use crate::{
+    Claimed, Completion, Failure, Lease, LeaseStatus, QueueError, QueuePosition, StatusCounts, Submitted, TaskPage,
+    TaskQuery,
+};
+
+fn json(v: &impl serde::Serialize) -> Option<String> {
+    serde_json::to_string(v).ok()
+}
+
+fn get_where(conn: &Connection, clause: &str, p: impl rusqlite::Params) -> Result<Option<Task>, QueueError> {
+    let sql = format!("SELECT {COLUMNS} FROM tasks WHERE {clause}");
+    Ok(conn.prepare_cached(&sql)?.query_row(p, task_from_row).optional()?)
+}
+
+pub fn get(conn: &Connection, id: TaskId) -> Result<Option<Task>, QueueError> {
+    get_where(conn, "id = ?1", [id.to_string()])
+}
+
+fn get_existing(conn: &Connection, id: TaskId) -> Result<Task, QueueError> {
+    get(conn, id)?.ok_or(QueueError::NotFound(id))
+}
+
+pub fn submit(ctx: &mut Ctx<'_>, new: NewTask) -> Result<Submitted, QueueError> {
+    if let Some(key) = &new.idempotency_key {
+        if let Some(task) = get_where(ctx.conn, "idempotency_key = ?1", [key])? {
+            return Ok(Submitted { task, created: false });
+        }
+    }
+    let task = Task::from_new(TaskId::new(), new, ctx.cfg.max_attempts, ctx.now);
+    ctx.conn
+        .prepare_cached(
+            "INSERT INTO tasks (id, kind, prompt, system, priority, status, requested_model, requested_backend, \
+             max_attempts, timeout_secs, created_at, available_at, idempotency_key, options, metadata) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12, ?13)",
+        )?
+        .execute(params![
+            task.id.to_string(),
+            task.kind.as_str(),
+            task.prompt,
+            task.system,
+            task.priority.get(),
+            task.requested_model,
+            task.requested_backend,
+            task.max_attempts,
+            task.timeout_secs.map(|v| v as i64),
+            task.created_at,
+            task.idempotency_key,
+            (!task.options.is_default()).then(|| json(&task.options)).flatten(),
+            (!task.metadata.is_empty()).then(|| json(&task.metadata)).flatten(),
+        ])?;
+    ctx.events.push(EventKind::TaskCreated { task_id: task.id, kind: task.kind.clone(), priority: task.priority });
+    ctx.wake = true;
+    Ok(Submitted { task, created: true })
+}
+
+/// Promotes retries whose backoff is over and requeues tasks whose lease ran out. Runs inside
+/// claims, only when something is due, so an idle queue does no work.
+fn housekeeping(ctx: &mut Ctx<'_>) -> Result<(), QueueError> {
+    if ctx.now < ctx.next_due {
+        return Ok(());
+    }
+    let promoted = ctx
+        .conn
+        .prepare_cached("UPDATE tasks SET status = 'pending' WHERE status = 'retrying' AND available_at <= ?1")?
+        .execute([ctx.now])?;
+    ctx.wake |= promoted > 0;
+    let expired: Vec<(String, u32, u32, Option<String>)> = ctx
+        .conn
+        .prepare_cached(
+            "SELECT id, attempts, max_attempts, worker_id FROM tasks WHERE status = 'running' AND lease_until <= ?1",
+        )?
+        .query_map([ctx.now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<_, _>>()?;
+    for (id, attempts, max, worker) in expired {
+        let id: TaskId = id.parse().map_err(|_| QueueError::Corrupt(format!("bad task id {id:?}")))?;
+        let reason = format!("lease expired (worker {} stopped answering)", worker.as_deref().unwrap_or("?"));
+        requeue_lost(ctx, id, attempts, max, &reason)?;
+    }
+    let due = next_due_from_table(ctx.conn)?;
+    ctx.due_recomputed = Some(due);
+    ctx.next_due = due;
+    Ok(())
+}
+
+/// A running task whose worker is gone: back to the queue, or failed if its attempts are used up.
+fn requeue_lost(ctx: &mut Ctx<'_>, id: TaskId, attempts: u32, max: u32, reason: &str) -> Result<(), QueueError> {
+    ctx.cancels.push(id);
+    if attempts >= max {
+        let error = format!("{reason}; gave up after {attempts} attempts");
+        ctx.conn
+            .prepare_cached(
+                "UPDATE tasks SET status = 'failed', error = ?2, finished_at = ?3, lease_until = NULL WHERE id = ?1",
+            )?
+            .execute(params![id.to_string(), error, ctx.now])?;
+        ctx.events.push(EventKind::TaskFailed { task_id: id, error, retry_at: None, status: TaskStatus::Failed });
+    } else {
+        ctx.conn
+            .prepare_cached(
+                "UPDATE tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, available_at = ?2 \
+                 WHERE id = ?1",
+            )?
+            .execute(params![id.to_string(), ctx.now])?;
+        ctx.events.push(EventKind::TaskRequeued { task_id: id, reason: reason.to_owned() });
+        ctx.wake = true;
+    }
+    Ok(())
+}
+
+/// The earliest retry or lease expiry in the table (`Millis::MAX` if none).
+pub fn next_due_from_table(conn: &Connection) -> Result<Millis, QueueError> {
+    let due: Option<Millis> = conn
+        .prepare_cached(
+            "SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM tasks WHERE status = 'retrying' \
+             UNION ALL SELECT MIN(lease_until) FROM tasks WHERE status = 'running')",
+        )?
+        .query_row([], |r| r.get(0))?;
+    Ok(due.unwrap_or(Millis::MAX))
+}
+
+pub fn claim(
+    ctx: &mut Ctx<'_>,
+    worker: &WorkerId,
+    kinds: Option<&[TaskKind]>,
+    lease: Duration,
+) -> Result<Option<Claimed>, QueueError> {
+    housekeeping(ctx)?;
+    let lease_until = ctx.now + lease.as_millis() as Millis;
+    let mut args: Vec<Value> = vec![worker.0.clone().into(), ctx.now.into(), lease_until.into()];
+    let kind_filter = match kinds {
+        Some(ks) if !ks.is_empty() => {
+            let marks: Vec<String> = (0..ks.len()).map(|i| format!("?{}", i + 4)).collect();
+            args.extend(ks.iter().map(|k| Value::from(k.as_str().to_owned())));
+            format!("AND kind IN ({})", marks.join(", "))
+        }
+        Some(_) => return Ok(None),
+        None => String::new(),
+    };
+    let sql = format!(
+        "UPDATE tasks SET status = 'running', attempts = attempts + 1, worker_id = ?1, started_at = ?2, \
+         lease_until = ?3, finished_at = NULL \
+         WHERE seq = (SELECT seq FROM tasks WHERE status = 'pending' {kind_filter} ORDER BY priority DESC, seq LIMIT 1) \
+         RETURNING {COLUMNS}"
+    );
+    let task = ctx.conn.prepare_cached(&sql)?.query_row(params_from_iter(args), task_from_row).optional()?;
+    let Some(task) = task else { return Ok(None) };
+    let lease = Lease { task_id: task.id, worker_id: worker.clone(), attempt: task.attempts };
+    let cancel = CancellationToken::new();
+    ctx.claimed.push((task.id, cancel.clone()));
+    ctx.due = ctx.due.min(lease_until);
+    ctx.events.push(EventKind::TaskClaimed { task_id: task.id, worker_id: worker.clone(), attempt: task.attempts });
+    Ok(Some(Claimed { task, lease, cancel }))
+}
+
+const FENCE: &str = "id = ?1 AND status = 'running' AND worker_id = ?2 AND attempts = ?3";
+
+/// Why a fenced write matched nothing.
+fn lost(conn: &Connection, lease: &Lease) -> Result<(LeaseStatus, Task), QueueError> {
+    let task = get_existing(conn, lease.task_id)?;
+    let status = if task.status == TaskStatus::Cancelled { LeaseStatus::Cancelled } else { LeaseStatus::Lost };
+    Ok((status, task))
+}
+
+fn lost_error(conn: &Connection, lease: &Lease) -> QueueError {
+    match lost(conn, lease) {
+        Ok((_, task)) => QueueError::Conflict {
+            id: lease.task_id,
+            status: task.status,
+            detail: format!("worker {} no longer holds attempt {}", lease.worker_id, lease.attempt),
+        },
+        Err(e) => e,
+    }
+}
+
+pub fn heartbeat(
+    ctx: &mut Ctx<'_>,
+    lease: &Lease,
+    ttl: Duration,
+    backend: Option<String>,
+    model: Option<String>,
+    partial: Option<String>,
+) -> Result<LeaseStatus, QueueError> {
+    let until = ctx.now + ttl.as_millis() as Millis;
+    let n = ctx
+        .conn
+        .prepare_cached(&format!(
+            "UPDATE tasks SET lease_until = ?4, backend = COALESCE(?5, backend), model = COALESCE(?6, model), \
+             partial = COALESCE(?7, partial) WHERE {FENCE}"
+        ))?
+        .execute(params![lease.task_id.to_string(), lease.worker_id.0, lease.attempt, until, backend, model, partial])?;
+    if n == 1 {
+        return Ok(LeaseStatus::Held);
+    }
+    Ok(lost(ctx.conn, lease)?.0)
+}
+
+pub fn complete(ctx: &mut Ctx<'_>, lease: &Lease, done: Completion) -> Result<Task, QueueError> {
+    let task = ctx
+        .conn
+        .prepare_cached(&format!(
+            "UPDATE tasks SET status = 'completed', result = ?4, backend = ?5, model = ?6, prompt_tokens = ?7, \
+             completion_tokens = ?8, finished_at = ?9, lease_until = NULL, partial = NULL, error = NULL \
+             WHERE {FENCE} RETURNING {COLUMNS}"
+        ))?
+        .query_row(
+            params![
+                lease.task_id.to_string(),
+                lease.worker_id.0,
+                lease.attempt,
+                done.result,
+                done.backend,
+                done.model,
+                done.usage.prompt_tokens as i64,
+                done.usage.completion_tokens as i64,
+                ctx.now,
+            ],
+            task_from_row,
+        )
+        .optional()?;
+    let task = task.ok_or_else(|| lost_error(ctx.conn, lease))?;
+    ctx.events.push(EventKind::TaskCompleted {
+        task_id: task.id,
+        usage: task.usage,
+        latency_ms: task.latency_ms().unwrap_or_default(),
+    });
+    Ok(task)
+}
+
+pub fn fail(ctx: &mut Ctx<'_>, lease: &Lease, failure: Failure) -> Result<Task, QueueError> {
+    let retry = failure.retryable && lease.attempt < get_existing(ctx.conn, lease.task_id)?.max_attempts;
+    let (status, retry_at) = if retry {
+        (TaskStatus::Retrying, Some(ctx.now + ctx.cfg.retry.delay(lease.attempt).as_millis() as Millis))
+    } else {
+        (TaskStatus::Failed, None)
+    };
+    let task = ctx
+        .conn
+        .prepare_cached(&format!(
+            "UPDATE tasks SET status = ?4, error = ?5, backend = COALESCE(?6, backend), model = COALESCE(?7, model), \
+             partial = ?8, available_at = COALESCE(?9, available_at), lease_until = NULL, \
+             finished_at = CASE WHEN ?9 IS NULL THEN ?10 ELSE NULL END \
+             WHERE {FENCE} RETURNING {COLUMNS}"
+        ))?
+        .query_row(
+            params![
+                lease.task_id.to_string(),
+                lease.worker_id.0,
+                lease.attempt,
+                status.as_str(),
+                failure.error,
+                failure.backend,
+                failure.model,
+                failure.partial,
+                retry_at,
+                ctx.now,
+            ],
+            task_from_row,
+        )
+        .optional()?;
+    let task = task.ok_or_else(|| lost_error(ctx.conn, lease))?;
+    if let Some(at) = retry_at {
+        ctx.due = ctx.due.min(at);
+    }
+    ctx.events.push(EventKind::TaskFailed { task_id: task.id, error: failure.error, retry_at, status });
+    Ok(task)
+}
+
+pub fn release(ctx: &mut Ctx<'_>, lease: &Lease) -> Result<(), QueueError> {
+    let n = ctx
+        .conn
+        .prepare_cached(&format!(
+            "UPDATE tasks SET status = 'pending', attempts = attempts - 1, worker_id = NULL, lease_until = NULL, \
+             partial = NULL WHERE {FENCE}"
+        ))?
+        .execute(params![lease.task_id.to_string(), lease.worker_id.0, lease.attempt])?;
+    if n == 0 {
+        return Err(lost_error(ctx.conn, lease));
+    }
+    ctx.cancels.push(lease.task_id);
+    ctx.events.push(EventKind::TaskRequeued { task_id: lease.task_id, reason: "released by a stopping worker".into() });
+    ctx.wake = true;
+    Ok(())
+}
+
+pub fn cancel(ctx: &mut Ctx<'_>, id: TaskId) -> Result<Task, QueueError> {
+    let before = get_existing(ctx.conn, id)?;
+    if before.status.is_terminal() {
+        return Err(QueueError::Conflict {
+            id,
+            status: before.status,
+            detail: "only pending, retrying or running tasks can be cancelled".into(),
+        });
+    }
+    let task = ctx
+        .conn
+        .prepare_cached(&format!(
+            "UPDATE tasks SET status = 'cancelled', finished_at = ?2, lease_until = NULL WHERE id = ?1 \
+             RETURNING {COLUMNS}"
+        ))?
+        .query_row(params![id.to_string(), ctx.now], task_from_row)?;
+    if before.status == TaskStatus::Running {
+        ctx.cancels.push(id);
+    }
+    ctx.events.push(EventKind::TaskCancelled { task_id: id });
+    Ok(task)
+}
+
+pub fn recover_node(ctx: &mut Ctx<'_>, node: &str) -> Result<u64, QueueError> {
+    let pattern = format!("{}/%", node.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+    let orphans: Vec<(String, u32, u32)> = ctx
+        .conn
+        .prepare_cached(
+            "SELECT id, attempts, max_attempts FROM tasks WHERE status = 'running' AND worker_id LIKE ?1 ESCAPE '\\'",
+        )?
+        .query_map([pattern], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (id, attempts, max) in &orphans {
+        let id: TaskId = id.parse().map_err(|_| QueueError::Corrupt(format!("bad task id {id:?}")))?;
+        requeue_lost(ctx, id, *attempts, *max, &format!("node {node} restarted while the task ran"))?;
+    }
+    Ok(orphans.len() as u64)
+}
+
+pub fn counts(conn: &Connection) -> Result<StatusCounts, QueueError> {
+    let mut c = StatusCounts::default();
+    let mut stmt = conn.prepare_cached("SELECT status, COUNT(*) FROM tasks GROUP BY status")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    for row in rows {
+        let (status, n) = row?;
+        let n = n as u64;
+        match TaskStatus::parse(&status) {
+            Some(TaskStatus::Pending) => c.pending = n,
+            Some(TaskStatus::Running) => c.running = n,
+            Some(TaskStatus::Retrying) => c.retrying = n,
+            Some(TaskStatus::Completed) => c.completed = n,
+            Some(TaskStatus::Failed) => c.failed = n,
+            Some(TaskStatus::Cancelled) => c.cancelled = n,
+            None => return Err(QueueError::Corrupt(format!("unknown status {status:?}"))),
+        }
+    }
+    Ok(c)
+}
+
+pub fn position(conn: &Connection, id: TaskId) -> Result<Option<QueuePosition>, QueueError> {
+    let Some(task) = get(conn, id)? else { return Err(QueueError::NotFound(id)) };
+    if !task.status.is_queued() {
+        return Ok(None);
+    }
+    let seq: i64 = conn.prepare_cached("SELECT seq FROM tasks WHERE id = ?1")?.query_row([id.to_string()], |r| r.get(0))?;
+    let ahead: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM tasks WHERE status = 'pending' AND (priority > ?1 OR (priority = ?1 AND seq < ?2))",
+        )?
+        .query_row(params![task.priority.get(), seq], |r| r.get(0))?;
+    Ok(Some(QueuePosition { ahead: ahead as u64 }))
+}
+
+pub fn list(conn: &Connection, q: &TaskQuery) -> Result<TaskPage, QueueError> {
+    let mut clauses: Vec<String> = Vec::new();
+    let mut args: Vec<Value> = Vec::new();
+    let arg = |args: &mut Vec<Value>, v: Value| {
+        args.push(v);
+        format!("?{}", args.len())
+    };
+    if !q.statuses.is_empty() {
+        let marks: Vec<String> =
+            q.statuses.iter().map(|s| arg(&mut args, Value::from(s.as_str().to_owned()))).collect();
+        clauses.push(format!("status IN ({})", marks.join(", ")));
+    }
+    if let Some(k) = &q.kind {
+        clauses.push(format!("kind = {}", arg(&mut args, Value::from(k.as_str().to_owned()))));
+    }
+    if let Some(s) = q.search.as_deref().filter(|s| !s.is_empty()) {
+        let escaped = s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        clauses.push(format!("prompt LIKE {} ESCAPE '\\'", arg(&mut args, Value::from(format!("%{escaped}%")))));
+    }
+    let filter = if clauses.is_empty() { "1".to_owned() } else { clauses.join(" AND ") };
+    let total: i64 =
+        conn.prepare(&format!("SELECT COUNT(*) FROM tasks WHERE {filter}"))?.query_row(params_from_iter(&args), |r| r.get(0))?;
+    let mut page_clause = filter;
+    if let Some(before) = q.before {
+        page_clause = format!("{page_clause} AND seq < {}", arg(&mut args, Value::from(before)));
+    }
+    let limit = q.limit.clamp(1, 1000);
+    let sql = format!("SELECT {COLUMNS} FROM tasks WHERE {page_clause} ORDER BY seq DESC LIMIT {}", limit + 1);
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = stmt.query(params_from_iter(&args))?;
+    let mut tasks = Vec::with_capacity(limit);
+    let mut last_seq = None;
+    let mut more = false;
+    while let Some(row) = rows.next()? {
+        if tasks.len() == limit {
+            more = true;
+            break;
+        }
+        last_seq = Some(seq_from_row(row)?);
+        tasks.push(task_from_row(row)?);
+    }
+    Ok(TaskPage { tasks, next_cursor: if more { last_seq } else { None }, total: total as u64 })
+}

@@ -1,0 +1,70 @@
+//! The schema, as numbered migrations applied in order (`PRAGMA user_version` records how far a
+//! file has come). Never edit a released migration: add the next one.
+
+use rusqlite::Connection;
+
+use crate::QueueError;
+
+/// Migration `i` brings a file from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: tasks.
+    r#"
+    CREATE TABLE tasks (
+        seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+        id                TEXT    NOT NULL UNIQUE,
+        kind              TEXT    NOT NULL,
+        prompt            TEXT    NOT NULL,
+        system            TEXT,
+        priority          INTEGER NOT NULL,
+        status            TEXT    NOT NULL,
+        requested_model   TEXT,
+        requested_backend TEXT,
+        attempts          INTEGER NOT NULL DEFAULT 0,
+        max_attempts      INTEGER NOT NULL,
+        timeout_secs      INTEGER,
+        result            TEXT,
+        error             TEXT,
+        partial           TEXT,
+        backend           TEXT,
+        model             TEXT,
+        prompt_tokens     INTEGER,
+        completion_tokens INTEGER,
+        worker_id         TEXT,
+        created_at        INTEGER NOT NULL,
+        started_at        INTEGER,
+        finished_at       INTEGER,
+        available_at      INTEGER NOT NULL,
+        lease_until       INTEGER,
+        idempotency_key   TEXT UNIQUE,
+        options           TEXT,
+        metadata          TEXT
+    );
+    -- The claim order: most urgent first, FIFO within a priority. Partial, so it holds only
+    -- what is waiting and stays small however long the history grows.
+    CREATE INDEX tasks_claim  ON tasks (priority DESC, seq) WHERE status = 'pending';
+    CREATE INDEX tasks_retry  ON tasks (available_at)       WHERE status = 'retrying';
+    CREATE INDEX tasks_lease  ON tasks (lease_until)        WHERE status = 'running';
+    CREATE INDEX tasks_status ON tasks (status, seq);
+    CREATE INDEX tasks_kind   ON tasks (kind, seq);
+    "#,
+];
+
+/// The version a fully migrated file has.
+pub const VERSION: i64 = MIGRATIONS.len() as i64;
+
+pub fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let have: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if have > VERSION {
+        return Err(QueueError::Corrupt(format!(
+            "the database is at schema version {have}, newer than this koubou ({VERSION}); upgrade koubou"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(have as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tracing::info!(version = i + 1, "applied queue schema migration");
+    }
+    tx.commit()?;
+    Ok(())
+}

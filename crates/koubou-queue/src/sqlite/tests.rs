@@ -1,0 +1,320 @@
+//! Queue semantics on a real SQLite file.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use koubou_task::{EventBus, EventKind, NewTask, Priority, TaskKind, TaskStatus, Usage, WorkerId};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::{Completion, Failure, LeaseStatus, Progress, TaskQuery, TaskQueue, backoff::Backoff, claim_wait};
+
+fn open(dir: &tempfile::TempDir) -> SqliteQueue {
+    let cfg = SqliteConfig { retry: Backoff { base_ms: 40, max_ms: 40, jitter: 0.0 }, ..SqliteConfig::default() };
+    SqliteQueue::open(dir.path().join("q.db"), cfg, EventBus::default()).unwrap()
+}
+
+fn new(prompt: &str, priority: i64) -> NewTask {
+    NewTask { priority: Priority::new(priority).unwrap(), ..NewTask::new(TaskKind::general(), prompt) }
+}
+
+fn w(n: usize) -> WorkerId {
+    WorkerId::new("test", n)
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn done(text: &str) -> Completion {
+    Completion { result: text.into(), backend: "b".into(), model: "m".into(), usage: Usage { prompt_tokens: 3, completion_tokens: 5 } }
+}
+
+fn failure(retryable: bool) -> Failure {
+    Failure { error: "boom".into(), retryable, backend: None, model: None, partial: None }
+}
+
+#[tokio::test]
+async fn priority_then_fifo() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    for (p, prio) in [("a", 5), ("b", 8), ("c", 5), ("d", 10), ("e", 8), ("f", 1)] {
+        q.submit(new(p, prio)).await.unwrap();
+    }
+    let mut order = String::new();
+    while let Some(c) = q.claim(&w(1), None, LEASE).await.unwrap() {
+        order.push_str(&c.task.prompt);
+        assert_eq!(c.task.status, TaskStatus::Running);
+        assert_eq!(c.task.attempts, 1);
+    }
+    assert_eq!(order, "dbeacf");
+}
+
+#[tokio::test]
+async fn claims_filter_by_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    q.submit(new("g", 5)).await.unwrap();
+    q.submit(NewTask::new(TaskKind::parse("code").unwrap(), "c")).await.unwrap();
+    let code = [TaskKind::parse("code").unwrap()];
+    let c = q.claim(&w(1), Some(&code), LEASE).await.unwrap().unwrap();
+    assert_eq!(c.task.prompt, "c");
+    assert!(q.claim(&w(1), Some(&code), LEASE).await.unwrap().is_none());
+    assert!(q.claim(&w(1), Some(&[]), LEASE).await.unwrap().is_none());
+}
+
+/// Many claimers racing over many tasks: every task is claimed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_never_double() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    const N: usize = 2000;
+    let subs: Vec<_> = (0..N).map(|i| q.submit(new(&i.to_string(), (i % 10) as i64 + 1))).collect();
+    futures_join(subs).await;
+    let mut handles = Vec::new();
+    for n in 0..32 {
+        let q = q.clone();
+        handles.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(c) = q.claim(&w(n), None, LEASE).await.unwrap() {
+                mine.push(c.task.id);
+                q.complete(&c.lease, done("ok")).await.unwrap();
+            }
+            mine
+        }));
+    }
+    let mut seen = HashSet::new();
+    for h in handles {
+        for id in h.await.unwrap() {
+            assert!(seen.insert(id), "task {id} claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), N);
+    assert_eq!(q.counts().await.unwrap().completed, N as u64);
+}
+
+async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+    let mut out = Vec::new();
+    for f in fs {
+        out.push(f.await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn retry_with_backoff_then_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let t = q.submit(NewTask { max_attempts: Some(2), ..new("x", 5) }).await.unwrap().task;
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let after = q.fail(&c.lease, failure(true)).await.unwrap();
+    assert_eq!(after.status, TaskStatus::Retrying);
+    assert!(q.claim(&w(1), None, LEASE).await.unwrap().is_none(), "claimable before its backoff ended");
+    let due = q.next_due().await.unwrap().unwrap();
+    assert!(due >= after.available_at);
+    // claim_wait sleeps until the backoff ends, then gets it.
+    let c = claim_wait(&q, &w(1), None, LEASE, &CancellationToken::new()).await.unwrap().unwrap();
+    assert_eq!((c.task.id, c.task.attempts), (t.id, 2));
+    let last = q.fail(&c.lease, failure(true)).await.unwrap();
+    assert_eq!(last.status, TaskStatus::Failed);
+    assert_eq!(last.error.as_deref(), Some("boom"));
+    assert!(last.finished_at.is_some());
+}
+
+#[tokio::test]
+async fn non_retryable_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    q.submit(new("x", 5)).await.unwrap();
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    assert_eq!(q.fail(&c.lease, failure(false)).await.unwrap().status, TaskStatus::Failed);
+}
+
+#[tokio::test]
+async fn expired_lease_requeues_and_fences_the_old_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    q.submit(new("x", 5)).await.unwrap();
+    let old = q.claim(&w(1), None, Duration::from_millis(30)).await.unwrap().unwrap();
+    let c = claim_wait(&q, &w(2), None, LEASE, &CancellationToken::new()).await.unwrap().unwrap();
+    assert_eq!(c.task.id, old.task.id);
+    assert_eq!(c.task.attempts, 2);
+    assert!(old.cancel.is_cancelled(), "the old worker is told to stop");
+    assert!(matches!(q.complete(&old.lease, done("late")).await, Err(QueueError::Conflict { .. })));
+    assert_eq!(q.heartbeat(&old.lease, LEASE, Progress::default()).await.unwrap(), LeaseStatus::Lost);
+    let t = q.complete(&c.lease, done("on time")).await.unwrap();
+    assert_eq!(t.result.as_deref(), Some("on time"));
+}
+
+#[tokio::test]
+async fn lease_expiry_after_last_attempt_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    q.submit(NewTask { max_attempts: Some(1), ..new("x", 5) }).await.unwrap();
+    let c = q.claim(&w(1), None, Duration::from_millis(20)).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    assert!(q.claim(&w(2), None, LEASE).await.unwrap().is_none());
+    let t = q.get(c.task.id).await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert!(t.error.unwrap().contains("lease expired"));
+}
+
+#[tokio::test]
+async fn heartbeat_renews_and_records_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    q.submit(new("x", 5)).await.unwrap();
+    let c = q.claim(&w(1), None, Duration::from_millis(200)).await.unwrap().unwrap();
+    let p = Progress { backend: Some("ollama"), model: Some("gemma2:2b"), partial: Some("Hel") };
+    assert_eq!(q.heartbeat(&c.lease, LEASE, p).await.unwrap(), LeaseStatus::Held);
+    let t = q.get(c.task.id).await.unwrap().unwrap();
+    assert_eq!((t.partial.as_deref(), t.backend.as_deref()), (Some("Hel"), Some("ollama")));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(q.claim(&w(2), None, LEASE).await.unwrap().is_none(), "renewed lease must not expire");
+}
+
+#[tokio::test]
+async fn cancel_pending_and_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let a = q.submit(new("a", 9)).await.unwrap().task;
+    let b = q.submit(new("b", 1)).await.unwrap().task;
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    assert_eq!(c.task.id, a.id);
+    assert_eq!(q.cancel(b.id).await.unwrap().status, TaskStatus::Cancelled);
+    assert!(q.claim(&w(2), None, LEASE).await.unwrap().is_none(), "a cancelled task is never claimed");
+    q.cancel(a.id).await.unwrap();
+    assert!(c.cancel.is_cancelled(), "the running worker's token fires");
+    assert_eq!(q.heartbeat(&c.lease, LEASE, Progress::default()).await.unwrap(), LeaseStatus::Cancelled);
+    assert!(matches!(q.complete(&c.lease, done("x")).await, Err(QueueError::Conflict { .. })));
+    assert!(matches!(q.cancel(a.id).await, Err(QueueError::Conflict { status: TaskStatus::Cancelled, .. })));
+    assert!(matches!(q.cancel(koubou_task::TaskId::new()).await, Err(QueueError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn release_gives_the_attempt_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    q.submit(new("a", 5)).await.unwrap();
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    q.release(&c.lease).await.unwrap();
+    let again = q.claim(&w(2), None, LEASE).await.unwrap().unwrap();
+    assert_eq!(again.task.attempts, 1);
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_first_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let mut n = new("a", 5);
+    n.idempotency_key = Some("k1".into());
+    let first = q.submit(n.clone()).await.unwrap();
+    let second = q.submit(n).await.unwrap();
+    assert!(first.created && !second.created);
+    assert_eq!(first.task.id, second.task.id);
+    assert_eq!(q.counts().await.unwrap().pending, 1);
+}
+
+#[tokio::test]
+async fn recover_node_requeues_its_running_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    q.submit(new("a", 5)).await.unwrap();
+    q.submit(new("b", 5)).await.unwrap();
+    q.claim(&WorkerId::new("serve", 1), None, LEASE).await.unwrap().unwrap();
+    q.claim(&WorkerId::new("other", 1), None, LEASE).await.unwrap().unwrap();
+    assert_eq!(q.recover_node("serve").await.unwrap(), 1);
+    let c = q.counts().await.unwrap();
+    assert_eq!((c.pending, c.running), (1, 1));
+}
+
+#[tokio::test]
+async fn survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let q = open(&dir);
+        q.submit(new("keep me", 5)).await.unwrap().task.id
+    };
+    let q = open(&dir);
+    assert_eq!(q.get(id).await.unwrap().unwrap().prompt, "keep me");
+}
+
+#[tokio::test]
+async fn list_filters_and_pages_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    for i in 0..25 {
+        let kind = if i % 2 == 0 { "general" } else { "code" };
+        q.submit(NewTask::new(TaskKind::parse(kind).unwrap(), format!("prompt {i} 100%"))).await.unwrap();
+    }
+    let page = q.list(TaskQuery { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(page.total, 25);
+    assert_eq!(page.tasks[0].prompt, "prompt 24 100%");
+    let page2 = q.list(TaskQuery { limit: 10, before: page.next_cursor, ..Default::default() }).await.unwrap();
+    assert_eq!(page2.tasks[0].prompt, "prompt 14 100%");
+    let page3 = q.list(TaskQuery { limit: 10, before: page2.next_cursor, ..Default::default() }).await.unwrap();
+    assert_eq!((page3.tasks.len(), page3.next_cursor), (5, None));
+    let code = q
+        .list(TaskQuery { limit: 100, kind: Some(TaskKind::parse("code").unwrap()), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(code.total, 12);
+    let found = q.list(TaskQuery { limit: 100, search: Some("t 7 1".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(found.total, 1);
+    let pct = q.list(TaskQuery { limit: 100, search: Some("0%".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(pct.total, 25, "% is matched literally");
+    let pending =
+        q.list(TaskQuery { limit: 5, statuses: vec![TaskStatus::Running], ..Default::default() }).await.unwrap();
+    assert_eq!(pending.total, 0);
+}
+
+#[tokio::test]
+async fn position_counts_who_goes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let a = q.submit(new("a", 5)).await.unwrap().task;
+    let b = q.submit(new("b", 5)).await.unwrap().task;
+    let c = q.submit(new("c", 9)).await.unwrap().task;
+    assert_eq!(q.position(a.id).await.unwrap().unwrap().ahead, 1);
+    assert_eq!(q.position(b.id).await.unwrap().unwrap().ahead, 2);
+    assert_eq!(q.position(c.id).await.unwrap().unwrap().ahead, 0);
+    q.claim(&w(1), None, LEASE).await.unwrap();
+    assert_eq!(q.position(c.id).await.unwrap(), None);
+}
+
+/// Events are published after commit, in order, with the task's story complete.
+#[tokio::test]
+async fn events_tell_the_story() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let mut rx = q.bus().subscribe();
+    let t = q.submit(new("a", 5)).await.unwrap().task;
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    q.complete(&c.lease, done("ok")).await.unwrap();
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        let e = rx.recv().await.unwrap();
+        assert_eq!(e.kind.task_id(), Some(t.id));
+        names.push(e.kind.name());
+    }
+    assert_eq!(names, ["task_created", "task_claimed", "task_completed"]);
+    let snapshot = q.get(t.id).await.unwrap().unwrap();
+    insta::assert_json_snapshot!("completed_task", snapshot, {
+        ".id" => "[id]", ".created_at" => "[t]", ".started_at" => "[t]", ".finished_at" => "[t]", ".available_at" => "[t]"
+    });
+}
+
+/// A parked worker wakes as soon as a task arrives.
+#[tokio::test]
+async fn idle_worker_wakes_on_submit() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Arc::new(open(&dir));
+    let q2 = q.clone();
+    let waiter = tokio::spawn(async move { claim_wait(&*q2, &w(1), None, LEASE, &CancellationToken::new()).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished());
+    let t = q.submit(new("wake", 5)).await.unwrap().task;
+    let got = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap().unwrap().unwrap();
+    assert_eq!(got.task.id, t.id);
+    let stop = CancellationToken::new();
+    stop.cancel();
+    assert!(claim_wait(&*q, &w(1), None, LEASE, &stop).await.unwrap().is_none());
+    let _ = EventKind::TaskCancelled { task_id: t.id };
+}
