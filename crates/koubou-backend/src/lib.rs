@@ -16,8 +16,11 @@
 pub mod codex;
 pub mod config;
 pub mod exec;
+mod http;
 pub mod ollama;
 pub mod openai;
+mod process;
+pub mod providers;
 pub mod router;
 mod sse;
 
@@ -26,6 +29,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 pub use config::{BackendConfig, BackendsConfig, EmbeddedConfig, TypeRoute};
 pub use koubou_task::{GenOptions, Usage};
+pub use providers::build;
 pub use router::{Plan, RouteError, Router};
 use serde::Serialize;
 pub use tokio_util::sync::CancellationToken;

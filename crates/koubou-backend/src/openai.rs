@@ -1,1 +1,351 @@
-//! TODO: provider module (being written).
+//! The OpenAI-compatible provider: `POST {base_url}/chat/completions` streamed as server-sent
+//! events, and `GET {base_url}/models` for health checks.
+//!
+//! Why it exists: most local servers (LM Studio, vLLM, llama.cpp's server, llama-cpp-python) and
+//! hosted APIs speak this one dialect. Real servers differ in ways that matter here (see
+//! `shared/reference/openai-server.md`): some send no usage in streams, and a context overflow
+//! or an interrupted request shows up only as a stream ending without `[DONE]` or without a
+//! `finish_reason` — so this provider treats exactly that as a failure, never as an answer.
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::config::OpenAiConfig;
+use crate::http::{self, Body, HEALTH_TIMEOUT};
+use crate::sse::SseParser;
+use crate::{Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, TokenSink, Usage};
+
+/// A server speaking OpenAI's chat-completions API.
+pub struct OpenAiBackend {
+    name: String,
+    base_url: String,
+    api_key: Option<String>,
+    key_source: String,
+    model: String,
+    concurrency: usize,
+    client: reqwest::Client,
+}
+
+/// The key to send: `api_key` when non-empty, else the variable `api_key_env` names, when set
+/// and non-empty. Also says where it came from, for error hints.
+fn resolve_key(cfg: &OpenAiConfig, env: impl Fn(&str) -> Option<String>) -> (Option<String>, String) {
+    if let Some(k) = cfg.api_key.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
+        return (Some(k.to_owned()), "the configured `api_key`".into());
+    }
+    match cfg.api_key_env.as_deref().filter(|n| !n.is_empty()) {
+        Some(var) => {
+            let key = env(var).map(|k| k.trim().to_owned()).filter(|k| !k.is_empty());
+            let source = if key.is_some() { format!("${var}") } else { format!("no key (${var} is unset or empty)") };
+            (key, source)
+        }
+        None => (None, "no key (neither `api_key` nor `api_key_env` is set)".into()),
+    }
+}
+
+impl OpenAiBackend {
+    pub fn new(name: impl Into<String>, cfg: &OpenAiConfig) -> Self {
+        let (api_key, key_source) = resolve_key(cfg, |v| std::env::var(v).ok());
+        OpenAiBackend {
+            name: name.into(),
+            base_url: cfg.base_url.trim().trim_end_matches('/').to_owned(),
+            api_key,
+            key_source,
+            model: cfg.model.clone(),
+            concurrency: cfg.concurrency.max(1),
+            client: http::client(),
+        }
+    }
+
+    fn authorized(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(k) => rb.bearer_auth(k),
+            None => rb,
+        }
+    }
+
+    fn body(&self, req: &GenerateRequest) -> Value {
+        let mut messages = Vec::new();
+        if let Some(s) = req.system.as_deref().filter(|s| !s.is_empty()) {
+            messages.push(json!({"role": "system", "content": s}));
+        }
+        messages.push(json!({"role": "user", "content": req.prompt}));
+        let mut body = json!({
+            "model": req.model,
+            "messages": messages,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        let o = &req.options;
+        if let Some(n) = o.max_tokens {
+            body["max_tokens"] = json!(n);
+        }
+        if let Some(t) = o.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(p) = o.top_p {
+            body["top_p"] = json!(p);
+        }
+        if let Some(s) = o.seed {
+            body["seed"] = json!(s);
+        }
+        if !o.stop.is_empty() {
+            body["stop"] = json!(o.stop);
+        }
+        body
+    }
+
+    fn err_status(&self, status: u16, msg: String, model: &str) -> BackendError {
+        let lower = msg.to_lowercase();
+        let about_model = lower.contains("model")
+            && (lower.contains("not found") || lower.contains("does not exist") || lower.contains("not exist"));
+        match status {
+            404 if about_model || lower.contains("model_not_found") => BackendError::ModelMissing {
+                backend: self.name.clone(),
+                model: model.to_owned(),
+                hint: format!("the server does not serve it; `GET {}/models` lists what it has ({msg})", self.base_url),
+            },
+            404 => BackendError::Rejected {
+                backend: self.name.clone(),
+                status,
+                detail: format!("{msg} (is `base_url` right? it must include the `/v1` prefix: {})", self.base_url),
+            },
+            401 | 403 => BackendError::Rejected {
+                backend: self.name.clone(),
+                status,
+                detail: format!("{msg} (check the API key; sent: {})", self.key_source),
+            },
+            429 | 500..=599 => {
+                BackendError::Failed { backend: self.name.clone(), detail: format!("HTTP {status}: {msg}") }
+            }
+            400..=499 => BackendError::Rejected { backend: self.name.clone(), status, detail: msg },
+            _ => {
+                BackendError::Failed { backend: self.name.clone(), detail: format!("unexpected HTTP {status}: {msg}") }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Chunk {
+    model: Option<String>,
+    choices: Vec<Choice>,
+    usage: Option<WireUsage>,
+    error: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Choice {
+    delta: Option<Delta>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Delta {
+    content: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct WireUsage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+#[async_trait]
+impl Backend for OpenAiBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> &'static str {
+        "openai"
+    }
+    fn default_model(&self) -> &str {
+        &self.model
+    }
+    fn capacity(&self) -> usize {
+        self.concurrency
+    }
+
+    async fn health(&self) -> Health {
+        let url = format!("{}/models", self.base_url);
+        let rb = self.authorized(self.client.get(&url)).timeout(HEALTH_TIMEOUT);
+        let resp = match rb.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return Health::down(format!("{url} did not answer within {HEALTH_TIMEOUT:?}")),
+            Err(e) => return Health::down(format!("{url} is unreachable: {}", http::error_chain(&e))),
+        };
+        let status = resp.status();
+        let text = match tokio::time::timeout(HEALTH_TIMEOUT, resp.text()).await {
+            Ok(Ok(t)) => t,
+            _ => return Health::down(format!("{url}: the body did not arrive")),
+        };
+        if status.as_u16() == 401 || status.as_u16() == 403 {
+            return Health::down(format!(
+                "{url} refused the key (HTTP {status}; sent: {}): {}",
+                self.key_source,
+                http::message_of(&text)
+            ));
+        }
+        if !status.is_success() {
+            return Health::down(format!("{url} answered HTTP {status}: {}", http::message_of(&text)));
+        }
+        let models: Vec<String> = match serde_json::from_str::<Value>(&text) {
+            Ok(v) => v["data"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|m| m["id"].as_str().map(str::to_owned)).collect())
+                .unwrap_or_default(),
+            Err(_) => return Health::down(format!("{url} did not answer JSON")),
+        };
+        Health::up(format!("{} at {}; {} model(s)", self.kind(), self.base_url, models.len()), models)
+    }
+
+    async fn generate(
+        &self,
+        req: GenerateRequest,
+        sink: &dyn TokenSink,
+        cancel: CancellationToken,
+    ) -> Result<Generation, BackendError> {
+        let url = format!("{}/chat/completions", self.base_url);
+        let rb = self.authorized(self.client.post(&url)).header("accept", "text/event-stream").json(&self.body(&req));
+        let resp = http::send(&self.name, &url, rb, &cancel, "is the server running?").await?;
+        let status = resp.status().as_u16();
+        if !resp.status().is_success() {
+            let msg = http::error_message(resp, &cancel).await?;
+            return Err(self.err_status(status, msg, &req.model));
+        }
+        let mut body = Body::new(resp);
+        let mut parser = SseParser::new();
+        let mut text = String::new();
+        let mut model = req.model.clone();
+        let mut deltas = 0u64;
+        let mut usage: Option<Usage> = None;
+        let mut finish: Option<String> = None;
+        let mut done = false;
+        let truncated = |detail: String| BackendError::Truncated { backend: self.name.clone(), detail };
+        let mut handle = |data: &str, at_end: bool| -> Result<bool, BackendError> {
+            let data = data.trim();
+            if data == "[DONE]" {
+                return Ok(true);
+            }
+            if data.is_empty() {
+                return Ok(false);
+            }
+            let chunk: Chunk = match serde_json::from_str(data) {
+                Ok(c) => c,
+                Err(_) if at_end => return Err(truncated("the stream ended in the middle of an event".into())),
+                Err(e) => {
+                    return Err(BackendError::Failed {
+                        backend: self.name.clone(),
+                        detail: format!("unreadable stream event ({e}): {}", http::truncate(data, 200)),
+                    });
+                }
+            };
+            if let Some(err) = &chunk.error {
+                let msg = http::json_message(&json!({ "error": err })).unwrap_or_else(|| err.to_string());
+                return Err(BackendError::Failed { backend: self.name.clone(), detail: msg });
+            }
+            if let Some(m) = chunk.model.filter(|m| !m.is_empty()) {
+                model = m;
+            }
+            if let Some(u) = chunk.usage {
+                usage = Some(Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens });
+            }
+            if let Some(choice) = chunk.choices.into_iter().next() {
+                if let Some(c) = choice.delta.and_then(|d| d.content).filter(|c| !c.is_empty()) {
+                    sink.token(&c);
+                    text.push_str(&c);
+                    deltas += 1;
+                }
+                if let Some(f) = choice.finish_reason.filter(|f| !f.is_empty()) {
+                    finish = Some(f);
+                }
+            }
+            Ok(false)
+        };
+        'read: while let Some(chunk) = body.next(&self.name, &cancel).await? {
+            for ev in parser.push(&chunk) {
+                if handle(&ev.data, false)? {
+                    done = true;
+                    break 'read;
+                }
+            }
+        }
+        if !done && let Some(ev) = parser.finish() {
+            done = handle(&ev.data, true)?;
+        }
+        let chars = text.chars().count();
+        let Some(finish_reason) = finish else {
+            return Err(truncated(format!(
+                "no finish_reason after {chars} characters ({}); the prompt may exceed the context, or the request was interrupted",
+                if done { "got [DONE]" } else { "no [DONE] either" }
+            )));
+        };
+        if !done {
+            return Err(truncated(format!("no [DONE] after {chars} characters (finish_reason {finish_reason})")));
+        }
+        Ok(Generation {
+            text,
+            usage: usage.unwrap_or(Usage { prompt_tokens: 0, completion_tokens: deltas }),
+            model,
+            finish_reason,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_resolution() {
+        let env = |v: &str| {
+            if v == "SET" {
+                Some("sk-env".to_owned())
+            } else if v == "EMPTY" {
+                Some(String::new())
+            } else {
+                None
+            }
+        };
+        let cfg = |key: Option<&str>, var: Option<&str>| OpenAiConfig {
+            api_key: key.map(str::to_owned),
+            api_key_env: var.map(str::to_owned),
+            ..Default::default()
+        };
+        assert_eq!(resolve_key(&cfg(Some("sk-cfg"), Some("SET")), env).0.as_deref(), Some("sk-cfg"));
+        assert_eq!(resolve_key(&cfg(Some(""), Some("SET")), env).0.as_deref(), Some("sk-env"));
+        assert_eq!(resolve_key(&cfg(None, Some("EMPTY")), env).0, None);
+        assert_eq!(resolve_key(&cfg(None, Some("UNSET")), env).0, None);
+        assert_eq!(resolve_key(&cfg(None, None), env).0, None);
+    }
+
+    #[test]
+    fn request_body() {
+        let b =
+            OpenAiBackend::new("o", &OpenAiConfig { base_url: "http://127.0.0.1:1/v1/".into(), ..Default::default() });
+        assert_eq!(b.base_url, "http://127.0.0.1:1/v1");
+        let req = GenerateRequest {
+            model: "m".into(),
+            system: None,
+            prompt: "hi".into(),
+            options: crate::GenOptions {
+                max_tokens: Some(3),
+                seed: Some(1),
+                stop: vec!["x".into()],
+                ..Default::default()
+            },
+            timeout: std::time::Duration::from_secs(1),
+            task_id: "t".into(),
+            task_kind: "general".into(),
+        };
+        assert_eq!(
+            b.body(&req),
+            json!({"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,
+                   "stream_options":{"include_usage":true},"max_tokens":3,"seed":1,"stop":["x"]})
+        );
+    }
+}

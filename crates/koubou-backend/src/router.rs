@@ -71,10 +71,9 @@ impl Router {
     }
 
     pub fn backend(&self, name: &str) -> Result<&Arc<dyn Backend>, RouteError> {
-        self.backends.get(name).ok_or_else(|| RouteError::UnknownBackend {
-            backend: name.to_owned(),
-            known: join_keys(&self.backends),
-        })
+        self.backends
+            .get(name)
+            .ok_or_else(|| RouteError::UnknownBackend { backend: name.to_owned(), known: join_keys(&self.backends) })
     }
 
     /// Checks a submission's type and backend override before it is queued.
@@ -126,7 +125,12 @@ impl Plan {
     /// Runs the plan: the first backend, then the fallback if the first was unreachable. Each
     /// try gets the full timeout; when it runs out the backend is cancelled (so it can kill a
     /// child process) and awaited, never just dropped.
-    pub async fn run(&self, task: &Task, sink: &dyn TokenSink, cancel: &CancellationToken) -> Result<Served, BackendError> {
+    pub async fn run(
+        &self,
+        task: &Task,
+        sink: &dyn TokenSink,
+        cancel: &CancellationToken,
+    ) -> Result<Served, BackendError> {
         let first = self.try_on(&self.backend, &self.model, task, sink, cancel).await;
         match (first, &self.fallback) {
             (Err(e), Some((fb, model))) if e.wants_fallback() => {
@@ -190,11 +194,7 @@ fn merge_options(base: &GenOptions, task: &GenOptions) -> GenOptions {
 }
 
 fn join_keys<V>(m: &BTreeMap<String, V>) -> String {
-    if m.is_empty() {
-        "(none)".into()
-    } else {
-        m.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
-    }
+    if m.is_empty() { "(none)".into() } else { m.keys().map(String::as_str).collect::<Vec<_>>().join(", ") }
 }
 
 #[cfg(test)]

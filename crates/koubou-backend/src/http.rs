@@ -1,0 +1,186 @@
+//! Plumbing shared by the HTTP providers (Ollama, OpenAI-compatible): sending a request and
+//! reading its body while honouring cancellation, and turning transport failures and error
+//! bodies into [`BackendError`]s.
+//!
+//! Why it exists: both providers must stop the moment the router cancels (even when the server
+//! accepted the connection and never answers), and both must say "unreachable" vs "failed" the
+//! same way, so that logic lives once here.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use serde_json::Value;
+
+use crate::{BackendError, CancellationToken};
+
+/// How long health checks wait for an answer in total.
+pub(crate) const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long reading an error body may take before we give up on its details.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Error bodies are cut to this many characters in messages.
+const ERROR_BODY_MAX: usize = 600;
+
+/// A client for generations: connect timeout only; the overall budget is the router's.
+pub(crate) fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Sends `req`, giving up with [`BackendError::Cancelled`] as soon as `cancel` fires (dropping
+/// the request closes the connection).
+pub(crate) async fn send(
+    backend: &str,
+    url: &str,
+    req: reqwest::RequestBuilder,
+    cancel: &CancellationToken,
+    unreachable_hint: &str,
+) -> Result<reqwest::Response, BackendError> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(BackendError::Cancelled),
+        r = req.send() => r.map_err(|e| transport_error(backend, url, &e, unreachable_hint)),
+    }
+}
+
+/// Maps a failure to get an answer at all.
+pub(crate) fn transport_error(backend: &str, url: &str, e: &reqwest::Error, unreachable_hint: &str) -> BackendError {
+    if e.is_connect() {
+        let hint = if unreachable_hint.is_empty() { String::new() } else { format!("; {unreachable_hint}") };
+        BackendError::Unreachable {
+            backend: backend.to_owned(),
+            detail: format!("cannot connect to {url}: {}{hint}", error_chain(e)),
+        }
+    } else if e.is_builder() {
+        BackendError::Config { backend: backend.to_owned(), detail: format!("bad URL {url}: {}", error_chain(e)) }
+    } else {
+        BackendError::Failed {
+            backend: backend.to_owned(),
+            detail: format!("request to {url} failed: {}", error_chain(e)),
+        }
+    }
+}
+
+/// The error and its sources, joined (reqwest's own message alone says little).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let m = inner.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+/// A response body as a stream of chunks, read under cancellation.
+pub(crate) struct Body {
+    stream: BoxStream<'static, reqwest::Result<Bytes>>,
+}
+
+impl Body {
+    pub(crate) fn new(resp: reqwest::Response) -> Self {
+        Body { stream: resp.bytes_stream().boxed() }
+    }
+
+    /// The next chunk; `Ok(None)` at the end of the body.
+    pub(crate) async fn next(
+        &mut self,
+        backend: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Bytes>, BackendError> {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Err(BackendError::Cancelled),
+            c = self.stream.next() => match c {
+                None => Ok(None),
+                Some(Ok(b)) => Ok(Some(b)),
+                Some(Err(e)) => Err(BackendError::Truncated {
+                    backend: backend.to_owned(),
+                    detail: format!("reading the stream failed: {}", error_chain(&e)),
+                }),
+            },
+        }
+    }
+}
+
+/// Reads an error response's body (bounded in time and size, cancellable) and pulls the
+/// provider's message out of it: `{"error":"..."}`, `{"error":{"message":...}}`, `{"detail":...}`
+/// or `{"message":...}`, else the text itself.
+pub(crate) async fn error_message(resp: reqwest::Response, cancel: &CancellationToken) -> Result<String, BackendError> {
+    let text = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Err(BackendError::Cancelled),
+        r = tokio::time::timeout(ERROR_BODY_TIMEOUT, resp.text()) => match r {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => format!("(error body unreadable: {e})"),
+            Err(_) => "(error body did not arrive)".to_owned(),
+        },
+    };
+    Ok(message_of(&text))
+}
+
+pub(crate) fn message_of(text: &str) -> String {
+    let msg = match serde_json::from_str::<Value>(text) {
+        Ok(v) => json_message(&v).unwrap_or_else(|| text.trim().to_owned()),
+        Err(_) => text.trim().to_owned(),
+    };
+    let msg = if msg.is_empty() { "(empty body)".to_owned() } else { msg };
+    truncate(&msg, ERROR_BODY_MAX)
+}
+
+/// The message in an error object, if it has one.
+pub(crate) fn json_message(v: &Value) -> Option<String> {
+    let e = v.get("error").or_else(|| v.get("detail")).unwrap_or(v);
+    match e {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => match o.get("message") {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => {
+                if std::ptr::eq(e, v) {
+                    None
+                } else {
+                    Some(e.to_string())
+                }
+            }
+        },
+        Value::Null => None,
+        other if !std::ptr::eq(other, v) => Some(other.to_string()),
+        _ => None,
+    }
+}
+
+/// Cuts `s` to at most `max` characters, marking the cut.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_from_error_bodies() {
+        assert_eq!(
+            message_of(r#"{"error":"model \"x\" not found, try pulling it first"}"#),
+            "model \"x\" not found, try pulling it first"
+        );
+        assert_eq!(message_of(r#"{"error":{"message":"bad key","type":"auth"}}"#), "bad key");
+        assert_eq!(message_of(r#"{"detail":"Not Found"}"#), "Not Found");
+        assert_eq!(message_of(r#"{"message":"nope"}"#), "nope");
+        assert_eq!(message_of("Internal Server Error\n"), "Internal Server Error");
+        assert_eq!(message_of(""), "(empty body)");
+        assert_eq!(message_of(r#"{"error":{"code":5}}"#), r#"{"code":5}"#);
+        assert_eq!(message_of(r#"{"x":1}"#), r#"{"x":1}"#);
+        assert_eq!(truncate("日本語", 2), "日本…");
+    }
+}
