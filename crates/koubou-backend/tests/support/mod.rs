@@ -119,11 +119,9 @@ async fn answer(st: Arc<Mutex<State>>, method: Method, uri: Uri, headers: Header
     };
     match reply {
         Reply::Json(status, v) => json_response(status, v),
-        Reply::Text(status, t) => Response::builder()
-            .status(status)
-            .header("content-type", "text/plain")
-            .body(Body::from(t))
-            .unwrap(),
+        Reply::Text(status, t) => {
+            Response::builder().status(status).header("content-type", "text/plain").body(Body::from(t)).unwrap()
+        }
         Reply::Hang => std::future::pending().await,
         Reply::Stream { content_type, chunks } => streamed(content_type, chunks, false),
         Reply::StreamThenHang { content_type, chunks } => streamed(content_type, chunks, true),
@@ -143,11 +141,7 @@ fn streamed(content_type: &'static str, chunks: Vec<Vec<u8>>, hang: bool) -> Res
         tokio::time::sleep(Duration::from_millis(2)).await;
         Ok::<_, Infallible>(Bytes::from(c))
     });
-    let body = if hang {
-        Body::from_stream(s.chain(futures::stream::pending()))
-    } else {
-        Body::from_stream(s)
-    };
+    let body = if hang { Body::from_stream(s.chain(futures::stream::pending())) } else { Body::from_stream(s) };
     Response::builder().status(200).header("content-type", content_type).body(body).unwrap()
 }
 
@@ -190,14 +184,21 @@ pub fn ollama_tags(models: &[&str]) -> Reply {
 
 /// A streamed chat completion as llama-cpp-python sends it (role chunk, one chunk per token, a
 /// finish chunk), optionally with a usage chunk, `[DONE]` and CRLF line endings.
-pub fn openai_stream(tokens: &[&str], finish: Option<&str>, usage: Option<(u64, u64)>, done: bool, crlf: bool) -> Reply {
+pub fn openai_stream(
+    tokens: &[&str],
+    finish: Option<&str>,
+    usage: Option<(u64, u64)>,
+    done: bool,
+    crlf: bool,
+) -> Reply {
     let nl = if crlf { "\r\n" } else { "\n" };
     let ev = |v: Value| format!("data: {v}{nl}{nl}").into_bytes();
     let base = |delta: Value, finish: Option<&str>| {
         json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "served-model",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
-    let mut chunks = vec![format!(": ping - 2025-01-01{nl}").into_bytes(), ev(base(json!({"role": "assistant"}), None))];
+    let mut chunks =
+        vec![format!(": ping - 2025-01-01{nl}").into_bytes(), ev(base(json!({"role": "assistant"}), None))];
     for t in tokens {
         chunks.push(ev(base(json!({"content": t}), None)));
     }
@@ -229,8 +230,14 @@ pub fn responses_stream(deltas: &[&str], usage: (u64, u64)) -> Reply {
     let ev = |kind: &str, v: Value| format!("event: {kind}\ndata: {v}\n\n").into_bytes();
     let msg_id = "msg_1";
     let mut chunks = vec![
-        ev("response.created", json!({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "output": []}})),
-        ev("response.in_progress", json!({"type": "response.in_progress", "response": {"id": "resp_1", "status": "in_progress"}})),
+        ev(
+            "response.created",
+            json!({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "output": []}}),
+        ),
+        ev(
+            "response.in_progress",
+            json!({"type": "response.in_progress", "response": {"id": "resp_1", "status": "in_progress"}}),
+        ),
         ev(
             "response.output_item.added",
             json!({"type": "response.output_item.added", "output_index": 0,
@@ -259,7 +266,10 @@ pub fn responses_stream(deltas: &[&str], usage: (u64, u64)) -> Reply {
     ));
     let item = json!({"type": "message", "id": msg_id, "role": "assistant", "status": "completed",
         "content": [{"type": "output_text", "text": text, "annotations": []}]});
-    chunks.push(ev("response.output_item.done", json!({"type": "response.output_item.done", "output_index": 0, "item": item})));
+    chunks.push(ev(
+        "response.output_item.done",
+        json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+    ));
     let (input, output) = usage;
     chunks.push(ev(
         "response.completed",
@@ -277,9 +287,7 @@ pub fn last_user_text(body: &Value) -> Option<String> {
     let msg = input.iter().rev().find(|m| m["role"] == "user")?;
     match &msg["content"] {
         Value::String(s) => Some(s.clone()),
-        Value::Array(parts) => {
-            Some(parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(""))
-        }
+        Value::Array(parts) => Some(parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join("")),
         _ => None,
     }
 }
