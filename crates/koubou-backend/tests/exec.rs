@@ -1,0 +1,185 @@
+//! The exec provider with small real programs (the argv is test config, like a user's own).
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use koubou_backend::config::ExecConfig;
+use koubou_backend::exec::ExecBackend;
+use koubou_backend::{Backend, BackendError, CancellationToken, GenOptions};
+use serde_json::{Value, json};
+use support::*;
+
+fn exec(argv: &[&str]) -> ExecBackend {
+    let cfg = ExecConfig { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    ExecBackend::new("exec", &cfg).unwrap()
+}
+
+/// Whether `pid` is still a live (non-zombie) process.
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => {
+            stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next() != Some('Z')).unwrap_or(false)
+        }
+    }
+}
+
+fn read_pid(path: &Path) -> i32 {
+    std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn stdin_gets_the_task_as_json_and_stdout_is_the_answer() {
+    let b = exec(&["python3", "-c", "import sys; sys.stdout.write(sys.stdin.read())"]);
+    let mut req = request("my-model", "hello \"world\" $(id) 日本");
+    req.system = Some("sys".into());
+    req.options = GenOptions { max_tokens: Some(9), ..Default::default() };
+    let sink = Collect::default();
+    let g = b.generate(req, &sink, CancellationToken::new()).await.unwrap();
+    let v: Value = serde_json::from_str(&g.text).unwrap();
+    assert_eq!(
+        v,
+        json!({"task_id": "task-1", "type": "general", "prompt": "hello \"world\" $(id) 日本", "system": "sys",
+               "model": "my-model", "options": {"max_tokens": 9}})
+    );
+    assert_eq!(sink.joined(), g.text);
+    assert_eq!((g.model.as_str(), g.finish_reason.as_str()), ("my-model", "stop"));
+}
+
+#[tokio::test]
+async fn stdout_is_streamed_while_the_program_runs() {
+    // The program prints "first", then waits for a file that only the sink creates on seeing
+    // "first": it can finish only if "first" was streamed before it exited.
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("seen");
+    let script = "import os, sys, time\n\
+                  print('first', flush=True)\n\
+                  while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n\
+                  print('second', flush=True)\n";
+    let flag_s = flag.to_str().unwrap().to_owned();
+    let b = exec(&["python3", "-c", script, &flag_s]);
+    let flag2 = flag.clone();
+    let sink = move |t: &str| {
+        if t.contains("first") {
+            std::fs::write(&flag2, b"").unwrap();
+        }
+    };
+    let g = within("generate", b.generate(request("m", "p"), &sink, CancellationToken::new())).await.unwrap();
+    assert_eq!(g.text, "first\nsecond\n");
+}
+
+#[tokio::test]
+async fn multibyte_output_split_across_writes_stays_whole() {
+    let script = "import sys\nfor b in 'é日本😀'.encode():\n    sys.stdout.buffer.write(bytes([b])); sys.stdout.buffer.flush()\n";
+    let sink = Collect::default();
+    let g =
+        exec(&["python3", "-c", script]).generate(request("m", "p"), &sink, CancellationToken::new()).await.unwrap();
+    assert_eq!(g.text, "é日本😀");
+    assert!(sink.0.lock().unwrap().iter().all(|t| !t.contains('\u{fffd}')));
+}
+
+#[tokio::test]
+async fn non_zero_exit_is_failed_with_the_stderr_tail() {
+    let b = exec(&["sh", "-c", "cat >/dev/null; echo partial; echo 'model exploded' >&2; exit 3"]);
+    let e = b.generate(request("m", "p"), &Collect::default(), CancellationToken::new()).await.unwrap_err();
+    match &e {
+        BackendError::Failed { detail, .. } => {
+            assert!(detail.contains("status 3") && detail.contains("model exploded"), "{detail}")
+        }
+        other => panic!("expected Failed, got {other}"),
+    }
+    assert!(e.is_retryable());
+}
+
+#[tokio::test]
+async fn a_program_that_ignores_stdin_is_fine() {
+    let g =
+        exec(&["echo", "hi"]).generate(request("m", "p"), &Collect::default(), CancellationToken::new()).await.unwrap();
+    assert_eq!(g.text, "hi\n");
+}
+
+#[tokio::test]
+async fn program_not_found_is_a_clear_config_error() {
+    let b = exec(&["/nonexistent/koubou-worker-xyz"]);
+    let e = b.generate(request("m", "p"), &Collect::default(), CancellationToken::new()).await.unwrap_err();
+    match &e {
+        BackendError::Config { detail, .. } => assert!(detail.contains("not found"), "{detail}"),
+        other => panic!("expected Config, got {other}"),
+    }
+    assert!(e.wants_fallback());
+    assert!(!b.health().await.up);
+    assert!(exec(&["python3"]).health().await.up);
+    assert!(ExecBackend::new("e", &ExecConfig::default()).is_err(), "empty argv is refused");
+}
+
+#[tokio::test]
+async fn cancel_kills_the_whole_group_even_when_sigterm_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    let pids_s = pids.to_str().unwrap().to_owned();
+    // The child ignores SIGTERM (and so does the grandchild it starts, which inherits that).
+    let b = exec(&["sh", "-c", "trap '' TERM; sleep 1000 & echo $$ $! > \"$0\"; echo ready; wait; wait", &pids_s]);
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    let sink = move |t: &str| {
+        if t.contains("ready") {
+            c2.cancel();
+        }
+    };
+    let e = within("generate", b.generate(request("m", "p"), &sink, cancel)).await.unwrap_err();
+    assert!(matches!(e, BackendError::Cancelled), "{e}");
+    let text = std::fs::read_to_string(&pids).unwrap();
+    let ids: Vec<i32> = text.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    assert_eq!(ids.len(), 2, "{text}");
+    for pid in ids {
+        // The grandchild was reparented; give its new parent a moment to reap it.
+        for _ in 0..100 {
+            if !alive(pid) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!alive(pid), "pid {pid} survived the cancel");
+    }
+}
+
+#[tokio::test]
+async fn timeout_kills_the_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let b = exec(&["sh", "-c", "echo $$ > \"$0\"; exec sleep 1000", pidfile.to_str().unwrap()]);
+    let mut req = request("m", "p");
+    req.timeout = Duration::from_secs(1);
+    let e = within("generate", b.generate(req, &Collect::default(), CancellationToken::new())).await.unwrap_err();
+    assert!(matches!(e, BackendError::Timeout { .. }), "{e}");
+    let pid = read_pid(&pidfile);
+    for _ in 0..100 {
+        if !alive(pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!alive(pid), "the program survived its timeout");
+}
+
+#[tokio::test]
+async fn helpers_left_behind_after_exit_are_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    // Exits at once, leaving a background helper that holds stdout open.
+    let b = exec(&["sh", "-c", "sleep 1000 & echo $! > \"$0\"; echo done", pidfile.to_str().unwrap()]);
+    let g =
+        within("generate", b.generate(request("m", "p"), &Collect::default(), CancellationToken::new())).await.unwrap();
+    assert_eq!(g.text, "done\n");
+    let pid = read_pid(&pidfile);
+    for _ in 0..100 {
+        if !alive(pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!alive(pid), "the helper outlived the run");
+}
