@@ -1,0 +1,443 @@
+//! The service API every face speaks: one trait, its request and response shapes, and its error.
+//!
+//! `Koubou` (in-process) and `koubou_client::Client` (over HTTP) both implement [`Api`], so the
+//! CLI and the MCP server work the same against a local system or a running `koubou serve`.
+//! The shapes here are the JSON the REST API sends and takes.
+
+use std::{pin::Pin, time::Duration};
+
+use async_trait::async_trait;
+use futures::Stream;
+use koubou_task::{
+    Event, FieldError, GenOptions, Millis, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, Usage, rfc3339,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// What went wrong, sorted by whose fault it is (each maps to one HTTP status).
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum ApiError {
+    /// 400: a field of the request is wrong.
+    #[error("{0}")]
+    Invalid(FieldError),
+    /// 404.
+    #[error("task {0} not found")]
+    NotFound(String),
+    /// 409: the request does not fit the task's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// 503: the system cannot take work now (shutting down, queue unreachable).
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: our fault.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        ApiError::Invalid(FieldError::new(field, message))
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ApiError::Invalid(_) => 400,
+            ApiError::NotFound(_) => 404,
+            ApiError::Conflict(_) => 409,
+            ApiError::Unavailable(_) => 503,
+            ApiError::Internal(_) => 500,
+        }
+    }
+
+    /// A short machine-readable code, sent as `error.code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Invalid(_) => "invalid_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// The JSON error body every face sends: `{"error": {"code", "message", "field"?}}`.
+    pub fn body(&self) -> Value {
+        let mut e = serde_json::json!({ "code": self.code(), "message": self.to_string() });
+        if let ApiError::Invalid(f) = self {
+            e["field"] = Value::String(f.field.clone());
+        }
+        serde_json::json!({ "error": e })
+    }
+
+    /// Rebuilds an error from a status and body written by [`ApiError::body`].
+    pub fn from_body(status: u16, body: &Value) -> Self {
+        let msg = body["error"]["message"].as_str().unwrap_or("no message").to_owned();
+        match status {
+            400 | 422 => {
+                let field = body["error"]["field"].as_str().unwrap_or("request").to_owned();
+                let message = msg.strip_prefix(&format!("{field}: ")).unwrap_or(&msg).to_owned();
+                ApiError::Invalid(FieldError { field, message })
+            }
+            404 => ApiError::NotFound(msg),
+            409 => ApiError::Conflict(msg),
+            503 => ApiError::Unavailable(msg),
+            _ => ApiError::Internal(msg),
+        }
+    }
+}
+
+/// A submission as every face receives it (the seed's `POST /task/delegate` body).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubmitRequest {
+    pub task: NewTask,
+    /// Wait for the result and answer with it (bounded by the server's `sync_wait_secs`).
+    pub sync: bool,
+    /// How long to wait when `sync` (default: the server's bound).
+    pub wait_secs: Option<u64>,
+}
+
+impl SubmitRequest {
+    pub fn new(task: NewTask) -> Self {
+        SubmitRequest { task, sync: false, wait_secs: None }
+    }
+
+    /// Reads a JSON body field by field, so that every error names the field at fault.
+    /// `content` is accepted as an alias of `prompt` (the prototype's clients send it).
+    pub fn from_json(v: &Value) -> Result<SubmitRequest, FieldError> {
+        let obj = v.as_object().ok_or_else(|| FieldError::new("body", "must be a JSON object"))?;
+        const KNOWN: &[&str] = &[
+            "type", "prompt", "content", "priority", "system", "model", "backend", "max_attempts", "timeout_secs",
+            "idempotency_key", "options", "metadata", "sync", "wait_secs",
+        ];
+        if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(FieldError::new(k.as_str(), format!("unknown field; known fields: {}", KNOWN.join(", "))));
+        }
+        let prompt = match (obj.get("prompt"), obj.get("content")) {
+            (Some(p), _) | (None, Some(p)) => str_field(p, if obj.contains_key("prompt") { "prompt" } else { "content" })?,
+            (None, None) => return Err(FieldError::new("prompt", "is required (the text of the task)")),
+        };
+        let kind = match obj.get("type") {
+            None | Some(Value::Null) => TaskKind::general(),
+            Some(v) => TaskKind::parse(&str_field(v, "type")?).map_err(|m| FieldError::new("type", m))?,
+        };
+        let mut task = NewTask::new(kind, prompt);
+        if let Some(v) = present(obj, "priority") {
+            let n = v.as_i64().filter(|_| v.is_i64() || v.is_u64()).ok_or_else(|| {
+                FieldError::new("priority", format!("must be an integer from 1 to 10, got {v}"))
+            })?;
+            task.priority = Priority::new(n).map_err(|m| FieldError::new("priority", m))?;
+        }
+        task.system = opt_str(obj, "system")?;
+        task.model = opt_str(obj, "model")?;
+        task.backend = opt_str(obj, "backend")?;
+        task.idempotency_key = opt_str(obj, "idempotency_key")?;
+        task.max_attempts = opt_u64(obj, "max_attempts")?.map(|n| n.min(u32::MAX as u64) as u32);
+        task.timeout_secs = opt_u64(obj, "timeout_secs")?;
+        if let Some(v) = present(obj, "options") {
+            task.options = serde_json::from_value::<GenOptions>(v.clone())
+                .map_err(|e| FieldError::new("options", format!("{e}")))?;
+        }
+        if let Some(v) = present(obj, "metadata") {
+            task.metadata = v.as_object().cloned().ok_or_else(|| FieldError::new("metadata", "must be a JSON object"))?;
+        }
+        let sync = match present(obj, "sync") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(FieldError::new("sync", format!("must be true or false, got {v}"))),
+        };
+        Ok(SubmitRequest { task, sync, wait_secs: opt_u64(obj, "wait_secs")? })
+    }
+}
+
+fn present<'a>(obj: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+    obj.get(k).filter(|v| !v.is_null())
+}
+
+fn str_field(v: &Value, field: &str) -> Result<String, FieldError> {
+    v.as_str().map(str::to_owned).ok_or_else(|| FieldError::new(field, format!("must be a string, got {v}")))
+}
+
+fn opt_str(obj: &Map<String, Value>, k: &str) -> Result<Option<String>, FieldError> {
+    present(obj, k).map(|v| str_field(v, k)).transpose()
+}
+
+fn opt_u64(obj: &Map<String, Value>, k: &str) -> Result<Option<u64>, FieldError> {
+    present(obj, k)
+        .map(|v| v.as_u64().ok_or_else(|| FieldError::new(k, format!("must be a positive integer, got {v}"))))
+        .transpose()
+}
+
+/// The answer to a submission.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SubmitResponse {
+    pub task_id: TaskId,
+    pub status: TaskStatus,
+    /// False when an earlier task with the same idempotency key was returned.
+    pub created: bool,
+    /// With `sync`: the task as it stood when the wait ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskView>,
+}
+
+/// A task as faces show it (`GET /task/{id}/status`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TaskView {
+    pub task_id: TaskId,
+    #[serde(rename = "type")]
+    pub kind: TaskKind,
+    pub status: TaskStatus,
+    pub priority: Priority,
+    pub prompt: String,
+    pub system: Option<String>,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    /// While running: the answer so far.
+    pub partial: Option<String>,
+    pub backend: Option<String>,
+    pub model: Option<String>,
+    pub usage: Option<Usage>,
+    pub worker_id: Option<String>,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// While retrying: when the next attempt may start.
+    pub retry_at: Option<String>,
+    /// While queued: tasks that will start before this one.
+    pub queue_position: Option<u64>,
+    /// While queued: a rough estimate of seconds until it starts (from recent throughput).
+    pub estimated_start_secs: Option<f64>,
+    pub duration_ms: Option<Millis>,
+    pub idempotency_key: Option<String>,
+    pub options: GenOptions,
+    pub metadata: Map<String, Value>,
+}
+
+impl TaskView {
+    pub fn from_task(t: Task) -> TaskView {
+        let duration_ms = t.finished_at.zip(t.started_at).map(|(f, s)| f - s);
+        TaskView {
+            task_id: t.id,
+            kind: t.kind,
+            status: t.status,
+            priority: t.priority,
+            prompt: t.prompt,
+            system: t.system,
+            result: t.result,
+            error: t.error,
+            partial: t.partial,
+            backend: t.backend,
+            model: t.model,
+            usage: t.usage,
+            worker_id: t.worker_id.map(|w| w.0),
+            attempts: t.attempts,
+            max_attempts: t.max_attempts,
+            created_at: rfc3339(t.created_at),
+            started_at: t.started_at.map(rfc3339),
+            finished_at: t.finished_at.map(rfc3339),
+            retry_at: (t.status == TaskStatus::Retrying).then(|| rfc3339(t.available_at)),
+            queue_position: None,
+            estimated_start_secs: None,
+            duration_ms,
+            idempotency_key: t.idempotency_key,
+            options: t.options,
+            metadata: t.metadata,
+        }
+    }
+}
+
+/// `GET /tasks` filters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ListQuery {
+    /// Comma-separated statuses; `active` means pending, retrying and running.
+    pub status: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Substring of the prompt.
+    pub q: Option<String>,
+    /// Page size, 1–1000 (default 50).
+    pub limit: Option<usize>,
+    /// Cursor from the previous page's `next_cursor`.
+    pub before: Option<i64>,
+}
+
+/// One page of `GET /tasks`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TaskList {
+    pub tasks: Vec<TaskView>,
+    pub total: u64,
+    pub next_cursor: Option<i64>,
+}
+
+/// A worker as `GET /workers/status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WorkerView {
+    pub worker_id: String,
+    /// `idle`, `busy` or `stopping`.
+    pub state: String,
+    pub current_task: Option<TaskId>,
+    pub tasks_done: u64,
+    pub tasks_failed: u64,
+    pub started_at: String,
+}
+
+/// `GET /workers/status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WorkersView {
+    pub active: usize,
+    pub busy: usize,
+    pub min_workers: usize,
+    pub max_workers: usize,
+    /// The most workers the backends can keep busy at once.
+    pub backend_capacity: usize,
+    pub workers: Vec<WorkerView>,
+}
+
+/// One backend's health, and the task types it serves.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendView {
+    pub name: String,
+    pub kind: String,
+    pub up: bool,
+    pub detail: String,
+    pub default_model: String,
+    pub capacity: usize,
+    pub models: Vec<String>,
+    /// Task types routed here first.
+    pub serves: Vec<String>,
+}
+
+/// `GET /health`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HealthView {
+    /// `ok`, or `degraded` when a backend is down.
+    pub status: String,
+    pub version: String,
+    pub queue: QueueView,
+    pub workers: usize,
+    pub backends: Vec<BackendView>,
+    /// Task type → `backend/model` that serves it.
+    pub routes: std::collections::BTreeMap<String, String>,
+}
+
+/// Counts by status.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct QueueView {
+    pub pending: u64,
+    pub running: u64,
+    pub retrying: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+/// The seed's `systemStatus`, plus a little more.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SystemStatus {
+    pub active_workers: usize,
+    pub busy_workers: usize,
+    pub pending_tasks: u64,
+    pub running_tasks: u64,
+    pub completed_tasks: u64,
+    pub failed_tasks: u64,
+    pub cancelled_tasks: u64,
+    /// Tasks finished per second over the last minute.
+    pub throughput_per_sec: f64,
+    /// Generated tokens per second over the last minute.
+    pub tokens_per_sec: f64,
+    pub uptime_secs: u64,
+    pub rss_bytes: u64,
+}
+
+/// A stream of events.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, ApiError>> + Send>>;
+
+/// The operations every face offers.
+#[async_trait]
+pub trait Api: Send + Sync {
+    async fn submit(&self, req: SubmitRequest) -> Result<SubmitResponse, ApiError>;
+    async fn task(&self, id: TaskId) -> Result<TaskView, ApiError>;
+    async fn tasks(&self, query: ListQuery) -> Result<TaskList, ApiError>;
+    async fn cancel(&self, id: TaskId) -> Result<TaskView, ApiError>;
+    async fn workers(&self) -> Result<WorkersView, ApiError>;
+    async fn health(&self) -> Result<HealthView, ApiError>;
+    async fn status(&self) -> Result<SystemStatus, ApiError>;
+    /// Events about one task (tokens, state changes) from now until it ends. Ends at once
+    /// (after one synthetic event carrying its state) if the task is already finished.
+    async fn watch(&self, id: TaskId) -> Result<EventStream, ApiError>;
+
+    /// Waits up to `timeout` for the task to finish, calling `on_token` with each piece of the
+    /// answer as it streams; returns the task as it stands then (finished or not).
+    async fn wait(
+        &self,
+        id: TaskId,
+        timeout: Duration,
+        on_token: &(dyn for<'s> Fn(&'s str) + Send + Sync),
+    ) -> Result<TaskView, ApiError> {
+        use futures::StreamExt;
+        let mut events = self.watch(id).await?;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                e = events.next() => match e {
+                    Some(Ok(e)) => {
+                        if let koubou_task::EventKind::TaskToken { text, .. } = &e.kind {
+                            on_token(text);
+                        }
+                        if e.kind.is_terminal() {
+                            break;
+                        }
+                    }
+                    Some(Err(err)) => return Err(err),
+                    None => break,
+                },
+                _ = &mut deadline => break,
+            }
+        }
+        self.task(id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<SubmitRequest, FieldError> {
+        SubmitRequest::from_json(&serde_json::from_str(s).unwrap())
+    }
+
+    #[test]
+    fn seed_bodies_parse() {
+        let r = parse(r#"{"type": "code", "prompt": "Create a Python function for fibonacci", "priority": 8}"#).unwrap();
+        assert_eq!((r.task.kind.as_str(), r.task.priority.get()), ("code", 8));
+        let r = parse(r#"{"type": "general", "content": "Explain Python decorators"}"#).unwrap();
+        assert_eq!(r.task.prompt, "Explain Python decorators");
+        assert_eq!(r.task.priority.get(), 5);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let field = |s| parse(s).unwrap_err().field;
+        assert_eq!(field(r#"{"type": "code"}"#), "prompt");
+        assert_eq!(field(r#"{"prompt": 5}"#), "prompt");
+        assert_eq!(field(r#"{"prompt": "x", "priority": 11}"#), "priority");
+        assert_eq!(field(r#"{"prompt": "x", "priority": "high"}"#), "priority");
+        assert_eq!(field(r#"{"prompt": "x", "priority": 2.5}"#), "priority");
+        assert_eq!(field(r#"{"prompt": "x", "type": "Bad Type"}"#), "type");
+        assert_eq!(field(r#"{"prompt": "x", "priorty": 3}"#), "priorty");
+        assert_eq!(field(r#"{"prompt": "x", "options": {"temp": 1}}"#), "options");
+        assert_eq!(field(r#"{"prompt": "x", "sync": "yes"}"#), "sync");
+        assert_eq!(field(r#"[1]"#), "body");
+    }
+
+    #[test]
+    fn error_body_round_trips() {
+        let e = ApiError::invalid("priority", "must be an integer from 1 to 10, got 11");
+        let b = e.body();
+        assert_eq!(b["error"]["field"], "priority");
+        assert_eq!(ApiError::from_body(400, &b), e);
+    }
+}

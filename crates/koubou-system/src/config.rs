@@ -1,0 +1,269 @@
+//! `koubou.toml`: every setting, its default, and the environment variables that override it.
+//!
+//! Precedence: command-line flags > environment (`KOUBOU_*`, `OLLAMA_HOST`) > `koubou.toml` >
+//! defaults. [`TEMPLATE`] is what `koubou init` writes: every setting, documented, at its default.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use koubou_backend::{BackendConfig, TypeRoute};
+use koubou_queue::SqliteConfig;
+use koubou_task::Limits;
+use koubou_worker::PoolConfig;
+use serde::{Deserialize, Serialize};
+
+/// Errors reading configuration: always name the file, the key and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {detail}")]
+    Read { path: String, detail: String },
+    #[error("{path}: {detail}")]
+    Parse { path: String, detail: String },
+    #[error("environment variable {var}={value:?}: {detail}")]
+    Env { var: String, value: String, detail: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub queue: SqliteConfig,
+    pub pool: PoolConfig,
+    pub limits: Limits,
+    pub mcp: McpConfig,
+    /// `[backends.NAME]`; empty means "choose automatically" (Ollama if it answers, else the
+    /// embedded model).
+    pub backends: BTreeMap<String, BackendConfig>,
+    /// `[types.NAME]`; `general` and `code` are added if missing.
+    pub types: BTreeMap<String, TypeRoute>,
+}
+
+/// `[server]`: where the faces listen.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind. Anything but loopback requires `auth_token`.
+    pub host: String,
+    /// REST API, MCP over HTTP, dashboard, metrics, and WebSocket at `/ws`.
+    pub port: u16,
+    /// The seed's WebSocket port (0 = off).
+    pub ws_port: u16,
+    /// The seed's GraphQL port (0 = off).
+    pub graphql_port: u16,
+    /// Bearer token required on every request when set.
+    pub auth_token: Option<String>,
+    /// Browser origins allowed besides the server's own (e.g. "http://localhost:3000").
+    pub allowed_origins: Vec<String>,
+    /// Longest a `"sync": true` submission waits for its result, in seconds.
+    pub sync_wait_secs: u64,
+    /// URL clients (`koubou submit`, `koubou mcp`) use to reach a running server.
+    pub url: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 8765,
+            ws_port: 8766,
+            graphql_port: 8767,
+            auth_token: None,
+            allowed_origins: vec![],
+            sync_wait_secs: 120,
+            url: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The URL a local client uses to reach this server.
+    pub fn client_url(&self) -> String {
+        if let Some(u) = &self.url {
+            return u.trim_end_matches('/').to_owned();
+        }
+        let host = match self.host.as_str() {
+            "0.0.0.0" | "::" | "" => "127.0.0.1",
+            h => h,
+        };
+        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
+        format!("http://{host}:{}", self.port)
+    }
+}
+
+/// `[mcp]`: how MCP tools behave.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct McpConfig {
+    /// Longest any tool call blocks, in seconds (MCP clients time out; keep it well under a minute).
+    pub max_wait_secs: u64,
+    /// How often a waiting tool call sends a progress notification, in seconds.
+    pub progress_every_secs: u64,
+    /// Folders whose files `delegate_task` may attach as context (empty: the working directory).
+    pub allowed_paths: Vec<PathBuf>,
+    /// Largest total size of attached context files, in bytes.
+    pub max_context_bytes: usize,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        McpConfig { max_wait_secs: 25, progress_every_secs: 5, allowed_paths: vec![], max_context_bytes: 256 << 10 }
+    }
+}
+
+/// What `koubou init` writes.
+pub const TEMPLATE: &str = include_str!("koubou.toml");
+
+/// Where Koubou keeps its files.
+#[derive(Clone, Debug)]
+pub struct Home {
+    pub dir: PathBuf,
+}
+
+impl Home {
+    /// `$KOUBOU_HOME`, else `./.koubou`.
+    pub fn from_env() -> Home {
+        Home { dir: std::env::var_os("KOUBOU_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".koubou")) }
+    }
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.join("koubou.toml")
+    }
+    pub fn db_file(&self) -> PathBuf {
+        self.dir.join("db").join("koubou.db")
+    }
+    pub fn logs_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+}
+
+impl Config {
+    /// Reads `path` if it exists (else defaults), then applies the environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg = match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, &path.display().to_string())?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) => return Err(ConfigError::Read { path: path.display().to_string(), detail: e.to_string() }),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_owned(), detail: e.to_string() })
+    }
+
+    /// `KOUBOU_HOST`, `KOUBOU_PORT`, `KOUBOU_WS_PORT`, `KOUBOU_GRAPHQL_PORT`, `KOUBOU_AUTH_TOKEN`,
+    /// `KOUBOU_URL`, `KOUBOU_MIN_WORKERS`, `KOUBOU_MAX_WORKERS`, `KOUBOU_DB`,
+    /// `KOUBOU_MAX_PROMPT_BYTES`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn num<T: std::str::FromStr>(var: &str, v: &str) -> Result<T, ConfigError> {
+            v.trim().parse().map_err(|_| ConfigError::Env {
+                var: var.into(),
+                value: v.into(),
+                detail: "must be a whole number".into(),
+            })
+        }
+        if let Some(v) = get("KOUBOU_HOST") {
+            self.server.host = v;
+        }
+        if let Some(v) = get("KOUBOU_PORT") {
+            self.server.port = num("KOUBOU_PORT", &v)?;
+        }
+        if let Some(v) = get("KOUBOU_WS_PORT") {
+            self.server.ws_port = num("KOUBOU_WS_PORT", &v)?;
+        }
+        if let Some(v) = get("KOUBOU_GRAPHQL_PORT") {
+            self.server.graphql_port = num("KOUBOU_GRAPHQL_PORT", &v)?;
+        }
+        if let Some(v) = get("KOUBOU_AUTH_TOKEN").filter(|v| !v.is_empty()) {
+            self.server.auth_token = Some(v);
+        }
+        if let Some(v) = get("KOUBOU_URL").filter(|v| !v.is_empty()) {
+            self.server.url = Some(v);
+        }
+        if let Some(v) = get("KOUBOU_MIN_WORKERS") {
+            self.pool.min_workers = num("KOUBOU_MIN_WORKERS", &v)?;
+        }
+        if let Some(v) = get("KOUBOU_MAX_WORKERS") {
+            self.pool.max_workers = num("KOUBOU_MAX_WORKERS", &v)?;
+        }
+        if let Some(v) = get("KOUBOU_DB") {
+            self.queue.path = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("KOUBOU_MAX_PROMPT_BYTES") {
+            self.limits.max_prompt_bytes = num("KOUBOU_MAX_PROMPT_BYTES", &v)?;
+        }
+        Ok(())
+    }
+
+    /// Checks what serde cannot: ranges and the safe-by-default rule for binding.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.pool;
+        if p.min_workers == 0 || p.max_workers == 0 || p.min_workers > p.max_workers {
+            return Err(ConfigError::Invalid(format!(
+                "pool: need 1 <= min_workers <= max_workers, got min_workers = {}, max_workers = {}",
+                p.min_workers, p.max_workers
+            )));
+        }
+        if !is_loopback(&self.server.host) && self.server.auth_token.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to listen on {} without an auth token: set server.auth_token (or KOUBOU_AUTH_TOKEN), \
+                 or bind 127.0.0.1",
+                self.server.host
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// True for 127.0.0.0/8, ::1 and `localhost`.
+pub fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_documents_the_defaults() {
+        let from_template = Config::parse(TEMPLATE, "template").unwrap();
+        assert_eq!(from_template, Config::default(), "koubou.toml template drifted from the defaults");
+    }
+
+    #[test]
+    fn env_overrides_and_errors_name_the_variable() {
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "KOUBOU_PORT" => Some("9000".into()),
+            "KOUBOU_MAX_WORKERS" => Some("3".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!((c.server.port, c.pool.max_workers), (9000, 3));
+        let e = c.apply_env(|k| (k == "KOUBOU_PORT").then(|| "http".into())).unwrap_err();
+        assert!(e.to_string().contains("KOUBOU_PORT"));
+    }
+
+    #[test]
+    fn refuses_public_bind_without_token() {
+        let mut c = Config::default();
+        c.server.host = "0.0.0.0".into();
+        assert!(c.validate().unwrap_err().to_string().contains("auth token"));
+        c.server.auth_token = Some("s3cret".into());
+        c.validate().unwrap();
+        assert!(is_loopback("127.0.0.2") && is_loopback("::1") && is_loopback("localhost"));
+        assert!(!is_loopback("192.168.1.2"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = Config::parse("[server]\nprot = 1\n", "koubou.toml").unwrap_err();
+        assert!(e.to_string().contains("prot"), "{e}");
+    }
+}

@@ -1,0 +1,476 @@
+//! `Koubou`: the running system — queue, router, pool, bus and live state — behind [`Api`].
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use koubou_backend::{Backend, BackendConfig, Health, Router, TypeRoute};
+use koubou_queue::{QueueError, SqliteQueue, TaskQueue, TaskQuery};
+use koubou_task::{Event, EventBus, EventKind, TaskId, TaskKind, TaskStatus, now_millis};
+use koubou_worker::{Pool, memory};
+use parking_lot::Mutex;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::{
+    api::{
+        Api, ApiError, BackendView, EventStream, HealthView, ListQuery, QueueView, SubmitRequest, SubmitResponse,
+        SystemStatus, TaskList, TaskView, WorkerView, WorkersView,
+    },
+    config::{Config, Home},
+    live::Live,
+};
+
+/// Why the system could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("backend {name}: {detail}")]
+    Backend { name: String, detail: String },
+    #[error(transparent)]
+    Route(#[from] koubou_backend::RouteError),
+}
+
+/// How to start.
+#[derive(Clone, Debug)]
+pub struct StartOptions {
+    /// Node name; workers are `<node>/<n>`. Running tasks of this node left by a previous run
+    /// (crash, kill -9) are requeued at start.
+    pub node: String,
+    /// Run a worker pool (false for a system that only accepts and reports).
+    pub workers: bool,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions { node: "serve".into(), workers: true }
+    }
+}
+
+struct Inner {
+    cfg: Config,
+    queue: Arc<dyn TaskQueue>,
+    router: Arc<Router>,
+    bus: EventBus,
+    pool: Option<Arc<Pool>>,
+    live: Live,
+    started: Instant,
+    health: Mutex<HashMap<String, Health>>,
+    stop_health: tokio_util::sync::CancellationToken,
+}
+
+/// The running system. Cheap to clone.
+#[derive(Clone)]
+pub struct Koubou {
+    inner: Arc<Inner>,
+}
+
+/// Builds one configured backend. The embedded kind comes from `koubou-llama` when compiled in.
+fn build_backend(name: &str, cfg: &BackendConfig) -> Result<Arc<dyn Backend>, StartError> {
+    let err = |detail: String| StartError::Backend { name: name.to_owned(), detail };
+    if let Some(b) = koubou_backend::build(name, cfg).map_err(|e| err(e.to_string()))? {
+        return Ok(b);
+    }
+    match cfg {
+        #[cfg(feature = "embedded")]
+        BackendConfig::Embedded(e) => {
+            let store = koubou_llama::ModelStore::from_env().map_err(|e| err(e.to_string()))?;
+            let b = koubou_llama::EmbeddedBackend::new(name, e, &store).map_err(|e| err(e.to_string()))?;
+            Ok(Arc::new(b))
+        }
+        other => Err(err(format!("the {} backend is not compiled into this koubou", other.kind()))),
+    }
+}
+
+/// With no `[backends]` configured: Ollama when it answers, else the embedded model (when
+/// compiled in), with the other as fallback.
+async fn default_backends() -> (BTreeMap<String, BackendConfig>, &'static str, Option<&'static str>) {
+    let mut backends = BTreeMap::new();
+    backends.insert("ollama".to_owned(), BackendConfig::Ollama(Default::default()));
+    let embedded = cfg!(feature = "embedded");
+    if embedded {
+        backends.insert("embedded".to_owned(), BackendConfig::Embedded(Default::default()));
+    }
+    let ollama = koubou_backend::build("ollama", &backends["ollama"]).ok().flatten();
+    let ollama_up = match ollama {
+        Some(b) => tokio::time::timeout(Duration::from_secs(2), b.health()).await.is_ok_and(|h| h.up),
+        None => false,
+    };
+    match (ollama_up, embedded) {
+        (true, true) => (backends, "ollama", Some("embedded")),
+        (false, true) => (backends, "embedded", Some("ollama")),
+        _ => (backends, "ollama", None),
+    }
+}
+
+impl Koubou {
+    /// Opens the queue, builds backends and routes, starts the pool and the health checker.
+    pub async fn start(mut cfg: Config, home: &Home, opts: StartOptions) -> Result<Koubou, StartError> {
+        cfg.validate()?;
+        let bus = EventBus::new(65_536);
+        let live = Live::follow(&bus);
+        let db = cfg.queue.path.clone().unwrap_or_else(|| home.db_file());
+        let queue = SqliteQueue::open(db, cfg.queue.clone(), bus.clone())?;
+        let recovered = queue.recover_node(&opts.node).await?;
+        if recovered > 0 {
+            tracing::warn!(tasks = recovered, node = %opts.node, "requeued tasks left running by a previous run");
+        }
+        if cfg.backends.is_empty() {
+            let (backends, primary, fallback) = default_backends().await;
+            tracing::info!(primary, fallback, "no backends configured; chose automatically");
+            cfg.backends = backends;
+            for kind in [TaskKind::GENERAL, TaskKind::CODE] {
+                cfg.types.entry(kind.to_owned()).or_insert_with(|| TypeRoute {
+                    backend: primary.to_owned(),
+                    fallback: fallback.map(str::to_owned),
+                    ..TypeRoute::default()
+                });
+            }
+        }
+        let first = cfg.backends.keys().next().cloned().unwrap_or_default();
+        for kind in [TaskKind::GENERAL, TaskKind::CODE] {
+            cfg.types.entry(kind.to_owned()).or_insert_with(|| TypeRoute { backend: first.clone(), ..TypeRoute::default() });
+        }
+        let backends = cfg.backends.iter().map(|(n, c)| build_backend(n, c)).collect::<Result<Vec<_>, _>>()?;
+        let router = Arc::new(Router::new(backends, cfg.types.clone())?);
+        let queue: Arc<dyn TaskQueue> = Arc::new(queue);
+        let pool = opts
+            .workers
+            .then(|| Pool::start(cfg.pool.clone(), &opts.node, queue.clone(), router.clone(), bus.clone()));
+        let k = Koubou {
+            inner: Arc::new(Inner {
+                cfg,
+                queue,
+                router,
+                bus,
+                pool,
+                live,
+                started: Instant::now(),
+                health: Mutex::new(HashMap::new()),
+                stop_health: Default::default(),
+            }),
+        };
+        k.check_backends().await;
+        let kk = k.clone();
+        tokio::spawn(async move { kk.health_loop().await });
+        Ok(k)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+    pub fn bus(&self) -> &EventBus {
+        &self.inner.bus
+    }
+    pub fn live(&self) -> &Live {
+        &self.inner.live
+    }
+    pub fn router(&self) -> &Router {
+        &self.inner.router
+    }
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Event>> {
+        self.inner.bus.subscribe()
+    }
+
+    /// Checks every backend once (each within 5 s) and publishes changes.
+    pub async fn check_backends(&self) {
+        let checks = self.inner.router.backends().map(|b| {
+            let b = b.clone();
+            async move {
+                let h = tokio::time::timeout(Duration::from_secs(5), b.health())
+                    .await
+                    .unwrap_or_else(|_| Health::down("health check timed out after 5 s"));
+                (b.name().to_owned(), h)
+            }
+        });
+        for (name, h) in futures::future::join_all(checks).await {
+            let changed = self.inner.health.lock().insert(name.clone(), h.clone()).is_none_or(|old| old.up != h.up);
+            if changed {
+                self.inner.bus.publish(EventKind::BackendHealth { backend: name, up: h.up, detail: h.detail });
+            }
+        }
+    }
+
+    async fn health_loop(&self) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(15)) => self.check_backends().await,
+                _ = self.inner.stop_health.cancelled() => return,
+            }
+        }
+    }
+
+    /// Stops the pool (finishing or handing back running tasks) and the health checker.
+    pub async fn shutdown(&self, grace: Option<Duration>) {
+        self.inner.stop_health.cancel();
+        if let Some(p) = &self.inner.pool {
+            p.shutdown(grace).await;
+        }
+    }
+
+    fn view(&self, t: koubou_task::Task) -> TaskView {
+        let live = (t.status == TaskStatus::Running).then(|| self.inner.live.partial(t.id)).flatten();
+        let mut v = TaskView::from_task(t);
+        if let Some(p) = live.filter(|p| !p.is_empty()) {
+            v.partial = Some(p);
+        }
+        v
+    }
+
+    /// Prometheus text exposition of queue, tasks, tokens, workers and backends.
+    pub async fn metrics_text(&self) -> Result<String, ApiError> {
+        crate::metrics::render(self).await
+    }
+
+    pub(crate) async fn counts(&self) -> Result<koubou_queue::StatusCounts, ApiError> {
+        self.inner.queue.counts().await.map_err(queue_error)
+    }
+
+    pub(crate) fn pool(&self) -> Option<&Arc<Pool>> {
+        self.inner.pool.as_ref()
+    }
+
+    pub(crate) fn backend_health(&self) -> HashMap<String, Health> {
+        self.inner.health.lock().clone()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+}
+
+pub(crate) fn queue_error(e: QueueError) -> ApiError {
+    match e {
+        QueueError::NotFound(id) => ApiError::NotFound(id.to_string()),
+        QueueError::Conflict { .. } => ApiError::Conflict(e.to_string()),
+        QueueError::Closed => ApiError::Unavailable(e.to_string()),
+        e => ApiError::Internal(e.to_string()),
+    }
+}
+
+/// A synthetic event that tells a watcher how a finished task ended.
+fn final_event(t: &koubou_task::Task) -> Event {
+    let kind = match t.status {
+        TaskStatus::Completed => {
+            EventKind::TaskCompleted { task_id: t.id, usage: t.usage, latency_ms: t.latency_ms().unwrap_or_default() }
+        }
+        TaskStatus::Cancelled => EventKind::TaskCancelled { task_id: t.id },
+        _ => EventKind::TaskFailed { task_id: t.id, error: t.error.clone().unwrap_or_default(), retry_at: None, status: t.status },
+    };
+    Event { at: t.finished_at.unwrap_or_else(now_millis), kind }
+}
+
+#[async_trait]
+impl Api for Koubou {
+    async fn submit(&self, req: SubmitRequest) -> Result<SubmitResponse, ApiError> {
+        let SubmitRequest { task, sync, wait_secs } = req;
+        self.inner.cfg.limits.check(&task).map_err(ApiError::Invalid)?;
+        self.inner.router.check(task.kind.as_str(), task.backend.as_deref()).map_err(|e| match e {
+            koubou_backend::RouteError::UnknownKind { .. } => ApiError::invalid("type", e.to_string()),
+            koubou_backend::RouteError::UnknownBackend { .. } => ApiError::invalid("backend", e.to_string()),
+        })?;
+        let submitted = self.inner.queue.submit(task).await.map_err(queue_error)?;
+        let id = submitted.task.id;
+        let mut resp =
+            SubmitResponse { task_id: id, status: submitted.task.status, created: submitted.created, task: None };
+        if sync {
+            let bound = self.inner.cfg.server.sync_wait_secs;
+            let wait = Duration::from_secs(wait_secs.unwrap_or(bound).min(bound));
+            let v = self.wait(id, wait, &|_| {}).await?;
+            resp.status = v.status;
+            resp.task = Some(v);
+        }
+        Ok(resp)
+    }
+
+    async fn task(&self, id: TaskId) -> Result<TaskView, ApiError> {
+        let t = self.inner.queue.get(id).await.map_err(queue_error)?.ok_or_else(|| ApiError::NotFound(id.to_string()))?;
+        let queued = t.status.is_queued();
+        let mut v = self.view(t);
+        if queued {
+            if let Some(p) = self.inner.queue.position(id).await.map_err(queue_error)? {
+                v.queue_position = Some(p.ahead);
+                let workers = self.inner.pool.as_ref().map_or(1, |p| p.ceiling()).max(1) as f64;
+                v.estimated_start_secs =
+                    self.inner.live.mean_run_secs().map(|m| ((p.ahead as f64 / workers).ceil() * m * 10.0).round() / 10.0);
+            }
+        }
+        Ok(v)
+    }
+
+    async fn tasks(&self, q: ListQuery) -> Result<TaskList, ApiError> {
+        let mut statuses = Vec::new();
+        for s in q.status.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()) {
+            match s {
+                "active" => statuses.extend([TaskStatus::Pending, TaskStatus::Retrying, TaskStatus::Running]),
+                _ => statuses.push(TaskStatus::parse(s).ok_or_else(|| {
+                    ApiError::invalid(
+                        "status",
+                        format!("unknown status {s:?}; use pending, running, retrying, completed, failed, cancelled or active"),
+                    )
+                })?),
+            }
+        }
+        let kind = q.kind.as_deref().map(TaskKind::parse).transpose().map_err(|m| ApiError::invalid("type", m))?;
+        let limit = q.limit.unwrap_or(50);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::invalid("limit", format!("must be from 1 to 1000, got {limit}")));
+        }
+        let page = self
+            .inner
+            .queue
+            .list(TaskQuery { statuses, kind, search: q.q, before: q.before, limit })
+            .await
+            .map_err(queue_error)?;
+        Ok(TaskList {
+            tasks: page.tasks.into_iter().map(|t| self.view(t)).collect(),
+            total: page.total,
+            next_cursor: page.next_cursor,
+        })
+    }
+
+    async fn cancel(&self, id: TaskId) -> Result<TaskView, ApiError> {
+        self.inner.queue.cancel(id).await.map(TaskView::from_task).map_err(queue_error)
+    }
+
+    async fn workers(&self) -> Result<WorkersView, ApiError> {
+        let Some(pool) = &self.inner.pool else {
+            return Ok(WorkersView { active: 0, busy: 0, min_workers: 0, max_workers: 0, backend_capacity: 0, workers: vec![] });
+        };
+        let workers: Vec<WorkerView> = pool
+            .workers()
+            .into_iter()
+            .map(|w| WorkerView {
+                worker_id: w.id.0,
+                state: w.state.into(),
+                current_task: w.current,
+                tasks_done: w.done,
+                tasks_failed: w.failed,
+                started_at: koubou_task::rfc3339(w.started_at),
+            })
+            .collect();
+        Ok(WorkersView {
+            active: workers.len(),
+            busy: workers.iter().filter(|w| w.state == "busy").count(),
+            min_workers: pool.config().min_workers,
+            max_workers: pool.ceiling(),
+            backend_capacity: pool.backend_capacity(),
+            workers,
+        })
+    }
+
+    async fn health(&self) -> Result<HealthView, ApiError> {
+        let c = self.counts().await?;
+        let health = self.backend_health();
+        let router = &self.inner.router;
+        let backends: Vec<BackendView> = router
+            .backends()
+            .map(|b| {
+                let h = health.get(b.name()).cloned().unwrap_or_else(|| Health::down("not checked yet"));
+                BackendView {
+                    name: b.name().to_owned(),
+                    kind: b.kind().to_owned(),
+                    up: h.up,
+                    detail: h.detail,
+                    default_model: b.default_model().to_owned(),
+                    capacity: b.capacity(),
+                    models: h.models,
+                    serves: router.types().iter().filter(|(_, r)| r.backend == b.name()).map(|(k, _)| k.clone()).collect(),
+                }
+            })
+            .collect();
+        let routes = router
+            .types()
+            .iter()
+            .map(|(k, r)| {
+                let model = r.model.clone().or_else(|| router.backend(&r.backend).ok().map(|b| b.default_model().to_owned()));
+                let fb = r.fallback.as_ref().map(|f| format!(" (fallback {f})")).unwrap_or_default();
+                (k.clone(), format!("{}/{}{fb}", r.backend, model.unwrap_or_default()))
+            })
+            .collect();
+        let served: Vec<&str> = router.types().values().map(|r| r.backend.as_str()).collect();
+        let degraded = backends.iter().any(|b| !b.up && served.contains(&b.name.as_str()));
+        Ok(HealthView {
+            status: if degraded { "degraded" } else { "ok" }.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            queue: QueueView {
+                pending: c.pending,
+                running: c.running,
+                retrying: c.retrying,
+                completed: c.completed,
+                failed: c.failed,
+                cancelled: c.cancelled,
+            },
+            workers: self.inner.pool.as_ref().map_or(0, |p| p.workers().len()),
+            backends,
+            routes,
+        })
+    }
+
+    async fn status(&self) -> Result<SystemStatus, ApiError> {
+        let c = self.counts().await?;
+        let workers = self.inner.pool.as_ref().map(|p| p.workers()).unwrap_or_default();
+        let (throughput, tokens) = self.inner.live.rates();
+        Ok(SystemStatus {
+            active_workers: workers.len(),
+            busy_workers: workers.iter().filter(|w| w.state == "busy").count(),
+            pending_tasks: c.pending + c.retrying,
+            running_tasks: c.running,
+            completed_tasks: c.completed,
+            failed_tasks: c.failed,
+            cancelled_tasks: c.cancelled,
+            throughput_per_sec: throughput,
+            tokens_per_sec: tokens,
+            uptime_secs: self.uptime().as_secs(),
+            rss_bytes: memory::rss_bytes().unwrap_or(0),
+        })
+    }
+
+    async fn watch(&self, id: TaskId) -> Result<EventStream, ApiError> {
+        // Subscribe before reading, so nothing between the read and the first event is missed.
+        let rx = self.inner.bus.subscribe();
+        let t = self.inner.queue.get(id).await.map_err(queue_error)?.ok_or_else(|| ApiError::NotFound(id.to_string()))?;
+        if t.status.is_terminal() {
+            return Ok(Box::pin(futures::stream::iter([Ok(final_event(&t))])));
+        }
+        let queue = self.inner.queue.clone();
+        let events = BroadcastStream::new(rx)
+            .then(move |item| {
+                let queue = queue.clone();
+                async move {
+                    match item {
+                        Ok(e) => Some(Ok((*e).clone())),
+                        // Fell behind: tokens were lost, but the ending must not be. Check the store.
+                        Err(_) => match queue.get(id).await {
+                            Ok(Some(t)) if t.status.is_terminal() => Some(Ok(final_event(&t))),
+                            Ok(_) => None,
+                            Err(e) => Some(Err(queue_error(e))),
+                        },
+                    }
+                }
+            })
+            .filter_map(move |e| async move {
+                match e {
+                    Some(Ok(e)) if e.kind.task_id() == Some(id) && !matches!(e.kind, EventKind::WorkerState { .. }) => {
+                        Some(Ok(e))
+                    }
+                    Some(Err(e)) => Some(Err(e)),
+                    _ => None,
+                }
+            })
+            .scan(false, |done, e| {
+                let out = if *done { None } else { Some(e) };
+                if let Some(Ok(e)) = &out {
+                    *done = e.kind.is_terminal();
+                }
+                futures::future::ready(out)
+            });
+        Ok(Box::pin(events))
+    }
+}

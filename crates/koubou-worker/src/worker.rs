@@ -1,0 +1,209 @@
+//! One worker: claim → plan → run (streaming) → complete / fail, with heartbeats.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::Duration,
+};
+
+use koubou_backend::{BackendError, Router};
+use koubou_queue::{Claimed, Completion, Failure, LeaseStatus, Progress, QueueError, TaskQueue, claim_wait};
+use koubou_task::{EventBus, EventKind, TaskId, WorkerId, now_millis};
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// What every worker of a pool shares.
+pub struct Shared {
+    pub queue: Arc<dyn TaskQueue>,
+    pub router: Arc<Router>,
+    pub bus: EventBus,
+    /// Lease length; heartbeats renew it at a third of it.
+    pub lease: Duration,
+    /// One permit per generation a backend serves at once, by backend name.
+    pub permits: HashMap<String, Arc<Semaphore>>,
+}
+
+/// A worker's state as shown by `/workers/status`.
+#[derive(Debug)]
+pub struct WorkerState {
+    pub id: WorkerId,
+    pub started_at: i64,
+    inner: Mutex<StateInner>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct StateInner {
+    state: &'static str,
+    current: Option<TaskId>,
+    done: u64,
+    failed: u64,
+}
+
+/// A snapshot of one worker.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub id: WorkerId,
+    pub state: &'static str,
+    pub current: Option<TaskId>,
+    pub done: u64,
+    pub failed: u64,
+    pub started_at: i64,
+}
+
+impl WorkerState {
+    pub fn new(id: WorkerId) -> Self {
+        WorkerState { id, started_at: now_millis(), inner: Mutex::new(StateInner { state: "idle", ..Default::default() }) }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let i = self.inner.lock().clone();
+        Snapshot { id: self.id.clone(), state: i.state, current: i.current, done: i.done, failed: i.failed, started_at: self.started_at }
+    }
+
+    fn set(&self, bus: &EventBus, state: &'static str, current: Option<TaskId>) {
+        {
+            let mut i = self.inner.lock();
+            i.state = state;
+            i.current = current;
+        }
+        bus.publish(EventKind::WorkerState { worker_id: self.id.clone(), state: state.into(), task_id: current });
+    }
+}
+
+/// Tokens to stop a worker: `stop` ends claiming (it finishes its task), `abort` also cuts the
+/// running task short and gives it back to the queue.
+#[derive(Clone, Default)]
+pub struct Stop {
+    pub stop: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+/// Runs one worker until it is stopped.
+pub async fn run(shared: Arc<Shared>, state: Arc<WorkerState>, stop: Stop) {
+    loop {
+        let claimed = match claim_wait(&*shared.queue, &state.id, None, shared.lease, &stop.stop).await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(QueueError::Closed) => break,
+            Err(e) => {
+                tracing::error!(worker = %state.id, error = %e, "claim failed; retrying in 1 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.stop.cancelled() => break,
+                }
+            }
+        };
+        state.set(&shared.bus, "busy", Some(claimed.task.id));
+        let ok = process(&shared, claimed, &stop.abort).await;
+        {
+            let mut i = state.inner.lock();
+            if ok { i.done += 1 } else { i.failed += 1 }
+        }
+        state.set(&shared.bus, "idle", None);
+    }
+    state.set(&shared.bus, "stopped", None);
+}
+
+/// Runs one claimed task to its end. True when it completed.
+async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -> bool {
+    let Claimed { task, lease, cancel } = claimed;
+    let id = task.id;
+    let plan = match shared.router.plan(&task) {
+        Ok(p) => p,
+        Err(e) => {
+            let f = Failure { error: e.to_string(), retryable: false, backend: None, model: None, partial: None };
+            log_write(id, shared.queue.fail(&lease, f).await.map(|_| ()));
+            return false;
+        }
+    };
+    let backend = plan.backend.name().to_owned();
+    let model = plan.model.clone();
+    // Wait for a free slot on the backend; a cancel or abort meanwhile ends the wait.
+    let permit = match shared.permits.get(&backend) {
+        Some(sem) => tokio::select! {
+            p = sem.clone().acquire_owned() => p.ok(),
+            _ = cancel.cancelled() => return false,
+            _ = abort.cancelled() => { log_write(id, shared.queue.release(&lease).await); return false; }
+        },
+        None => None,
+    };
+    shared.bus.publish(EventKind::TaskStarted {
+        task_id: id,
+        worker_id: lease.worker_id.clone(),
+        backend: backend.clone(),
+        model: model.clone(),
+    });
+
+    let partial = Arc::new(Mutex::new(String::new()));
+    let sink = {
+        let (partial, bus) = (partial.clone(), shared.bus.clone());
+        move |text: &str| {
+            partial.lock().push_str(text);
+            bus.publish(EventKind::TaskToken { task_id: id, text: text.to_owned() });
+        }
+    };
+    let run_cancel = cancel.child_token();
+    let heartbeat = async {
+        let every = shared.lease / 3;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = abort.cancelled() => { run_cancel.cancel(); std::future::pending::<()>().await; }
+            }
+            let text = partial.lock().clone();
+            let progress = Progress { backend: Some(&backend), model: Some(&model), partial: Some(&text) };
+            match shared.queue.heartbeat(&lease, shared.lease, progress).await {
+                Ok(LeaseStatus::Held) => {}
+                Ok(LeaseStatus::Cancelled | LeaseStatus::Lost) => run_cancel.cancel(),
+                Err(e) => tracing::warn!(task = %id, error = %e, "heartbeat failed"),
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = plan.run(&task, &sink, &run_cancel) => r,
+        _ = heartbeat => unreachable!("the heartbeat loop never ends"),
+    };
+    drop(permit);
+    let partial = std::mem::take(&mut *partial.lock());
+    match result {
+        Ok(served) => {
+            let done = Completion {
+                result: served.generation.text,
+                backend: served.backend,
+                model: served.model,
+                usage: served.generation.usage,
+            };
+            log_write(id, shared.queue.complete(&lease, done).await.map(|_| ()));
+            true
+        }
+        Err(BackendError::Cancelled) => {
+            if abort.is_cancelled() && !cancel.is_cancelled() {
+                log_write(id, shared.queue.release(&lease).await);
+            }
+            false
+        }
+        Err(e) => {
+            tracing::warn!(task = %id, backend = %backend, error = %e, "attempt failed");
+            let f = Failure {
+                error: e.to_string(),
+                retryable: e.is_retryable(),
+                backend: Some(backend),
+                model: Some(model),
+                partial: (!partial.is_empty()).then_some(partial),
+            };
+            log_write(id, shared.queue.fail(&lease, f).await.map(|_| ()));
+            false
+        }
+    }
+}
+
+/// A worker's final write can lose a race with a cancel or a lease expiry: that is expected and
+/// only logged.
+fn log_write(id: TaskId, r: Result<(), QueueError>) {
+    match r {
+        Ok(()) => {}
+        Err(QueueError::Conflict { status, .. }) => tracing::info!(task = %id, %status, "task changed under its worker"),
+        Err(e) => tracing::error!(task = %id, error = %e, "could not record the task's outcome"),
+    }
+}
