@@ -297,10 +297,7 @@ impl Backend for CodexBackend {
         if events.failure.is_some() {
             return Err(failed(events.why("turn failed".into())));
         }
-        let text = match tokio::fs::read_to_string(&last_message).await {
-            Ok(t) => Some(t),
-            Err(_) => None,
-        };
+        let text = tokio::fs::read_to_string(&last_message).await.ok();
         let text = match (text, &events.last_message) {
             (Some(t), _) if !t.is_empty() => t,
             (_, Some(m)) => m.clone(),

@@ -21,9 +21,7 @@ fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => false,
         // "pid (comm) S ...": the state follows the last ')'.
-        Ok(stat) => {
-            stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next() != Some('Z')).unwrap_or(false)
-        }
+        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')).unwrap_or(false),
     }
 }
 
