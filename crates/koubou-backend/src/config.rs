@@ -22,6 +22,8 @@ pub enum BackendConfig {
     Codex(CodexConfig),
     Exec(ExecConfig),
     Embedded(EmbeddedConfig),
+    /// Answers with the prompt: for smoke tests and benchmarks of Koubou itself.
+    Echo(EchoConfig),
 }
 
 impl BackendConfig {
@@ -32,6 +34,7 @@ impl BackendConfig {
             BackendConfig::Codex(_) => "codex",
             BackendConfig::Exec(_) => "exec",
             BackendConfig::Embedded(_) => "embedded",
+            BackendConfig::Echo(_) => "echo",
         }
     }
 }
@@ -164,6 +167,21 @@ impl Default for EmbeddedConfig {
             context: 4096,
             max_tokens: 512,
         }
+    }
+}
+
+/// `kind = "echo"`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EchoConfig {
+    /// A fixed reply (default: the prompt itself).
+    pub reply: Option<String>,
+    pub concurrency: usize,
+}
+
+impl Default for EchoConfig {
+    fn default() -> Self {
+        EchoConfig { reply: None, concurrency: 64 }
     }
 }
 

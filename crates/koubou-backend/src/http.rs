@@ -23,9 +23,15 @@ const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 const ERROR_BODY_MAX: usize = 600;
 
 /// A client for generations: connect timeout only; the overall budget is the router's.
+///
+/// Connections are not kept for reuse: a server that ends a stream abnormally (llama-cpp-python
+/// on a context overflow, a cancelled generation) closes the connection afterwards, and the next
+/// request sent on that pooled connection fails with "connection reset". Against a model that
+/// takes seconds per answer, a fresh connection per request costs nothing that matters.
 pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
         .build()
         .unwrap_or_else(|_| reqwest::Client::new())
 }

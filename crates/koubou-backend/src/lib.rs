@@ -15,6 +15,7 @@
 
 pub mod codex;
 pub mod config;
+pub mod echo;
 pub mod exec;
 mod http;
 pub mod ollama;

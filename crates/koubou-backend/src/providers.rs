@@ -22,6 +22,7 @@ pub fn build(name: &str, cfg: &BackendConfig) -> Result<Option<Arc<dyn Backend>>
         BackendConfig::Openai(c) => Arc::new(OpenAiBackend::new(name, c)),
         BackendConfig::Codex(c) => Arc::new(CodexBackend::new(name, c)?),
         BackendConfig::Exec(c) => Arc::new(ExecBackend::new(name, c)?),
+        BackendConfig::Echo(c) => Arc::new(crate::echo::EchoBackend::new(name, c)),
         BackendConfig::Embedded(_) => return Ok(None),
     }))
 }
