@@ -181,3 +181,28 @@ async fn helpers_left_behind_after_exit_are_killed() {
     }
     assert!(!alive(pid), "the helper outlived the run");
 }
+
+#[tokio::test]
+async fn the_routers_timeout_kills_an_exec_child() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use koubou_backend::{Router, TypeRoute};
+    use koubou_task::{NewTask, Task, TaskId, TaskKind};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let b: Arc<dyn Backend> =
+        Arc::new(exec(&["sh", "-c", "trap '' TERM; echo $$ > \"$0\"; sleep 1000; wait", pidfile.to_str().unwrap()]));
+    let types = BTreeMap::from([(
+        "code".to_string(),
+        TypeRoute { backend: "exec".into(), timeout_secs: 1, ..TypeRoute::default() },
+    )]);
+    let router = Router::new([b], types).unwrap();
+    let task = Task::from_new(TaskId::new(), NewTask::new(TaskKind::parse("code").unwrap(), "p"), 3, 0);
+    let plan = router.plan(&task).unwrap();
+    let e = within("router", plan.run(&task, &Collect::default(), &CancellationToken::new())).await.unwrap_err();
+    assert!(matches!(e, BackendError::Timeout { .. }), "{e}");
+    let pid = read_pid(&pidfile);
+    assert!(!alive(pid), "the program survived the router's timeout");
+}
