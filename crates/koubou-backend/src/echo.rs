@@ -7,7 +7,9 @@
 use async_trait::async_trait;
 use koubou_task::Usage;
 
-use crate::{Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, TokenSink, config::EchoConfig};
+use crate::{
+    Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, TokenSink, config::EchoConfig,
+};
 
 pub struct EchoBackend {
     name: String,

@@ -36,6 +36,22 @@ pub(crate) fn client() -> reqwest::Client {
         .unwrap_or_else(|_| reqwest::Client::new())
 }
 
+/// Refuses URLs this build cannot reach: only plain `http://` is compiled in (the workspace's
+/// `reqwest` has no TLS feature), so an `https://` base URL is a configuration error with a clear
+/// message rather than an obscure connect failure.
+pub(crate) fn check_url(backend: &str, url: &str) -> Result<(), BackendError> {
+    let lower = url.trim().to_ascii_lowercase();
+    if lower.starts_with("http://") {
+        return Ok(());
+    }
+    let detail = if lower.starts_with("https://") {
+        format!("{url}: HTTPS is not supported by this build (no TLS in reqwest); use an http:// URL")
+    } else {
+        format!("{url}: the URL must start with http://")
+    };
+    Err(BackendError::Config { backend: backend.to_owned(), detail })
+}
+
 /// Sends `req`, giving up with [`BackendError::Cancelled`] as soon as `cancel` fires (dropping
 /// the request closes the connection).
 pub(crate) async fn send(
@@ -188,5 +204,8 @@ mod tests {
         assert_eq!(message_of(r#"{"error":{"code":5}}"#), r#"{"code":5}"#);
         assert_eq!(message_of(r#"{"x":1}"#), r#"{"x":1}"#);
         assert_eq!(truncate("日本語", 2), "日本…");
+        assert!(check_url("b", "http://127.0.0.1:1/v1").is_ok());
+        assert!(matches!(check_url("b", "https://api.example/v1"), Err(BackendError::Config { .. })));
+        assert!(check_url("b", "127.0.0.1:8080").is_err());
     }
 }

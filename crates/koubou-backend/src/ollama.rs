@@ -201,6 +201,9 @@ impl Backend for OllamaBackend {
     }
 
     async fn health(&self) -> Health {
+        if let Err(e) = http::check_url(&self.name, &self.url) {
+            return Health::down(e.to_string());
+        }
         let url = format!("{}/api/tags", self.url);
         let resp = match self.client.get(&url).timeout(HEALTH_TIMEOUT).send().await {
             Ok(r) => r,
@@ -253,6 +256,7 @@ impl Backend for OllamaBackend {
         sink: &dyn TokenSink,
         cancel: CancellationToken,
     ) -> Result<Generation, BackendError> {
+        http::check_url(&self.name, &self.url)?;
         let url = format!("{}/api/chat", self.url);
         let rb = self.client.post(&url).json(&self.body(&req));
         let resp = http::send(&self.name, &url, rb, &cancel, SERVE_HINT).await?;
@@ -352,6 +356,7 @@ pub struct PullProgress {
 pub async fn pull(url: &str, model: &str, progress: impl Fn(PullProgress)) -> Result<(), BackendError> {
     const NAME: &str = "ollama";
     let url = url.trim_end_matches('/');
+    http::check_url(NAME, url)?;
     let endpoint = format!("{url}/api/pull");
     let never = CancellationToken::new();
     let rb = http::client().post(&endpoint).json(&json!({"model": model, "stream": true}));

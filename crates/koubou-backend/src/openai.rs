@@ -171,6 +171,9 @@ impl Backend for OpenAiBackend {
     }
 
     async fn health(&self) -> Health {
+        if let Err(e) = http::check_url(&self.name, &self.base_url) {
+            return Health::down(e.to_string());
+        }
         let url = format!("{}/models", self.base_url);
         let rb = self.authorized(self.client.get(&url)).timeout(HEALTH_TIMEOUT);
         let resp = match rb.send().await {
@@ -209,6 +212,7 @@ impl Backend for OpenAiBackend {
         sink: &dyn TokenSink,
         cancel: CancellationToken,
     ) -> Result<Generation, BackendError> {
+        http::check_url(&self.name, &self.base_url)?;
         let url = format!("{}/chat/completions", self.base_url);
         let rb = self.authorized(self.client.post(&url)).header("accept", "text/event-stream").json(&self.body(&req));
         let resp = http::send(&self.name, &url, rb, &cancel, "is the server running?").await?;
