@@ -25,8 +25,23 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-fn read_pid(path: &Path) -> i32 {
-    std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+/// The pids a test program wrote to `path` (none if it was killed before it got that far, which
+/// on a loaded machine can happen to a program with a short timeout).
+fn pids_in(path: &Path) -> Vec<i32> {
+    std::fs::read_to_string(path).unwrap_or_default().split_whitespace().map(|s| s.parse().unwrap()).collect()
+}
+
+/// Asserts every pid is gone (reparented grandchildren get a moment to be reaped).
+async fn assert_gone(pids: &[i32], what: &str) {
+    for &pid in pids {
+        for _ in 0..100 {
+            if !alive(pid) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!alive(pid), "pid {pid} survived {what}");
+    }
 }
 
 #[tokio::test]
@@ -129,19 +144,10 @@ async fn cancel_kills_the_whole_group_even_when_sigterm_is_ignored() {
     };
     let e = within("generate", b.generate(request("m", "p"), &sink, cancel)).await.unwrap_err();
     assert!(matches!(e, BackendError::Cancelled), "{e}");
-    let text = std::fs::read_to_string(&pids).unwrap();
-    let ids: Vec<i32> = text.split_whitespace().map(|s| s.parse().unwrap()).collect();
-    assert_eq!(ids.len(), 2, "{text}");
-    for pid in ids {
-        // The grandchild was reparented; give its new parent a moment to reap it.
-        for _ in 0..100 {
-            if !alive(pid) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(!alive(pid), "pid {pid} survived the cancel");
-    }
+    // Cancelled only after "ready", so both pids were written.
+    let ids = pids_in(&pids);
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_gone(&ids, "the cancel").await;
 }
 
 #[tokio::test]
@@ -153,14 +159,7 @@ async fn timeout_kills_the_program() {
     req.timeout = Duration::from_secs(1);
     let e = within("generate", b.generate(req, &Collect::default(), CancellationToken::new())).await.unwrap_err();
     assert!(matches!(e, BackendError::Timeout { .. }), "{e}");
-    let pid = read_pid(&pidfile);
-    for _ in 0..100 {
-        if !alive(pid) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(!alive(pid), "the program survived its timeout");
+    assert_gone(&pids_in(&pidfile), "the timeout").await;
 }
 
 #[tokio::test]
@@ -172,14 +171,9 @@ async fn helpers_left_behind_after_exit_are_killed() {
     let g =
         within("generate", b.generate(request("m", "p"), &Collect::default(), CancellationToken::new())).await.unwrap();
     assert_eq!(g.text, "done\n");
-    let pid = read_pid(&pidfile);
-    for _ in 0..100 {
-        if !alive(pid) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(!alive(pid), "the helper outlived the run");
+    let pids = pids_in(&pidfile);
+    assert_eq!(pids.len(), 1);
+    assert_gone(&pids, "the end of the run").await;
 }
 
 #[tokio::test]
@@ -192,8 +186,12 @@ async fn the_routers_timeout_kills_an_exec_child() {
 
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("pid");
-    let b: Arc<dyn Backend> =
-        Arc::new(exec(&["sh", "-c", "trap '' TERM; echo $$ > \"$0\"; sleep 1000; wait", pidfile.to_str().unwrap()]));
+    let b: Arc<dyn Backend> = Arc::new(exec(&[
+        "sh",
+        "-c",
+        "trap '' TERM; sleep 1000 & echo $$ $! > \"$0\"; wait; wait",
+        pidfile.to_str().unwrap(),
+    ]));
     let types = BTreeMap::from([(
         "code".to_string(),
         TypeRoute { backend: "exec".into(), timeout_secs: 1, ..TypeRoute::default() },
@@ -203,6 +201,5 @@ async fn the_routers_timeout_kills_an_exec_child() {
     let plan = router.plan(&task).unwrap();
     let e = within("router", plan.run(&task, &Collect::default(), &CancellationToken::new())).await.unwrap_err();
     assert!(matches!(e, BackendError::Timeout { .. }), "{e}");
-    let pid = read_pid(&pidfile);
-    assert!(!alive(pid), "the program survived the router's timeout");
+    assert_gone(&pids_in(&pidfile), "the router's timeout").await;
 }
