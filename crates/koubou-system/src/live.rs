@@ -8,6 +8,7 @@ use std::{
 
 use koubou_task::{Event, EventBus, EventKind, Millis, TaskId, now_millis};
 use parking_lot::Mutex;
+use tokio::sync::mpsc;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 pub const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
@@ -61,6 +62,9 @@ pub struct Second {
 
 #[derive(Default)]
 struct State {
+    /// Per-task subscribers (`watch`): events are routed here once, not fanned out to every
+    /// waiter through the broadcast channel.
+    watchers: HashMap<TaskId, Vec<mpsc::UnboundedSender<Arc<Event>>>>,
     partials: HashMap<TaskId, String>,
     started: HashMap<TaskId, Millis>,
     counters: Counters,
@@ -84,7 +88,10 @@ impl Live {
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
-                    Ok(e) => l.apply(&e),
+                    Ok(e) => {
+                        l.route(&e);
+                        l.apply(&e);
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "live state fell behind the event bus");
                     }
@@ -93,6 +100,25 @@ impl Live {
             }
         });
         live
+    }
+
+    /// Delivers an event to the watchers of its task; a terminal event ends their watch.
+    fn route(&self, e: &Arc<Event>) {
+        let Some(id) = e.kind.task_id() else { return };
+        let mut s = self.state.lock();
+        if let Some(ws) = s.watchers.get_mut(&id) {
+            ws.retain(|w| w.send(e.clone()).is_ok());
+            if e.kind.is_terminal() || ws.is_empty() {
+                s.watchers.remove(&id);
+            }
+        }
+    }
+
+    /// Events about `id` from now on, until its terminal event.
+    pub fn watch_task(&self, id: TaskId) -> mpsc::UnboundedReceiver<Arc<Event>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.state.lock().watchers.entry(id).or_default().push(tx);
+        rx
     }
 
     fn apply(&self, e: &Event) {

@@ -13,7 +13,6 @@ use koubou_queue::{QueueError, SqliteQueue, TaskQueue, TaskQuery};
 use koubou_task::{Event, EventBus, EventKind, TaskId, TaskKind, TaskStatus, now_millis};
 use koubou_worker::{Pool, memory};
 use parking_lot::Mutex;
-use tokio_stream::wrappers::BroadcastStream;
 
 use crate::{
     api::{
@@ -433,44 +432,16 @@ impl Api for Koubou {
     }
 
     async fn watch(&self, id: TaskId) -> Result<EventStream, ApiError> {
-        // Subscribe before reading, so nothing between the read and the first event is missed.
-        let rx = self.inner.bus.subscribe();
+        // Register before reading: events are published only after they commit, so whatever
+        // the read misses reaches the watcher, and whatever ended before it shows in the read.
+        let rx = self.inner.live.watch_task(id);
         let t = self.inner.queue.get(id).await.map_err(queue_error)?.ok_or_else(|| ApiError::NotFound(id.to_string()))?;
         if t.status.is_terminal() {
             return Ok(Box::pin(futures::stream::iter([Ok(final_event(&t))])));
         }
-        let queue = self.inner.queue.clone();
-        let events = BroadcastStream::new(rx)
-            .then(move |item| {
-                let queue = queue.clone();
-                async move {
-                    match item {
-                        Ok(e) => Some(Ok((*e).clone())),
-                        // Fell behind: tokens were lost, but the ending must not be. Check the store.
-                        Err(_) => match queue.get(id).await {
-                            Ok(Some(t)) if t.status.is_terminal() => Some(Ok(final_event(&t))),
-                            Ok(_) => None,
-                            Err(e) => Some(Err(queue_error(e))),
-                        },
-                    }
-                }
-            })
-            .filter_map(move |e| async move {
-                match e {
-                    Some(Ok(e)) if e.kind.task_id() == Some(id) && !matches!(e.kind, EventKind::WorkerState { .. }) => {
-                        Some(Ok(e))
-                    }
-                    Some(Err(e)) => Some(Err(e)),
-                    _ => None,
-                }
-            })
-            .scan(false, |done, e| {
-                let out = if *done { None } else { Some(e) };
-                if let Some(Ok(e)) = &out {
-                    *done = e.kind.is_terminal();
-                }
-                futures::future::ready(out)
-            });
+        let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+            .filter(|e| futures::future::ready(!matches!(e.kind, EventKind::WorkerState { .. })))
+            .map(|e| Ok((*e).clone()));
         Ok(Box::pin(events))
     }
 }

@@ -1,1 +1,179 @@
-fn main() {}
+//! `koubou`: the one binary. Subcommands wire the crates together; no logic of their own lives
+//! here beyond argument parsing, output formatting and exit codes.
+//!
+//! Exit codes (stable, for scripts): 0 success; 1 the task failed or was cancelled; 2 bad
+//! usage; 3 not found; 4 server unreachable or unavailable; 5 request rejected (invalid
+//! field); 6 still running when `--wait` gave up; 7 conflict (e.g. cancelling a finished task);
+//! 10 internal error.
+
+mod bench;
+mod client_cmds;
+mod logging;
+mod models;
+mod output;
+mod serve;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use koubou_system::{ApiError, Config, Home};
+
+#[derive(Parser)]
+#[command(name = "koubou", version, about = "工房 Koubou: delegate work from a coding agent to local LLM craftsmen")]
+struct Cli {
+    /// Koubou's home: database, logs and koubou.toml.
+    #[arg(long, global = true, env = "KOUBOU_HOME", default_value = ".koubou")]
+    home: PathBuf,
+    /// Config file (default: <home>/koubou.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// URL of a running server, for client commands (default: from the config).
+    #[arg(long, global = true, env = "KOUBOU_URL")]
+    url: Option<String>,
+    /// Bearer token for a server that requires one.
+    #[arg(long, global = true, env = "KOUBOU_AUTH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a documented koubou.toml into the home directory.
+    Init {
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the system: queue, worker pool, REST (8765), WebSocket (8766), GraphQL (8767), MCP at /mcp.
+    Serve(ServeArgs),
+    /// Submit a task (prompt as an argument, or on stdin).
+    Submit(client_cmds::SubmitArgs),
+    /// Show one task.
+    Status { id: String },
+    /// List tasks, newest first.
+    Tasks(client_cmds::TasksArgs),
+    /// Cancel a pending or running task.
+    Cancel { id: String },
+    /// Show the worker pool.
+    Workers,
+    /// Show queue, workers and each backend's health.
+    Health,
+    /// Serve MCP over stdio (for `claude mcp add koubou -- koubou mcp`).
+    Mcp {
+        /// Run an in-process system instead of talking to a running `koubou serve`.
+        #[arg(long)]
+        embedded: bool,
+    },
+    /// Manage models: the embedded GGUF files, or Ollama's.
+    Models {
+        #[command(subcommand)]
+        cmd: models::ModelsCmd,
+    },
+    /// Answer one prompt end to end with an in-process system (queue, worker, backend), then exit.
+    Run(client_cmds::RunArgs),
+    /// Measure throughput and latency through the HTTP API against an instant backend.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long)]
+    port: Option<u16>,
+    /// WebSocket port (0 = off).
+    #[arg(long)]
+    ws_port: Option<u16>,
+    /// GraphQL port (0 = off).
+    #[arg(long)]
+    graphql_port: Option<u16>,
+    #[arg(long)]
+    min_workers: Option<usize>,
+    #[arg(long)]
+    max_workers: Option<usize>,
+}
+
+/// Everything a command needs to know about where it runs.
+pub struct Ctx {
+    pub home: Home,
+    pub config_path: PathBuf,
+    pub url: Option<String>,
+    pub token: Option<String>,
+    pub json: bool,
+}
+
+impl Ctx {
+    pub fn config(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(&self.config_path)?)
+    }
+
+    /// A client for the running server.
+    pub fn client(&self) -> anyhow::Result<koubou_client::Client> {
+        let cfg = self.config()?;
+        let url = self.url.clone().unwrap_or_else(|| cfg.server.client_url());
+        Ok(koubou_client::Client::new(&url, self.token.clone().or(cfg.server.auth_token)))
+    }
+}
+
+/// Maps an error to the documented exit code.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<ApiError>() {
+        Some(ApiError::Invalid(_)) => 5,
+        Some(ApiError::NotFound(_)) => 3,
+        Some(ApiError::Conflict(_)) => 7,
+        Some(ApiError::Unavailable(_)) => 4,
+        Some(ApiError::Internal(_)) => 10,
+        None => match e.downcast_ref::<client_cmds::Outcome>() {
+            Some(o) => o.code(),
+            None => 10,
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = Ctx {
+        config_path: cli.config.clone().unwrap_or_else(|| cli.home.join("koubou.toml")),
+        home: Home { dir: cli.home.clone() },
+        url: cli.url.clone(),
+        token: cli.token.clone(),
+        json: cli.json,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("koubou: cannot start the runtime: {e}");
+            return ExitCode::from(10);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Init { force } => serve::init(&ctx, force),
+            Cmd::Serve(args) => serve::serve(&ctx, args).await,
+            Cmd::Submit(args) => client_cmds::submit(&ctx, args).await,
+            Cmd::Status { id } => client_cmds::status(&ctx, &id).await,
+            Cmd::Tasks(args) => client_cmds::tasks(&ctx, args).await,
+            Cmd::Cancel { id } => client_cmds::cancel(&ctx, &id).await,
+            Cmd::Workers => client_cmds::workers(&ctx).await,
+            Cmd::Health => client_cmds::health(&ctx).await,
+            Cmd::Mcp { embedded } => serve::mcp(&ctx, embedded).await,
+            Cmd::Models { cmd } => models::run(&ctx, cmd).await,
+            Cmd::Run(args) => client_cmds::run(&ctx, args).await,
+            Cmd::Bench(args) => bench::run(&ctx, args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = exit_code(&e);
+            if code != 1 && code != 6 {
+                eprintln!("koubou: {e:#}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}

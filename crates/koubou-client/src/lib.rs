@@ -1,0 +1,137 @@
+//! `Client`: [`koubou_system::Api`] over HTTP, against a running `koubou serve`.
+//!
+//! Errors come back as the same [`ApiError`] the server sent (rebuilt from its JSON body), so a
+//! caller cannot tell a local system from a remote one.
+
+use async_trait::async_trait;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use koubou_system::{
+    Api, ApiError,
+    api::{EventStream, HealthView, ListQuery, SubmitRequest, SubmitResponse, SystemStatus, TaskList, TaskView, WorkersView},
+};
+use koubou_task::{Event, TaskId};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// An HTTP client for one server.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base_url: &str, token: Option<String>) -> Client {
+        Client { base: base_url.trim_end_matches('/').to_owned(), token, http: reqwest::Client::new() }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> ApiError {
+        ApiError::Unavailable(format!("cannot reach koubou at {}: {e} (is `koubou serve` running?)", self.base))
+    }
+
+    async fn send<T: DeserializeOwned>(&self, r: reqwest::RequestBuilder) -> Result<T, ApiError> {
+        let resp = r.send().await.map_err(|e| self.unreachable(e))?;
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.map_err(|e| ApiError::Internal(format!("bad answer from server: {e}")))?;
+        if status >= 400 {
+            return Err(ApiError::from_body(status, &body));
+        }
+        serde_json::from_value(body).map_err(|e| ApiError::Internal(format!("unexpected answer from server: {e}")))
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> Result<String, ApiError> {
+        let r = self.req(reqwest::Method::GET, "/metrics").send().await.map_err(|e| self.unreachable(e))?;
+        r.text().await.map_err(|e| ApiError::Internal(e.to_string()))
+    }
+}
+
+fn submit_body(req: &SubmitRequest) -> Value {
+    let t = &req.task;
+    let mut v = serde_json::json!({ "type": t.kind, "prompt": t.prompt, "priority": t.priority });
+    let o = v.as_object_mut().expect("object");
+    let mut put = |k: &str, val: Value| {
+        if !val.is_null() {
+            o.insert(k.into(), val);
+        }
+    };
+    put("system", serde_json::json!(t.system));
+    put("model", serde_json::json!(t.model));
+    put("backend", serde_json::json!(t.backend));
+    put("max_attempts", serde_json::json!(t.max_attempts));
+    put("timeout_secs", serde_json::json!(t.timeout_secs));
+    put("idempotency_key", serde_json::json!(t.idempotency_key));
+    put("wait_secs", serde_json::json!(req.wait_secs));
+    if !t.options.is_default() {
+        put("options", serde_json::json!(t.options));
+    }
+    if !t.metadata.is_empty() {
+        put("metadata", Value::Object(t.metadata.clone()));
+    }
+    if req.sync {
+        put("sync", Value::Bool(true));
+    }
+    v
+}
+
+#[async_trait]
+impl Api for Client {
+    async fn submit(&self, req: SubmitRequest) -> Result<SubmitResponse, ApiError> {
+        self.send(self.req(reqwest::Method::POST, "/task/delegate").json(&submit_body(&req))).await
+    }
+    async fn task(&self, id: TaskId) -> Result<TaskView, ApiError> {
+        self.send(self.req(reqwest::Method::GET, &format!("/task/{id}/status"))).await
+    }
+    async fn tasks(&self, q: ListQuery) -> Result<TaskList, ApiError> {
+        self.send(self.req(reqwest::Method::GET, "/tasks").query(&q)).await
+    }
+    async fn cancel(&self, id: TaskId) -> Result<TaskView, ApiError> {
+        self.send(self.req(reqwest::Method::POST, &format!("/task/{id}/cancel"))).await
+    }
+    async fn workers(&self) -> Result<WorkersView, ApiError> {
+        self.send(self.req(reqwest::Method::GET, "/workers/status")).await
+    }
+    async fn health(&self) -> Result<HealthView, ApiError> {
+        self.send(self.req(reqwest::Method::GET, "/health")).await
+    }
+    async fn status(&self) -> Result<SystemStatus, ApiError> {
+        self.send(self.req(reqwest::Method::GET, "/status")).await
+    }
+    async fn watch(&self, id: TaskId) -> Result<EventStream, ApiError> {
+        let resp = self
+            .req(reqwest::Method::GET, &format!("/task/{id}/events"))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let status = resp.status().as_u16();
+        if status >= 400 {
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            return Err(ApiError::from_body(status, &body));
+        }
+        let events = resp.bytes_stream().eventsource().filter_map(|e| async move {
+            match e {
+                Ok(ev) if ev.event == "error" => {
+                    let body: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+                    Some(Err(ApiError::from_body(500, &body)))
+                }
+                Ok(ev) => serde_json::from_str::<Event>(&ev.data).ok().map(Ok),
+                Err(e) => Some(Err(ApiError::Unavailable(format!("event stream broke: {e}")))),
+            }
+        });
+        Ok(Box::pin(events))
+    }
+}

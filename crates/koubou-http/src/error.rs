@@ -1,0 +1,32 @@
+//! JSON errors for every HTTP failure, including the ones axum would answer in plain text.
+
+use axum::{
+    Json,
+    response::{IntoResponse, Response},
+};
+use koubou_system::ApiError;
+
+/// An [`ApiError`] as an HTTP response.
+pub struct HttpError(pub ApiError);
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        HttpError(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = axum::http::StatusCode::from_u16(self.0.http_status()).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0.body())).into_response()
+    }
+}
+
+/// A JSON error with any status and code (for 401, 403, 405, 413, 415…).
+pub fn json_error(status: axum::http::StatusCode, code: &str, message: impl Into<String>, field: Option<&str>) -> Response {
+    let mut e = serde_json::json!({ "code": code, "message": message.into() });
+    if let Some(f) = field {
+        e["field"] = f.into();
+    }
+    (status, Json(serde_json::json!({ "error": e }))).into_response()
+}

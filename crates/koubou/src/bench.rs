@@ -1,0 +1,227 @@
+//! `koubou bench`: pushes tasks through the real HTTP API of a real `koubou serve` (a child
+//! process on a free loopback port, with a fresh SQLite home) and prints what it measured.
+//!
+//! 1. Throughput: `--tasks` tasks, `--concurrency` at a time, each `POST /task/delegate` with
+//!    `"sync": true` (answered when the task is done, so each request's time is the task's
+//!    submit-to-complete latency), against the in-process `echo` backend: Koubou's own cost.
+//! 2. Added latency: one at a time, a task routed to an OpenAI-compatible backend — a tiny SSE
+//!    server inside this bench process — against calling that same server directly.
+//! 3. The server's peak RSS (`VmHWM` of the child).
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use axum::{Router, response::IntoResponse, routing::post};
+use clap::Args;
+use futures::StreamExt;
+
+use crate::Ctx;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Tasks for the throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Tasks for the added-latency run (one at a time).
+    #[arg(long, default_value_t = 500)]
+    latency_tasks: usize,
+    /// Queue durability: normal (survives kill -9) or full (fsync per commit batch).
+    #[arg(long, default_value = "normal")]
+    durability: String,
+    /// Workers in the server.
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+}
+
+/// The instant OpenAI-compatible server: one content chunk, a finish, `[DONE]`.
+async fn fake_openai() -> anyhow::Result<SocketAddr> {
+    async fn chat() -> impl IntoResponse {
+        let body = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        ([("content-type", "text/event-stream")], body)
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = Router::new().route("/v1/chat/completions", post(chat));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+struct Server {
+    child: std::process::Child,
+    url: String,
+    _home: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_server(a: &BenchArgs, fake: SocketAddr) -> anyhow::Result<Server> {
+    let home = tempfile::tempdir()?;
+    let port = free_port()?;
+    let config = format!(
+        r#"
+[server]
+port = {port}
+ws_port = 0
+graphql_port = 0
+[queue]
+durability = "{durability}"
+[pool]
+min_workers = {w}
+max_workers = {w}
+[backends.instant]
+kind = "echo"
+reply = "ok"
+concurrency = 64
+[backends.fake]
+kind = "openai"
+base_url = "http://{fake}/v1"
+model = "fake"
+api_key_env = ""
+concurrency = 64
+[types.general]
+backend = "instant"
+[types.viafake]
+backend = "fake"
+"#,
+        durability = a.durability,
+        w = a.workers,
+    );
+    std::fs::write(home.path().join("koubou.toml"), config)?;
+    let exe = std::env::current_exe()?;
+    let child = std::process::Command::new(exe)
+        .args(["serve", "--home"])
+        .arg(home.path())
+        .env("LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting koubou serve")?;
+    let server = Server { child, url: format!("http://127.0.0.1:{port}"), _home: home };
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        if http.get(format!("{}/health", server.url)).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(server);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("koubou serve did not become healthy within 10 s")
+}
+
+/// Runs `n` sync submissions of `kind`, `concurrency` at a time; returns latencies and wall time.
+async fn drive(url: &str, kind: &str, n: usize, concurrency: usize) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+    let endpoint = Arc::new(format!("{url}/task/delegate"));
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<Duration>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let (http, endpoint) = (http.clone(), endpoint.clone());
+            let body = serde_json::json!({ "type": kind, "prompt": format!("task {i}"), "sync": true });
+            async move {
+                let t = Instant::now();
+                let r = http.post(endpoint.as_str()).json(&body).send().await?;
+                let v: serde_json::Value = r.json().await?;
+                if v["status"] != "completed" {
+                    bail!("task did not complete: {v}");
+                }
+                Ok(t.elapsed())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let wall = started.elapsed();
+    let mut lat = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    lat.sort();
+    Ok((lat, wall))
+}
+
+pub async fn run(_ctx: &Ctx, a: BenchArgs) -> anyhow::Result<()> {
+    crate::logging::init_quiet();
+    let fake = fake_openai().await?;
+    let server = start_server(&a, fake).await?;
+    println!("koubou bench: server pid {}, SQLite durability {}, {} workers, {} cores", server.child.id(), a.durability, a.workers, std::thread::available_parallelism().map_or(0, |n| n.get()));
+
+    // Warm up connections and caches.
+    drive(&server.url, "general", 500, a.concurrency).await?;
+    let (lat, wall) = drive(&server.url, "general", a.tasks, a.concurrency).await?;
+    println!(
+        "throughput: {} tasks in {:.2} s = {:.0} tasks/s (concurrency {}); submit-to-complete p50 {} p99 {}",
+        a.tasks,
+        wall.as_secs_f64(),
+        a.tasks as f64 / wall.as_secs_f64(),
+        a.concurrency,
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99))
+    );
+
+    // Added latency: the same backend call, direct and through Koubou, one at a time.
+    let http = reqwest::Client::new();
+    let direct_url = format!("http://{fake}/v1/chat/completions");
+    let mut direct = Vec::with_capacity(a.latency_tasks);
+    for i in 0..a.latency_tasks + 50 {
+        let t = Instant::now();
+        let body = serde_json::json!({"model": "fake", "stream": true, "messages": [{"role": "user", "content": format!("task {i}")}]});
+        let text = http.post(&direct_url).json(&body).send().await?.text().await?;
+        if !text.contains("[DONE]") {
+            bail!("the fake backend answered oddly: {text}");
+        }
+        if i >= 50 {
+            direct.push(t.elapsed());
+        }
+    }
+    direct.sort();
+    drive(&server.url, "viafake", 50, 1).await?;
+    let (via, _) = drive(&server.url, "viafake", a.latency_tasks, 1).await?;
+    let (d50, v50) = (percentile(&direct, 0.5), percentile(&via, 0.5));
+    println!(
+        "added latency: backend direct p50 {} p99 {}; through koubou p50 {} p99 {}; added p50 {}",
+        ms(d50),
+        ms(percentile(&direct, 0.99)),
+        ms(v50),
+        ms(percentile(&via, 0.99)),
+        ms(v50.saturating_sub(d50))
+    );
+    match peak_rss_kb(server.child.id()) {
+        Some(kb) => println!("server peak RSS: {:.1} MiB", kb as f64 / 1024.0),
+        None => println!("server peak RSS: unknown"),
+    }
+    Ok(())
+}

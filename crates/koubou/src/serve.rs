@@ -1,0 +1,131 @@
+//! `koubou init`, `koubou serve` and `koubou mcp`: starting the system and binding its faces.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, bail};
+use axum::Router;
+use koubou_http::Guard;
+use koubou_system::{Config, Koubou, StartOptions, config::TEMPLATE};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Ctx, ServeArgs, logging};
+
+pub fn init(ctx: &Ctx, force: bool) -> anyhow::Result<()> {
+    let path = &ctx.config_path;
+    if path.exists() && !force {
+        bail!("{} already exists (use --force to overwrite)", path.display());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, TEMPLATE).with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Applies `serve`'s flags over the config.
+fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
+    if let Some(v) = &a.host {
+        cfg.server.host = v.clone();
+    }
+    if let Some(v) = a.port {
+        cfg.server.port = v;
+    }
+    if let Some(v) = a.ws_port {
+        cfg.server.ws_port = v;
+    }
+    if let Some(v) = a.graphql_port {
+        cfg.server.graphql_port = v;
+    }
+    if let Some(v) = a.min_workers {
+        cfg.pool.min_workers = v;
+    }
+    if let Some(v) = a.max_workers {
+        cfg.pool.max_workers = v;
+    }
+}
+
+/// Holds `<home>/serve.lock` for the life of the server: one server per home, so that on start
+/// every task still marked running by this home's workers is known to be orphaned.
+fn lock_home(ctx: &Ctx) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(&ctx.home.dir).with_context(|| format!("creating {}", ctx.home.dir.display()))?;
+    let path = ctx.home.dir.join("serve.lock");
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(_) => bail!("another `koubou serve` is running on {} (it holds {})", ctx.home.dir.display(), path.display()),
+    }
+}
+
+/// The routes of port 8765: REST, plus the other faces mounted beside it.
+pub fn main_router(k: &Koubou) -> Router {
+    koubou_http::router(k.clone()).fallback(koubou_http::rest::not_found)
+}
+
+fn guarded(r: Router, guard: &Arc<Guard>) -> Router {
+    r.layer(axum::middleware::from_fn_with_state(guard.clone(), koubou_http::guard))
+}
+
+async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = format!("{}:{port}", if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() });
+    tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr} for {what}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
+    let _log = logging::init(Some(&ctx.home.logs_dir()), "koubou.log");
+    let _lock = lock_home(ctx)?;
+    let mut cfg = ctx.config()?;
+    apply_flags(&mut cfg, &args);
+    cfg.validate()?;
+    crate::models::prepare(&cfg).await?;
+    let k = Koubou::start(cfg.clone(), &ctx.home, StartOptions::default()).await?;
+    let guard = Arc::new(Guard { token: cfg.server.auth_token.clone(), allowed_origins: cfg.server.allowed_origins.clone() });
+    let stop = CancellationToken::new();
+    let mut servers = Vec::new();
+    let host = cfg.server.host.clone();
+    let faces: Vec<(u16, &str, Router)> = vec![
+        (cfg.server.port, "the REST API", main_router(&k)),
+    ];
+    for (port, what, router) in faces {
+        if port == 0 {
+            continue;
+        }
+        let listener = bind(&host, port, what).await?;
+        let addr: SocketAddr = listener.local_addr()?;
+        tracing::info!(%addr, "{what} listening");
+        let app = guarded(router, &guard).into_make_service_with_connect_info::<SocketAddr>();
+        let stop = stop.clone();
+        servers.push(tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await
+        }));
+    }
+    eprintln!("koubou is serving on {} (dashboard: {}/dashboard)", cfg.server.client_url(), cfg.server.client_url());
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new claims; running tasks get the grace period");
+    stop.cancel();
+    k.shutdown(None).await;
+    for s in servers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
+    }
+    Ok(())
+}
+
+pub async fn mcp(_ctx: &Ctx, _embedded: bool) -> anyhow::Result<()> {
+    logging::init_quiet();
+    bail!("MCP is not wired yet")
+}
