@@ -1,0 +1,348 @@
+//! The seed's WebSocket protocol (`ws://localhost:8766`, also `/ws` on 8765 and `/dashboard/ws`).
+//!
+//! Every message either way is one JSON object with a `type`. The client submits, subscribes,
+//! cancels and pings; the server answers each request and forwards bus events the connection
+//! subscribed to (`docs/websocket.md` lists every message).
+//!
+//! Each connection has one bus receiver and a bounded outgoing buffer written by its own task.
+//! A client that lets that buffer fill, or whose receiver lags behind the bus, is closed with a
+//! reason (code 1008) instead of slowing the server or anyone else.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{
+        State,
+        ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade},
+    },
+    response::Response,
+    routing::get,
+};
+use futures::{SinkExt, StreamExt};
+use koubou_system::{
+    Api, ApiError, Koubou,
+    api::{ListQuery, SubmitRequest},
+};
+use koubou_task::{Event, EventKind, TaskId};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot, watch};
+
+use crate::metrics::{MetricsSample, Sampler};
+
+/// The protocol name sent in `welcome`.
+pub const PROTOCOL: &str = "koubou-ws/1";
+
+/// Tuning for WebSocket connections.
+#[derive(Clone, Debug)]
+pub struct WsConfig {
+    /// Messages a connection may have waiting to be written before it is dropped as too slow.
+    pub buffer: usize,
+    /// Topics every new connection starts subscribed to.
+    pub default_topics: Vec<Topic>,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig { buffer: 1024, default_topics: vec![Topic::System] }
+    }
+}
+
+/// What a connection can subscribe to besides single tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// Every event, every token of every task included.
+    All,
+    /// Life-cycle events of every task (created, claimed, started, completed, failed,
+    /// cancelled, requeued): no tokens.
+    Tasks,
+    /// Workers scaling and changing state, backends going up or down.
+    System,
+    /// A `metrics` sample every second or two.
+    Metrics,
+}
+
+impl Topic {
+    fn parse(s: &str) -> Option<Topic> {
+        Some(match s {
+            "all" => Topic::All,
+            "tasks" => Topic::Tasks,
+            "system" => Topic::System,
+            "metrics" => Topic::Metrics,
+            _ => return None,
+        })
+    }
+}
+
+/// State shared by all WebSocket connections of one router.
+#[derive(Clone)]
+pub struct WsState {
+    pub(crate) k: Koubou,
+    pub(crate) cfg: Arc<WsConfig>,
+    pub(crate) sampler: Sampler,
+}
+
+impl WsState {
+    pub fn new(k: Koubou, cfg: WsConfig) -> WsState {
+        let sampler = Sampler::start(k.clone());
+        WsState { k, cfg: Arc::new(cfg), sampler }
+    }
+}
+
+/// Router serving the WebSocket upgrade at `/` (for the seed's port 8766).
+pub fn ws_router(k: Koubou) -> Router {
+    ws_router_with(k, WsConfig::default())
+}
+
+/// [`ws_router`] with other tuning.
+pub fn ws_router_with(k: Koubou, cfg: WsConfig) -> Router {
+    Router::new().route("/", get(ws_handler)).with_state(WsState::new(k, cfg))
+}
+
+/// The upgrade handler; mount it at any path of a router whose state is [`WsState`], e.g.
+/// `Router::new().route("/ws", get(ws_handler)).with_state(WsState::new(k, WsConfig::default()))`.
+pub async fn ws_handler(State(st): State<WsState>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| serve(st, socket))
+}
+
+/// Why the server ends a connection.
+const CLOSE_POLICY: u16 = 1008;
+
+struct Conn {
+    st: WsState,
+    topics: HashSet<Topic>,
+    tasks: HashSet<TaskId>,
+    out: mpsc::Sender<Message>,
+}
+
+/// The reason a connection must end now.
+struct Drop(String);
+
+impl Conn {
+    /// Queues a message; a full buffer means the client is too slow to keep.
+    fn send(&self, v: Value) -> Result<(), Drop> {
+        match self.out.try_send(Message::Text(v.to_string().into())) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Drop(format!(
+                "too slow: {} messages waiting to be sent; reconnect and resubscribe",
+                self.st.cfg.buffer
+            ))),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Drop("connection closed".into())),
+        }
+    }
+
+    fn wants(&self, e: &Event) -> bool {
+        if self.topics.contains(&Topic::All) {
+            return true;
+        }
+        match &e.kind {
+            EventKind::WorkerScaled { .. } | EventKind::BackendHealth { .. } | EventKind::WorkerState { .. } => {
+                self.topics.contains(&Topic::System)
+            }
+            EventKind::TaskToken { task_id, .. } => self.tasks.contains(task_id),
+            k => k.task_id().is_some_and(|id| self.tasks.contains(&id)) || self.topics.contains(&Topic::Tasks),
+        }
+    }
+
+    async fn handle(&mut self, text: &str) -> Result<(), Drop> {
+        let msg: Value = match serde_json::from_str(text) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => return self.error(None, ApiError::invalid("message", "must be a JSON object with a \"type\"")),
+            Err(e) => return self.error(None, ApiError::invalid("message", format!("not valid JSON: {e}"))),
+        };
+        let r = msg.get("ref").cloned();
+        let Some(ty) = msg.get("type").and_then(Value::as_str) else {
+            return self.error(r, ApiError::invalid("type", "is required: submit_task, subscribe, unsubscribe, cancel_task, get_task, list_tasks, status, ping"));
+        };
+        match self.request(ty, &msg).await {
+            Ok(mut v) => {
+                if let Some(r) = r {
+                    v["ref"] = r;
+                }
+                self.send(v)
+            }
+            Err(e) => self.error(r, e),
+        }
+    }
+
+    fn error(&self, r: Option<Value>, e: ApiError) -> Result<(), Drop> {
+        let mut v = e.body();
+        v["type"] = "error".into();
+        if let Some(r) = r {
+            v["ref"] = r;
+        }
+        self.send(v)
+    }
+
+    async fn request(&mut self, ty: &str, msg: &Value) -> Result<Value, ApiError> {
+        let k = &self.st.k;
+        match ty {
+            "ping" => Ok(json!({"type": "pong", "at": koubou_task::now_millis()})),
+            "submit_task" => {
+                let payload = msg.get("payload").ok_or_else(|| ApiError::invalid("payload", "is required"))?;
+                let mut req = SubmitRequest::from_json(payload).map_err(|mut e| {
+                    e.field = format!("payload.{}", e.field);
+                    ApiError::Invalid(e)
+                })?;
+                // A WebSocket client hears the result as events; never block the connection.
+                req.sync = false;
+                let resp = k.submit(req).await?;
+                self.tasks.insert(resp.task_id);
+                Ok(json!({"type": "task_submitted", "task_id": resp.task_id, "status": resp.status, "created": resp.created}))
+            }
+            "subscribe" | "unsubscribe" => {
+                let on = ty == "subscribe";
+                if let Some(id) = msg.get("task_id") {
+                    let id = task_id(id)?;
+                    if on {
+                        let task = k.task(id).await?;
+                        self.tasks.insert(id);
+                        return Ok(json!({"type": "subscribed", "task_id": id, "task": task}));
+                    }
+                    self.tasks.remove(&id);
+                    return Ok(json!({"type": "unsubscribed", "task_id": id}));
+                }
+                let topic = msg.get("topic").and_then(Value::as_str).ok_or_else(|| {
+                    ApiError::invalid("topic", "give a task_id, or a topic: all, tasks, system or metrics")
+                })?;
+                let t = Topic::parse(topic).ok_or_else(|| {
+                    ApiError::invalid("topic", format!("unknown topic {topic:?}; use all, tasks, system or metrics"))
+                })?;
+                if on {
+                    self.topics.insert(t);
+                } else {
+                    self.topics.remove(&t);
+                }
+                Ok(json!({"type": if on { "subscribed" } else { "unsubscribed" }, "topic": topic}))
+            }
+            "cancel_task" => {
+                let id = task_id(msg.get("task_id").unwrap_or(&Value::Null))?;
+                let task = k.cancel(id).await?;
+                Ok(json!({"type": "task", "task": task}))
+            }
+            "get_task" => {
+                let id = task_id(msg.get("task_id").unwrap_or(&Value::Null))?;
+                Ok(json!({"type": "task", "task": k.task(id).await?}))
+            }
+            "list_tasks" => {
+                let q: ListQuery = serde_json::from_value(msg.get("query").cloned().unwrap_or(json!({})))
+                    .map_err(|e| ApiError::invalid("query", e.to_string()))?;
+                Ok(json!({"type": "task_list", "list": k.tasks(q).await?}))
+            }
+            "status" => Ok(json!({"type": "status", "status": k.status().await?})),
+            other => Err(ApiError::invalid(
+                "type",
+                format!("unknown message type {other:?}; use submit_task, subscribe, unsubscribe, cancel_task, get_task, list_tasks, status or ping"),
+            )),
+        }
+    }
+}
+
+fn task_id(v: &Value) -> Result<TaskId, ApiError> {
+    let s = v.as_str().ok_or_else(|| ApiError::invalid("task_id", format!("must be a task id string, got {v}")))?;
+    s.parse().map_err(|e: koubou_task::id::BadTaskId| ApiError::invalid("task_id", e.to_string()))
+}
+
+/// An event as sent: its JSON with `type` set to the event's name.
+pub fn event_message(e: &Event) -> Value {
+    let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
+    v["type"] = e.kind.name().into();
+    v
+}
+
+fn metrics_message(m: &MetricsSample) -> Value {
+    let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
+    v["type"] = "metrics".into();
+    v
+}
+
+async fn serve(st: WsState, socket: WebSocket) {
+    let mut bus = st.k.subscribe();
+    let (mut sink, mut stream) = socket.split();
+    let (out, mut out_rx) = mpsc::channel::<Message>(st.cfg.buffer.max(1));
+    let (close_tx, mut close_rx) = oneshot::channel::<String>();
+
+    // The writer: drains the buffer; on a close request, sends the close frame (if the socket
+    // takes it within a second) and ends.
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                reason = &mut close_rx => {
+                    if let Ok(reason) = reason {
+                        let frame = CloseFrame { code: CLOSE_POLICY, reason: reason.into() };
+                        let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+                    }
+                    break;
+                }
+                m = out_rx.recv() => {
+                    let Some(m) = m else { break };
+                    tokio::select! {
+                        biased;
+                        reason = &mut close_rx => {
+                            if let Ok(reason) = reason {
+                                let frame = CloseFrame { code: CLOSE_POLICY, reason: reason.into() };
+                                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+                            }
+                            break;
+                        }
+                        r = sink.send(m) => if r.is_err() { break },
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let mut metrics: watch::Receiver<Option<MetricsSample>> = st.sampler.receiver();
+    let topics = st.cfg.default_topics.iter().copied().collect();
+    let mut conn = Conn { st, topics, tasks: HashSet::new(), out };
+    let welcome = json!({"type": "welcome", "protocol": PROTOCOL, "version": env!("CARGO_PKG_VERSION"),
+        "topics": conn.topics.iter().map(|t| format!("{t:?}").to_lowercase()).collect::<Vec<_>>()});
+    let mut result = conn.send(welcome);
+
+    while result.is_ok() {
+        result = tokio::select! {
+            m = stream.next() => match m {
+                Some(Ok(Message::Text(t))) => conn.handle(t.as_str()).await,
+                Some(Ok(Message::Binary(b))) => match std::str::from_utf8(&b) {
+                    Ok(t) => conn.handle(t).await,
+                    Err(_) => conn.error(None, ApiError::invalid("message", "binary messages must be UTF-8 JSON")),
+                },
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Err(Drop(String::new())),
+            },
+            e = bus.recv() => match e {
+                Ok(e) => {
+                    let mut r = Ok(());
+                    if conn.wants(&e) {
+                        r = conn.send(event_message(&e));
+                        if e.kind.is_terminal() && !conn.topics.contains(&Topic::All) {
+                            if let Some(id) = e.kind.task_id() { conn.tasks.remove(&id); }
+                        }
+                    }
+                    r
+                }
+                Err(RecvError::Lagged(n)) => Err(Drop(format!(
+                    "too slow: fell {n} events behind the event bus; reconnect and resubscribe"
+                ))),
+                Err(RecvError::Closed) => Err(Drop("server shutting down".into())),
+            },
+            _ = metrics.changed() => {
+                let sample = metrics.borrow_and_update().clone();
+                match sample {
+                    Some(m) if conn.topics.contains(&Topic::Metrics) => conn.send(metrics_message(&m)),
+                    _ => Ok(()),
+                }
+            }
+        };
+    }
+    if let Err(Drop(reason)) = result {
+        if !reason.is_empty() {
+            tracing::info!(%reason, "closing WebSocket client");
+            let _ = close_tx.send(reason);
+        }
+    }
+    drop(conn);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
