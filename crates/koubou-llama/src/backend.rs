@@ -1,0 +1,336 @@
+//! [`EmbeddedBackend`]: the [`Backend`] trait over the engine thread.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use koubou_backend::{
+    Backend, BackendError, CancellationToken, EmbeddedConfig, GenerateRequest, Generation, Health, TokenSink, Usage,
+};
+use tokio::sync::OnceCell;
+
+use crate::{
+    engine::{Engine, EngineConfig, EngineError, Event, JobSpec, ModelInfo, Prompt},
+    models::{ModelError, ModelStore},
+};
+
+/// Temperature when a task sets none (llama.cpp's default).
+pub const DEFAULT_TEMPERATURE: f32 = 0.8;
+/// top-p when a task sets none (llama.cpp's default).
+pub const DEFAULT_TOP_P: f32 = 0.95;
+/// Most tokens in one decode call.
+pub const DEFAULT_BATCH: u32 = 512;
+
+/// Threads used when the configuration sets none. See the crate docs ("Threads"): one thread
+/// degrades gently when another process wants a core; more threads only pay off on an otherwise
+/// idle machine with cores to spare.
+pub fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    default_threads_for(cores)
+}
+
+/// The default for a machine with `cores` logical CPUs: all but one core for machines with more
+/// than 2 (leaving one for the rest of the process and the OS), capped at 8, and 1 on 1–2 cores.
+pub fn default_threads_for(cores: usize) -> usize {
+    if cores <= 2 { 1 } else { (cores - 1).min(8) }
+}
+
+/// A GGUF model run in-process by llama.cpp, shared by up to `parallel` concurrent generations.
+pub struct EmbeddedBackend {
+    name: String,
+    cfg: EmbeddedConfig,
+    store: ModelStore,
+    threads: usize,
+    /// The resolved file; `None` while the default model is still to be pulled.
+    path: Option<PathBuf>,
+    engine: OnceCell<Arc<Engine>>,
+}
+
+impl std::fmt::Debug for EmbeddedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBackend")
+            .field("name", &self.name)
+            .field("model", &self.cfg.model)
+            .field("path", &self.path)
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+impl EmbeddedBackend {
+    /// Checks the configuration and finds the model file. The model is loaded on first use (or
+    /// by [`EmbeddedBackend::load`]); the default model, when missing, is pulled on first use.
+    pub fn new(name: &str, cfg: &EmbeddedConfig, models: &ModelStore) -> Result<Self, BackendError> {
+        let config_err = |detail: String| BackendError::Config { backend: name.to_string(), detail };
+        if cfg.parallel == 0 || cfg.parallel > 256 {
+            return Err(config_err(format!("parallel must be between 1 and 256, not {}", cfg.parallel)));
+        }
+        if cfg.context < 64 {
+            return Err(config_err(format!("context must be at least 64 tokens, not {}", cfg.context)));
+        }
+        if cfg.max_tokens == 0 {
+            return Err(config_err("max_tokens must be at least 1".into()));
+        }
+        if cfg.threads == Some(0) {
+            return Err(config_err("threads must be at least 1".into()));
+        }
+        if (cfg.parallel as u64) * u64::from(cfg.context) > 1 << 24 {
+            return Err(config_err(format!(
+                "parallel * context = {} tokens is too large",
+                cfg.parallel as u64 * u64::from(cfg.context)
+            )));
+        }
+        let path = match models.resolve(&cfg.model) {
+            Ok(p) => {
+                crate::models::check_gguf_magic(&p).map_err(|e| config_err(e.to_string()))?;
+                Some(p)
+            }
+            Err(ModelError::Missing { .. }) if ModelStore::is_default_name(&cfg.model) => None,
+            Err(e @ ModelError::Missing { .. }) => {
+                return Err(BackendError::ModelMissing {
+                    backend: name.into(),
+                    model: cfg.model.clone(),
+                    hint: e.to_string(),
+                });
+            }
+            Err(e) => return Err(config_err(format!("model {:?}: {e}", cfg.model))),
+        };
+        Ok(EmbeddedBackend {
+            name: name.into(),
+            cfg: cfg.clone(),
+            store: models.clone(),
+            threads: cfg.threads.unwrap_or_else(default_threads),
+            path,
+            engine: OnceCell::new(),
+        })
+    }
+
+    /// Threads the engine uses.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The loaded model, once loaded.
+    pub fn model_info(&self) -> Option<&ModelInfo> {
+        self.engine.get().map(|e| e.info())
+    }
+
+    /// Loads the model now (pulling the default model first if it is missing).
+    pub async fn load(&self) -> Result<&ModelInfo, BackendError> {
+        Ok(self.engine().await?.info())
+    }
+
+    async fn engine(&self) -> Result<&Arc<Engine>, BackendError> {
+        self.engine
+            .get_or_try_init(|| async {
+                let name = self.name.clone();
+                let store = self.store.clone();
+                let path = self.path.clone();
+                let cfg = self.cfg.clone();
+                let threads = self.threads;
+                let join = tokio::task::spawn_blocking(move || -> Result<Engine, BackendError> {
+                    let path = match path {
+                        Some(p) => p,
+                        None => store
+                            .ensure_default(&mut |p| tracing::info!(?p, "pulling the default model"))
+                            .map_err(|e| BackendError::ModelMissing {
+                                backend: name.clone(),
+                                model: cfg.model.clone(),
+                                hint: format!("pulling it failed ({e}); run `koubou models pull`"),
+                            })?,
+                    };
+                    Engine::start(EngineConfig {
+                        model_path: path,
+                        threads,
+                        parallel: cfg.parallel,
+                        context: cfg.context,
+                        batch: DEFAULT_BATCH,
+                    })
+                    .map_err(|e| BackendError::Config { backend: name.clone(), detail: e.to_string() })
+                });
+                match join.await {
+                    Ok(r) => r.map(Arc::new),
+                    Err(e) => Err(BackendError::Failed { backend: self.name.clone(), detail: format!("loader: {e}") }),
+                }
+            })
+            .await
+    }
+
+    fn serves(&self, model: &str) -> bool {
+        if model.is_empty() || model == self.cfg.model {
+            return true;
+        }
+        if ModelStore::is_default_name(model) && ModelStore::is_default_name(&self.cfg.model) {
+            return true;
+        }
+        self.path
+            .as_ref()
+            .is_some_and(|p| p.to_str() == Some(model) || p.file_name().and_then(|f| f.to_str()) == Some(model))
+    }
+
+    fn map_err(&self, e: EngineError) -> BackendError {
+        let backend = self.name.clone();
+        match e {
+            EngineError::Cancelled => BackendError::Cancelled,
+            EngineError::PromptTooLong { .. } | EngineError::EmptyPrompt | EngineError::Invalid(_) => {
+                BackendError::Rejected { backend, status: 400, detail: e.to_string() }
+            }
+            EngineError::Load(_) => BackendError::Config { backend, detail: e.to_string() },
+            EngineError::Decode(_) | EngineError::Stopped => BackendError::Failed { backend, detail: e.to_string() },
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for EmbeddedBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn default_model(&self) -> &str {
+        &self.cfg.model
+    }
+
+    fn capacity(&self) -> usize {
+        self.cfg.parallel
+    }
+
+    async fn health(&self) -> Health {
+        let models = vec![self.cfg.model.clone()];
+        if let Some(info) = self.model_info() {
+            return Health::up(
+                format!(
+                    "embedded llama.cpp: {} loaded ({} M params, {} MiB; {} threads, {} sequences x {} tokens)",
+                    info.file_name,
+                    info.n_params / 1_000_000,
+                    info.size_bytes >> 20,
+                    info.threads,
+                    info.parallel,
+                    info.context
+                ),
+                models,
+            );
+        }
+        match &self.path {
+            Some(p) if p.is_file() => Health::up(
+                format!(
+                    "embedded llama.cpp: {} present, loads on first use ({} threads)",
+                    p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+                    self.threads
+                ),
+                models,
+            ),
+            Some(p) => Health::down(format!("model file {} has disappeared", p.display())),
+            None => Health::down(format!(
+                "model {:?} is not downloaded yet ({}); run `koubou models pull` (the first task pulls it too)",
+                self.cfg.model,
+                self.store.dir().display()
+            )),
+        }
+    }
+
+    async fn generate(
+        &self,
+        req: GenerateRequest,
+        sink: &dyn TokenSink,
+        cancel: CancellationToken,
+    ) -> Result<Generation, BackendError> {
+        if !self.serves(&req.model) {
+            return Err(BackendError::ModelMissing {
+                backend: self.name.clone(),
+                model: req.model.clone(),
+                hint: format!("this embedded backend serves only {:?}", self.cfg.model),
+            });
+        }
+        if cancel.is_cancelled() {
+            return Err(BackendError::Cancelled);
+        }
+        let engine = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(BackendError::Cancelled),
+            e = self.engine() => e?,
+        };
+        let o = &req.options;
+        let spec = JobSpec {
+            prompt: Prompt::Chat { system: req.system.clone(), user: req.prompt.clone() },
+            max_tokens: o.max_tokens.unwrap_or(self.cfg.max_tokens),
+            temperature: o.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+            top_p: o.top_p.unwrap_or(DEFAULT_TOP_P),
+            seed: o.seed,
+            stop: o.stop.clone(),
+            ignore_eos: false,
+        };
+        let mut rx = engine.submit(spec, cancel.clone()).map_err(|e| self.map_err(e))?;
+        let budget = if req.timeout.is_zero() { Duration::from_secs(86_400 * 365) } else { req.timeout };
+        let deadline = tokio::time::sleep(budget);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(BackendError::Cancelled),
+                _ = &mut deadline => {
+                    return Err(BackendError::Timeout { backend: self.name.clone(), timeout: req.timeout });
+                }
+                ev = rx.recv() => match ev {
+                    Some(Event::Token(t)) => {
+                        if !t.is_empty() {
+                            sink.token(&t);
+                        }
+                    }
+                    Some(Event::Done(f)) => {
+                        return Ok(Generation {
+                            text: f.text,
+                            usage: Usage {
+                                prompt_tokens: u64::from(f.prompt_tokens),
+                                completion_tokens: u64::from(f.completion_tokens),
+                            },
+                            model: self.cfg.model.clone(),
+                            finish_reason: f.finish_reason.as_str().to_string(),
+                        });
+                    }
+                    Some(Event::Failed(e)) => return Err(self.map_err(e)),
+                    None => return Err(self.map_err(EngineError::Stopped)),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_default() {
+        assert_eq!(default_threads_for(1), 1);
+        assert_eq!(default_threads_for(2), 1);
+        assert_eq!(default_threads_for(4), 3);
+        assert_eq!(default_threads_for(64), 8);
+    }
+
+    #[test]
+    fn config_errors_are_typed() {
+        let t = tempfile::tempdir().unwrap();
+        let store = ModelStore::new(t.path());
+        let bad = EmbeddedConfig { parallel: 0, ..EmbeddedConfig::default() };
+        assert!(matches!(EmbeddedBackend::new("e", &bad, &store), Err(BackendError::Config { .. })));
+        let missing = EmbeddedConfig { model: "not-there".into(), ..EmbeddedConfig::default() };
+        let err = EmbeddedBackend::new("e", &missing, &store).unwrap_err();
+        assert!(matches!(err, BackendError::ModelMissing { .. }));
+        assert!(err.to_string().contains("koubou models pull"), "{err}");
+        // The default model may be missing: it is pulled on first use, and health says so.
+        let b = EmbeddedBackend::new("e", &EmbeddedConfig::default(), &store).unwrap();
+        assert_eq!(b.capacity(), 4);
+        let h = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(b.health());
+        assert!(!h.up);
+        assert!(h.detail.contains("koubou models pull"), "{}", h.detail);
+        // A path that is not GGUF.
+        let junk = t.path().join("junk.gguf");
+        std::fs::write(&junk, b"nope").unwrap();
+        let cfg = EmbeddedConfig { model: junk.display().to_string(), ..EmbeddedConfig::default() };
+        assert!(matches!(EmbeddedBackend::new("e", &cfg, &store), Err(BackendError::Config { .. })));
+    }
+}
