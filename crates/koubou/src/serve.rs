@@ -101,12 +101,14 @@ pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
     let faces: Vec<(u16, &str, Router)> = vec![
         (cfg.server.port, "the REST API", main_router(&k)),
     ];
-    for (port, what, router) in faces {
-        if port == 0 {
+    let mut main_addr = None;
+    for (i, (port, what, router)) in faces.into_iter().enumerate() {
+        if port == 0 && i > 0 {
             continue;
         }
         let listener = bind(&host, port, what).await?;
         let addr: SocketAddr = listener.local_addr()?;
+        main_addr.get_or_insert(addr);
         tracing::info!(%addr, "{what} listening");
         let app = guarded(router, &guard).into_make_service_with_connect_info::<SocketAddr>();
         let stop = stop.clone();
@@ -114,7 +116,10 @@ pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
             axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await
         }));
     }
-    eprintln!("koubou is serving on {} (dashboard: {}/dashboard)", cfg.server.client_url(), cfg.server.client_url());
+    if let Some(addr) = main_addr {
+        // Tests and scripts read this line to learn the port when it was 0.
+        eprintln!("koubou is serving on http://{addr} (dashboard: http://{addr}/dashboard)");
+    }
     shutdown_signal().await;
     tracing::info!("shutting down: no new claims; running tasks get the grace period");
     stop.cancel();

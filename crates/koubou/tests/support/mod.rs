@@ -1,0 +1,180 @@
+//! Test support: start the real `koubou` binary, and a fake OpenAI-compatible LLM on loopback.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{Json, Router, extract::State, response::IntoResponse, routing::post};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_koubou"))
+}
+
+/// A running `koubou serve` child; killed on drop.
+pub struct Serve {
+    pub child: Child,
+    pub url: String,
+    pub stderr_log: PathBuf,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Serve {
+    /// Starts `koubou serve --home HOME --port 0 …` and waits for its "serving on" line.
+    pub fn start(home: &Path, extra: &[&str]) -> Serve {
+        let log = home.join(format!("serve-stderr-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let mut child = Command::new(bin())
+            .args(["serve", "--port", "0", "--ws-port", "0", "--graphql-port", "0", "--home"])
+            .arg(home)
+            .args(extra)
+            .env("LOG_LEVEL", "info")
+            .env_remove("KOUBOU_HOME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start koubou serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::create(&log2).unwrap();
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                use std::io::Write;
+                let _ = writeln!(f, "{line}");
+                if !sent {
+                    if let Some(rest) = line.split("koubou is serving on ").nth(1) {
+                        let url = rest.split_whitespace().next().unwrap().to_owned();
+                        let _ = tx.send(url);
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            panic!("koubou serve did not start; stderr:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+        });
+        Serve { child, url, stderr_log: log }
+    }
+
+    pub fn kill9(mut self) {
+        unsafe_kill(self.child.id());
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+}
+
+fn unsafe_kill(pid: u32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// Runs the CLI with `args`, returning (exit code, stdout, stderr).
+pub fn cli(home: &Path, url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(["--home"])
+        .arg(home)
+        .args(["--url", url])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run koubou");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// A fake OpenAI-compatible server: streams "echo: <prompt>" in words, after `delay`; counts
+/// calls per prompt. A prompt containing "slow" takes 30 s; one containing "fail" gets a 500.
+#[derive(Clone, Default)]
+pub struct FakeLlm {
+    pub calls: Arc<Mutex<HashMap<String, usize>>>,
+    pub delay: Duration,
+}
+
+async fn chat(State(f): State<FakeLlm>, Json(body): Json<serde_json::Value>) -> axum::response::Response {
+    let prompt = body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("").to_owned();
+    *f.calls.lock().unwrap().entry(prompt.clone()).or_default() += 1;
+    if prompt.contains("fail") {
+        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response();
+    }
+    let delay = if prompt.contains("slow") { Duration::from_secs(30) } else { f.delay };
+    let words: Vec<String> = format!("echo: {prompt}").split_inclusive(' ').map(str::to_owned).collect();
+    let stream = async_stream(words, delay);
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from_stream(stream))
+        .unwrap()
+}
+
+fn async_stream(words: Vec<String>, delay: Duration) -> impl futures::Stream<Item = Result<String, std::io::Error>> {
+    let per_word = delay / (words.len() as u32 + 1);
+    let chunks = words.into_iter().map(|w| {
+        let d = serde_json::json!({"choices":[{"index":0,"delta":{"content":w}}]});
+        format!("data: {d}\n\n")
+    });
+    let tail = [
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n".to_owned(),
+        "data: [DONE]\n\n".to_owned(),
+    ];
+    futures::stream::iter(chunks.chain(tail)).then(move |c| async move {
+        tokio::time::sleep(per_word).await;
+        Ok(c)
+    })
+}
+
+use futures::StreamExt;
+
+impl FakeLlm {
+    pub async fn start(delay: Duration) -> (FakeLlm, SocketAddr) {
+        let f = FakeLlm { calls: Default::default(), delay };
+        let app = Router::new().route("/v1/chat/completions", post(chat)).route("/v1/models", axum::routing::get(|| async { Json(serde_json::json!({"object":"list","data":[{"id":"fake","object":"model"}]})) })).with_state(f.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        (f, addr)
+    }
+
+    pub fn calls(&self, prompt: &str) -> usize {
+        self.calls.lock().unwrap().get(prompt).copied().unwrap_or(0)
+    }
+}
+
+/// A home whose koubou.toml routes `general` and `code` to the fake server.
+pub fn home_with_fake(dir: &Path, fake: SocketAddr, extra: &str) {
+    let cfg = format!(
+        r#"
+[pool]
+min_workers = 2
+max_workers = 4
+lease_secs = 6
+cooldown_ms = 200
+[queue.retry]
+base_ms = 100
+max_ms = 200
+[backends.fake]
+kind = "openai"
+base_url = "http://{fake}/v1"
+model = "fake"
+api_key_env = ""
+concurrency = 4
+[types.general]
+backend = "fake"
+[types.code]
+backend = "fake"
+{extra}
+"#
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("koubou.toml"), cfg).unwrap();
+}
