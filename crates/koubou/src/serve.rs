@@ -57,9 +57,24 @@ fn lock_home(ctx: &Ctx) -> anyhow::Result<std::fs::File> {
     }
 }
 
-/// The routes of port 8765: REST, plus the other faces mounted beside it.
+/// The routes of port 8765: REST, MCP at `/mcp`, WebSocket at `/ws`, the dashboard.
 pub fn main_router(k: &Koubou) -> Router {
-    koubou_http::router(k.clone()).fallback(koubou_http::rest::not_found)
+    let cfg = k.config();
+    let api: Arc<dyn koubou_system::Api> = Arc::new(k.clone());
+    let mcp_opts = if koubou_system::config::is_loopback(&cfg.server.host) {
+        koubou_mcp::HttpOptions::default()
+    } else {
+        // Bound beyond loopback (only allowed with an auth token): any Host may reach /mcp.
+        koubou_mcp::HttpOptions::any_host()
+    };
+    let ws = Router::new()
+        .route("/ws", axum::routing::get(koubou_live::ws_handler))
+        .with_state(koubou_live::WsState::new(k.clone(), koubou_live::WsConfig::default()));
+    koubou_http::router(k.clone())
+        .merge(koubou_mcp::http_service_with(api, cfg.mcp.clone(), mcp_opts))
+        .merge(ws)
+        .merge(koubou_live::dashboard_router(k.clone()))
+        .fallback(koubou_http::rest::not_found)
 }
 
 fn guarded(r: Router, guard: &Arc<Guard>) -> Router {
@@ -99,7 +114,9 @@ pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
     let mut servers = Vec::new();
     let host = cfg.server.host.clone();
     let faces: Vec<(u16, &str, Router)> = vec![
-        (cfg.server.port, "the REST API", main_router(&k)),
+        (cfg.server.port, "REST, MCP (/mcp), WebSocket (/ws) and the dashboard", main_router(&k)),
+        (cfg.server.ws_port, "the WebSocket", koubou_live::ws_router(k.clone())),
+        (cfg.server.graphql_port, "GraphQL", koubou_live::graphql_router(k.clone())),
     ];
     let mut main_addr = None;
     for (i, (port, what, router)) in faces.into_iter().enumerate() {
@@ -130,7 +147,18 @@ pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn mcp(_ctx: &Ctx, _embedded: bool) -> anyhow::Result<()> {
+/// MCP over stdio: against a running server, or (`--embedded`) an in-process system.
+pub async fn mcp(ctx: &Ctx, embedded: bool) -> anyhow::Result<()> {
     logging::init_quiet();
-    bail!("MCP is not wired yet")
+    let cfg = ctx.config()?;
+    if embedded {
+        crate::models::prepare(&cfg).await?;
+        let opts = StartOptions { node: format!("mcp-{}", std::process::id()), workers: true };
+        let k = Koubou::start(cfg.clone(), &ctx.home, opts).await?;
+        let r = koubou_mcp::serve_stdio(Arc::new(k.clone()), cfg.mcp.clone()).await;
+        k.shutdown(Some(Duration::from_secs(5))).await;
+        r
+    } else {
+        koubou_mcp::serve_stdio(Arc::new(ctx.client()?), cfg.mcp.clone()).await
+    }
 }
