@@ -8,7 +8,10 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use koubou_system::{
     Api, ApiError,
-    api::{EventStream, HealthView, ListQuery, SubmitRequest, SubmitResponse, SystemStatus, TaskList, TaskView, WorkersView},
+    api::{
+        EventStream, HealthView, ListQuery, SubmitRequest, SubmitResponse, SystemStatus, TaskList, TaskView,
+        WorkersView,
+    },
 };
 use koubou_task::{Event, TaskId};
 use serde::de::DeserializeOwned;

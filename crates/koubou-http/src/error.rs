@@ -17,13 +17,19 @@ impl From<ApiError> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let status = axum::http::StatusCode::from_u16(self.0.http_status()).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        let status = axum::http::StatusCode::from_u16(self.0.http_status())
+            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(self.0.body())).into_response()
     }
 }
 
 /// A JSON error with any status and code (for 401, 403, 405, 413, 415…).
-pub fn json_error(status: axum::http::StatusCode, code: &str, message: impl Into<String>, field: Option<&str>) -> Response {
+pub fn json_error(
+    status: axum::http::StatusCode,
+    code: &str,
+    message: impl Into<String>,
+    field: Option<&str>,
+) -> Response {
     let mut e = serde_json::json!({ "code": code, "message": message.into() });
     if let Some(f) = field {
         e["field"] = f.into();

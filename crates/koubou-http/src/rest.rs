@@ -54,15 +54,15 @@ fn task_id(s: &str) -> Result<TaskId, HttpError> {
 }
 
 async fn delegate(State(k): State<Arc<Koubou>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-        if !ct.to_ascii_lowercase().contains("json") {
-            return json_error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                format!("send the task as JSON (Content-Type: application/json), not {ct}"),
-                Some("Content-Type"),
-            );
-        }
+    if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+        && !ct.to_ascii_lowercase().contains("json")
+    {
+        return json_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("send the task as JSON (Content-Type: application/json), not {ct}"),
+            Some("Content-Type"),
+        );
     }
     let value: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -107,7 +107,11 @@ struct LimitOnly {
 }
 
 /// The prototype's `/tasks/pending|active|completed?limit=`: a bare list, as its clients expect.
-async fn legacy(State(k): State<Arc<Koubou>>, q: Result<Query<LimitOnly>, QueryRejection>, status: &str) -> Res<Response> {
+async fn legacy(
+    State(k): State<Arc<Koubou>>,
+    q: Result<Query<LimitOnly>, QueryRejection>,
+    status: &str,
+) -> Res<Response> {
     let limit = query(q)?.limit.unwrap_or(50);
     let page = k.tasks(ListQuery { status: Some(status.into()), limit: Some(limit), ..Default::default() }).await?;
     Ok(Json(serde_json::json!({ "tasks": page.tasks, "count": page.total })).into_response())

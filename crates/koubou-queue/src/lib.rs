@@ -180,8 +180,12 @@ pub trait TaskQueue: Send + Sync + 'static {
 
     /// Takes the most urgent claimable task (highest priority, then oldest), if any, for
     /// `lease` — optionally only of the given kinds.
-    async fn claim(&self, worker: &WorkerId, kinds: Option<&[TaskKind]>, lease: Duration)
-    -> Result<Option<Claimed>, QueueError>;
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        kinds: Option<&[TaskKind]>,
+        lease: Duration,
+    ) -> Result<Option<Claimed>, QueueError>;
     /// Renews the lease (and records progress).
     async fn heartbeat(&self, lease: &Lease, ttl: Duration, progress: Progress<'_>) -> Result<LeaseStatus, QueueError>;
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<Task, QueueError>;

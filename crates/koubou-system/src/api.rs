@@ -106,14 +106,28 @@ impl SubmitRequest {
     pub fn from_json(v: &Value) -> Result<SubmitRequest, FieldError> {
         let obj = v.as_object().ok_or_else(|| FieldError::new("body", "must be a JSON object"))?;
         const KNOWN: &[&str] = &[
-            "type", "prompt", "content", "priority", "system", "model", "backend", "max_attempts", "timeout_secs",
-            "idempotency_key", "options", "metadata", "sync", "wait_secs",
+            "type",
+            "prompt",
+            "content",
+            "priority",
+            "system",
+            "model",
+            "backend",
+            "max_attempts",
+            "timeout_secs",
+            "idempotency_key",
+            "options",
+            "metadata",
+            "sync",
+            "wait_secs",
         ];
         if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(FieldError::new(k.as_str(), format!("unknown field; known fields: {}", KNOWN.join(", "))));
         }
         let prompt = match (obj.get("prompt"), obj.get("content")) {
-            (Some(p), _) | (None, Some(p)) => str_field(p, if obj.contains_key("prompt") { "prompt" } else { "content" })?,
+            (Some(p), _) | (None, Some(p)) => {
+                str_field(p, if obj.contains_key("prompt") { "prompt" } else { "content" })?
+            }
             (None, None) => return Err(FieldError::new("prompt", "is required (the text of the task)")),
         };
         let kind = match obj.get("type") {
@@ -122,9 +136,10 @@ impl SubmitRequest {
         };
         let mut task = NewTask::new(kind, prompt);
         if let Some(v) = present(obj, "priority") {
-            let n = v.as_i64().filter(|_| v.is_i64() || v.is_u64()).ok_or_else(|| {
-                FieldError::new("priority", format!("must be an integer from 1 to 10, got {v}"))
-            })?;
+            let n = v
+                .as_i64()
+                .filter(|_| v.is_i64() || v.is_u64())
+                .ok_or_else(|| FieldError::new("priority", format!("must be an integer from 1 to 10, got {v}")))?;
             task.priority = Priority::new(n).map_err(|m| FieldError::new("priority", m))?;
         }
         task.system = opt_str(obj, "system")?;
@@ -138,7 +153,8 @@ impl SubmitRequest {
                 .map_err(|e| FieldError::new("options", format!("{e}")))?;
         }
         if let Some(v) = present(obj, "metadata") {
-            task.metadata = v.as_object().cloned().ok_or_else(|| FieldError::new("metadata", "must be a JSON object"))?;
+            task.metadata =
+                v.as_object().cloned().ok_or_else(|| FieldError::new("metadata", "must be a JSON object"))?;
         }
         let sync = match present(obj, "sync") {
             None => false,
@@ -411,7 +427,8 @@ mod tests {
 
     #[test]
     fn seed_bodies_parse() {
-        let r = parse(r#"{"type": "code", "prompt": "Create a Python function for fibonacci", "priority": 8}"#).unwrap();
+        let r =
+            parse(r#"{"type": "code", "prompt": "Create a Python function for fibonacci", "priority": 8}"#).unwrap();
         assert_eq!((r.task.kind.as_str(), r.task.priority.get()), ("code", 8));
         let r = parse(r#"{"type": "general", "content": "Explain Python decorators"}"#).unwrap();
         assert_eq!(r.task.prompt, "Explain Python decorators");

@@ -46,17 +46,28 @@ pub async fn render(k: &Koubou) -> Result<String, ApiError> {
         let ws = pool.workers();
         let busy = ws.iter().filter(|w| w.state == "busy").count();
         let _ = writeln!(o, "# HELP koubou_workers Workers by state.\n# TYPE koubou_workers gauge");
-        let _ = writeln!(o, "koubou_workers{{state=\"busy\"}} {busy}\nkoubou_workers{{state=\"idle\"}} {}", ws.len() - busy);
-        let _ = writeln!(o, "# HELP koubou_workers_max Most workers the pool will run.\n# TYPE koubou_workers_max gauge");
+        let _ = writeln!(
+            o,
+            "koubou_workers{{state=\"busy\"}} {busy}\nkoubou_workers{{state=\"idle\"}} {}",
+            ws.len() - busy
+        );
+        let _ =
+            writeln!(o, "# HELP koubou_workers_max Most workers the pool will run.\n# TYPE koubou_workers_max gauge");
         let _ = writeln!(o, "koubou_workers_max {}", pool.ceiling());
     }
-    let _ = writeln!(o, "# HELP koubou_backend_up Whether a backend answered its last health check.\n# TYPE koubou_backend_up gauge");
+    let _ = writeln!(
+        o,
+        "# HELP koubou_backend_up Whether a backend answered its last health check.\n# TYPE koubou_backend_up gauge"
+    );
     let mut health: Vec<_> = k.backend_health().into_iter().collect();
     health.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, h) in health {
         let _ = writeln!(o, "koubou_backend_up{{backend=\"{name}\"}} {}", u8::from(h.up));
     }
-    let _ = writeln!(o, "# HELP koubou_resident_memory_bytes Resident memory of the koubou process.\n# TYPE koubou_resident_memory_bytes gauge");
+    let _ = writeln!(
+        o,
+        "# HELP koubou_resident_memory_bytes Resident memory of the koubou process.\n# TYPE koubou_resident_memory_bytes gauge"
+    );
     let _ = writeln!(o, "koubou_resident_memory_bytes {}", koubou_worker::memory::rss_bytes().unwrap_or(0));
     let _ = writeln!(o, "# HELP koubou_uptime_seconds Seconds since start.\n# TYPE koubou_uptime_seconds gauge");
     let _ = writeln!(o, "koubou_uptime_seconds {}", k.uptime().as_secs());

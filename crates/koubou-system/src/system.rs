@@ -9,7 +9,7 @@ use std::{
 use async_trait::async_trait;
 use futures::StreamExt;
 use koubou_backend::{Backend, BackendConfig, Health, Router, TypeRoute};
-use koubou_queue::{QueueError, SqliteQueue, TaskQueue, TaskQuery};
+use koubou_queue::{QueueError, SqliteQueue, TaskQuery, TaskQueue};
 use koubou_task::{Event, EventBus, EventKind, TaskId, TaskKind, TaskStatus, now_millis};
 use koubou_worker::{Pool, memory};
 use parking_lot::Mutex;
@@ -134,14 +134,15 @@ impl Koubou {
         }
         let first = cfg.backends.keys().next().cloned().unwrap_or_default();
         for kind in [TaskKind::GENERAL, TaskKind::CODE] {
-            cfg.types.entry(kind.to_owned()).or_insert_with(|| TypeRoute { backend: first.clone(), ..TypeRoute::default() });
+            cfg.types
+                .entry(kind.to_owned())
+                .or_insert_with(|| TypeRoute { backend: first.clone(), ..TypeRoute::default() });
         }
         let backends = cfg.backends.iter().map(|(n, c)| build_backend(n, c)).collect::<Result<Vec<_>, _>>()?;
         let router = Arc::new(Router::new(backends, cfg.types.clone())?);
         let queue: Arc<dyn TaskQueue> = Arc::new(queue);
-        let pool = opts
-            .workers
-            .then(|| Pool::start(cfg.pool.clone(), &opts.node, queue.clone(), router.clone(), bus.clone()));
+        let pool =
+            opts.workers.then(|| Pool::start(cfg.pool.clone(), &opts.node, queue.clone(), router.clone(), bus.clone()));
         let k = Koubou {
             inner: Arc::new(Inner {
                 cfg,
@@ -260,7 +261,12 @@ fn final_event(t: &koubou_task::Task) -> Event {
             EventKind::TaskCompleted { task_id: t.id, usage: t.usage, latency_ms: t.latency_ms().unwrap_or_default() }
         }
         TaskStatus::Cancelled => EventKind::TaskCancelled { task_id: t.id },
-        _ => EventKind::TaskFailed { task_id: t.id, error: t.error.clone().unwrap_or_default(), retry_at: None, status: t.status },
+        _ => EventKind::TaskFailed {
+            task_id: t.id,
+            error: t.error.clone().unwrap_or_default(),
+            retry_at: None,
+            status: t.status,
+        },
     };
     Event { at: t.finished_at.unwrap_or_else(now_millis), kind }
 }
@@ -289,16 +295,15 @@ impl Api for Koubou {
     }
 
     async fn task(&self, id: TaskId) -> Result<TaskView, ApiError> {
-        let t = self.inner.queue.get(id).await.map_err(queue_error)?.ok_or_else(|| ApiError::NotFound(id.to_string()))?;
+        let t =
+            self.inner.queue.get(id).await.map_err(queue_error)?.ok_or_else(|| ApiError::NotFound(id.to_string()))?;
         let queued = t.status.is_queued();
         let mut v = self.view(t);
-        if queued {
-            if let Some(p) = self.inner.queue.position(id).await.map_err(queue_error)? {
-                v.queue_position = Some(p.ahead);
-                let workers = self.inner.pool.as_ref().map_or(1, |p| p.ceiling()).max(1) as f64;
-                v.estimated_start_secs =
-                    self.inner.live.mean_run_secs().map(|m| ((p.ahead as f64 / workers).ceil() * m * 10.0).round() / 10.0);
-            }
+        if queued && let Some(p) = self.inner.queue.position(id).await.map_err(queue_error)? {
+            v.queue_position = Some(p.ahead);
+            let workers = self.inner.pool.as_ref().map_or(1, |p| p.ceiling()).max(1) as f64;
+            v.estimated_start_secs =
+                self.inner.live.mean_run_secs().map(|m| ((p.ahead as f64 / workers).ceil() * m * 10.0).round() / 10.0);
         }
         Ok(v)
     }
@@ -340,7 +345,14 @@ impl Api for Koubou {
 
     async fn workers(&self) -> Result<WorkersView, ApiError> {
         let Some(pool) = &self.inner.pool else {
-            return Ok(WorkersView { active: 0, busy: 0, min_workers: 0, max_workers: 0, backend_capacity: 0, workers: vec![] });
+            return Ok(WorkersView {
+                active: 0,
+                busy: 0,
+                min_workers: 0,
+                max_workers: 0,
+                backend_capacity: 0,
+                workers: vec![],
+            });
         };
         let workers: Vec<WorkerView> = pool
             .workers()
@@ -380,7 +392,12 @@ impl Api for Koubou {
                     default_model: b.default_model().to_owned(),
                     capacity: b.capacity(),
                     models: h.models,
-                    serves: router.types().iter().filter(|(_, r)| r.backend == b.name()).map(|(k, _)| k.clone()).collect(),
+                    serves: router
+                        .types()
+                        .iter()
+                        .filter(|(_, r)| r.backend == b.name())
+                        .map(|(k, _)| k.clone())
+                        .collect(),
                 }
             })
             .collect();
@@ -388,7 +405,8 @@ impl Api for Koubou {
             .types()
             .iter()
             .map(|(k, r)| {
-                let model = r.model.clone().or_else(|| router.backend(&r.backend).ok().map(|b| b.default_model().to_owned()));
+                let model =
+                    r.model.clone().or_else(|| router.backend(&r.backend).ok().map(|b| b.default_model().to_owned()));
                 let fb = r.fallback.as_ref().map(|f| format!(" (fallback {f})")).unwrap_or_default();
                 (k.clone(), format!("{}/{}{fb}", r.backend, model.unwrap_or_default()))
             })
@@ -435,7 +453,8 @@ impl Api for Koubou {
         // Register before reading: events are published only after they commit, so whatever
         // the read misses reaches the watcher, and whatever ended before it shows in the read.
         let rx = self.inner.live.watch_task(id);
-        let t = self.inner.queue.get(id).await.map_err(queue_error)?.ok_or_else(|| ApiError::NotFound(id.to_string()))?;
+        let t =
+            self.inner.queue.get(id).await.map_err(queue_error)?.ok_or_else(|| ApiError::NotFound(id.to_string()))?;
         if t.status.is_terminal() {
             return Ok(Box::pin(futures::stream::iter([Ok(final_event(&t))])));
         }

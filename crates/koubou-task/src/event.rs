@@ -25,21 +25,63 @@ pub struct Event {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
-    TaskCreated { task_id: TaskId, kind: TaskKind, priority: Priority },
-    TaskClaimed { task_id: TaskId, worker_id: WorkerId, attempt: u32 },
+    TaskCreated {
+        task_id: TaskId,
+        kind: TaskKind,
+        priority: Priority,
+    },
+    TaskClaimed {
+        task_id: TaskId,
+        worker_id: WorkerId,
+        attempt: u32,
+    },
     /// The router chose where the task runs.
-    TaskStarted { task_id: TaskId, worker_id: WorkerId, backend: String, model: String },
+    TaskStarted {
+        task_id: TaskId,
+        worker_id: WorkerId,
+        backend: String,
+        model: String,
+    },
     /// A piece of the answer, as the backend streams it.
-    TaskToken { task_id: TaskId, text: String },
-    TaskCompleted { task_id: TaskId, usage: Option<Usage>, latency_ms: Millis },
+    TaskToken {
+        task_id: TaskId,
+        text: String,
+    },
+    TaskCompleted {
+        task_id: TaskId,
+        usage: Option<Usage>,
+        latency_ms: Millis,
+    },
     /// An attempt failed; `retry_at` is set when the task will be tried again.
-    TaskFailed { task_id: TaskId, error: String, retry_at: Option<Millis>, status: TaskStatus },
-    TaskCancelled { task_id: TaskId },
+    TaskFailed {
+        task_id: TaskId,
+        error: String,
+        retry_at: Option<Millis>,
+        status: TaskStatus,
+    },
+    TaskCancelled {
+        task_id: TaskId,
+    },
     /// A running task went back to the queue (lease lost, worker shut down).
-    TaskRequeued { task_id: TaskId, reason: String },
-    WorkerScaled { workers: usize, previous: usize, reason: String },
-    WorkerState { worker_id: WorkerId, state: String, task_id: Option<TaskId> },
-    BackendHealth { backend: String, up: bool, detail: String },
+    TaskRequeued {
+        task_id: TaskId,
+        reason: String,
+    },
+    WorkerScaled {
+        workers: usize,
+        previous: usize,
+        reason: String,
+    },
+    WorkerState {
+        worker_id: WorkerId,
+        state: String,
+        task_id: Option<TaskId>,
+    },
+    BackendHealth {
+        backend: String,
+        up: bool,
+        detail: String,
+    },
 }
 
 impl EventKind {
@@ -129,10 +171,7 @@ mod tests {
         let id: TaskId = "0193a4b2-7c1e-7d3f-9a40-1b2c3d4e5f60".parse().unwrap();
         let e = Event { at: 1, kind: EventKind::TaskToken { task_id: id, text: "hi".into() } };
         let s = serde_json::to_string(&e).unwrap();
-        assert_eq!(
-            s,
-            r#"{"at":1,"event":"task_token","task_id":"0193a4b2-7c1e-7d3f-9a40-1b2c3d4e5f60","text":"hi"}"#
-        );
+        assert_eq!(s, r#"{"at":1,"event":"task_token","task_id":"0193a4b2-7c1e-7d3f-9a40-1b2c3d4e5f60","text":"hi"}"#);
         assert_eq!(serde_json::from_str::<Event>(&s).unwrap(), e);
         assert_eq!(e.kind.name(), "task_token");
     }

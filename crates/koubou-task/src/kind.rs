@@ -22,9 +22,7 @@ impl TaskKind {
         if ok {
             Ok(TaskKind(s.to_owned()))
         } else {
-            Err(format!(
-                "task type {s:?} is not a valid name (lowercase letters, digits, '-' and '_', 1-64 bytes)"
-            ))
+            Err(format!("task type {s:?} is not a valid name (lowercase letters, digits, '-' and '_', 1-64 bytes)"))
         }
     }
     pub fn general() -> Self {

@@ -55,44 +55,44 @@ impl Limits {
                 format!("is {size} bytes; the limit is {} bytes (limits.max_prompt_bytes)", self.max_prompt_bytes),
             ));
         }
-        if let Some(n) = t.max_attempts {
-            if n == 0 || n > self.max_attempts_cap {
-                return Err(FieldError::new(
-                    "max_attempts",
-                    format!("must be from 1 to {}, got {n}", self.max_attempts_cap),
-                ));
-            }
+        if let Some(n) = t.max_attempts
+            && (n == 0 || n > self.max_attempts_cap)
+        {
+            return Err(FieldError::new(
+                "max_attempts",
+                format!("must be from 1 to {}, got {n}", self.max_attempts_cap),
+            ));
         }
-        if let Some(s) = t.timeout_secs {
-            if s == 0 || s > self.max_timeout_secs {
-                return Err(FieldError::new(
-                    "timeout_secs",
-                    format!("must be from 1 to {}, got {s}", self.max_timeout_secs),
-                ));
-            }
+        if let Some(s) = t.timeout_secs
+            && (s == 0 || s > self.max_timeout_secs)
+        {
+            return Err(FieldError::new(
+                "timeout_secs",
+                format!("must be from 1 to {}, got {s}", self.max_timeout_secs),
+            ));
         }
-        if let Some(k) = &t.idempotency_key {
-            if k.is_empty() || k.len() > 256 {
-                return Err(FieldError::new("idempotency_key", "must be 1 to 256 bytes"));
-            }
+        if let Some(k) = &t.idempotency_key
+            && (k.is_empty() || k.len() > 256)
+        {
+            return Err(FieldError::new("idempotency_key", "must be 1 to 256 bytes"));
         }
         for (field, v) in [("model", &t.model), ("backend", &t.backend)] {
-            if let Some(v) = v {
-                if v.is_empty() || v.len() > 256 {
-                    return Err(FieldError::new(field, "must be 1 to 256 bytes"));
-                }
+            if let Some(v) = v
+                && (v.is_empty() || v.len() > 256)
+            {
+                return Err(FieldError::new(field, "must be 1 to 256 bytes"));
             }
         }
         let o = &t.options;
-        if let Some(v) = o.temperature {
-            if !(0.0..=5.0).contains(&v) {
-                return Err(FieldError::new("options.temperature", format!("must be from 0 to 5, got {v}")));
-            }
+        if let Some(v) = o.temperature
+            && !(0.0..=5.0).contains(&v)
+        {
+            return Err(FieldError::new("options.temperature", format!("must be from 0 to 5, got {v}")));
         }
-        if let Some(v) = o.top_p {
-            if !(v > 0.0 && v <= 1.0) {
-                return Err(FieldError::new("options.top_p", format!("must be in (0, 1], got {v}")));
-            }
+        if let Some(v) = o.top_p
+            && !(v > 0.0 && v <= 1.0)
+        {
+            return Err(FieldError::new("options.top_p", format!("must be in (0, 1], got {v}")));
         }
         if o.max_tokens == Some(0) {
             return Err(FieldError::new("options.max_tokens", "must be at least 1"));

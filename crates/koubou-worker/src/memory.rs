@@ -25,7 +25,10 @@ fn meminfo_field(text: &str, key: &str) -> Option<u64> {
 mod tests {
     #[test]
     fn parses_kb_lines() {
-        assert_eq!(super::meminfo_field("MemTotal: 10 kB\nMemAvailable:    2048 kB\n", "MemAvailable:"), Some(2048 * 1024));
+        assert_eq!(
+            super::meminfo_field("MemTotal: 10 kB\nMemAvailable:    2048 kB\n", "MemAvailable:"),
+            Some(2048 * 1024)
+        );
         assert!(super::available_bytes().unwrap() > 0);
         assert!(super::rss_bytes().unwrap() > 0);
     }

@@ -93,13 +93,8 @@ impl Pool {
             .collect();
         let capacity: usize =
             router.backends().filter(|b| reached.contains(b.name())).map(|b| b.capacity().max(1)).sum::<usize>().max(1);
-        let shared = Arc::new(Shared {
-            queue,
-            router,
-            bus,
-            lease: Duration::from_secs(cfg.lease_secs.max(1)),
-            permits,
-        });
+        let shared =
+            Arc::new(Shared { queue, router, bus, lease: Duration::from_secs(cfg.lease_secs.max(1)), permits });
         let pool = Arc::new(Pool {
             cfg,
             shared,
@@ -214,7 +209,11 @@ impl Pool {
                 let floor = self.cfg.min_free_memory_mb * 1024 * 1024;
                 match memory::available_bytes() {
                     Some(free) if free < floor => {
-                        tracing::warn!(free_mb = free >> 20, floor_mb = self.cfg.min_free_memory_mb, "not scaling up: memory is short");
+                        tracing::warn!(
+                            free_mb = free >> 20,
+                            floor_mb = self.cfg.min_free_memory_mb,
+                            "not scaling up: memory is short"
+                        );
                         continue;
                     }
                     _ => {}

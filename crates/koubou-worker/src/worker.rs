@@ -1,10 +1,6 @@
 //! One worker: claim → plan → run (streaming) → complete / fail, with heartbeats.
 
-use std::{
-    collections::HashMap,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use koubou_backend::{BackendError, Router};
 use koubou_queue::{Claimed, Completion, Failure, LeaseStatus, Progress, QueueError, TaskQueue, claim_wait};
@@ -53,12 +49,23 @@ pub struct Snapshot {
 
 impl WorkerState {
     pub fn new(id: WorkerId) -> Self {
-        WorkerState { id, started_at: now_millis(), inner: Mutex::new(StateInner { state: "idle", ..Default::default() }) }
+        WorkerState {
+            id,
+            started_at: now_millis(),
+            inner: Mutex::new(StateInner { state: "idle", ..Default::default() }),
+        }
     }
 
     pub fn snapshot(&self) -> Snapshot {
         let i = self.inner.lock().clone();
-        Snapshot { id: self.id.clone(), state: i.state, current: i.current, done: i.done, failed: i.failed, started_at: self.started_at }
+        Snapshot {
+            id: self.id.clone(),
+            state: i.state,
+            current: i.current,
+            done: i.done,
+            failed: i.failed,
+            started_at: self.started_at,
+        }
     }
 
     fn set(&self, bus: &EventBus, state: &'static str, current: Option<TaskId>) {
@@ -203,7 +210,9 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
 fn log_write(id: TaskId, r: Result<(), QueueError>) {
     match r {
         Ok(()) => {}
-        Err(QueueError::Conflict { status, .. }) => tracing::info!(task = %id, %status, "task changed under its worker"),
+        Err(QueueError::Conflict { status, .. }) => {
+            tracing::info!(task = %id, %status, "task changed under its worker")
+        }
         Err(e) => tracing::error!(task = %id, error = %e, "could not record the task's outcome"),
     }
 }

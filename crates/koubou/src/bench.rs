@@ -177,7 +177,13 @@ pub async fn run(_ctx: &Ctx, a: BenchArgs) -> anyhow::Result<()> {
     crate::logging::init_quiet();
     let fake = fake_openai().await?;
     let server = start_server(&a, fake).await?;
-    println!("koubou bench: server pid {}, SQLite durability {}, {} workers, {} cores", server.child.id(), a.durability, a.workers, std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "koubou bench: server pid {}, SQLite durability {}, {} workers, {} cores",
+        server.child.id(),
+        a.durability,
+        a.workers,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 
     // Warm up connections and caches.
     drive(&server.url, "general", 500, a.concurrency).await?;

@@ -91,8 +91,12 @@ impl SubmitArgs {
         task.model = self.model.clone();
         task.backend = self.backend.clone();
         task.idempotency_key = self.idempotency_key.clone();
-        task.options =
-            GenOptions { max_tokens: self.max_tokens, temperature: self.temperature, seed: self.seed, ..Default::default() };
+        task.options = GenOptions {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            seed: self.seed,
+            ..Default::default()
+        };
         Ok(SubmitRequest::new(task))
     }
 }
@@ -193,7 +197,12 @@ fn print_task(v: &TaskView) {
 pub async fn status(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     logging::init_quiet();
     let v = ctx.client()?.task(parse_id(id)?).await?;
-    if ctx.json { output::json(&v) } else { print_task(&v); Ok(()) }
+    if ctx.json {
+        output::json(&v)
+    } else {
+        print_task(&v);
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -245,7 +254,12 @@ pub async fn tasks(ctx: &Ctx, a: TasksArgs) -> anyhow::Result<()> {
 pub async fn cancel(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     logging::init_quiet();
     let v = ctx.client()?.cancel(parse_id(id)?).await?;
-    if ctx.json { output::json(&v) } else { println!("{} {}", v.task_id, v.status); Ok(()) }
+    if ctx.json {
+        output::json(&v)
+    } else {
+        println!("{} {}", v.task_id, v.status);
+        Ok(())
+    }
 }
 
 pub async fn workers(ctx: &Ctx) -> anyhow::Result<()> {
@@ -268,7 +282,10 @@ pub async fn workers(ctx: &Ctx) -> anyhow::Result<()> {
         })
         .collect();
     output::table(&["WORKER", "STATE", "TASK", "DONE", "FAILED"], &rows);
-    println!("({} workers, {} busy; scales {}..{}, backend capacity {})", w.active, w.busy, w.min_workers, w.max_workers, w.backend_capacity);
+    println!(
+        "({} workers, {} busy; scales {}..{}, backend capacity {})",
+        w.active, w.busy, w.min_workers, w.max_workers, w.backend_capacity
+    );
     Ok(())
 }
 
@@ -316,7 +333,8 @@ pub async fn run(ctx: &Ctx, mut a: RunArgs) -> anyhow::Result<()> {
     logging::init_quiet();
     let cfg = ctx.config()?;
     crate::models::prepare(&cfg).await?;
-    let k = Koubou::start(cfg, &ctx.home, StartOptions { node: format!("run-{}", std::process::id()), workers: true }).await?;
+    let k = Koubou::start(cfg, &ctx.home, StartOptions { node: format!("run-{}", std::process::id()), workers: true })
+        .await?;
     a.submit.wait = true;
     let r = submit_with(&k, ctx.json, &a.submit).await;
     k.shutdown(Some(Duration::from_secs(2))).await;

@@ -25,7 +25,8 @@ pub enum ModelsCmd {
 
 fn bar(total: u64) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+    {
         b.set_style(style.progress_chars("=> "));
     }
     b
@@ -84,9 +85,9 @@ pub async fn prepare(cfg: &Config) -> anyhow::Result<()> {
     #[cfg(feature = "embedded")]
     {
         let wants_default = cfg.backends.is_empty()
-            || cfg.backends.values().any(|b| {
-                matches!(b, BackendConfig::Embedded(e) if koubou_llama::ModelStore::is_default_name(&e.model))
-            });
+            || cfg.backends.values().any(
+                |b| matches!(b, BackendConfig::Embedded(e) if koubou_llama::ModelStore::is_default_name(&e.model)),
+            );
         if wants_default {
             let store = embedded::store()?;
             if !store.default_path().exists() {
@@ -114,12 +115,14 @@ async fn pull_local(source: Option<String>, name: Option<String>) -> anyhow::Res
     let store = embedded::store()?;
     match source {
         None => {
-            let path = embedded::with_bar(move |p| store.pull_default(p)).await?;
+            let path = embedded::with_bar(move |p| store.ensure_default(p)).await?;
             println!("{}", path.display());
         }
         Some(src) => {
             if src.starts_with("http://") || src.starts_with("https://") {
-                bail!("download the file yourself (Koubou fetches nothing but its default model), then: koubou models pull <path>");
+                bail!(
+                    "download the file yourself (Koubou fetches nothing but its default model), then: koubou models pull <path>"
+                );
             }
             let path = std::path::PathBuf::from(&src);
             let name = name.unwrap_or_else(|| {
@@ -142,7 +145,12 @@ async fn list(ctx: &Ctx) -> anyhow::Result<()> {
     let mut rows: Vec<Vec<String>> = Vec::new();
     #[cfg(feature = "embedded")]
     for m in embedded::store()?.list()? {
-        rows.push(vec!["embedded".into(), m.name, format!("{:.1} MB", m.size as f64 / 1e6), m.path.display().to_string()]);
+        rows.push(vec![
+            "embedded".into(),
+            m.name,
+            format!("{:.1} MB", m.size as f64 / 1e6),
+            m.path.display().to_string(),
+        ]);
     }
     let ollama = koubou_backend::build("ollama", &BackendConfig::Ollama(Default::default()))?;
     if let Some(o) = ollama {

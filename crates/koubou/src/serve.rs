@@ -53,7 +53,9 @@ fn lock_home(ctx: &Ctx) -> anyhow::Result<std::fs::File> {
     let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(_) => bail!("another `koubou serve` is running on {} (it holds {})", ctx.home.dir.display(), path.display()),
+        Err(_) => {
+            bail!("another `koubou serve` is running on {} (it holds {})", ctx.home.dir.display(), path.display())
+        }
     }
 }
 
@@ -82,7 +84,10 @@ fn guarded(r: Router, guard: &Arc<Guard>) -> Router {
 }
 
 async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    let addr = format!("{}:{port}", if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() });
+    let addr = format!(
+        "{}:{port}",
+        if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() }
+    );
     tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 
@@ -109,7 +114,8 @@ pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
     cfg.validate()?;
     crate::models::prepare(&cfg).await?;
     let k = Koubou::start(cfg.clone(), &ctx.home, StartOptions::default()).await?;
-    let guard = Arc::new(Guard { token: cfg.server.auth_token.clone(), allowed_origins: cfg.server.allowed_origins.clone() });
+    let guard =
+        Arc::new(Guard { token: cfg.server.auth_token.clone(), allowed_origins: cfg.server.allowed_origins.clone() });
     let stop = CancellationToken::new();
     let mut servers = Vec::new();
     let host = cfg.server.host.clone();

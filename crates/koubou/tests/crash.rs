@@ -39,7 +39,8 @@ async fn sigkill_loses_no_accepted_task() {
     }
     assert!(running > 0, "some tasks should be running at the kill");
     let done_before: HashSet<String> = {
-        let v: Value = http.get(format!("{}/tasks?status=completed&limit=100", s.url)).send().await.unwrap().json().await.unwrap();
+        let v: Value =
+            http.get(format!("{}/tasks?status=completed&limit=100", s.url)).send().await.unwrap().json().await.unwrap();
         v["tasks"].as_array().unwrap().iter().map(|t| t["prompt"].as_str().unwrap().to_owned()).collect()
     };
     s.kill9();

@@ -37,7 +37,11 @@ async fn seed_routes_and_errors() {
     let url = &s.url;
 
     // The seed's Python example.
-    let (code, v) = post(&format!("{url}/task/delegate"), json!({"type": "code", "prompt": "Create a Python function for fibonacci", "priority": 8})).await;
+    let (code, v) = post(
+        &format!("{url}/task/delegate"),
+        json!({"type": "code", "prompt": "Create a Python function for fibonacci", "priority": 8}),
+    )
+    .await;
     assert_eq!(code, 201, "{v}");
     assert_eq!(v["status"], "pending");
     let id = v["task_id"].as_str().unwrap().to_owned();
@@ -51,12 +55,17 @@ async fn seed_routes_and_errors() {
     // The alias route and the seed's cURL body with `content`.
     let (code, alias) = get(&format!("{url}/task/status/{id}")).await;
     assert_eq!((code, &alias["status"]), (200, &json!("completed")));
-    let (code, v) = post(&format!("{url}/task/delegate"), json!({"type": "general", "content": "Explain Python decorators", "sync": true})).await;
+    let (code, v) = post(
+        &format!("{url}/task/delegate"),
+        json!({"type": "general", "content": "Explain Python decorators", "sync": true}),
+    )
+    .await;
     assert_eq!(code, 201);
     assert_eq!(v["status"], "completed", "sync waits for the result: {v}");
     assert_eq!(v["task"]["result"], "echo: Explain Python decorators");
     // A custom type from config.
-    let (code, _) = post(&format!("{url}/task/delegate"), json!({"type": "translate", "prompt": "hola", "sync": true})).await;
+    let (code, _) =
+        post(&format!("{url}/task/delegate"), json!({"type": "translate", "prompt": "hola", "sync": true})).await;
     assert_eq!(code, 201);
 
     // Precise 4xx naming the field.
@@ -74,10 +83,22 @@ async fn seed_routes_and_errors() {
         assert_eq!(v["error"]["field"], field, "{body} → {v}");
         assert_eq!(v["error"]["code"], "invalid_request");
     }
-    let r = reqwest::Client::new().post(format!("{url}/task/delegate")).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{url}/task/delegate"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["field"], "body");
-    let r = reqwest::Client::new().post(format!("{url}/task/delegate")).header("content-type", "text/plain").body("hi").send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{url}/task/delegate"))
+        .header("content-type", "text/plain")
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 415);
     let big = "x".repeat(1 << 20 | 1);
     let (code, v) = post(&format!("{url}/task/delegate"), json!({"prompt": big})).await;
@@ -138,9 +159,19 @@ async fn seed_routes_and_errors() {
     assert!(metrics.contains("koubou_backend_up{backend=\"fake\"} 1"));
 
     // Browser requests from a foreign origin are refused; no Origin (curl, MCP clients) passes.
-    let r = reqwest::Client::new().get(format!("{url}/health")).header("origin", "https://evil.example").send().await.unwrap();
+    let r = reqwest::Client::new()
+        .get(format!("{url}/health"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 403);
-    let r = reqwest::Client::new().get(format!("{url}/health")).header("origin", "http://localhost:5173").send().await.unwrap();
+    let r = reqwest::Client::new()
+        .get(format!("{url}/health"))
+        .header("origin", "http://localhost:5173")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
 }
 
@@ -156,7 +187,10 @@ async fn cli_submit_wait_status_and_exit_codes() {
         let (h, url) = (h.clone(), url.clone());
         tokio::task::spawn_blocking(move || cli(&h, &url, &args))
     };
-    let (code, out, err) = run(vec!["submit", "--type", "code", "--priority", "8", "Create a Python function for fibonacci", "--wait"]).await.unwrap();
+    let (code, out, err) =
+        run(vec!["submit", "--type", "code", "--priority", "8", "Create a Python function for fibonacci", "--wait"])
+            .await
+            .unwrap();
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "echo: Create a Python function for fibonacci");
     let (code, id, _) = run(vec!["submit", "hello there"]).await.unwrap();
@@ -164,7 +198,8 @@ async fn cli_submit_wait_status_and_exit_codes() {
     let id = id.trim().to_owned();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (h2, url2, id2) = (home.path().to_owned(), s.url.clone(), id.clone());
-    let (code, out, _) = tokio::task::spawn_blocking(move || cli(&h2, &url2, &["--json", "status", &id2])).await.unwrap();
+    let (code, out, _) =
+        tokio::task::spawn_blocking(move || cli(&h2, &url2, &["--json", "status", &id2])).await.unwrap();
     assert_eq!(code, 0);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["status"], "completed");
@@ -185,18 +220,23 @@ async fn cli_submit_wait_status_and_exit_codes() {
     assert!(out.contains("serve/1"), "{out}");
     drop(s);
     let (h3, url3) = (home.path().to_owned(), "http://127.0.0.1:9".to_owned());
-    let (code, _, err) = tokio::task::spawn_blocking(move || cli(&h3, &url3, &["status", "0193a4b2-7c1e-7d3f-9a40-1b2c3d4e5f60"])).await.unwrap();
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || cli(&h3, &url3, &["status", "0193a4b2-7c1e-7d3f-9a40-1b2c3d4e5f60"]))
+            .await
+            .unwrap();
     assert_eq!(code, 4, "unreachable server exits 4: {err}");
 }
 
 #[test]
 fn init_writes_a_documented_config_and_public_bind_needs_a_token() {
     let home = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(support::bin()).args(["--home"]).arg(home.path()).arg("init").output().unwrap();
+    let out =
+        std::process::Command::new(support::bin()).args(["--home"]).arg(home.path()).arg("init").output().unwrap();
     assert!(out.status.success());
     let text = std::fs::read_to_string(home.path().join("koubou.toml")).unwrap();
     assert!(text.contains("max_workers = 8") && text.contains("port = 8765"));
-    let out = std::process::Command::new(support::bin()).args(["--home"]).arg(home.path()).arg("init").output().unwrap();
+    let out =
+        std::process::Command::new(support::bin()).args(["--home"]).arg(home.path()).arg("init").output().unwrap();
     assert!(!out.status.success(), "init does not overwrite without --force");
     let out = std::process::Command::new(support::bin())
         .args(["--home"])

@@ -64,7 +64,14 @@ pub struct SqliteConfig {
 
 impl Default for SqliteConfig {
     fn default() -> Self {
-        SqliteConfig { path: None, durability: Durability::Normal, max_attempts: 3, retry: Backoff::default(), max_batch: 1024, readers: 4 }
+        SqliteConfig {
+            path: None,
+            durability: Durability::Normal,
+            max_attempts: 3,
+            retry: Backoff::default(),
+            max_batch: 1024,
+            readers: 4,
+        }
     }
 }
 
@@ -122,7 +129,10 @@ fn open_conn(path: &PathBuf, cfg: &SqliteConfig, write: bool) -> Result<Connecti
     if write {
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(QueueError::Open { path: path.display().to_string(), detail: format!("cannot use WAL (got {mode})") });
+            return Err(QueueError::Open {
+                path: path.display().to_string(),
+                detail: format!("cannot use WAL (got {mode})"),
+            });
         }
         let sync = match cfg.durability {
             Durability::Normal => "NORMAL",

@@ -34,10 +34,10 @@ fn get_existing(conn: &Connection, id: TaskId) -> Result<Task, QueueError> {
 }
 
 pub fn submit(ctx: &mut Ctx<'_>, new: NewTask) -> Result<Submitted, QueueError> {
-    if let Some(key) = &new.idempotency_key {
-        if let Some(task) = get_where(ctx.conn, "idempotency_key = ?1", [key])? {
-            return Ok(Submitted { task, created: false });
-        }
+    if let Some(key) = &new.idempotency_key
+        && let Some(task) = get_where(ctx.conn, "idempotency_key = ?1", [key])?
+    {
+        return Ok(Submitted { task, created: false });
     }
     let task = Task::from_new(TaskId::new(), new, ctx.cfg.max_attempts, ctx.now);
     ctx.conn
@@ -199,7 +199,15 @@ pub fn heartbeat(
             "UPDATE tasks SET lease_until = ?4, backend = COALESCE(?5, backend), model = COALESCE(?6, model), \
              partial = COALESCE(?7, partial) WHERE {FENCE}"
         ))?
-        .execute(params![lease.task_id.to_string(), lease.worker_id.0, lease.attempt, until, backend, model, partial])?;
+        .execute(params![
+            lease.task_id.to_string(),
+            lease.worker_id.0,
+            lease.attempt,
+            until,
+            backend,
+            model,
+            partial
+        ])?;
     if n == 1 {
         return Ok(LeaseStatus::Held);
     }
@@ -358,7 +366,8 @@ pub fn position(conn: &Connection, id: TaskId) -> Result<Option<QueuePosition>, 
     if !task.status.is_queued() {
         return Ok(None);
     }
-    let seq: i64 = conn.prepare_cached("SELECT seq FROM tasks WHERE id = ?1")?.query_row([id.to_string()], |r| r.get(0))?;
+    let seq: i64 =
+        conn.prepare_cached("SELECT seq FROM tasks WHERE id = ?1")?.query_row([id.to_string()], |r| r.get(0))?;
     let ahead: i64 = conn
         .prepare_cached(
             "SELECT COUNT(*) FROM tasks WHERE status = 'pending' AND (priority > ?1 OR (priority = ?1 AND seq < ?2))",
@@ -387,8 +396,9 @@ pub fn list(conn: &Connection, q: &TaskQuery) -> Result<TaskPage, QueueError> {
         clauses.push(format!("prompt LIKE {} ESCAPE '\\'", arg(&mut args, Value::from(format!("%{escaped}%")))));
     }
     let filter = if clauses.is_empty() { "1".to_owned() } else { clauses.join(" AND ") };
-    let total: i64 =
-        conn.prepare(&format!("SELECT COUNT(*) FROM tasks WHERE {filter}"))?.query_row(params_from_iter(&args), |r| r.get(0))?;
+    let total: i64 = conn
+        .prepare(&format!("SELECT COUNT(*) FROM tasks WHERE {filter}"))?
+        .query_row(params_from_iter(&args), |r| r.get(0))?;
     let mut page_clause = filter;
     if let Some(before) = q.before {
         page_clause = format!("{page_clause} AND seq < {}", arg(&mut args, Value::from(before)));

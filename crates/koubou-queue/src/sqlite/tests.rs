@@ -24,7 +24,12 @@ fn w(n: usize) -> WorkerId {
 const LEASE: Duration = Duration::from_secs(30);
 
 fn done(text: &str) -> Completion {
-    Completion { result: text.into(), backend: "b".into(), model: "m".into(), usage: Usage { prompt_tokens: 3, completion_tokens: 5 } }
+    Completion {
+        result: text.into(),
+        backend: "b".into(),
+        model: "m".into(),
+        usage: Usage { prompt_tokens: 3, completion_tokens: 5 },
+    }
 }
 
 fn failure(retryable: bool) -> Failure {

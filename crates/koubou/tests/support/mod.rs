@@ -34,7 +34,10 @@ impl Drop for Serve {
 impl Serve {
     /// Starts `koubou serve --home HOME --port 0 …` and waits for its "serving on" line.
     pub fn start(home: &Path, extra: &[&str]) -> Serve {
-        let log = home.join(format!("serve-stderr-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let log = home.join(format!(
+            "serve-stderr-{}.log",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
         let mut child = Command::new(bin())
             .args(["serve", "--port", "0", "--ws-port", "0", "--graphql-port", "0", "--home"])
             .arg(home)
@@ -91,7 +94,11 @@ pub fn cli(home: &Path, url: &str, args: &[&str]) -> (i32, String, String) {
         .stdin(Stdio::null())
         .output()
         .expect("run koubou");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 /// A fake OpenAI-compatible server: streams "echo: <prompt>" in words, after `delay`; counts
@@ -103,7 +110,8 @@ pub struct FakeLlm {
 }
 
 async fn chat(State(f): State<FakeLlm>, Json(body): Json<serde_json::Value>) -> axum::response::Response {
-    let prompt = body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("").to_owned();
+    let prompt =
+        body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("").to_owned();
     *f.calls.lock().unwrap().entry(prompt.clone()).or_default() += 1;
     if prompt.contains("fail") {
         return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response();
@@ -138,7 +146,15 @@ use futures::StreamExt;
 impl FakeLlm {
     pub async fn start(delay: Duration) -> (FakeLlm, SocketAddr) {
         let f = FakeLlm { calls: Default::default(), delay };
-        let app = Router::new().route("/v1/chat/completions", post(chat)).route("/v1/models", axum::routing::get(|| async { Json(serde_json::json!({"object":"list","data":[{"id":"fake","object":"model"}]})) })).with_state(f.clone());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route(
+                "/v1/models",
+                axum::routing::get(|| async {
+                    Json(serde_json::json!({"object":"list","data":[{"id":"fake","object":"model"}]}))
+                }),
+            )
+            .with_state(f.clone());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(l, app).await });

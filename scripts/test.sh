@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine or a warm one: installs what the tests need (build
+# tools, the default model, and the real peers Koubou is tested against: Codex CLI, a
+# llama-cpp-python server, the MCP Python SDK and Inspector, Claude Code, Chromium with
+# playwright-core), then runs every test of the workspace with cargo-nextest.
+#
+# Everything heavy is cached outside the clone, under $KOUBOU_CACHE (default ~/.cache/koubou):
+# the cargo target dir, the model, the npm and pip installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export KOUBOU_CACHE="${KOUBOU_CACHE:-$HOME/.cache/koubou}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KOUBOU_CACHE/target}"
+mkdir -p "$KOUBOU_CACHE/logs"
+logs="$KOUBOU_CACHE/logs"
+started=$(date +%s)
+step() { echo "== [$(( $(date +%s) - started ))s] $*"; }
+
+step "system packages"
+scripts/setup-system.sh
+
+# The slow installs run in the background while cargo builds; each writes its path to a file.
+ensure_bg() { # name script
+    ( "scripts/$2" > "$logs/$1.path" 2> "$logs/$1.log" && echo ok > "$logs/$1.status" || echo failed > "$logs/$1.status" ) &
+}
+rm -f "$logs"/*.status
+step "real peers (background): codex, llama-cpp-python, mcp python sdk, mcp inspector, claude code, chromium + playwright"
+ensure_bg codex ensure-codex.sh
+ensure_bg llama-cpp-python ensure-llama-cpp-python.sh
+ensure_bg mcp-python ensure-mcp-python.sh
+ensure_bg mcp-inspector ensure-mcp-inspector.sh
+ensure_bg claude ensure-claude-code.sh
+ensure_bg chromium ensure-chromium.sh
+ensure_bg node-tools ensure-node-tools.sh
+
+step "build (workspace, tests included)"
+cargo build --workspace --all-targets --locked
+
+step "default model"
+export KOUBOU_TEST_MODEL="${KOUBOU_TEST_MODEL:-$("$CARGO_TARGET_DIR/debug/koubou" models pull 2>"$logs/model.log" | tail -n 1)}"
+echo "model: $KOUBOU_TEST_MODEL"
+
+step "waiting for the real peers"
+wait
+peer() { # name var
+    if [[ "$(cat "$logs/$1.status" 2>/dev/null)" != ok ]]; then
+        echo "could not install $1; its log:" >&2
+        cat "$logs/$1.log" >&2
+        exit 1
+    fi
+    export "$2=$(tail -n 1 "$logs/$1.path")"
+    echo "$2=${!2}"
+}
+peer codex KOUBOU_CODEX_BIN
+peer llama-cpp-python KOUBOU_LLAMA_CPP_PYTHON
+peer mcp-python KOUBOU_MCP_PYTHON
+peer mcp-inspector KOUBOU_MCP_INSPECTOR
+peer claude KOUBOU_CLAUDE_BIN
+peer chromium KOUBOU_CHROMIUM
+peer node-tools KOUBOU_NODE_MODULES
+export KOUBOU_ARTIFACTS="${KOUBOU_ARTIFACTS:-$PWD/artifacts}"
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast "$@"
+else
+    cargo test --workspace --locked --no-fail-fast "$@"
+fi
+step "done"
