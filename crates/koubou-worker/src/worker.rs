@@ -7,6 +7,7 @@ use koubou_queue::{Claimed, Completion, Failure, LeaseStatus, Progress, QueueErr
 use koubou_task::{EventBus, EventKind, TaskId, WorkerId, now_millis};
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 use tokio_util::sync::CancellationToken;
 
 /// What every worker of a pool shares.
@@ -102,7 +103,9 @@ pub async fn run(shared: Arc<Shared>, state: Arc<WorkerState>, stop: Stop) {
             }
         };
         state.set(&shared.bus, "busy", Some(claimed.task.id));
-        let ok = process(&shared, claimed, &stop.abort).await;
+        // Every log line about this task carries the worker and task ids (JSON log fields).
+        let span = tracing::info_span!("task", worker = %state.id, task = %claimed.task.id, kind = %claimed.task.kind);
+        let ok = process(&shared, claimed, &stop.abort).instrument(span).await;
         {
             let mut i = state.inner.lock();
             if ok { i.done += 1 } else { i.failed += 1 }
@@ -135,6 +138,7 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
         },
         None => None,
     };
+    tracing::debug!(backend = %backend, model = %model, attempt = lease.attempt, "task started");
     shared.bus.publish(EventKind::TaskStarted {
         task_id: id,
         worker_id: lease.worker_id.clone(),
