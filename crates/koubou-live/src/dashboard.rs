@@ -68,7 +68,10 @@ fn parse_id(id: &str) -> Result<TaskId, ApiError> {
     id.parse().map_err(|e: koubou_task::id::BadTaskId| ApiError::invalid("id", e.to_string()))
 }
 
-async fn list(State(st): State<WsState>, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn list(
+    State(st): State<WsState>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     match q {
         Ok(Query(q)) => reply(st.k.tasks(q).await),
         Err(e) => error(ApiError::invalid("query", e.body_text())),

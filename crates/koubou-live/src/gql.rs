@@ -4,8 +4,7 @@
 //! Everything resolves through [`Koubou`]'s [`Api`]; subscriptions read the event bus.
 
 use async_graphql::{
-    Context, Enum, ErrorExtensions, ID, Object, Schema, SimpleObject, Subscription,
-    futures_util::Stream,
+    Context, Enum, ErrorExtensions, ID, Object, Schema, SimpleObject, Subscription, futures_util::Stream,
 };
 use futures::StreamExt;
 use koubou_system::{
@@ -135,10 +134,9 @@ impl Task {
         self.0.model.as_deref()
     }
     async fn usage(&self) -> Option<Usage> {
-        self.0.usage.map(|u| Usage {
-            prompt_tokens: u.prompt_tokens as i64,
-            completion_tokens: u.completion_tokens as i64,
-        })
+        self.0
+            .usage
+            .map(|u| Usage { prompt_tokens: u.prompt_tokens as i64, completion_tokens: u.completion_tokens as i64 })
     }
     async fn worker_id(&self) -> Option<&str> {
         self.0.worker_id.as_deref()
@@ -371,16 +369,9 @@ impl Query {
         let before = before
             .map(|b| b.parse::<i64>().map_err(|_| gql_err(ApiError::invalid("before", "must be a nextCursor value"))))
             .transpose()?;
-        let status = status.map(|v| {
-            v.into_iter().map(|s| koubou_task::TaskStatus::from(s).as_str()).collect::<Vec<_>>().join(",")
-        });
-        let q = ListQuery {
-            status,
-            kind,
-            q: search,
-            limit: Some(usize::try_from(limit).unwrap_or(0)),
-            before,
-        };
+        let status = status
+            .map(|v| v.into_iter().map(|s| koubou_task::TaskStatus::from(s).as_str()).collect::<Vec<_>>().join(","));
+        let q = ListQuery { status, kind, q: search, limit: Some(usize::try_from(limit).unwrap_or(0)), before };
         let page = k(ctx).tasks(q).await.map_err(gql_err)?;
         Ok(TaskPage {
             tasks: page.tasks.into_iter().map(Task).collect(),
@@ -457,7 +448,13 @@ impl Mutation {
     ) -> async_graphql::Result<SubmitResult> {
         let mut body = Map::new();
         body.insert("prompt".into(), prompt.into());
-        let opt = [("type", kind), ("system", system), ("model", model), ("backend", backend), ("idempotency_key", idempotency_key)];
+        let opt = [
+            ("type", kind),
+            ("system", system),
+            ("model", model),
+            ("backend", backend),
+            ("idempotency_key", idempotency_key),
+        ];
         for (key, v) in opt {
             if let Some(v) = v {
                 body.insert(key.into(), v.into());

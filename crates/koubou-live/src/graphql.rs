@@ -2,6 +2,8 @@
 //! (`graphql-transport-ws` and the legacy `graphql-ws` subprotocol) and — for a browser asking
 //! for HTML — the GraphiQL page, whose files are served from `/graphql/assets/`.
 
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
+use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
 use axum::{
     Router,
     body::Body,
@@ -10,8 +12,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
-use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
 use koubou_system::Koubou;
 
 use crate::{

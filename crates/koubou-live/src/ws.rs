@@ -116,18 +116,18 @@ struct Conn {
 }
 
 /// The reason a connection must end now.
-struct Drop(String);
+struct Kick(String);
 
 impl Conn {
     /// Queues a message; a full buffer means the client is too slow to keep.
-    fn send(&self, v: Value) -> Result<(), Drop> {
+    fn send(&self, v: Value) -> Result<(), Kick> {
         match self.out.try_send(Message::Text(v.to_string().into())) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(Drop(format!(
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Kick(format!(
                 "too slow: {} messages waiting to be sent; reconnect and resubscribe",
                 self.st.cfg.buffer
             ))),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Drop("connection closed".into())),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Kick("connection closed".into())),
         }
     }
 
@@ -144,7 +144,7 @@ impl Conn {
         }
     }
 
-    async fn handle(&mut self, text: &str) -> Result<(), Drop> {
+    async fn handle(&mut self, text: &str) -> Result<(), Kick> {
         let msg: Value = match serde_json::from_str(text) {
             Ok(v @ Value::Object(_)) => v,
             Ok(_) => return self.error(None, ApiError::invalid("message", "must be a JSON object with a \"type\"")),
@@ -152,7 +152,13 @@ impl Conn {
         };
         let r = msg.get("ref").cloned();
         let Some(ty) = msg.get("type").and_then(Value::as_str) else {
-            return self.error(r, ApiError::invalid("type", "is required: submit_task, subscribe, unsubscribe, cancel_task, get_task, list_tasks, status, ping"));
+            return self.error(
+                r,
+                ApiError::invalid(
+                    "type",
+                    "is required: submit_task, subscribe, unsubscribe, cancel_task, get_task, list_tasks, status, ping",
+                ),
+            );
         };
         match self.request(ty, &msg).await {
             Ok(mut v) => {
@@ -165,7 +171,7 @@ impl Conn {
         }
     }
 
-    fn error(&self, r: Option<Value>, e: ApiError) -> Result<(), Drop> {
+    fn error(&self, r: Option<Value>, e: ApiError) -> Result<(), Kick> {
         let mut v = e.body();
         v["type"] = "error".into();
         if let Some(r) = r {
@@ -188,7 +194,9 @@ impl Conn {
                 req.sync = false;
                 let resp = k.submit(req).await?;
                 self.tasks.insert(resp.task_id);
-                Ok(json!({"type": "task_submitted", "task_id": resp.task_id, "status": resp.status, "created": resp.created}))
+                Ok(
+                    json!({"type": "task_submitted", "task_id": resp.task_id, "status": resp.status, "created": resp.created}),
+                )
             }
             "subscribe" | "unsubscribe" => {
                 let on = ty == "subscribe";
@@ -232,7 +240,9 @@ impl Conn {
             "status" => Ok(json!({"type": "status", "status": k.status().await?})),
             other => Err(ApiError::invalid(
                 "type",
-                format!("unknown message type {other:?}; use submit_task, subscribe, unsubscribe, cancel_task, get_task, list_tasks, status or ping"),
+                format!(
+                    "unknown message type {other:?}; use submit_task, subscribe, unsubscribe, cancel_task, get_task, list_tasks, status or ping"
+                ),
             )),
         }
     }
@@ -310,23 +320,23 @@ async fn serve(st: WsState, socket: WebSocket) {
                     Err(_) => conn.error(None, ApiError::invalid("message", "binary messages must be UTF-8 JSON")),
                 },
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Err(Drop(String::new())),
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Err(Kick(String::new())),
             },
             e = bus.recv() => match e {
                 Ok(e) => {
                     let mut r = Ok(());
                     if conn.wants(&e) {
                         r = conn.send(event_message(&e));
-                        if e.kind.is_terminal() && !conn.topics.contains(&Topic::All) {
-                            if let Some(id) = e.kind.task_id() { conn.tasks.remove(&id); }
+                        if let Some(id) = e.kind.task_id().filter(|_| e.kind.is_terminal()) {
+                            conn.tasks.remove(&id);
                         }
                     }
                     r
                 }
-                Err(RecvError::Lagged(n)) => Err(Drop(format!(
+                Err(RecvError::Lagged(n)) => Err(Kick(format!(
                     "too slow: fell {n} events behind the event bus; reconnect and resubscribe"
                 ))),
-                Err(RecvError::Closed) => Err(Drop("server shutting down".into())),
+                Err(RecvError::Closed) => Err(Kick("server shutting down".into())),
             },
             _ = metrics.changed() => {
                 let sample = metrics.borrow_and_update().clone();
@@ -337,11 +347,11 @@ async fn serve(st: WsState, socket: WebSocket) {
             }
         };
     }
-    if let Err(Drop(reason)) = result {
-        if !reason.is_empty() {
-            tracing::info!(%reason, "closing WebSocket client");
-            let _ = close_tx.send(reason);
-        }
+    if let Err(Kick(reason)) = result
+        && !reason.is_empty()
+    {
+        tracing::info!(%reason, "closing WebSocket client");
+        let _ = close_tx.send(reason);
     }
     drop(conn);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;

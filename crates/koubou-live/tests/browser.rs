@@ -42,8 +42,15 @@ async fn dashboard_in_headless_chromium() {
 
     let s = start(|k| dashboard_router(k.clone()).merge(graphql_router(k))).await;
     // Some history on the board.
-    for p in ["Explain Python decorators", "Create a Python function for fibonacci", "Review this SQL", "explode please"] {
-        let r = reqwest::Client::new().post(s.http("/dashboard/api/tasks")).json(&json!({"prompt": p})).send().await.unwrap();
+    for p in
+        ["Explain Python decorators", "Create a Python function for fibonacci", "Review this SQL", "explode please"]
+    {
+        let r = reqwest::Client::new()
+            .post(s.http("/dashboard/api/tasks"))
+            .json(&json!({"prompt": p}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
     let script = root().join("tests/browser/dashboard.cjs");
@@ -77,12 +84,19 @@ async fn dashboard_api_pages_and_errors() {
     for i in 0..5 {
         c.post(s.http("/dashboard/api/tasks")).json(&json!({"prompt": format!("slow {i}")})).send().await.unwrap();
     }
-    let page: serde_json::Value = c.get(s.http("/dashboard/api/tasks?limit=2")).send().await.unwrap().json().await.unwrap();
+    let page: serde_json::Value =
+        c.get(s.http("/dashboard/api/tasks?limit=2")).send().await.unwrap().json().await.unwrap();
     assert_eq!(page["total"], 5);
     assert_eq!(page["tasks"].as_array().unwrap().len(), 2);
     let cursor = page["next_cursor"].as_i64().unwrap();
-    let next: serde_json::Value =
-        c.get(s.http(&format!("/dashboard/api/tasks?limit=2&before={cursor}"))).send().await.unwrap().json().await.unwrap();
+    let next: serde_json::Value = c
+        .get(s.http(&format!("/dashboard/api/tasks?limit=2&before={cursor}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_ne!(next["tasks"][0]["task_id"], page["tasks"][0]["task_id"]);
     let r = c.post(s.http("/dashboard/api/tasks")).json(&json!({"prompt": "x", "priority": 0})).send().await.unwrap();
     assert_eq!(r.status(), 400);

@@ -36,7 +36,12 @@ async fn wait_done(s: &Server, id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_queries_and_mutation() {
     let s = start(graphql_router).await;
-    let r = gql(&s, r#"mutation { submitTask(type: "code", prompt: "Create a REST API", priority: 9) { taskId status } }"#, json!({})).await;
+    let r = gql(
+        &s,
+        r#"mutation { submitTask(type: "code", prompt: "Create a REST API", priority: 9) { taskId status } }"#,
+        json!({}),
+    )
+    .await;
     assert!(r.get("errors").is_none(), "{r}");
     assert_eq!(r["data"]["submitTask"]["status"], "PENDING");
     let id = r["data"]["submitTask"]["taskId"].as_str().unwrap().to_owned();
@@ -53,10 +58,20 @@ async fn seed_queries_and_mutation() {
     assert_eq!(r["data"]["systemStatus"]["completedTasks"], 1);
     assert_eq!(r["data"]["task"]["id"], id.as_str());
     // The same over GET.
-    let r: Value = reqwest::get(s.http("/graphql?query=%7BsystemStatus%7BcompletedTasks%7D%7D")).await.unwrap().json().await.unwrap();
+    let r: Value = reqwest::get(s.http("/graphql?query=%7BsystemStatus%7BcompletedTasks%7D%7D"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(r["data"]["systemStatus"]["completedTasks"], 1);
     // Workers and health.
-    let r = gql(&s, "{ workers { active workers { workerId state tasksDone } } health { status backends { name up } } }", json!({})).await;
+    let r = gql(
+        &s,
+        "{ workers { active workers { workerId state tasksDone } } health { status backends { name up } } }",
+        json!({}),
+    )
+    .await;
     assert!(r.get("errors").is_none(), "{r}");
     assert_eq!(r["data"]["health"]["backends"][0]["name"], "craftsman");
 }
@@ -93,13 +108,19 @@ async fn tasks_filter_paginate_and_cancel() {
     for id in &ids {
         wait_done(&s, id).await;
     }
-    let r = gql(&s, r#"{ tasks(search: "alpha", limit: 2) { total nextCursor tasks { id prompt } } }"#, json!({})).await;
+    let r =
+        gql(&s, r#"{ tasks(search: "alpha", limit: 2) { total nextCursor tasks { id prompt } } }"#, json!({})).await;
     let page = &r["data"]["tasks"];
     assert_eq!(page["total"], 3, "{r}");
     assert_eq!(page["tasks"].as_array().unwrap().len(), 2);
     assert_eq!(page["tasks"][0]["id"], slow.as_str(), "newest first");
     let cursor = page["nextCursor"].as_str().unwrap();
-    let r = gql(&s, "query($c: String) { tasks(search: \"alpha\", limit: 2, before: $c) { nextCursor tasks { id } } }", json!({"c": cursor})).await;
+    let r = gql(
+        &s,
+        "query($c: String) { tasks(search: \"alpha\", limit: 2, before: $c) { nextCursor tasks { id } } }",
+        json!({"c": cursor}),
+    )
+    .await;
     assert_eq!(r["data"]["tasks"]["tasks"][0]["id"], ids[0].as_str(), "{r}");
     assert_eq!(r["data"]["tasks"]["nextCursor"], Value::Null);
     let r = gql(&s, "{ tasks(status: [COMPLETED]) { total } }", json!({})).await;
@@ -173,8 +194,12 @@ async fn subscriptions_over_graphql_transport_ws() {
     assert!(sys.iter().any(|e| e["event"] == "task_created" && e["taskId"] == id.as_str()), "{sys:?}");
     assert!(sys.iter().all(|e| e["event"] != "task_token"), "no tokens unless asked");
     // A finished task: one event with its ending, then complete.
-    send(&mut ws, json!({"type": "subscribe", "id": "again", "payload": {
-        "query": "subscription($id: ID!) { taskUpdates(id: $id) { event status } }", "variables": {"id": id}}})).await;
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "id": "again", "payload": {
+        "query": "subscription($id: ID!) { taskUpdates(id: $id) { event status } }", "variables": {"id": id}}}),
+    )
+    .await;
     let (m, _) = until(&mut ws, 5, |v| v["id"] == "again").await;
     assert_eq!(m["payload"]["data"]["taskUpdates"]["status"], "COMPLETED", "{m}");
     send(&mut ws, json!({"type": "ping"})).await;

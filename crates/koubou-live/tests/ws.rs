@@ -35,7 +35,8 @@ async fn seed_submit_streams_tokens_then_completes() {
     for k in ["task_created", "task_claimed", "task_started"] {
         assert!(kinds.contains(&k), "no {k} in {kinds:?}");
     }
-    let tokens: Vec<&str> = seen.iter().filter(|v| v["type"] == "task_token").map(|v| v["text"].as_str().unwrap()).collect();
+    let tokens: Vec<&str> =
+        seen.iter().filter(|v| v["type"] == "task_token").map(|v| v["text"].as_str().unwrap()).collect();
     assert!(tokens.len() > 3, "tokens streamed one by one, got {tokens:?}");
     send(&mut ws, json!({"type": "get_task", "task_id": id, "ref": 7})).await;
     let (t, _) = until(&mut ws, 5, |v| v["ref"] == 7).await;
@@ -60,7 +61,10 @@ async fn ping_pong_and_malformed_messages_keep_the_connection() {
         (Message::Text(r#"{"no_type": 1}"#.into()), "type"),
         (Message::Text(r#"{"type": "launch_rockets"}"#.into()), "type"),
         (Message::Text(r#"{"type": "submit_task"}"#.into()), "payload"),
-        (Message::Text(r#"{"type": "submit_task", "payload": {"prompt": "x", "priority": 11}}"#.into()), "payload.priority"),
+        (
+            Message::Text(r#"{"type": "submit_task", "payload": {"prompt": "x", "priority": 11}}"#.into()),
+            "payload.priority",
+        ),
         (Message::Text(r#"{"type": "submit_task", "payload": {"type": "code"}}"#.into()), "payload.prompt"),
         (Message::Text(r#"{"type": "subscribe", "task_id": "nope"}"#.into()), "task_id"),
         (Message::Text(r#"{"type": "subscribe", "topic": "weather"}"#.into()), "topic"),
@@ -78,7 +82,10 @@ async fn ping_pong_and_malformed_messages_keep_the_connection() {
     // Unknown task: not found, still an error event.
     send(&mut ws, json!({"type": "get_task", "task_id": TaskId::new().to_string(), "ref": 1})).await;
     let (e, _) = until(&mut ws, 5, |v| v["ref"] == 1).await;
-    assert_eq!((e["type"].as_str(), e["error"]["code"].as_str(), e["ref"].as_i64()), (Some("error"), Some("not_found"), Some(1)));
+    assert_eq!(
+        (e["type"].as_str(), e["error"]["code"].as_str(), e["ref"].as_i64()),
+        (Some("error"), Some("not_found"), Some(1))
+    );
     // Still up.
     send(&mut ws, json!({"type": "ping"})).await;
     until(&mut ws, 5, |v| v["type"] == "pong").await;

@@ -117,9 +117,10 @@ function renderColumn(col) {
 /// reload then brings its full record).
 function moveLocally(id, status) {
   let found = null;
+  let from = null;
   for (const col of Object.keys(state.cols)) {
     const i = state.cols[col].findIndex((t) => t.task_id === id);
-    if (i >= 0) { found = state.cols[col][i]; state.cols[col].splice(i, 1); renderColumn(col); }
+    if (i >= 0) { found = state.cols[col][i]; from = col; state.cols[col].splice(i, 1); renderColumn(col); }
   }
   const to = colOf(status);
   if (found) {
@@ -130,7 +131,8 @@ function moveLocally(id, status) {
     }
   }
   refresh[to]();
-  if (found && colOf(found.status) !== to) refresh[colOf(found.status)]();
+  // The column it left has a new total (and maybe a card to bring in from the next page).
+  if (from !== to) refresh[from || 'pending']();
 }
 
 // ---- detail ----------------------------------------------------------------------------
@@ -297,6 +299,7 @@ function onMessage(m) {
     case 'metrics': pushSample(m); return;
     case 'subscribed': if (m.task) showTask(m.task); return;
     case 'error': console.warn('server:', m.error); return;
+    case 'welcome': case 'unsubscribed': case 'pong': case 'task': case 'task_submitted': return;
     case 'task_token':
       if (m.task_id === state.selected) {
         state.answer += m.text;
