@@ -67,7 +67,13 @@ def main():
 
     load = None
     if args.load:
-        load = subprocess.Popen(["timeout", "600", "yes"], stdout=subprocess.DEVNULL)
+        # Bounded by `timeout`; stopped with SIGTERM, which timeout forwards to `yes`.
+        load = subprocess.Popen(
+            ["timeout", "600", "yes"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(0.3)
     try:
         runs = []
@@ -89,7 +95,7 @@ def main():
                 first_tokens = toks
     finally:
         if load is not None:
-            load.kill()
+            load.terminate()
             load.wait()
 
     result = {

@@ -155,13 +155,25 @@ fn vm_hwm_mb() -> f64 {
 }
 
 fn start_load() -> Result<Child, String> {
+    // `timeout` bounds it even if this process dies; it must be stopped with SIGTERM (which it
+    // forwards to `yes`), not SIGKILL (which would orphan `yes`).
     let child = Command::new("timeout")
         .args(["600", "yes"])
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start the load process: {e}"))?;
     std::thread::sleep(Duration::from_millis(300));
     Ok(child)
+}
+
+fn stop_load(c: &mut Child) {
+    let term = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+    if !term.is_ok_and(|s| s.success()) {
+        let _ = c.kill();
+    }
+    let _ = c.wait();
 }
 
 fn main() {
@@ -219,8 +231,7 @@ fn real_main() -> Result<(), String> {
                 Ok(())
             })();
             if let Some(c) = load_proc.as_mut() {
-                let _ = c.kill();
-                let _ = c.wait();
+                stop_load(c);
             }
             result?;
             if let Some(py) = &args.compare {

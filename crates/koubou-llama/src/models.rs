@@ -322,6 +322,11 @@ impl ModelStore {
             });
         }
         tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // tempfile creates 0600; a model cache is ordinary readable data.
+            let _ = tmp.as_file().set_permissions(fs::Permissions::from_mode(0o644));
+        }
         let dest = self.dir.join(spec.file_name);
         tmp.persist(&dest).map_err(|e| ModelError::Io { path: dest.clone(), source: e.error })?;
         progress(PullProgress::Done { path: dest.clone() });
