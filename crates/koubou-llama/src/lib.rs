@@ -37,13 +37,22 @@
 //!   SHA-256 checked), registers other GGUF files by name, lists and resolves them.
 //!
 //! # Threads
-//! Measured on a 2-core machine with `examples/bench_engine.rs` (see its header for figures):
-//! with the machine otherwise idle, 2 threads generate faster than 1; but as soon as another
-//! process keeps one core busy, 2 threads collapse (llama.cpp's threads wait for each other at
-//! every barrier, and one of them is always descheduled), while 1 thread loses only its share of
-//! the core. Koubou shares its machine with the queue, the HTTP server and whatever the user
-//! runs, so the default ([`default_threads`]) is 1 thread on machines with 1–2 cores and
-//! `cores - 1` (at most 8) on larger ones; `threads` in the configuration overrides it.
+//! Measured on a 2-core Xeon (AVX-512 CPU, x86-64-v3 build) with `examples/bench_engine.rs`,
+//! SmolLM2-135M Q4_1, 82-token prompt, 128 greedy tokens, median of 3:
+//!
+//! | threads | competing `yes` | 1 seq gen tok/s | 4 seqs aggregate | llama-cpp-python |
+//! |---|---|---|---|---|
+//! | 1 | no  | 60.3  | 97.5  | 56.0  |
+//! | 1 | yes | 58.7  | 95.0  | 53.8  |
+//! | 2 | no  | 117.4 | 172.1 | 102.5 |
+//! | 2 | yes | collapses: 3 runs of 128 tokens took several minutes (< 3 tok/s) | | |
+//!
+//! With the machine otherwise idle, 2 threads are twice as fast; but as soon as another process
+//! keeps one core busy, 2 threads collapse (llama.cpp's OpenMP threads wait for each other at
+//! every barrier, and one of them is always descheduled), while 1 thread barely notices. Koubou
+//! shares its machine with the queue, the HTTP server and whatever the user runs, so the default
+//! ([`default_threads`]) is 1 thread on machines with 1–2 cores and `cores - 1` (at most 8) on
+//! larger ones, leaving a core free; `threads` in the configuration overrides it.
 //!
 //! # Logs
 //! llama.cpp's own log output is silenced unless `LOG_LEVEL=DEBUG`.
