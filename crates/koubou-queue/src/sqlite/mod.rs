@@ -82,8 +82,8 @@ pub(crate) struct Ctx<'c> {
     pub cfg: &'c SqliteConfig,
     /// Published after commit.
     pub events: Vec<EventKind>,
-    /// Wake parked workers after commit.
-    pub wake: bool,
+    /// Tasks this batch made claimable: as many parked workers are woken after commit.
+    pub wake: usize,
     /// Cancel these running tasks' tokens after commit.
     pub cancels: Vec<TaskId>,
     /// Register these claims' tokens after commit.
@@ -107,6 +107,9 @@ struct Shared {
     running: Mutex<HashMap<TaskId, CancellationToken>>,
     next_due: AtomicI64,
     readers: Mutex<Vec<Connection>>,
+    /// Bounds concurrent reads to the pool's size, so a burst reuses connections instead of
+    /// opening new ones.
+    read_slots: tokio::sync::Semaphore,
 }
 
 /// The SQLite task queue. Cheap to clone.
@@ -154,6 +157,7 @@ impl SqliteQueue {
         let mut conn = open_conn(&path, &cfg, true)?;
         schema::migrate(&mut conn)?;
         let first_due = ops::next_due_from_table(&conn)?;
+        let cfg_readers = cfg.readers.max(1);
         let shared = Arc::new(Shared {
             cfg,
             path,
@@ -162,6 +166,7 @@ impl SqliteQueue {
             running: Mutex::new(HashMap::new()),
             next_due: AtomicI64::new(first_due),
             readers: Mutex::new(Vec::new()),
+            read_slots: tokio::sync::Semaphore::new(cfg_readers),
         });
         let (jobs, rx) = mpsc::channel::<Job>();
         let s = shared.clone();
@@ -216,6 +221,7 @@ impl SqliteQueue {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, QueueError> {
+        let _slot = self.shared.read_slots.acquire().await.map_err(|_| QueueError::Closed)?;
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
             let conn = match shared.readers.lock().pop() {
@@ -249,7 +255,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
             now: now_millis(),
             cfg: &shared.cfg,
             events: Vec::new(),
-            wake: false,
+            wake: 0,
             cancels: Vec::new(),
             claimed: Vec::new(),
             due: Millis::MAX,
@@ -288,8 +294,10 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                 }
                 shared.bus.publish(e);
             }
-            if ctx.wake {
-                shared.wakeup.notify_waiters();
+            // One worker per new claimable task, not all of them: no thundering herd of
+            // claims that find nothing.
+            for _ in 0..ctx.wake.min(1024) {
+                shared.wakeup.notify_one();
             }
         }
         for r in replies {

@@ -62,7 +62,7 @@ pub fn submit(ctx: &mut Ctx<'_>, new: NewTask) -> Result<Submitted, QueueError> 
             (!task.metadata.is_empty()).then(|| json(&task.metadata)).flatten(),
         ])?;
     ctx.events.push(EventKind::TaskCreated { task_id: task.id, kind: task.kind.clone(), priority: task.priority });
-    ctx.wake = true;
+    ctx.wake += 1;
     Ok(Submitted { task, created: true })
 }
 
@@ -76,7 +76,7 @@ fn housekeeping(ctx: &mut Ctx<'_>) -> Result<(), QueueError> {
         .conn
         .prepare_cached("UPDATE tasks SET status = 'pending' WHERE status = 'retrying' AND available_at <= ?1")?
         .execute([ctx.now])?;
-    ctx.wake |= promoted > 0;
+    ctx.wake += promoted;
     let expired: Vec<(String, u32, u32, Option<String>)> = ctx
         .conn
         .prepare_cached(
@@ -114,7 +114,7 @@ fn requeue_lost(ctx: &mut Ctx<'_>, id: TaskId, attempts: u32, max: u32, reason: 
             )?
             .execute(params![id.to_string(), ctx.now])?;
         ctx.events.push(EventKind::TaskRequeued { task_id: id, reason: reason.to_owned() });
-        ctx.wake = true;
+        ctx.wake += 1;
     }
     Ok(())
 }
@@ -298,7 +298,7 @@ pub fn release(ctx: &mut Ctx<'_>, lease: &Lease) -> Result<(), QueueError> {
     }
     ctx.cancels.push(lease.task_id);
     ctx.events.push(EventKind::TaskRequeued { task_id: lease.task_id, reason: "released by a stopping worker".into() });
-    ctx.wake = true;
+    ctx.wake += 1;
     Ok(())
 }
 

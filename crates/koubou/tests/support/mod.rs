@@ -34,6 +34,11 @@ impl Drop for Serve {
 impl Serve {
     /// Starts `koubou serve --home HOME --port 0 …` and waits for its "serving on" line.
     pub fn start(home: &Path, extra: &[&str]) -> Serve {
+        Serve::start_with_env(home, extra, &[])
+    }
+
+    /// [`Serve::start`] with extra environment variables.
+    pub fn start_with_env(home: &Path, extra: &[&str], env: &[(&str, &str)]) -> Serve {
         let log = home.join(format!(
             "serve-stderr-{}.log",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
@@ -44,6 +49,7 @@ impl Serve {
             .args(extra)
             .env("LOG_LEVEL", "info")
             .env_remove("KOUBOU_HOME")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -193,4 +199,29 @@ backend = "fake"
     );
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("koubou.toml"), cfg).unwrap();
+}
+
+/// A fake Ollama: `/api/tags` lists gemma2:2b; `/api/chat` streams "ollama says: <prompt>" as NDJSON.
+pub async fn fake_ollama() -> SocketAddr {
+    async fn tags() -> impl IntoResponse {
+        Json(serde_json::json!({"models": [{"name": "gemma2:2b", "model": "gemma2:2b"}]}))
+    }
+    async fn chat(Json(body): Json<serde_json::Value>) -> impl IntoResponse {
+        let prompt = body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("");
+        let model = body["model"].as_str().unwrap_or("");
+        let mut lines = String::new();
+        for w in format!("ollama says: {prompt}").split_inclusive(' ') {
+            let l = serde_json::json!({"model": model, "message": {"role": "assistant", "content": w}, "done": false});
+            lines.push_str(&format!("{l}\n"));
+        }
+        let last = serde_json::json!({"model": model, "message": {"role": "assistant", "content": ""}, "done": true,
+            "done_reason": "stop", "prompt_eval_count": 9, "eval_count": 4});
+        lines.push_str(&format!("{last}\n"));
+        ([("content-type", "application/x-ndjson")], lines)
+    }
+    let app = Router::new().route("/api/tags", axum::routing::get(tags)).route("/api/chat", post(chat));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    addr
 }
