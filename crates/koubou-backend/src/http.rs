@@ -22,18 +22,42 @@ const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Error bodies are cut to this many characters in messages.
 const ERROR_BODY_MAX: usize = 600;
 
-/// A client for generations: connect timeout only; the overall budget is the router's.
-///
-/// Connections are not kept for reuse: a server that ends a stream abnormally (llama-cpp-python
-/// on a context overflow, a cancelled generation) closes the connection afterwards, and the next
-/// request sent on that pooled connection fails with "connection reset". Against a model that
-/// takes seconds per answer, a fresh connection per request costs nothing that matters.
+/// The HTTP client every provider uses: connect timeout only (the overall budget is the
+/// router's). Connections are kept alive and reused. Some servers (llama-cpp-python's, after
+/// cutting a stream on a context overflow or a cancelled generation) leave a connection broken,
+/// so [`Pool`] drops the whole pool after a broken answer, and [`send`] retries once a request
+/// that got no answer at all.
 pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(0)
+        .pool_idle_timeout(Duration::from_secs(20))
         .build()
         .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// A backend's connection pool, thrown away whenever an answer broke: a connection that carried
+/// a truncated or failed stream is never used again (a server may have left it half-closed).
+pub(crate) struct Pool(std::sync::Mutex<reqwest::Client>);
+
+impl Pool {
+    pub(crate) fn new() -> Self {
+        Pool(std::sync::Mutex::new(client()))
+    }
+
+    /// The current client (a cheap handle on the shared pool).
+    pub(crate) fn get(&self) -> reqwest::Client {
+        self.0.lock().map(|c| c.clone()).unwrap_or_else(|_| client())
+    }
+
+    /// Starts a fresh pool when `r` is a broken answer; passes `r` through.
+    pub(crate) fn check<T>(&self, r: Result<T, BackendError>) -> Result<T, BackendError> {
+        if matches!(r, Err(BackendError::Truncated { .. } | BackendError::Failed { .. } | BackendError::Cancelled))
+            && let Ok(mut c) = self.0.lock()
+        {
+            *c = client();
+        }
+        r
+    }
 }
 
 /// Refuses URLs this build cannot reach: only plain `http://` is compiled in (the workspace's
@@ -61,11 +85,29 @@ pub(crate) async fn send(
     cancel: &CancellationToken,
     unreachable_hint: &str,
 ) -> Result<reqwest::Response, BackendError> {
-    tokio::select! {
+    let retry = req.try_clone();
+    let first = tokio::select! {
         biased;
-        _ = cancel.cancelled() => Err(BackendError::Cancelled),
-        r = req.send() => r.map_err(|e| transport_error(backend, url, &e, unreachable_hint)),
-    }
+        _ = cancel.cancelled() => return Err(BackendError::Cancelled),
+        r = req.send() => r,
+    };
+    let e = match (first, retry) {
+        (Ok(resp), _) => return Ok(resp),
+        // No answer at all on what was probably a stale pooled connection: once more.
+        (Err(e), Some(again)) if !e.is_connect() && !e.is_timeout() && !e.is_builder() && !e.is_status() => {
+            tracing::debug!(backend, error = %error_chain(&e), "request failed before any answer; retrying once");
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(BackendError::Cancelled),
+                r = again.send() => match r {
+                    Ok(resp) => return Ok(resp),
+                    Err(e) => e,
+                },
+            }
+        }
+        (Err(e), _) => e,
+    };
+    Err(transport_error(backend, url, &e, unreachable_hint))
 }
 
 /// Maps a failure to get an answer at all.

@@ -97,7 +97,7 @@ pub struct OllamaBackend {
     model: String,
     concurrency: usize,
     keep_alive: Option<String>,
-    client: reqwest::Client,
+    client: http::Pool,
 }
 
 impl OllamaBackend {
@@ -108,7 +108,7 @@ impl OllamaBackend {
             model: cfg.model.clone(),
             concurrency: cfg.concurrency.max(1),
             keep_alive: cfg.keep_alive.clone(),
-            client: http::client(),
+            client: http::Pool::new(),
         }
     }
 
@@ -205,7 +205,7 @@ impl Backend for OllamaBackend {
             return Health::down(e.to_string());
         }
         let url = format!("{}/api/tags", self.url);
-        let resp = match self.client.get(&url).timeout(HEALTH_TIMEOUT).send().await {
+        let resp = match self.client.get().get(&url).timeout(HEALTH_TIMEOUT).send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
                 return Health::down(format!("ollama at {} did not answer within {HEALTH_TIMEOUT:?}", self.url));
@@ -256,9 +256,21 @@ impl Backend for OllamaBackend {
         sink: &dyn TokenSink,
         cancel: CancellationToken,
     ) -> Result<Generation, BackendError> {
+        self.client.check(self.stream_answer(req, sink, cancel).await)
+    }
+}
+
+impl OllamaBackend {
+    /// One generation, streamed (see [`http::Pool::check`] for why this is wrapped).
+    async fn stream_answer(
+        &self,
+        req: GenerateRequest,
+        sink: &dyn TokenSink,
+        cancel: CancellationToken,
+    ) -> Result<Generation, BackendError> {
         http::check_url(&self.name, &self.url)?;
         let url = format!("{}/api/chat", self.url);
-        let rb = self.client.post(&url).json(&self.body(&req));
+        let rb = self.client.get().post(&url).json(&self.body(&req));
         let resp = http::send(&self.name, &url, rb, &cancel, SERVE_HINT).await?;
         let status = resp.status().as_u16();
         if !resp.status().is_success() {

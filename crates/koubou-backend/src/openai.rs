@@ -24,7 +24,7 @@ pub struct OpenAiBackend {
     key_source: String,
     model: String,
     concurrency: usize,
-    client: reqwest::Client,
+    client: http::Pool,
 }
 
 /// The key to send: `api_key` when non-empty, else the variable `api_key_env` names, when set
@@ -53,7 +53,7 @@ impl OpenAiBackend {
             key_source,
             model: cfg.model.clone(),
             concurrency: cfg.concurrency.max(1),
-            client: http::client(),
+            client: http::Pool::new(),
         }
     }
 
@@ -175,7 +175,7 @@ impl Backend for OpenAiBackend {
             return Health::down(e.to_string());
         }
         let url = format!("{}/models", self.base_url);
-        let rb = self.authorized(self.client.get(&url)).timeout(HEALTH_TIMEOUT);
+        let rb = self.authorized(self.client.get().get(&url)).timeout(HEALTH_TIMEOUT);
         let resp = match rb.send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Health::down(format!("{url} did not answer within {HEALTH_TIMEOUT:?}")),
@@ -212,9 +212,22 @@ impl Backend for OpenAiBackend {
         sink: &dyn TokenSink,
         cancel: CancellationToken,
     ) -> Result<Generation, BackendError> {
+        self.client.check(self.stream_answer(req, sink, cancel).await)
+    }
+}
+
+impl OpenAiBackend {
+    /// One generation, streamed (see [`http::Pool::check`] for why this is wrapped).
+    async fn stream_answer(
+        &self,
+        req: GenerateRequest,
+        sink: &dyn TokenSink,
+        cancel: CancellationToken,
+    ) -> Result<Generation, BackendError> {
         http::check_url(&self.name, &self.base_url)?;
         let url = format!("{}/chat/completions", self.base_url);
-        let rb = self.authorized(self.client.post(&url)).header("accept", "text/event-stream").json(&self.body(&req));
+        let rb =
+            self.authorized(self.client.get().post(&url)).header("accept", "text/event-stream").json(&self.body(&req));
         let resp = http::send(&self.name, &url, rb, &cancel, "is the server running?").await?;
         let status = resp.status().as_u16();
         if !resp.status().is_success() {

@@ -74,6 +74,15 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
+/// CPU time (user + system) the process has used, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10)) // USER_HZ is 100 on Linux
+}
+
 fn peak_rss_kb(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
@@ -187,7 +196,9 @@ pub async fn run(_ctx: &Ctx, a: BenchArgs) -> anyhow::Result<()> {
 
     // Warm up connections and caches.
     drive(&server.url, "general", 500, a.concurrency).await?;
+    let cpu_before = cpu_time(server.child.id());
     let (lat, wall) = drive(&server.url, "general", a.tasks, a.concurrency).await?;
+    let server_cpu = cpu_time(server.child.id()).zip(cpu_before).map(|(a, b)| a.saturating_sub(b));
     println!(
         "throughput: {} tasks in {:.2} s = {:.0} tasks/s (concurrency {}); submit-to-complete p50 {} p99 {}",
         a.tasks,
@@ -197,6 +208,14 @@ pub async fn run(_ctx: &Ctx, a: BenchArgs) -> anyhow::Result<()> {
         ms(percentile(&lat, 0.5)),
         ms(percentile(&lat, 0.99))
     );
+    if let Some(cpu) = server_cpu {
+        println!(
+            "server CPU: {:.2} s for {} tasks = {:.0} µs per task (the bench client shares the same cores)",
+            cpu.as_secs_f64(),
+            a.tasks,
+            cpu.as_secs_f64() * 1e6 / a.tasks as f64
+        );
+    }
 
     // Added latency: the same backend call, direct and through Koubou, one at a time.
     let http = reqwest::Client::new();
@@ -214,6 +233,12 @@ pub async fn run(_ctx: &Ctx, a: BenchArgs) -> anyhow::Result<()> {
         }
     }
     direct.sort();
+    let (echo_seq, _) = drive(&server.url, "general", a.latency_tasks, 1).await?;
+    println!(
+        "one at a time, echo backend (no backend I/O): submit-to-complete p50 {} p99 {}",
+        ms(percentile(&echo_seq, 0.5)),
+        ms(percentile(&echo_seq, 0.99))
+    );
     drive(&server.url, "viafake", 50, 1).await?;
     let (via, _) = drive(&server.url, "viafake", a.latency_tasks, 1).await?;
     let (d50, v50) = (percentile(&direct, 0.5), percentile(&via, 0.5));

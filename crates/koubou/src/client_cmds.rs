@@ -127,10 +127,10 @@ async fn submit_with(api: &dyn Api, json: bool, args: &SubmitArgs) -> anyhow::Re
         if json {
             return;
         }
-        if !started.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            if let Some(s) = &spinner {
-                s.finish_and_clear();
-            }
+        if !started.swap(true, std::sync::atomic::Ordering::Relaxed)
+            && let Some(s) = &spinner
+        {
+            s.finish_and_clear();
         }
         print!("{t}");
         let _ = std::io::stdout().flush();

@@ -2,13 +2,19 @@
 
 mod support;
 
-use std::time::Duration;
-
 use serde_json::{Value, json};
 use support::{Serve, fake_ollama};
 
 async fn sync_task(url: &str, body: Value) -> Value {
-    let v: Value = reqwest::Client::new().post(format!("{url}/task/delegate")).json(&body).send().await.unwrap().json().await.unwrap();
+    let v: Value = reqwest::Client::new()
+        .post(format!("{url}/task/delegate"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["status"], "completed", "{v}");
     v["task"].clone()
 }
@@ -48,7 +54,8 @@ async fn falls_back_to_the_embedded_model() {
     // Two at once, and a long one cancelled mid-generation.
     let http = reqwest::Client::new();
     let long = json!({"prompt": "Write a very long essay about the history of Rome.", "options": {"max_tokens": 4000, "temperature": 0}});
-    let v: Value = http.post(format!("{}/task/delegate", s.url)).json(&long).send().await.unwrap().json().await.unwrap();
+    let v: Value =
+        http.post(format!("{}/task/delegate", s.url)).json(&long).send().await.unwrap().json().await.unwrap();
     let long_id = v["task_id"].as_str().unwrap().to_owned();
     let short = sync_task(&s.url, json!({"prompt": "Say hello.", "sync": true, "options": {"max_tokens": 16}})).await;
     assert!(!short["result"].as_str().unwrap().is_empty());

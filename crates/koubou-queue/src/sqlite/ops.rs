@@ -130,6 +130,9 @@ pub fn next_due_from_table(conn: &Connection) -> Result<Millis, QueueError> {
     Ok(due.unwrap_or(Millis::MAX))
 }
 
+/// The claim query's order comes from the partial index `tasks_claim`. Named explicitly:
+/// left to itself SQLite's planner prefers `tasks_status` and sorts every pending task on each
+/// claim, which made a 50,000-task backlog drain at ~500 tasks/s.
 pub fn claim(
     ctx: &mut Ctx<'_>,
     worker: &WorkerId,
@@ -151,7 +154,8 @@ pub fn claim(
     let sql = format!(
         "UPDATE tasks SET status = 'running', attempts = attempts + 1, worker_id = ?1, started_at = ?2, \
          lease_until = ?3, finished_at = NULL \
-         WHERE seq = (SELECT seq FROM tasks WHERE status = 'pending' {kind_filter} ORDER BY priority DESC, seq LIMIT 1) \
+         WHERE seq = (SELECT seq FROM tasks INDEXED BY tasks_claim WHERE status = 'pending' {kind_filter} \
+         ORDER BY priority DESC, seq LIMIT 1) \
          RETURNING {COLUMNS}"
     );
     let task = ctx.conn.prepare_cached(&sql)?.query_row(params_from_iter(args), task_from_row).optional()?;
@@ -370,7 +374,8 @@ pub fn position(conn: &Connection, id: TaskId) -> Result<Option<QueuePosition>, 
         conn.prepare_cached("SELECT seq FROM tasks WHERE id = ?1")?.query_row([id.to_string()], |r| r.get(0))?;
     let ahead: i64 = conn
         .prepare_cached(
-            "SELECT COUNT(*) FROM tasks WHERE status = 'pending' AND (priority > ?1 OR (priority = ?1 AND seq < ?2))",
+            "SELECT COUNT(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'pending' \
+             AND (priority > ?1 OR (priority = ?1 AND seq < ?2))",
         )?
         .query_row(params![task.priority.get(), seq], |r| r.get(0))?;
     Ok(Some(QueuePosition { ahead: ahead as u64 }))

@@ -323,3 +323,23 @@ async fn idle_worker_wakes_on_submit() {
     assert!(claim_wait(&*q, &w(1), None, LEASE, &stop).await.unwrap().is_none());
     let _ = EventKind::TaskCancelled { task_id: t.id };
 }
+
+/// The claim must walk the partial index in order, never sort the backlog.
+#[test]
+fn claim_plan_uses_the_claim_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = rusqlite::Connection::open(dir.path().join("p.db")).unwrap();
+    schema::migrate(&mut conn).unwrap();
+    let plan: Vec<String> = conn
+        .prepare(
+            "EXPLAIN QUERY PLAN SELECT seq FROM tasks INDEXED BY tasks_claim WHERE status = 'pending' \
+             AND kind IN ('code') ORDER BY priority DESC, seq LIMIT 1",
+        )
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let plan = plan.join("; ");
+    assert!(plan.contains("tasks_claim") && !plan.contains("TEMP B-TREE"), "{plan}");
+}

@@ -64,12 +64,10 @@ impl Serve {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 use std::io::Write;
                 let _ = writeln!(f, "{line}");
-                if !sent {
-                    if let Some(rest) = line.split("koubou is serving on ").nth(1) {
-                        let url = rest.split_whitespace().next().unwrap().to_owned();
-                        let _ = tx.send(url);
-                        sent = true;
-                    }
+                if !sent && let Some(rest) = line.split("koubou is serving on ").nth(1) {
+                    let url = rest.split_whitespace().next().unwrap().to_owned();
+                    let _ = tx.send(url);
+                    sent = true;
                 }
             }
         });
@@ -207,7 +205,8 @@ pub async fn fake_ollama() -> SocketAddr {
         Json(serde_json::json!({"models": [{"name": "gemma2:2b", "model": "gemma2:2b"}]}))
     }
     async fn chat(Json(body): Json<serde_json::Value>) -> impl IntoResponse {
-        let prompt = body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("");
+        let prompt =
+            body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("");
         let model = body["model"].as_str().unwrap_or("");
         let mut lines = String::new();
         for w in format!("ollama says: {prompt}").split_inclusive(' ') {
