@@ -203,6 +203,7 @@ fn real_main() -> Result<(), String> {
         let engine = Engine::start(EngineConfig {
             model_path: model.clone(),
             threads,
+            batch_threads: threads,
             parallel: args.parallel,
             context: 2048,
             batch: 512,

@@ -141,6 +141,7 @@ impl EmbeddedBackend {
                     Engine::start(EngineConfig {
                         model_path: path,
                         threads,
+                        batch_threads: cfg.batch_threads.unwrap_or(threads),
                         parallel: cfg.parallel,
                         context: cfg.context,
                         batch: DEFAULT_BATCH,

@@ -25,8 +25,10 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub model_path: PathBuf,
-    /// Threads for both generation and prompt processing.
+    /// Threads for a decode of one token (one sequence generating).
     pub threads: usize,
+    /// Threads for a decode of several tokens: prompts, and several sequences batched together.
+    pub batch_threads: usize,
     /// Sequences decoded together (llama.cpp's `n_seq_max`).
     pub parallel: usize,
     /// Context per sequence, in tokens (the context holds `parallel * context`).
@@ -273,7 +275,7 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
         .with_n_batch(batch_cap)
         .with_n_ubatch(batch_cap)
         .with_n_threads(threads)
-        .with_n_threads_batch(threads)
+        .with_n_threads_batch(i32::try_from(cfg.batch_threads.max(1)).unwrap_or(threads))
         // One KV stream per sequence: a sequence's cells sit at the same places as when it runs
         // alone, so batching does not change its arithmetic.
         .with_kv_unified(false);

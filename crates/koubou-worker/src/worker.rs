@@ -7,8 +7,8 @@ use koubou_queue::{Claimed, Completion, Failure, LeaseStatus, Progress, QueueErr
 use koubou_task::{EventBus, EventKind, TaskId, WorkerId, now_millis};
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
-use tracing::Instrument;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// What every worker of a pool shares.
 pub struct Shared {

@@ -44,7 +44,12 @@ impl Backend for Slow {
             _ = tokio::time::sleep(self.delay) => {}
             _ = cancel.cancelled() => return Err(BackendError::Cancelled),
         }
-        Ok(Generation { text: format!("done: {}", req.prompt), usage: Usage::default(), model: req.model, finish_reason: "stop".into() })
+        Ok(Generation {
+            text: format!("done: {}", req.prompt),
+            usage: Usage::default(),
+            model: req.model,
+            finish_reason: "stop".into(),
+        })
     }
 }
 

@@ -39,6 +39,20 @@ pub struct BenchArgs {
     /// Workers in the server.
     #[arg(long, default_value_t = 8)]
     workers: usize,
+    /// Instead: measure the embedded model through the whole system (queue, worker, engine,
+    /// SSE stream): prompt and generation tokens/s, first-token latency, 1 and 4 tasks at once.
+    #[arg(long)]
+    embedded: bool,
+    /// With --embedded: engine threads (default: the engine's own choice).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// With --embedded: a python with llama-cpp-python, to run llama.cpp itself on the same GGUF,
+    /// prompt and thread count in the same run (scripts/ensure-llama-cpp-python.sh prints one).
+    #[arg(long)]
+    compare: Option<String>,
+    /// With --embedded: runs per figure (the median is printed).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
 }
 
 /// The instant OpenAI-compatible server: one content chunk, a finish, `[DONE]`.
@@ -101,15 +115,35 @@ impl Drop for Server {
     }
 }
 
-async fn start_server(a: &BenchArgs, fake: SocketAddr) -> anyhow::Result<Server> {
+/// Starts `koubou serve` on a free port with `config` (everything but `[server]`).
+async fn start_server(config: &str) -> anyhow::Result<Server> {
     let home = tempfile::tempdir()?;
     let port = free_port()?;
-    let config = format!(
+    let config = format!("[server]\nport = {port}\nws_port = 0\ngraphql_port = 0\n{config}");
+    std::fs::write(home.path().join("koubou.toml"), config)?;
+    let exe = std::env::current_exe()?;
+    let child = std::process::Command::new(exe)
+        .args(["serve", "--home"])
+        .arg(home.path())
+        .env("LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting koubou serve")?;
+    let server = Server { child, url: format!("http://127.0.0.1:{port}"), _home: home };
+    let http = reqwest::Client::new();
+    for _ in 0..600 {
+        if http.get(format!("{}/health", server.url)).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(server);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("koubou serve did not become healthy within 30 s")
+}
+
+fn http_bench_config(a: &BenchArgs, fake: SocketAddr) -> String {
+    format!(
         r#"
-[server]
-port = {port}
-ws_port = 0
-graphql_port = 0
 [queue]
 durability = "{durability}"
 [pool]
@@ -132,26 +166,7 @@ backend = "fake"
 "#,
         durability = a.durability,
         w = a.workers,
-    );
-    std::fs::write(home.path().join("koubou.toml"), config)?;
-    let exe = std::env::current_exe()?;
-    let child = std::process::Command::new(exe)
-        .args(["serve", "--home"])
-        .arg(home.path())
-        .env("LOG_LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting koubou serve")?;
-    let server = Server { child, url: format!("http://127.0.0.1:{port}"), _home: home };
-    let http = reqwest::Client::new();
-    for _ in 0..200 {
-        if http.get(format!("{}/health", server.url)).send().await.is_ok_and(|r| r.status().is_success()) {
-            return Ok(server);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("koubou serve did not become healthy within 10 s")
+    )
 }
 
 /// Runs `n` sync submissions of `kind`, `concurrency` at a time; returns latencies and wall time.
@@ -184,8 +199,11 @@ async fn drive(url: &str, kind: &str, n: usize, concurrency: usize) -> anyhow::R
 
 pub async fn run(_ctx: &Ctx, a: BenchArgs) -> anyhow::Result<()> {
     crate::logging::init_quiet();
+    if a.embedded {
+        return embedded(&a).await;
+    }
     let fake = fake_openai().await?;
-    let server = start_server(&a, fake).await?;
+    let server = start_server(&http_bench_config(&a, fake)).await?;
     println!(
         "koubou bench: server pid {}, SQLite durability {}, {} workers, {} cores",
         server.child.id(),
@@ -253,6 +271,143 @@ pub async fn run(_ctx: &Ctx, a: BenchArgs) -> anyhow::Result<()> {
     match peak_rss_kb(server.child.id()) {
         Some(kb) => println!("server peak RSS: {:.1} MiB", kb as f64 / 1024.0),
         None => println!("server peak RSS: unknown"),
+    }
+    Ok(())
+}
+
+/// The same words as the llama-cpp-python comparison script's prompt (system + user), sent as a
+/// task: the system applies the model's chat template, which yields the same ChatML.
+const EMBEDDED_SYSTEM: &str =
+    "You are a helpful assistant who writes clear, detailed and well organised explanations for curious readers.";
+const EMBEDDED_PROMPT: &str = "Explain step by step how a bicycle works: describe the frame, the wheels, the chain and \
+the gears, the brakes, and how the rider keeps balance while moving. Then give three practical tips for keeping a \
+bicycle in good condition through the winter.";
+
+/// One task's timings, from its SSE stream.
+struct Run {
+    first_token: Duration,
+    gen_secs: f64,
+    tokens: u64,
+    prompt_tokens: u64,
+}
+
+async fn one_embedded_task(http: &reqwest::Client, url: &str, tokens: u32) -> anyhow::Result<(Instant, Instant, Run)> {
+    let body = serde_json::json!({"prompt": EMBEDDED_PROMPT, "system": EMBEDDED_SYSTEM,
+        "options": {"temperature": 0, "max_tokens": tokens}});
+    let t0 = Instant::now();
+    let v: serde_json::Value = http.post(format!("{url}/task/delegate")).json(&body).send().await?.json().await?;
+    let id = v["task_id"].as_str().context("no task_id")?.to_owned();
+    let mut stream = http.get(format!("{url}/task/{id}/events")).send().await?.bytes_stream();
+    let (mut first, mut last) = (None, t0);
+    let mut buf = String::new();
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        let now = Instant::now();
+        while let Some(end) = buf.find("\n\n") {
+            let ev: String = buf.drain(..end + 2).collect();
+            if ev.contains("event: task_token") {
+                first.get_or_insert(now);
+                last = now;
+            }
+        }
+    }
+    let t: serde_json::Value = http.get(format!("{url}/task/{id}/status")).send().await?.json().await?;
+    if t["status"] != "completed" {
+        bail!("embedded task did not complete: {t}");
+    }
+    let first = first.context("no token streamed")?;
+    let tokens = t["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    let run = Run {
+        first_token: first - t0,
+        gen_secs: (last - first).as_secs_f64(),
+        tokens,
+        prompt_tokens: t["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+    };
+    Ok((first, last, run))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
+    let threads = a.threads.map(|t| format!("threads = {t}\n")).unwrap_or_default();
+    let config = format!(
+        "[pool]\nmin_workers = 4\nmax_workers = 4\n[backends.embedded]\nkind = \"embedded\"\nparallel = 4\n{threads}\
+         [types.general]\nbackend = \"embedded\"\ntimeout_secs = 600\n"
+    );
+    let server = start_server(&config).await?;
+    let http = reqwest::Client::new();
+    const TOKENS: u32 = 128;
+    one_embedded_task(&http, &server.url, 16).await?; // load the model, warm caches
+    let mut rates = Vec::new();
+    let mut first = Vec::new();
+    let mut runs = Vec::new();
+    for _ in 0..a.runs.max(1) {
+        let (_, _, r) = one_embedded_task(&http, &server.url, TOKENS).await?;
+        rates.push((r.tokens.saturating_sub(1)) as f64 / r.gen_secs.max(1e-9));
+        first.push(r.first_token.as_secs_f64());
+        runs.push(r);
+    }
+    let gen1 = median(rates);
+    let first1 = median(first);
+    let r = &runs[0];
+    println!(
+        "embedded through koubou (queue → worker → engine → SSE), 1 task: {} prompt tokens, {} generated; \
+         generation {gen1:.1} tok/s, first token {:.0} ms (includes prompt processing ≈ {:.0} prompt tok/s); median of {}",
+        r.prompt_tokens,
+        r.tokens,
+        first1 * 1e3,
+        r.prompt_tokens as f64 / first1,
+        a.runs.max(1)
+    );
+    let mut agg = Vec::new();
+    for _ in 0..a.runs.clamp(1, 3) {
+        let all = futures::future::try_join_all((0..4).map(|_| one_embedded_task(&http, &server.url, TOKENS))).await?;
+        let start = all.iter().map(|(f, _, _)| *f).min().context("no runs")?;
+        let end = all.iter().map(|(_, l, _)| *l).max().context("no runs")?;
+        let tokens: u64 = all.iter().map(|(_, _, r)| r.tokens).sum();
+        agg.push(tokens as f64 / (end - start).as_secs_f64());
+    }
+    let agg = median(agg);
+    println!(
+        "embedded through koubou, 4 tasks at once: aggregate generation {agg:.1} tok/s ({:.2}x one task)",
+        agg / gen1
+    );
+    match peak_rss_kb(server.child.id()) {
+        Some(kb) => println!("server peak RSS: {:.1} MiB", kb as f64 / 1024.0),
+        None => println!("server peak RSS: unknown"),
+    }
+    drop(server);
+    if let Some(py) = &a.compare {
+        let model = std::env::var("KOUBOU_TEST_MODEL").ok().map(std::path::PathBuf::from).unwrap_or_else(|| {
+            let dir = std::env::var_os("KOUBOU_MODELS_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| {
+                let cache = std::env::var_os("XDG_CACHE_HOME").map(std::path::PathBuf::from).unwrap_or_else(|| {
+                    std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
+                });
+                cache.join("koubou").join("models")
+            });
+            dir.join("smollm2-135m-instruct.Q4_1.gguf")
+        });
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench-llama-cpp-python.py");
+        let t =
+            a.threads.unwrap_or(if std::thread::available_parallelism().map_or(1, |n| n.get()) <= 2 { 1 } else { 2 });
+        let out = tokio::process::Command::new(py)
+            .arg(&script)
+            .args(["--model"])
+            .arg(&model)
+            .args(["--threads", &t.to_string(), "--tokens", &TOKENS.to_string(), "--runs", &a.runs.max(1).to_string()])
+            .output()
+            .await
+            .context("running llama-cpp-python")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("llama.cpp itself (llama-cpp-python, {t} thread(s), same GGUF and prompt): {}", text.trim());
+        if let Some(g) =
+            text.split("gen ").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse::<f64>().ok())
+        {
+            println!("koubou / llama.cpp generation: {:.0}%", gen1 / g * 100.0);
+        }
     }
     Ok(())
 }

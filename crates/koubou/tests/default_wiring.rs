@@ -37,6 +37,7 @@ async fn uses_ollama_when_it_answers_on_ollama_host() {
 #[cfg(feature = "embedded")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falls_back_to_the_embedded_model() {
+    use std::time::Duration;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let home = tempfile::tempdir().unwrap();
     let s = Serve::start_with_env(home.path(), &[], &[("OLLAMA_HOST", &closed)]);

@@ -26,6 +26,7 @@ pub fn config(parallel: usize) -> EmbeddedConfig {
     EmbeddedConfig {
         model: model_path().display().to_string(),
         threads: Some(1),
+        batch_threads: None,
         parallel,
         context: 2048,
         max_tokens: 256,
