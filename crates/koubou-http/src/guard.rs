@@ -1,7 +1,9 @@
 //! Auth token and Origin check, applied to every route on every port.
 //!
-//! - Token: when configured, every request needs `Authorization: Bearer <token>` (or, for
-//!   browsers opening a WebSocket, `?access_token=<token>`). Compared in constant time.
+//! - Token: when configured, every request needs `Authorization: Bearer <token>`. Browsers,
+//!   which cannot set that header on a page load or a WebSocket, open
+//!   `/dashboard?access_token=<token>` once: a valid query token sets an HttpOnly, SameSite=Strict
+//!   cookie `koubou_token` that later requests carry. Compared in constant time.
 //! - Origin (DNS-rebinding and cross-site protection, as the MCP spec asks of HTTP servers): a
 //!   request *without* Origin passes (non-browser clients send none); one *with* Origin passes
 //!   only if it is a loopback origin, the server's own host, or listed in `allowed_origins`.
@@ -37,18 +39,37 @@ pub async fn guard(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Res
             );
         }
     }
+    let mut set_cookie = None;
     if let Some(token) = g.token.as_deref().filter(|t| !t.is_empty()) {
-        let given = bearer(req.headers()).or_else(|| query_token(req.uri().query()));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        let ok = |t: Option<String>| t.is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+        if ok(query_token(req.uri().query())) {
+            set_cookie = Some(format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"));
+        } else if !ok(bearer(req.headers())) && !ok(cookie_token(req.headers())) {
             return json_error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "missing or wrong token: send Authorization: Bearer <server.auth_token>",
+                "missing or wrong token: send Authorization: Bearer <server.auth_token> \
+                 (in a browser, open /dashboard?access_token=<token> once)",
                 Some("Authorization"),
             );
         }
     }
-    next.run(req).await
+    let mut resp = next.run(req).await;
+    if let Some(c) = set_cookie.and_then(|c| c.parse().ok()) {
+        resp.headers_mut().append(header::SET_COOKIE, c);
+    }
+    resp
+}
+
+const COOKIE: &str = "koubou_token";
+
+fn cookie_token(h: &HeaderMap) -> Option<String> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| kv.trim().strip_prefix(COOKIE).and_then(|r| r.strip_prefix('=')))
+        .map(str::to_owned)
 }
 
 fn bearer(h: &HeaderMap) -> Option<String> {
@@ -110,5 +131,8 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
         assert_eq!(query_token(Some("a=1&access_token=xyz")), Some("xyz".into()));
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "theme=dark; koubou_token=s3cret".parse().unwrap());
+        assert_eq!(cookie_token(&h), Some("s3cret".into()));
     }
 }

@@ -60,15 +60,17 @@ fn lock_home(ctx: &Ctx) -> anyhow::Result<std::fs::File> {
 }
 
 /// The routes of port 8765: REST, MCP at `/mcp`, WebSocket at `/ws`, the dashboard.
-pub fn main_router(k: &Koubou) -> Router {
+pub fn main_router(k: &Koubou, stop: &CancellationToken) -> Router {
     let cfg = k.config();
     let api: Arc<dyn koubou_system::Api> = Arc::new(k.clone());
-    let mcp_opts = if koubou_system::config::is_loopback(&cfg.server.host) {
+    let mut mcp_opts = if koubou_system::config::is_loopback(&cfg.server.host) {
         koubou_mcp::HttpOptions::default()
     } else {
         // Bound beyond loopback (only allowed with an auth token): any Host may reach /mcp.
         koubou_mcp::HttpOptions::any_host()
     };
+    // Open MCP response streams end when the server shuts down.
+    mcp_opts.shutdown = stop.clone();
     let ws = Router::new()
         .route("/ws", axum::routing::get(koubou_live::ws_handler))
         .with_state(koubou_live::WsState::new(k.clone(), koubou_live::WsConfig::default()));
@@ -120,7 +122,7 @@ pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
     let mut servers = Vec::new();
     let host = cfg.server.host.clone();
     let faces: Vec<(u16, &str, Router)> = vec![
-        (cfg.server.port, "REST, MCP (/mcp), WebSocket (/ws) and the dashboard", main_router(&k)),
+        (cfg.server.port, "REST, MCP (/mcp), WebSocket (/ws) and the dashboard", main_router(&k, &stop)),
         (cfg.server.ws_port, "the WebSocket", koubou_live::ws_router(k.clone())),
         (cfg.server.graphql_port, "GraphQL", koubou_live::graphql_router(k.clone())),
     ];
