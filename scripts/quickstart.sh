@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 prompt="${1:-Explain Python decorators in two sentences.}"
 scripts/setup-system.sh
 cargo build --release --locked -p koubou >&2
-exec target/release/koubou run --type general "$prompt"
+exec "${CARGO_TARGET_DIR:-target}/release/koubou" run --type general "$prompt"
