@@ -83,15 +83,15 @@ impl Live {
     /// Starts following the bus.
     pub fn follow(bus: &EventBus) -> Live {
         let live = Live::default();
+        // Watchers are served straight from `publish` (no hop through this task).
+        let l = live.clone();
+        bus.tap(Arc::new(move |e| l.route(e)));
         let mut rx = bus.subscribe();
         let l = live.clone();
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
-                    Ok(e) => {
-                        l.route(&e);
-                        l.apply(&e);
-                    }
+                    Ok(e) => l.apply(&e),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "live state fell behind the event bus");
                     }

@@ -137,17 +137,38 @@ impl EventKind {
 #[derive(Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<Event>>,
+    taps: Arc<std::sync::RwLock<Vec<Tap>>>,
 }
+
+/// A function called synchronously, in order, for every event as it is published: for routing
+/// that must not cost a thread hop (per-task watchers). It must be quick and never block.
+pub type Tap = Arc<dyn Fn(&Arc<Event>) + Send + Sync>;
 
 impl EventBus {
     pub fn new(capacity: usize) -> Self {
-        EventBus { tx: broadcast::channel(capacity.max(16)).0 }
+        EventBus { tx: broadcast::channel(capacity.max(16)).0, taps: Default::default() }
     }
 
-    /// Sends to every current subscriber; a bus nobody listens to drops the event.
+    /// Calls every tap, then sends to every current subscriber; with neither, the event is dropped.
     pub fn publish(&self, kind: EventKind) {
+        let Ok(taps) = self.taps.read() else { return };
+        if taps.is_empty() && self.tx.receiver_count() == 0 {
+            return;
+        }
+        let e = Arc::new(Event { at: now_millis(), kind });
+        for tap in taps.iter() {
+            tap(&e);
+        }
+        drop(taps);
         if self.tx.receiver_count() > 0 {
-            let _ = self.tx.send(Arc::new(Event { at: now_millis(), kind }));
+            let _ = self.tx.send(e);
+        }
+    }
+
+    /// Adds a [`Tap`].
+    pub fn tap(&self, f: Tap) {
+        if let Ok(mut t) = self.taps.write() {
+            t.push(f);
         }
     }
 

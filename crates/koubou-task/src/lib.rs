@@ -15,7 +15,7 @@ pub mod kind;
 pub mod task;
 pub mod validate;
 
-pub use event::{Event, EventBus, EventKind};
+pub use event::{Event, EventBus, EventKind, Tap};
 pub use id::{TaskId, WorkerId};
 pub use kind::{Priority, TaskKind};
 pub use task::{GenOptions, NewTask, Task, TaskStatus, Usage};

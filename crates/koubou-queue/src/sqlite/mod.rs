@@ -216,7 +216,20 @@ impl SqliteQueue {
         rx.await.map_err(|_| QueueError::Closed)?
     }
 
-    /// Runs `f` on a read connection from the pool.
+    /// Runs `f` on a read connection from the pool, on the calling thread: for lookups by key
+    /// (tens of µs), where handing the work to a blocking thread would cost more than it does.
+    async fn read_inline<T>(&self, f: impl FnOnce(&Connection) -> Result<T, QueueError>) -> Result<T, QueueError> {
+        let _slot = self.shared.read_slots.acquire().await.map_err(|_| QueueError::Closed)?;
+        let conn = match self.shared.readers.lock().pop() {
+            Some(c) => c,
+            None => open_conn(&self.shared.path, &self.shared.cfg, false)?,
+        };
+        let r = f(&conn);
+        self.shared.readers.lock().push(conn);
+        r
+    }
+
+    /// Runs `f` on a read connection from the pool, on a blocking thread (scans, counts).
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, QueueError> + Send + 'static,
@@ -313,7 +326,7 @@ impl TaskQueue for SqliteQueue {
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError> {
-        self.read(move |c| ops::get(c, id)).await
+        self.read_inline(|c| ops::get(c, id)).await
     }
 
     async fn list(&self, query: TaskQuery) -> Result<TaskPage, QueueError> {
@@ -325,7 +338,7 @@ impl TaskQueue for SqliteQueue {
     }
 
     async fn position(&self, id: TaskId) -> Result<Option<QueuePosition>, QueueError> {
-        self.read(move |c| ops::position(c, id)).await
+        self.read_inline(|c| ops::position(c, id)).await
     }
 
     async fn claim(
