@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// With --embedded: engine threads (default: the engine's own choice).
     #[arg(long)]
     threads: Option<usize>,
+    /// With --embedded: engine threads for batched decodes (default: the engine's own choice).
+    #[arg(long)]
+    batch_threads: Option<usize>,
     /// With --embedded: a python with llama-cpp-python, to run llama.cpp itself on the same GGUF,
     /// prompt and thread count in the same run (scripts/ensure-llama-cpp-python.sh prints one).
     #[arg(long)]
@@ -332,7 +335,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
-    let threads = a.threads.map(|t| format!("threads = {t}\n")).unwrap_or_default();
+    let threads = a.threads.map(|t| format!("threads = {t}\n")).unwrap_or_default()
+        + &a.batch_threads.map(|t| format!("batch_threads = {t}\n")).unwrap_or_default();
     let config = format!(
         "[pool]\nmin_workers = 4\nmax_workers = 4\n[backends.embedded]\nkind = \"embedded\"\nparallel = 4\n{threads}\
          [types.general]\nbackend = \"embedded\"\ntimeout_secs = 600\n"
