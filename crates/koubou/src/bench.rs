@@ -385,18 +385,8 @@ async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
     }
     drop(server);
     if let Some(py) = &a.compare {
-        let model = std::env::var("KOUBOU_TEST_MODEL").ok().map(std::path::PathBuf::from).unwrap_or_else(|| {
-            let dir = std::env::var_os("KOUBOU_MODELS_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| {
-                let cache = std::env::var_os("XDG_CACHE_HOME").map(std::path::PathBuf::from).unwrap_or_else(|| {
-                    std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
-                });
-                cache.join("koubou").join("models")
-            });
-            dir.join("smollm2-135m-instruct.Q4_1.gguf")
-        });
+        let (model, t) = engine_defaults(a.threads)?;
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench-llama-cpp-python.py");
-        let t =
-            a.threads.unwrap_or(if std::thread::available_parallelism().map_or(1, |n| n.get()) <= 2 { 1 } else { 2 });
         let out = tokio::process::Command::new(py)
             .arg(&script)
             .args(["--model"])
@@ -414,4 +404,19 @@ async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The GGUF and thread count the embedded backend uses by default, for the llama.cpp run.
+#[cfg(feature = "embedded")]
+fn engine_defaults(threads: Option<usize>) -> anyhow::Result<(std::path::PathBuf, usize)> {
+    let model = match std::env::var_os("KOUBOU_TEST_MODEL") {
+        Some(p) => p.into(),
+        None => koubou_llama::ModelStore::from_env()?.default_path(),
+    };
+    Ok((model, threads.unwrap_or_else(koubou_llama::backend::default_threads)))
+}
+
+#[cfg(not(feature = "embedded"))]
+fn engine_defaults(_: Option<usize>) -> anyhow::Result<(std::path::PathBuf, usize)> {
+    bail!("this koubou was built without the embedded engine")
 }
