@@ -152,10 +152,23 @@ pub struct EmbeddedConfig {
     /// under load (1 on a machine with 2 cores).
     pub threads: Option<usize>,
     /// CPU threads for batched work (prompt processing, several sequences at once); unset means
-    /// `threads`. Measured on 2 cores: `batch_threads = 2` raised 4 tasks' aggregate from 92 to
-    /// 174 tokens/s on an idle machine, but fell to 13 tokens/s when another process took a core
-    /// (llama.cpp's threads spin at barriers), so it is not the default.
+    /// every core (at most 8). With `share_cores` they are used only while other processes
+    /// leave those cores idle.
     pub batch_threads: Option<usize>,
+    /// Run a decode on one thread whenever other processes keep the cores it would use busy
+    /// (llama.cpp's threads wait for each other at every step, so a busy core slows them all
+    /// down far below one thread's speed).
+    pub share_cores: bool,
+    /// The weight format served: `original` (as stored), `auto` (re-encode, once, a model whose
+    /// format has no batched kernel on this CPU into a nearly lossless one that has: Q4_1 → Q8_0
+    /// on x86 with AVX2), or one of `q8_0` (nearly lossless from 4- and 5-bit formats), `q4_0`,
+    /// `iq4_nl` (fastest, but re-encoding 4-bit weights costs quality). Measured with SmolLM2
+    /// (Q4_1) on 2 cores: 1 task 79 / 111 / 137 tok/s as original / q8_0 / q4_0, perplexity
+    /// 35.7 / 35.7 / 43.3; see docs/benchmarks.md.
+    pub weights: String,
+    /// KV cache element type: `q8_0` (half the memory of `f16`, faster attention on CPU) or
+    /// `f16`.
+    pub kv_cache: String,
     /// Sequences decoded together in one batch (the backend's capacity).
     pub parallel: usize,
     /// Context length per sequence, in tokens.
@@ -170,6 +183,9 @@ impl Default for EmbeddedConfig {
             model: "smollm2-135m-instruct".into(),
             threads: None,
             batch_threads: None,
+            share_cores: true,
+            weights: "original".into(),
+            kv_cache: "q8_0".into(),
             parallel: 4,
             context: 4096,
             max_tokens: 512,

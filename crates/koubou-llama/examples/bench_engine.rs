@@ -10,7 +10,10 @@
 //!     --compare "$(scripts/ensure-llama-cpp-python.sh)"
 //! ```
 //! Options: `--model PATH` (else `$KOUBOU_TEST_MODEL`, else the store's default, pulled if
-//! missing), `--threads 1,2`, `--tokens 128`, `--runs 5`, `--parallel 4`, `--loads no,yes`.
+//! missing), `--threads 1,2`, `--batch-threads N` (default: each `--threads` value),
+//! `--share-cores yes|no` (default no), `--weights auto|original|q4_0|q8_0|iq4_nl` (default
+//! original), `--kv-cache q8_0|f16` (default f16), `--tokens 128`, `--runs 5`, `--parallel 4`,
+//! `--loads no,yes`.
 
 use std::{
     path::PathBuf,
@@ -19,7 +22,7 @@ use std::{
 };
 
 use koubou_backend::CancellationToken;
-use koubou_llama::{Engine, EngineConfig, Event, JobSpec, ModelStore, Prompt};
+use koubou_llama::{Engine, EngineConfig, Event, JobSpec, KvCache, ModelStore, Prompt, Weights};
 
 /// Keep in sync with BENCH_PROMPT in scripts/bench-llama-cpp-python.py.
 const BENCH_PROMPT: &str = "<|im_start|>system\nYou are a helpful assistant who writes clear, detailed and well organised \
@@ -36,6 +39,10 @@ struct Args {
     runs: usize,
     parallel: usize,
     compare: Option<String>,
+    batch_threads: Option<usize>,
+    share_cores: bool,
+    weights: Weights,
+    kv_cache: KvCache,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -47,6 +54,10 @@ fn parse_args() -> Result<Args, String> {
         runs: 5,
         parallel: 4,
         compare: None,
+        batch_threads: None,
+        share_cores: false,
+        weights: Weights::Original,
+        kv_cache: KvCache::F16,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,6 +75,16 @@ fn parse_args() -> Result<Args, String> {
             "--runs" => a.runs = val()?.parse().map_err(|e| format!("--runs: {e}"))?,
             "--parallel" => a.parallel = val()?.parse().map_err(|e| format!("--parallel: {e}"))?,
             "--compare" => a.compare = Some(val()?),
+            "--batch-threads" => a.batch_threads = Some(val()?.parse().map_err(|e| format!("--batch-threads: {e}"))?),
+            "--share-cores" => a.share_cores = val()? == "yes",
+            "--weights" => {
+                let v = val()?;
+                a.weights = Weights::parse(&v).ok_or_else(|| format!("--weights: unknown {v:?}"))?
+            }
+            "--kv-cache" => {
+                let v = val()?;
+                a.kv_cache = KvCache::parse(&v).ok_or_else(|| format!("--kv-cache: unknown {v:?}"))?
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -203,12 +224,26 @@ fn real_main() -> Result<(), String> {
         let engine = Engine::start(EngineConfig {
             model_path: model.clone(),
             threads,
-            batch_threads: threads,
+            batch_threads: args.batch_threads.unwrap_or(threads),
             parallel: args.parallel,
             context: 2048,
             batch: 512,
+            weights: args.weights,
+            kv_cache: args.kv_cache,
+            share_cores: args.share_cores,
+            copies_dir: None,
         })
         .map_err(|e| e.to_string())?;
+        let info = engine.info();
+        println!(
+            "serving {} (weights {}, kv cache {}), {} threads, {} for batches{}",
+            info.served_path.display(),
+            info.weights,
+            info.kv_cache.as_str(),
+            info.threads,
+            info.batch_threads,
+            if args.share_cores { " while the cores are free" } else { "" }
+        );
         // Warm up (page in the weights).
         run_batch(&engine, 1, 8)?;
         for &load in &args.loads {

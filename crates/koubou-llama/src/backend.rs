@@ -9,7 +9,7 @@ use koubou_backend::{
 use tokio::sync::OnceCell;
 
 use crate::{
-    engine::{Engine, EngineConfig, EngineError, Event, JobSpec, ModelInfo, Prompt},
+    engine::{Engine, EngineConfig, EngineError, Event, JobSpec, KvCache, ModelInfo, Prompt, Weights},
     models::{ModelError, ModelStore},
 };
 
@@ -34,12 +34,21 @@ pub fn default_threads_for(cores: usize) -> usize {
     if cores <= 2 { 1 } else { (cores - 1).min(8) }
 }
 
+/// Threads for batched work when the configuration sets none: every core, at most 8 (used only
+/// while the cores are otherwise idle, unless `share_cores` is off).
+pub fn default_batch_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
+}
+
 /// A GGUF model run in-process by llama.cpp, shared by up to `parallel` concurrent generations.
 pub struct EmbeddedBackend {
     name: String,
     cfg: EmbeddedConfig,
     store: ModelStore,
     threads: usize,
+    batch_threads: usize,
+    weights: Weights,
+    kv_cache: KvCache,
     /// The resolved file; `None` while the default model is still to be pulled.
     path: Option<PathBuf>,
     engine: OnceCell<Arc<Engine>>,
@@ -73,6 +82,14 @@ impl EmbeddedBackend {
         if cfg.threads == Some(0) {
             return Err(config_err("threads must be at least 1".into()));
         }
+        if cfg.batch_threads == Some(0) {
+            return Err(config_err("batch_threads must be at least 1".into()));
+        }
+        let weights = Weights::parse(&cfg.weights).ok_or_else(|| {
+            config_err(format!("weights must be auto, original, q4_0, q8_0 or iq4_nl, not {:?}", cfg.weights))
+        })?;
+        let kv_cache = KvCache::parse(&cfg.kv_cache)
+            .ok_or_else(|| config_err(format!("kv_cache must be q8_0 or f16, not {:?}", cfg.kv_cache)))?;
         if (cfg.parallel as u64) * u64::from(cfg.context) > 1 << 24 {
             return Err(config_err(format!(
                 "parallel * context = {} tokens is too large",
@@ -99,14 +116,22 @@ impl EmbeddedBackend {
             cfg: cfg.clone(),
             store: models.clone(),
             threads: cfg.threads.unwrap_or_else(default_threads),
+            batch_threads: cfg.batch_threads.unwrap_or_else(default_batch_threads),
+            weights,
+            kv_cache,
             path,
             engine: OnceCell::new(),
         })
     }
 
-    /// Threads the engine uses.
+    /// Threads the engine uses for one generating sequence.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Threads the engine uses for batched work (while the cores are free).
+    pub fn batch_threads(&self) -> usize {
+        self.batch_threads
     }
 
     /// The loaded model, once loaded.
@@ -126,7 +151,8 @@ impl EmbeddedBackend {
                 let store = self.store.clone();
                 let path = self.path.clone();
                 let cfg = self.cfg.clone();
-                let threads = self.threads;
+                let (threads, batch_threads, weights, kv_cache) =
+                    (self.threads, self.batch_threads, self.weights, self.kv_cache);
                 let join = tokio::task::spawn_blocking(move || -> Result<Engine, BackendError> {
                     let path = match path {
                         Some(p) => p,
@@ -141,10 +167,14 @@ impl EmbeddedBackend {
                     Engine::start(EngineConfig {
                         model_path: path,
                         threads,
-                        batch_threads: cfg.batch_threads.unwrap_or(threads),
+                        batch_threads,
                         parallel: cfg.parallel,
                         context: cfg.context,
                         batch: DEFAULT_BATCH,
+                        weights,
+                        kv_cache,
+                        share_cores: cfg.share_cores,
+                        copies_dir: Some(store.copies_dir()),
                     })
                     .map_err(|e| BackendError::Config { backend: name.clone(), detail: e.to_string() })
                 });
@@ -204,11 +234,15 @@ impl Backend for EmbeddedBackend {
         if let Some(info) = self.model_info() {
             return Health::up(
                 format!(
-                    "embedded llama.cpp: {} loaded ({} M params, {} MiB; {} threads, {} sequences x {} tokens)",
+                    "embedded llama.cpp: {} loaded ({} M params, {} MiB, weights {}, kv cache {}; {} threads, {} for batches{}, {} sequences x {} tokens)",
                     info.file_name,
                     info.n_params / 1_000_000,
                     info.size_bytes >> 20,
+                    info.weights,
+                    info.kv_cache.as_str(),
                     info.threads,
+                    info.batch_threads,
+                    if self.cfg.share_cores { " while cores are free" } else { "" },
                     info.parallel,
                     info.context
                 ),
@@ -318,6 +352,14 @@ mod tests {
         let store = ModelStore::new(t.path());
         let bad = EmbeddedConfig { parallel: 0, ..EmbeddedConfig::default() };
         assert!(matches!(EmbeddedBackend::new("e", &bad, &store), Err(BackendError::Config { .. })));
+        for bad in [
+            EmbeddedConfig { weights: "q4_1".into(), ..EmbeddedConfig::default() },
+            EmbeddedConfig { kv_cache: "q4".into(), ..EmbeddedConfig::default() },
+            EmbeddedConfig { batch_threads: Some(0), ..EmbeddedConfig::default() },
+        ] {
+            let err = EmbeddedBackend::new("e", &bad, &store).unwrap_err();
+            assert!(matches!(err, BackendError::Config { .. }), "{err}");
+        }
         let missing = EmbeddedConfig { model: "not-there".into(), ..EmbeddedConfig::default() };
         let err = EmbeddedBackend::new("e", &missing, &store).unwrap_err();
         assert!(matches!(err, BackendError::ModelMissing { .. }));

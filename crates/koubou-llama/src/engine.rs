@@ -12,7 +12,7 @@ use std::{
 
 use koubou_backend::CancellationToken;
 use llama_cpp_2::{
-    context::params::LlamaContextParams,
+    context::params::{KvCacheType, LlamaContextParams},
     llama_backend::LlamaBackend,
     llama_batch::LlamaBatch,
     model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel, params::LlamaModelParams},
@@ -20,6 +20,11 @@ use llama_cpp_2::{
     token::LlamaToken,
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use crate::{
+    cores::CoreShare,
+    transcode::{self, WeightFormat},
+};
 
 /// How the engine is built.
 #[derive(Clone, Debug)]
@@ -35,6 +40,68 @@ pub struct EngineConfig {
     pub context: u32,
     /// Most tokens in one decode call (prompt chunks plus one token per generating sequence).
     pub batch: u32,
+    /// The weight format the model is served in (see [`crate::transcode`]).
+    pub weights: Weights,
+    /// How the KV cache stores keys and values.
+    pub kv_cache: KvCache,
+    /// Run a decode on one thread while other processes keep the cores its threads need busy
+    /// (see [`crate::cores`]).
+    pub share_cores: bool,
+    /// Where re-encoded copies of models are kept (`None`: beside the model).
+    pub copies_dir: Option<PathBuf>,
+}
+
+/// Which weight format to serve a model in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weights {
+    /// As stored in the file.
+    Original,
+    /// Re-encode once when the file's format has no batched kernel on this CPU
+    /// ([`crate::transcode::batched_format_for`]).
+    Auto,
+    /// Always this format.
+    Format(WeightFormat),
+}
+
+impl Weights {
+    pub fn parse(s: &str) -> Option<Weights> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Some(Weights::Auto),
+            "original" => Some(Weights::Original),
+            other => WeightFormat::parse(other).map(Weights::Format),
+        }
+    }
+}
+
+/// The KV cache's element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvCache {
+    F16,
+    Q8_0,
+}
+
+impl KvCache {
+    pub fn parse(s: &str) -> Option<KvCache> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Some(KvCache::F16),
+            "q8_0" => Some(KvCache::Q8_0),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCache::F16 => "f16",
+            KvCache::Q8_0 => "q8_0",
+        }
+    }
+
+    fn llama(self) -> KvCacheType {
+        match self {
+            KvCache::F16 => KvCacheType::F16,
+            KvCache::Q8_0 => KvCacheType::Q8_0,
+        }
+    }
 }
 
 /// What the loaded model is.
@@ -48,8 +115,14 @@ pub struct ModelInfo {
     /// Whether the GGUF carries a chat template (else ChatML is used).
     pub chat_template: bool,
     pub threads: usize,
+    pub batch_threads: usize,
     pub parallel: usize,
     pub context: u32,
+    /// The file llama.cpp runs: `path`, or a re-encoded copy of it.
+    pub served_path: PathBuf,
+    /// The weight format served, and where it came from (e.g. `q4_0, re-encoded from q4_1`).
+    pub weights: String,
+    pub kv_cache: KvCache,
 }
 
 /// The text a sequence starts from.
@@ -262,9 +335,14 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
     if !debug {
         backend.void_logs();
     }
-    let model = match LlamaModel::load_from_file(&backend, &cfg.model_path, &LlamaModelParams::default()) {
+    let (served_path, weights) =
+        match transcode::resolve(&cfg.model_path, cfg.weights, cfg.copies_dir.as_deref(), cfg.batch_threads) {
+            Ok(r) => r,
+            Err(e) => return fail(e.to_string()),
+        };
+    let model = match LlamaModel::load_from_file(&backend, &served_path, &LlamaModelParams::default()) {
         Ok(m) => m,
-        Err(e) => return fail(format!("{}: {e}", cfg.model_path.display())),
+        Err(e) => return fail(format!("{}: {e}", served_path.display())),
     };
     let threads = i32::try_from(cfg.threads).unwrap_or(1);
     let n_ctx = cfg.context.saturating_mul(cfg.parallel as u32);
@@ -279,8 +357,17 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
         // One KV stream per sequence: a sequence's cells sit at the same places as when it runs
         // alone, so batching does not change its arithmetic.
         .with_kv_unified(false);
-    let mut ctx = match model.new_context(&backend, params) {
-        Ok(c) => c,
+    let with_kv = |kv: KvCache| params.clone().with_type_k(kv.llama()).with_type_v(kv.llama());
+    // A quantized V cache needs flash attention, which some architectures lack: fall back to f16.
+    let (mut ctx, kv_cache) = match model.new_context(&backend, with_kv(cfg.kv_cache)) {
+        Ok(c) => (c, cfg.kv_cache),
+        Err(first) if cfg.kv_cache != KvCache::F16 => match model.new_context(&backend, with_kv(KvCache::F16)) {
+            Ok(c) => {
+                tracing::warn!(error = %first, "a {} KV cache is not possible with this model; using f16", cfg.kv_cache.as_str());
+                (c, KvCache::F16)
+            }
+            Err(e) => return fail(format!("cannot create a context of {n_ctx} tokens: {e}")),
+        },
         Err(e) => return fail(format!("cannot create a context of {n_ctx} tokens: {e}")),
     };
     let template = model.chat_template(None).ok();
@@ -295,14 +382,19 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
         size_bytes: model.size(),
         chat_template: template.is_some(),
         threads: cfg.threads,
+        batch_threads: cfg.batch_threads,
         parallel: cfg.parallel,
         context: cfg.context,
+        served_path,
+        weights,
+        kv_cache,
     };
     if ready.send(Ok(info)).is_err() {
         return;
     }
     tracing::debug!(model = %cfg.model_path.display(), threads, parallel = cfg.parallel, "koubou-llama engine ready");
 
+    let mut cores = CoreShare::new(cfg.share_cores);
     let mut slots: Vec<Option<Seq>> = (0..cfg.parallel).map(|_| None).collect();
     let mut waiting: VecDeque<Box<Job>> = VecDeque::new();
     let mut batch = LlamaBatch::new(batch_cap as usize, 1);
@@ -314,6 +406,13 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
         // 1. Take new jobs: block when idle, otherwise just drain.
         let idle = slots.iter().all(Option::is_none) && waiting.is_empty();
         if idle {
+            if cores.shared + cores.narrowed > 0 {
+                tracing::debug!(
+                    on_all_threads = cores.shared, on_one = cores.narrowed, others = cores.others(),
+                    "batched decodes since the engine was last idle"
+                );
+                (cores.shared, cores.narrowed) = (0, 0);
+            }
             match rx.recv() {
                 Ok(Cmd::Job(j)) => waiting.push_back(j),
                 Ok(Cmd::Shutdown) | Err(_) => break 'outer,
@@ -389,7 +488,8 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
             continue;
         }
 
-        // 5. One decode for all of them.
+        // 5. One decode for all of them (on one thread if others keep the cores busy).
+        cores.before_decode(if batch.n_tokens() > 1 { cfg.batch_threads } else { cfg.threads });
         if let Err(e) = ctx.decode(&mut batch) {
             let detail = e.to_string();
             for &id in &in_batch {

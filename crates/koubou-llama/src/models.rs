@@ -145,6 +145,11 @@ impl ModelStore {
         }
     }
 
+    /// Where re-encoded copies of models are kept (see [`crate::transcode`]); not listed.
+    pub fn copies_dir(&self) -> PathBuf {
+        self.dir().join("copies")
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

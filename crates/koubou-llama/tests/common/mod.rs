@@ -30,6 +30,7 @@ pub fn config(parallel: usize) -> EmbeddedConfig {
         parallel,
         context: 2048,
         max_tokens: 256,
+        ..EmbeddedConfig::default()
     }
 }
 
