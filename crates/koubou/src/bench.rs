@@ -49,6 +49,19 @@ pub struct BenchArgs {
     /// With --embedded: engine threads for batched decodes (default: the engine's own choice).
     #[arg(long)]
     batch_threads: Option<usize>,
+    /// With --embedded: `share_cores` (default: the engine's own choice, on).
+    #[arg(long)]
+    share_cores: Option<bool>,
+    /// With --embedded: the weight format served: auto, original, q4_0, q8_0, iq4_nl.
+    #[arg(long)]
+    weights: Option<String>,
+    /// With --embedded: the KV cache type: q8_0 or f16.
+    #[arg(long)]
+    kv_cache: Option<String>,
+    /// With --embedded: measure everything a second time while another process keeps one core
+    /// busy (`yes`, bounded by `timeout`).
+    #[arg(long)]
+    with_load: bool,
     /// With --embedded: a python with llama-cpp-python, to run llama.cpp itself on the same GGUF,
     /// prompt and thread count in the same run (scripts/ensure-llama-cpp-python.sh prints one).
     #[arg(long)]
@@ -292,6 +305,8 @@ struct Run {
     gen_secs: f64,
     tokens: u64,
     prompt_tokens: u64,
+    /// When each `task_token` event arrived.
+    stamps: Vec<Instant>,
 }
 
 async fn one_embedded_task(http: &reqwest::Client, url: &str, tokens: u32) -> anyhow::Result<(Instant, Instant, Run)> {
@@ -302,6 +317,7 @@ async fn one_embedded_task(http: &reqwest::Client, url: &str, tokens: u32) -> an
     let id = v["task_id"].as_str().context("no task_id")?.to_owned();
     let mut stream = http.get(format!("{url}/task/{id}/events")).send().await?.bytes_stream();
     let (mut first, mut last) = (None, t0);
+    let mut stamps = Vec::new();
     let mut buf = String::new();
     while let Some(chunk) = stream.next().await {
         buf.push_str(&String::from_utf8_lossy(&chunk?));
@@ -311,6 +327,7 @@ async fn one_embedded_task(http: &reqwest::Client, url: &str, tokens: u32) -> an
             if ev.contains("event: task_token") {
                 first.get_or_insert(now);
                 last = now;
+                stamps.push(now);
             }
         }
     }
@@ -325,6 +342,7 @@ async fn one_embedded_task(http: &reqwest::Client, url: &str, tokens: u32) -> an
         gen_secs: (last - first).as_secs_f64(),
         tokens,
         prompt_tokens: t["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+        stamps,
     };
     Ok((first, last, run))
 }
@@ -334,22 +352,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
-    let threads = a.threads.map(|t| format!("threads = {t}\n")).unwrap_or_default()
-        + &a.batch_threads.map(|t| format!("batch_threads = {t}\n")).unwrap_or_default();
-    let config = format!(
-        "[pool]\nmin_workers = 4\nmax_workers = 4\n[backends.embedded]\nkind = \"embedded\"\nparallel = 4\n{threads}\
-         [types.general]\nbackend = \"embedded\"\ntimeout_secs = 600\n"
-    );
-    let server = start_server(&config).await?;
-    let http = reqwest::Client::new();
+/// The embedded figures of one condition (idle, or with a competing load).
+struct EmbeddedFigures {
+    gen1: f64,
+}
+
+async fn embedded_round(
+    a: &BenchArgs,
+    http: &reqwest::Client,
+    url: &str,
+    label: &str,
+) -> anyhow::Result<EmbeddedFigures> {
     const TOKENS: u32 = 128;
-    one_embedded_task(&http, &server.url, 16).await?; // load the model, warm caches
     let mut rates = Vec::new();
     let mut first = Vec::new();
     let mut runs = Vec::new();
     for _ in 0..a.runs.max(1) {
-        let (_, _, r) = one_embedded_task(&http, &server.url, TOKENS).await?;
+        let (_, _, r) = one_embedded_task(http, url, TOKENS).await?;
         rates.push((r.tokens.saturating_sub(1)) as f64 / r.gen_secs.max(1e-9));
         first.push(r.first_token.as_secs_f64());
         runs.push(r);
@@ -358,7 +377,7 @@ async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
     let first1 = median(first);
     let r = &runs[0];
     println!(
-        "embedded through koubou (queue → worker → engine → SSE), 1 task: {} prompt tokens, {} generated; \
+        "[{label}] 1 task through koubou (queue → worker → engine → SSE): {} prompt tokens, {} generated; \
          generation {gen1:.1} tok/s, first token {:.0} ms (includes prompt processing ≈ {:.0} prompt tok/s); median of {}",
         r.prompt_tokens,
         r.tokens,
@@ -367,56 +386,182 @@ async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
         a.runs.max(1)
     );
     let mut agg = Vec::new();
-    for _ in 0..a.runs.clamp(1, 3) {
-        let all = futures::future::try_join_all((0..4).map(|_| one_embedded_task(&http, &server.url, TOKENS))).await?;
-        let start = all.iter().map(|(f, _, _)| *f).min().context("no runs")?;
+    for _ in 0..a.runs.max(1) {
+        let all = futures::future::try_join_all((0..4).map(|_| one_embedded_task(http, url, TOKENS))).await?;
+        // Generation only, as for one task (whose rate runs from its first token to its last):
+        // from the moment all four are generating (the last first token; before it, prompts are
+        // still being processed) to the last token, counting the tokens streamed in between.
+        let start = all.iter().map(|(f, _, _)| *f).max().context("no runs")?;
         let end = all.iter().map(|(_, l, _)| *l).max().context("no runs")?;
-        let tokens: u64 = all.iter().map(|(_, _, r)| r.tokens).sum();
-        agg.push(tokens as f64 / (end - start).as_secs_f64());
+        let tokens = all.iter().flat_map(|(_, _, r)| &r.stamps).filter(|&&t| t > start).count();
+        agg.push(tokens as f64 / (end - start).as_secs_f64().max(1e-9));
     }
     let agg = median(agg);
     println!(
-        "embedded through koubou, 4 tasks at once: aggregate generation {agg:.1} tok/s ({:.2}x one task)",
-        agg / gen1
+        "[{label}] 4 tasks at once: aggregate generation {agg:.1} tok/s ({:.2}x one task), from when all four \
+         generate to the last token; median of {}",
+        agg / gen1,
+        a.runs.max(1)
     );
+    Ok(EmbeddedFigures { gen1 })
+}
+
+/// A process that keeps one core busy until dropped (`timeout` bounds it if we die first).
+struct CpuLoad(std::process::Child);
+
+impl CpuLoad {
+    fn start() -> anyhow::Result<CpuLoad> {
+        let child = std::process::Command::new("timeout")
+            .args(["1800", "yes"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the competing load (timeout yes)")?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(CpuLoad(child))
+    }
+}
+
+impl Drop for CpuLoad {
+    fn drop(&mut self) {
+        // SIGTERM, which `timeout` forwards to `yes` (SIGKILL would orphan it).
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
+}
+
+async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
+    let mut settings = String::new();
+    if let Some(t) = a.threads {
+        settings += &format!("threads = {t}\n");
+    }
+    if let Some(t) = a.batch_threads {
+        settings += &format!("batch_threads = {t}\n");
+    }
+    if let Some(b) = a.share_cores {
+        settings += &format!("share_cores = {b}\n");
+    }
+    if let Some(w) = &a.weights {
+        settings += &format!("weights = {}\n", toml_str(w));
+    }
+    if let Some(k) = &a.kv_cache {
+        settings += &format!("kv_cache = {}\n", toml_str(k));
+    }
+    let config = format!(
+        "[pool]\nmin_workers = 4\nmax_workers = 4\n[backends.embedded]\nkind = \"embedded\"\nparallel = 4\n{settings}\
+         [types.general]\nbackend = \"embedded\"\ntimeout_secs = 600\n"
+    );
+    let server = start_server(&config).await?;
+    let http = reqwest::Client::new();
+    one_embedded_task(&http, &server.url, 16).await?; // load the model, warm caches
+    // Backend health is re-checked every 15 s; wait for the one that describes the loaded model.
+    for _ in 0..40 {
+        let health: serde_json::Value = http.get(format!("{}/health", server.url)).send().await?.json().await?;
+        if let Some(detail) = find_string(&health, "embedded llama.cpp").filter(|d| d.contains(" loaded ")) {
+            println!("{detail}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let idle = embedded_round(a, &http, &server.url, "idle").await?;
+    let loaded = if a.with_load {
+        let _load = CpuLoad::start()?;
+        Some(embedded_round(a, &http, &server.url, "one core busy").await?)
+    } else {
+        None
+    };
     match peak_rss_kb(server.child.id()) {
         Some(kb) => println!("server peak RSS: {:.1} MiB", kb as f64 / 1024.0),
         None => println!("server peak RSS: unknown"),
     }
     drop(server);
     if let Some(py) = &a.compare {
-        let (model, t) = engine_defaults(a.threads)?;
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench-llama-cpp-python.py");
-        let out = tokio::process::Command::new(py)
-            .arg(&script)
-            .args(["--model"])
-            .arg(&model)
-            .args(["--threads", &t.to_string(), "--tokens", &TOKENS.to_string(), "--runs", &a.runs.max(1).to_string()])
-            .output()
-            .await
-            .context("running llama-cpp-python")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        println!("llama.cpp itself (llama-cpp-python, {t} thread(s), same GGUF and prompt): {}", text.trim());
-        if let Some(g) =
-            text.split("gen ").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse::<f64>().ok())
-        {
-            println!("koubou / llama.cpp generation: {:.0}%", gen1 / g * 100.0);
+        let (original, served, t) = engine_files(a)?;
+        let mut files = vec![("the same GGUF", original.clone())];
+        if served != original {
+            files.push(("the copy koubou serves", served));
+        }
+        for (what, model) in files {
+            for (label, koubou, load) in [("idle", Some(&idle), false), ("one core busy", loaded.as_ref(), true)] {
+                let Some(k) = koubou else { continue };
+                let g = llama_cpp_python(py, &model, t, a.runs.max(1), load).await?;
+                println!(
+                    "[{label}] llama.cpp itself (llama-cpp-python, {t} thread(s), {what}: {}, same prompt): generation {g:.1} tok/s; koubou / llama.cpp: {:.0}%",
+                    model.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+                    k.gen1 / g * 100.0
+                );
+            }
         }
     }
     Ok(())
 }
 
-/// The GGUF and thread count the embedded backend uses by default, for the llama.cpp run.
+/// Runs scripts/bench-llama-cpp-python.py; returns its generation tokens/s.
+async fn llama_cpp_python(
+    py: &str,
+    model: &std::path::Path,
+    threads: usize,
+    runs: usize,
+    load: bool,
+) -> anyhow::Result<f64> {
+    const TOKENS: u32 = 128;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench-llama-cpp-python.py");
+    let mut cmd = tokio::process::Command::new(py);
+    cmd.arg(&script).arg("--model").arg(model).args([
+        "--threads",
+        &threads.to_string(),
+        "--tokens",
+        &TOKENS.to_string(),
+        "--runs",
+        &runs.to_string(),
+    ]);
+    if load {
+        cmd.arg("--load");
+    }
+    let out = cmd.output().await.context("running llama-cpp-python")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("llama-cpp-python failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+    }
+    text.split("gen ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse::<f64>().ok())
+        .with_context(|| format!("no generation figure in {text:?}"))
+}
+
+fn toml_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+/// The first string inside `v` that contains `needle`.
+fn find_string<'a>(v: &'a serde_json::Value, needle: &str) -> Option<&'a str> {
+    match v {
+        serde_json::Value::String(s) if s.contains(needle) => Some(s),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_string(x, needle)),
+        serde_json::Value::Object(o) => o.values().find_map(|x| find_string(x, needle)),
+        _ => None,
+    }
+}
+
+/// The GGUF the embedded backend is configured with, the file it serves (a re-encoded copy, with
+/// `weights = "auto"` and a Q4_1 model), and its single-sequence thread count: what llama.cpp
+/// itself is run on.
 #[cfg(feature = "embedded")]
-fn engine_defaults(threads: Option<usize>) -> anyhow::Result<(std::path::PathBuf, usize)> {
-    let model = match std::env::var_os("KOUBOU_TEST_MODEL") {
+fn engine_files(a: &BenchArgs) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, usize)> {
+    let store = koubou_llama::ModelStore::from_env()?;
+    let model: std::path::PathBuf = match std::env::var_os("KOUBOU_TEST_MODEL") {
         Some(p) => p.into(),
-        None => koubou_llama::ModelStore::from_env()?.default_path(),
+        None => store.default_path(),
     };
-    Ok((model, threads.unwrap_or_else(koubou_llama::backend::default_threads)))
+    let default = koubou_backend::EmbeddedConfig::default().weights;
+    let weights = koubou_llama::Weights::parse(a.weights.as_deref().unwrap_or(&default)).context("--weights")?;
+    let (served, _) = koubou_llama::transcode::resolve(&model, weights, Some(&store.copies_dir()), 2)?;
+    Ok((model, served, a.threads.unwrap_or_else(koubou_llama::backend::default_threads)))
 }
 
 #[cfg(not(feature = "embedded"))]
-fn engine_defaults(_: Option<usize>) -> anyhow::Result<(std::path::PathBuf, usize)> {
+fn engine_files(_: &BenchArgs) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, usize)> {
     bail!("this koubou was built without the embedded engine")
 }
