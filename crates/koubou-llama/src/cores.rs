@@ -70,11 +70,7 @@ impl CoreShare {
     pub fn before_decode(&mut self, threads: usize) -> bool {
         let want = threads > 1 && (!self.enabled || self.free_for(threads));
         if threads > 1 {
-            if want {
-                self.shared += 1
-            } else {
-                self.narrowed += 1
-            }
+            if want { self.shared += 1 } else { self.narrowed += 1 }
         }
         if want != self.parallel {
             // SAFETY: sets a libgomp global; called from the engine thread between decodes,

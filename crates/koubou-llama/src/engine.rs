@@ -408,7 +408,9 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
         if idle {
             if cores.shared + cores.narrowed > 0 {
                 tracing::debug!(
-                    on_all_threads = cores.shared, on_one = cores.narrowed, others = cores.others(),
+                    on_all_threads = cores.shared,
+                    on_one = cores.narrowed,
+                    others = cores.others(),
                     "batched decodes since the engine was last idle"
                 );
                 (cores.shared, cores.narrowed) = (0, 0);
