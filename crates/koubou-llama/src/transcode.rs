@@ -125,15 +125,16 @@ pub fn resolve(
     threads: usize,
 ) -> Result<(PathBuf, String), TranscodeError> {
     use crate::engine::Weights;
-    let stored = file_type(src).map(file_type_name).unwrap_or_else(|| "unknown format".into());
+    let ft = file_type(src);
+    let stored = ft.map(file_type_name).unwrap_or_else(|| "unknown format".into());
     let target = match weights {
         Weights::Original => None,
-        Weights::Auto => file_type(src).and_then(batched_format_for),
+        Weights::Auto => ft.and_then(batched_format_for),
         Weights::Format(f) => Some(f),
     };
     match target {
         None => Ok((src.to_path_buf(), stored)),
-        Some(f) if f.as_str() == stored => Ok((src.to_path_buf(), stored)),
+        Some(f) if ft == Some(f.ftype()) => Ok((src.to_path_buf(), stored)),
         Some(f) => {
             let started = std::time::Instant::now();
             let copy = ensure_copy(src, f, copies_dir, threads)?;
@@ -153,7 +154,7 @@ pub fn copy_path(src: &Path, format: WeightFormat, dir: Option<&Path>) -> PathBu
     let stem = src.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     let full = std::fs::canonicalize(src).unwrap_or_else(|_| src.to_path_buf());
     let hash = sha2::Sha256::digest(full.as_os_str().as_encoded_bytes());
-    let tag: String = hash.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let tag = crate::models::hex(&hash[..4]);
     let dir = dir.map(Path::to_path_buf).or_else(|| src.parent().map(Path::to_path_buf)).unwrap_or_default();
     dir.join(format!("{stem}.{tag}.koubou-{format}.gguf"))
 }
