@@ -308,6 +308,12 @@ pub struct WorkersView {
     pub max_workers: usize,
     /// The most workers the backends can keep busy at once.
     pub backend_capacity: usize,
+    /// `max_workers` as configured; `max_workers` above is what runs (capped by capacity).
+    #[serde(default)]
+    pub configured_max_workers: usize,
+    /// Why the pool runs fewer workers than asked, if it does (backend capacity, free memory).
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub workers: Vec<WorkerView>,
 }
 

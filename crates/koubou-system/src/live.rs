@@ -60,11 +60,16 @@ pub struct Second {
     pub tokens: u64,
 }
 
+/// A watch's number and where its task's events go.
+type Watcher = (u64, mpsc::UnboundedSender<Arc<Event>>);
+
 #[derive(Default)]
 struct State {
     /// Per-task subscribers (`watch`): events are routed here once, not fanned out to every
-    /// waiter through the broadcast channel.
-    watchers: HashMap<TaskId, Vec<mpsc::UnboundedSender<Arc<Event>>>>,
+    /// waiter through the broadcast channel. Each is numbered so that its [`Watch`] can take it
+    /// out when dropped.
+    watchers: HashMap<TaskId, Vec<Watcher>>,
+    next_watcher: u64,
     partials: HashMap<TaskId, String>,
     started: HashMap<TaskId, Millis>,
     counters: Counters,
@@ -78,6 +83,31 @@ pub struct Live {
 }
 
 const HISTORY_SECS: usize = 600;
+
+/// One task's events, as [`Live::watch_task`] hands them out; unregisters itself when dropped.
+pub struct Watch {
+    rx: mpsc::UnboundedReceiver<Arc<Event>>,
+    live: Live,
+    task: TaskId,
+    n: u64,
+}
+
+impl futures::Stream for Watch {
+    type Item = Arc<Event>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Arc<Event>>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.live.unwatch(self.task, self.n);
+    }
+}
 
 impl Live {
     /// Starts following the bus.
@@ -107,18 +137,37 @@ impl Live {
         let Some(id) = e.kind.task_id() else { return };
         let mut s = self.state.lock();
         if let Some(ws) = s.watchers.get_mut(&id) {
-            ws.retain(|w| w.send(e.clone()).is_ok());
+            ws.retain(|(_, w)| w.send(e.clone()).is_ok());
             if e.kind.is_terminal() || ws.is_empty() {
                 s.watchers.remove(&id);
             }
         }
     }
 
-    /// Events about `id` from now on, until its terminal event.
-    pub fn watch_task(&self, id: TaskId) -> mpsc::UnboundedReceiver<Arc<Event>> {
+    /// Events about `id` from now on, until its terminal event (or until the [`Watch`] is
+    /// dropped, which unregisters it: a watch of a finished or unknown task costs nothing after).
+    pub fn watch_task(&self, id: TaskId) -> Watch {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.state.lock().watchers.entry(id).or_default().push(tx);
-        rx
+        let mut s = self.state.lock();
+        let n = s.next_watcher;
+        s.next_watcher += 1;
+        s.watchers.entry(id).or_default().push((n, tx));
+        Watch { rx, live: self.clone(), task: id, n }
+    }
+
+    /// Watches registered and not yet ended (for tests and `/metrics`).
+    pub fn watchers(&self) -> usize {
+        self.state.lock().watchers.values().map(Vec::len).sum()
+    }
+
+    fn unwatch(&self, id: TaskId, n: u64) {
+        let mut s = self.state.lock();
+        if let Some(ws) = s.watchers.get_mut(&id) {
+            ws.retain(|(m, _)| *m != n);
+            if ws.is_empty() {
+                s.watchers.remove(&id);
+            }
+        }
     }
 
     fn apply(&self, e: &Event) {

@@ -57,6 +57,11 @@ pub async fn render(k: &Koubou) -> Result<String, ApiError> {
     }
     let _ = writeln!(
         o,
+        "# HELP koubou_task_watchers Open streams of one task's events.\n# TYPE koubou_task_watchers gauge"
+    );
+    let _ = writeln!(o, "koubou_task_watchers {}", k.live().watchers());
+    let _ = writeln!(
+        o,
         "# HELP koubou_backend_up Whether a backend answered its last health check.\n# TYPE koubou_backend_up gauge"
     );
     let mut health: Vec<_> = k.backend_health().into_iter().collect();

@@ -351,6 +351,8 @@ impl Api for Koubou {
                 min_workers: 0,
                 max_workers: 0,
                 backend_capacity: 0,
+                configured_max_workers: 0,
+                warnings: vec![],
                 workers: vec![],
             });
         };
@@ -372,6 +374,8 @@ impl Api for Koubou {
             min_workers: pool.config().min_workers,
             max_workers: pool.ceiling(),
             backend_capacity: pool.backend_capacity(),
+            configured_max_workers: pool.config().max_workers,
+            warnings: pool.warnings(),
             workers,
         })
     }
@@ -458,7 +462,7 @@ impl Api for Koubou {
         if t.status.is_terminal() {
             return Ok(Box::pin(futures::stream::iter([Ok(final_event(&t))])));
         }
-        let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+        let events = rx
             .filter(|e| futures::future::ready(!matches!(e.kind, EventKind::WorkerState { .. })))
             .map(|e| Ok((*e).clone()));
         Ok(Box::pin(events))

@@ -3,9 +3,9 @@
 //! # Layout
 //! - [`worker`]: one worker's loop — claim (parked until there is work), plan the route, stream
 //!   the answer onto the bus, heartbeat the lease, complete or fail — and its shutdown.
-//! - [`pool`]: `Pool`, which keeps between `min_workers` and `max_workers` workers, scaling by
-//!   queue depth with a cooldown, never past what the backends can serve at once, and not up
-//!   when free memory is below the floor.
+//! - [`pool`]: `Pool`, which keeps between `min_workers` and `max_workers` workers: up at once
+//!   to the queue's depth, down one long-idle worker per cooldown, never past what the backends
+//!   can serve at once, and not up when free memory is below the floor.
 //! - [`memory`]: free memory, read from `/proc/meminfo`.
 //!
 //! Architecture invariant: workers know the queue only through `TaskQueue` and the backends only

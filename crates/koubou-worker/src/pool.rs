@@ -1,12 +1,20 @@
 //! The pool: between `min_workers` and `max_workers` workers, scaled by queue depth.
 //!
-//! The scaler wakes on queue events from the bus (and on a slow tick that only decides
-//! scale-downs). It scales up to `busy + pending` workers, capped by `max_workers` and by what
-//! the backends can serve at once, at most once per `cooldown`, and not at all while free
-//! memory is under `min_free_memory_mb`. It scales down one idle worker per cooldown once the
-//! queue has been empty for `idle_secs`.
+//! Up at once, down slowly. The scaler wakes on every task submitted or requeued and grows the
+//! pool straight to the work there is — `running + pending` workers — capped by `max_workers`
+//! and by what the backends serve at once, and not at all while free memory is under
+//! `min_free_memory_mb`. A slow tick (at most one second) catches what no event announces (a
+//! retry's backoff ending) and decides scale-downs: while nothing is pending, one worker that has
+//! been idle for `idle_secs` is let go per `cooldown_ms`.
+//!
+//! What the backends serve at once is the sum of the capacities of the backends some task type
+//! goes to first. A fallback runs under its primary's permit, so it adds no concurrency.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use koubou_backend::Router;
 use koubou_queue::TaskQueue;
@@ -27,9 +35,10 @@ use crate::{
 pub struct PoolConfig {
     pub min_workers: usize,
     pub max_workers: usize,
-    /// Least time between two scaling steps, in milliseconds.
+    /// Least time between two scale-down steps, in milliseconds (scaling up never waits).
     pub cooldown_ms: u64,
-    /// How long the queue must be empty before an idle worker is let go, in seconds.
+    /// How long a worker must have been idle, with nothing pending, before it is let go, in
+    /// seconds.
     pub idle_secs: u64,
     /// No scaling up while `MemAvailable` is below this, in MiB.
     pub min_free_memory_mb: u64,
@@ -68,8 +77,14 @@ pub struct Pool {
     shared: Arc<Shared>,
     node: String,
     members: Mutex<Vec<Member>>,
+    /// Workers let go that may still be finishing a task they claimed as they were stopped.
+    retiring: Mutex<Vec<Member>>,
     next_n: Mutex<usize>,
+    /// The capacity of each backend that some task type goes to first.
+    capacities: BTreeMap<String, usize>,
     capacity: usize,
+    /// Why the pool is not growing although work is waiting, while that lasts.
+    held_back: Mutex<Option<String>>,
     stop_scaler: CancellationToken,
     scaler: Mutex<Option<JoinHandle<()>>>,
 }
@@ -85,14 +100,13 @@ impl Pool {
     ) -> Arc<Pool> {
         let permits: HashMap<String, Arc<Semaphore>> =
             router.backends().map(|b| (b.name().to_owned(), Arc::new(Semaphore::new(b.capacity().max(1))))).collect();
-        // Only backends that some task type reaches count towards what the pool can keep busy.
-        let reached: std::collections::BTreeSet<&str> = router
+        let capacities: BTreeMap<String, usize> = router
             .types()
             .values()
-            .flat_map(|r| std::iter::once(r.backend.as_str()).chain(r.fallback.as_deref()))
+            .filter_map(|r| router.backend(&r.backend).ok())
+            .map(|b| (b.name().to_owned(), b.capacity().max(1)))
             .collect();
-        let capacity: usize =
-            router.backends().filter(|b| reached.contains(b.name())).map(|b| b.capacity().max(1)).sum::<usize>().max(1);
+        let capacity = capacities.values().sum::<usize>().max(1);
         let shared =
             Arc::new(Shared { queue, router, bus, lease: Duration::from_secs(cfg.lease_secs.max(1)), permits });
         let pool = Arc::new(Pool {
@@ -100,11 +114,17 @@ impl Pool {
             shared,
             node: node.to_owned(),
             members: Mutex::new(Vec::new()),
+            retiring: Mutex::new(Vec::new()),
             next_n: Mutex::new(1),
+            capacities,
             capacity,
+            held_back: Mutex::new(None),
             stop_scaler: CancellationToken::new(),
             scaler: Mutex::new(None),
         });
+        if let Some(why) = pool.capped() {
+            tracing::warn!("{why}");
+        }
         let min = pool.ceiling().min(pool.cfg.min_workers.max(1));
         pool.grow(min, "minimum");
         let p = pool.clone();
@@ -121,8 +141,35 @@ impl Pool {
         &self.cfg
     }
 
+    /// How many generations the backends serve at once (the cap on the pool).
     pub fn backend_capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// When `max_workers` asks for more workers than the backends can keep busy, says so.
+    pub fn capped(&self) -> Option<String> {
+        if self.cfg.max_workers <= self.capacity {
+            return None;
+        }
+        let each: Vec<String> = self.capacities.iter().map(|(name, n)| format!("{name} {n}")).collect();
+        Some(format!(
+            "max_workers = {} is more than the backends serve at once ({}: {}), so at most {} workers run; \
+             raise a backend's `concurrency` (`parallel` for the embedded one) to run more",
+            self.cfg.max_workers,
+            self.capacity,
+            each.join(", "),
+            self.ceiling()
+        ))
+    }
+
+    /// Why the pool is not growing right now although work is waiting (free memory short).
+    pub fn held_back(&self) -> Option<String> {
+        self.held_back.lock().clone()
+    }
+
+    /// What an operator should know about the pool's size: [`Pool::capped`], [`Pool::held_back`].
+    pub fn warnings(&self) -> Vec<String> {
+        self.capped().into_iter().chain(self.held_back()).collect()
     }
 
     pub fn workers(&self) -> Vec<WorkerInfo> {
@@ -152,17 +199,23 @@ impl Pool {
         self.shared.bus.publish(EventKind::WorkerScaled { workers: after, previous: before, reason: reason.into() });
     }
 
-    /// Stops one idle worker (the newest), if any.
-    fn shrink_one(&self, reason: &str) -> bool {
+    /// Stops the newest worker that has been idle for at least `idle`, if any.
+    fn retire_idle(&self, idle: Duration, reason: &str) -> bool {
         let mut members = self.members.lock();
         if members.len() <= self.cfg.min_workers.max(1) {
             return false;
         }
-        let Some(i) = members.iter().rposition(|m| m.state.snapshot().state == "idle") else { return false };
+        let Some(i) = members.iter().rposition(|m| m.state.snapshot().idle_for.is_some_and(|d| d >= idle)) else {
+            return false;
+        };
         let m = members.remove(i);
         m.stop.stop.cancel();
         let (before, after) = (members.len() + 1, members.len());
         drop(members);
+        let mut retiring = self.retiring.lock();
+        retiring.retain(|r| !r.handle.is_finished());
+        retiring.push(m);
+        drop(retiring);
         tracing::info!(workers = after, previous = before, reason, "pool scaled down");
         self.shared.bus.publish(EventKind::WorkerScaled { workers: after, previous: before, reason: reason.into() });
         true
@@ -171,60 +224,69 @@ impl Pool {
     async fn scale_loop(self: Arc<Self>) {
         let mut events = self.shared.bus.subscribe();
         let cooldown = Duration::from_millis(self.cfg.cooldown_ms);
-        let mut last_step = Instant::now() - cooldown;
-        let mut empty_since: Option<Instant> = None;
-        let mut tick = tokio::time::interval(cooldown.max(Duration::from_millis(100)));
+        let mut last_down = Instant::now();
+        let mut tick = tokio::time::interval(cooldown.clamp(Duration::from_millis(100), Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let may_shrink = tokio::select! {
                 _ = self.stop_scaler.cancelled() => return,
                 e = events.recv() => match e {
-                    Ok(e) if matches!(e.kind, EventKind::TaskCreated { .. } | EventKind::TaskRequeued { .. }) => {}
+                    Ok(e) if matches!(e.kind, EventKind::TaskCreated { .. } | EventKind::TaskRequeued { .. }) => false,
                     Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => false,
                     Err(_) => return,
                 },
-                _ = tick.tick() => {}
-            }
-            if last_step.elapsed() < cooldown {
-                // Decide again when the cooldown ends (the tick does that).
-                continue;
-            }
-            let counts = match self.shared.queue.counts().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "scaler could not read the queue");
+                _ = tick.tick() => true,
+            };
+            if !may_shrink {
+                // A burst of submissions is one decision: take every event already waiting.
+                while let Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) = events.try_recv() {}
+                if self.members.lock().len() >= self.ceiling() {
                     continue;
                 }
-            };
-            let current = self.members.lock().len();
-            let busy = self.workers().iter().filter(|w| w.state == "busy").count();
-            let want = (busy as u64 + counts.pending).min(self.ceiling() as u64) as usize;
-            if counts.pending > 0 {
-                empty_since = None;
-            } else if empty_since.is_none() {
-                empty_since = Some(Instant::now());
             }
-            if want > current {
-                let floor = self.cfg.min_free_memory_mb * 1024 * 1024;
-                match memory::available_bytes() {
-                    Some(free) if free < floor => {
-                        tracing::warn!(
-                            free_mb = free >> 20,
-                            floor_mb = self.cfg.min_free_memory_mb,
-                            "not scaling up: memory is short"
-                        );
-                        continue;
-                    }
-                    _ => {}
+            self.decide(may_shrink && last_down.elapsed() >= cooldown, &mut last_down).await;
+        }
+    }
+
+    /// One scaling decision: grow to the work there is, or (when `may_shrink`) let one
+    /// long-idle worker go.
+    async fn decide(&self, may_shrink: bool, last_down: &mut Instant) {
+        let counts = match self.shared.queue.counts().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "scaler could not read the queue");
+                return;
+            }
+        };
+        let (current, busy) = {
+            let members = self.members.lock();
+            (members.len(), members.iter().filter(|m| m.state.snapshot().state == "busy").count())
+        };
+        // `running` also counts tasks a worker has claimed but not yet marked itself busy for.
+        let work = counts.pending + counts.running.max(busy as u64);
+        let want = work.min(self.ceiling() as u64) as usize;
+        if want > current {
+            let floor = self.cfg.min_free_memory_mb.saturating_mul(1 << 20);
+            if let Some(free) = memory::available_bytes().filter(|&free| free < floor) {
+                let why = format!(
+                    "not adding workers: available memory {} MiB is under min_free_memory_mb = {}",
+                    free >> 20,
+                    self.cfg.min_free_memory_mb
+                );
+                if self.held_back.lock().replace(why.clone()).as_deref() != Some(why.as_str()) {
+                    tracing::warn!("{why}");
                 }
-                self.grow(want - current, &format!("{} tasks pending", counts.pending));
-                last_step = Instant::now();
-            } else if empty_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(self.cfg.idle_secs))
-                && self.shrink_one("queue idle")
-            {
-                last_step = Instant::now();
+                return;
             }
+            *self.held_back.lock() = None;
+            self.grow(want - current, &format!("{} tasks pending", counts.pending));
+            return;
+        }
+        *self.held_back.lock() = None;
+        if may_shrink && counts.pending == 0 && self.retire_idle(Duration::from_secs(self.cfg.idle_secs), "worker idle")
+        {
+            *last_down = Instant::now();
         }
     }
 
@@ -235,7 +297,8 @@ impl Pool {
         if let Some(h) = self.scaler.lock().take() {
             h.abort();
         }
-        let members: Vec<Member> = std::mem::take(&mut *self.members.lock());
+        let mut members: Vec<Member> = std::mem::take(&mut *self.members.lock());
+        members.append(&mut self.retiring.lock());
         for m in &members {
             m.stop.stop.cancel();
         }

@@ -1,6 +1,10 @@
 //! One worker: claim → plan → run (streaming) → complete / fail, with heartbeats.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use koubou_backend::{BackendError, Router};
 use koubou_queue::{Claimed, Completion, Failure, LeaseStatus, Progress, QueueError, TaskQueue, claim_wait};
@@ -29,9 +33,11 @@ pub struct WorkerState {
     inner: Mutex<StateInner>,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 struct StateInner {
     state: &'static str,
+    /// When `state` last changed.
+    since: Instant,
     current: Option<TaskId>,
     done: u64,
     failed: u64,
@@ -46,6 +52,8 @@ pub struct Snapshot {
     pub done: u64,
     pub failed: u64,
     pub started_at: i64,
+    /// How long the worker has been idle (`None` unless it is).
+    pub idle_for: Option<Duration>,
 }
 
 impl WorkerState {
@@ -53,7 +61,7 @@ impl WorkerState {
         WorkerState {
             id,
             started_at: now_millis(),
-            inner: Mutex::new(StateInner { state: "idle", ..Default::default() }),
+            inner: Mutex::new(StateInner { state: "idle", since: Instant::now(), current: None, done: 0, failed: 0 }),
         }
     }
 
@@ -66,6 +74,7 @@ impl WorkerState {
             done: i.done,
             failed: i.failed,
             started_at: self.started_at,
+            idle_for: (i.state == "idle").then(|| i.since.elapsed()),
         }
     }
 
@@ -73,6 +82,7 @@ impl WorkerState {
         {
             let mut i = self.inner.lock();
             i.state = state;
+            i.since = Instant::now();
             i.current = current;
         }
         bus.publish(EventKind::WorkerState { worker_id: self.id.clone(), state: state.into(), task_id: current });
@@ -129,23 +139,6 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
     };
     let backend = plan.backend.name().to_owned();
     let model = plan.model.clone();
-    // Wait for a free slot on the backend; a cancel or abort meanwhile ends the wait.
-    let permit = match shared.permits.get(&backend) {
-        Some(sem) => tokio::select! {
-            p = sem.clone().acquire_owned() => p.ok(),
-            _ = cancel.cancelled() => return false,
-            _ = abort.cancelled() => { log_write(id, shared.queue.release(&lease).await); return false; }
-        },
-        None => None,
-    };
-    tracing::debug!(backend = %backend, model = %model, attempt = lease.attempt, "task started");
-    shared.bus.publish(EventKind::TaskStarted {
-        task_id: id,
-        worker_id: lease.worker_id.clone(),
-        backend: backend.clone(),
-        model: model.clone(),
-    });
-
     let partial = Arc::new(Mutex::new(String::new()));
     let sink = {
         let (partial, bus) = (partial.clone(), shared.bus.clone());
@@ -155,6 +148,8 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
         }
     };
     let run_cancel = cancel.child_token();
+    // The lease is renewed from the claim on, the wait for the backend's permit included: a task
+    // queued behind a busy backend must not pass for one whose worker stopped answering.
     let heartbeat = async {
         let every = shared.lease / 3;
         loop {
@@ -171,11 +166,30 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
             }
         }
     };
+    let work = async {
+        // Wait for a free slot on the backend; a cancel, an abort or a lost lease ends the wait.
+        let permit = match shared.permits.get(&backend) {
+            Some(sem) => tokio::select! {
+                p = sem.clone().acquire_owned() => p.ok(),
+                _ = run_cancel.cancelled() => return Err(BackendError::Cancelled),
+            },
+            None => None,
+        };
+        tracing::debug!(backend = %backend, model = %model, attempt = lease.attempt, "task started");
+        shared.bus.publish(EventKind::TaskStarted {
+            task_id: id,
+            worker_id: lease.worker_id.clone(),
+            backend: backend.clone(),
+            model: model.clone(),
+        });
+        let result = plan.run(&task, &sink, &run_cancel).await;
+        drop(permit);
+        result
+    };
     let result = tokio::select! {
-        r = plan.run(&task, &sink, &run_cancel) => r,
+        r = work => r,
         _ = heartbeat => unreachable!("the heartbeat loop never ends"),
     };
-    drop(permit);
     let partial = std::mem::take(&mut *partial.lock());
     match result {
         Ok(served) => {

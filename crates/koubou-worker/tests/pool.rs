@@ -1,25 +1,50 @@
-//! The pool against a real SQLite queue and a scripted slow backend.
+//! The pool against a real SQLite queue and scripted backends that hold each task until the
+//! test opens their gate. What the tests assert is read from the pool's own events and state,
+//! never from how long something took.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use koubou_backend::{
     Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, Router, TokenSink, TypeRoute,
 };
 use koubou_queue::{SqliteConfig, SqliteQueue, TaskQueue};
-use koubou_task::{EventBus, NewTask, TaskKind, TaskStatus, Usage};
+use koubou_task::{Event, EventBus, EventKind, NewTask, TaskKind, TaskStatus, Usage, WorkerId, now_millis};
 use koubou_worker::{Pool, PoolConfig};
+use tokio::sync::{broadcast, watch};
 
-/// Takes `delay` per task, serves `capacity` at once, and honours cancellation.
-struct Slow {
-    delay: Duration,
+/// Serves `capacity` at once; each generation waits until the gate opens (or is cancelled).
+/// Counts generations running now and the most that ever ran together.
+struct Gated {
+    name: &'static str,
     capacity: usize,
+    gate: watch::Receiver<bool>,
+    running: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Gated {
+    fn new(name: &'static str, capacity: usize) -> (Arc<Gated>, watch::Sender<bool>) {
+        let (open, gate) = watch::channel(false);
+        (Arc::new(Gated { name, capacity, gate, running: AtomicUsize::new(0), peak: AtomicUsize::new(0) }), open)
+    }
+
+    fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
 }
 
 #[async_trait]
-impl Backend for Slow {
+impl Backend for Gated {
     fn name(&self) -> &str {
-        "slow"
+        self.name
     }
     fn kind(&self) -> &'static str {
         "exec"
@@ -39,10 +64,17 @@ impl Backend for Slow {
         sink: &dyn TokenSink,
         cancel: CancellationToken,
     ) -> Result<Generation, BackendError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
         sink.token("working ");
-        tokio::select! {
-            _ = tokio::time::sleep(self.delay) => {}
-            _ = cancel.cancelled() => return Err(BackendError::Cancelled),
+        let mut gate = self.gate.clone();
+        let opened = tokio::select! {
+            r = gate.wait_for(|open| *open) => r.is_ok(),
+            _ = cancel.cancelled() => false,
+        };
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        if !opened {
+            return Err(BackendError::Cancelled);
         }
         Ok(Generation {
             text: format!("done: {}", req.prompt),
@@ -53,49 +85,248 @@ impl Backend for Slow {
     }
 }
 
-fn setup(delay: Duration, capacity: usize) -> (tempfile::TempDir, Arc<dyn TaskQueue>, Arc<Router>, EventBus) {
+/// A queue on a temp file, and a router over `backends` with `types` (type → (backend, fallback)).
+fn setup(
+    backends: &[Arc<Gated>],
+    types: &[(&str, &str, Option<&str>)],
+) -> (tempfile::TempDir, Arc<dyn TaskQueue>, Arc<Router>, EventBus) {
     let dir = tempfile::tempdir().unwrap();
     let bus = EventBus::default();
     let q = SqliteQueue::open(dir.path().join("q.db"), SqliteConfig::default(), bus.clone()).unwrap();
-    let types = BTreeMap::from([("general".to_string(), TypeRoute { backend: "slow".into(), ..TypeRoute::default() })]);
-    let router = Router::new([Arc::new(Slow { delay, capacity }) as Arc<dyn Backend>], types).unwrap();
+    let types = types
+        .iter()
+        .map(|(kind, backend, fallback)| {
+            let route =
+                TypeRoute { backend: (*backend).into(), fallback: fallback.map(str::to_owned), ..TypeRoute::default() };
+            (kind.to_string(), route)
+        })
+        .collect::<BTreeMap<_, _>>();
+    let router = Router::new(backends.iter().map(|b| b.clone() as Arc<dyn Backend>), types).unwrap();
     (dir, Arc::new(q), Arc::new(router), bus)
 }
 
+/// One gated backend serving the `general` type, on a fresh queue.
+struct Rig {
+    backend: Arc<Gated>,
+    open: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+    q: Arc<dyn TaskQueue>,
+    router: Arc<Router>,
+    bus: EventBus,
+}
+
+fn one_backend(capacity: usize) -> Rig {
+    let (backend, open) = Gated::new("gated", capacity);
+    let (_dir, q, router, bus) = setup(std::slice::from_ref(&backend), &[("general", "gated", None)]);
+    Rig { backend, open, _dir, q, router, bus }
+}
+
+/// Waits for `f` with a generous deadline (a loaded machine only makes it slower, never wrong).
 async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    for _ in 0..400 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tokio::time::Instant::now() < deadline {
         if f().await {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("timed out waiting for {what}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scales_up_to_backend_capacity_then_down_when_idle() {
-    let (_dir, q, router, bus) = setup(Duration::from_millis(300), 3);
-    let cfg = PoolConfig { min_workers: 1, max_workers: 8, cooldown_ms: 50, idle_secs: 1, ..PoolConfig::default() };
-    let pool = Pool::start(cfg, "t", q.clone(), router, bus);
-    assert_eq!(pool.ceiling(), 3, "capped by what the backend serves at once");
-    assert_eq!(pool.workers().len(), 1);
-    for i in 0..12 {
-        q.submit(NewTask::new(TaskKind::general(), format!("t{i}"))).await.unwrap();
+/// Submits `n` tasks of `kind` at once (concurrently, as a burst of clients would).
+async fn submit_burst(q: &Arc<dyn TaskQueue>, kind: &str, n: usize) {
+    let subs = (0..n).map(|i| q.submit(NewTask::new(TaskKind::parse(kind).unwrap(), format!("t{i}"))));
+    for r in futures::future::join_all(subs).await {
+        r.unwrap();
     }
-    until("three workers", async || pool.workers().len() == 3).await;
-    until("all done", async || q.counts().await.unwrap().completed == 12).await;
-    assert!(pool.workers().len() <= 3);
-    until("scale down to the minimum", async || pool.workers().len() == 1).await;
+}
+
+/// Every event received so far.
+fn drain(rx: &mut broadcast::Receiver<Arc<Event>>, into: &mut Vec<Arc<Event>>) {
+    while let Ok(e) = rx.try_recv() {
+        into.push(e);
+    }
+}
+
+/// `(workers, previous)` of every scaling step, in order.
+fn steps(events: &[Arc<Event>]) -> Vec<(usize, usize)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::WorkerScaled { workers, previous, .. } => Some((*workers, *previous)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grows_to_the_backlog_at_once() {
+    let Rig { backend: b, open, _dir, q, router, bus } = one_backend(8);
+    let mut rx = bus.subscribe();
+    // An hour of cooldown and idle time: if growing waited for either, this test would hang.
+    let cfg = PoolConfig {
+        min_workers: 1,
+        max_workers: 8,
+        cooldown_ms: 3_600_000,
+        idle_secs: 3_600,
+        ..PoolConfig::default()
+    };
+    let pool = Pool::start(cfg, "t", q.clone(), router, bus);
+    assert_eq!((pool.ceiling(), pool.workers().len()), (8, 1));
+    submit_burst(&q, "general", 12).await;
+    until("eight tasks generating at once", async || b.running() == 8).await;
+    let ws = pool.workers();
+    assert_eq!(ws.len(), 8);
+    assert!(ws.iter().all(|w| w.state == "busy"), "{ws:?}");
+    let mut events = Vec::new();
+    drain(&mut rx, &mut events);
+    let s = steps(&events);
+    assert!(s.iter().all(|(after, before)| after > before && *after <= 8), "only growth, up to 8: {s:?}");
+    assert_eq!(s.last().map(|s| s.0), Some(8), "{s:?}");
+
+    open.send(true).unwrap();
+    until("all twelve done", async || q.counts().await.unwrap().completed == 12).await;
+    assert_eq!(b.peak.load(Ordering::SeqCst), 8, "never more than the backend's capacity");
+    drain(&mut rx, &mut events);
+    assert!(steps(&events).iter().all(|(after, before)| after > before), "no scale-down before the idle period");
+    assert_eq!(pool.workers().len(), 8);
+    pool.shutdown(Some(Duration::from_secs(1))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shrinks_back_only_after_the_idle_period() {
+    let Rig { backend: b, open, _dir, q, router, bus } = one_backend(4);
+    let mut rx = bus.subscribe();
+    const IDLE_SECS: u64 = 1;
+    const COOLDOWN_MS: u64 = 50;
+    let cfg = PoolConfig {
+        min_workers: 1,
+        max_workers: 4,
+        cooldown_ms: COOLDOWN_MS,
+        idle_secs: IDLE_SECS,
+        ..PoolConfig::default()
+    };
+    let pool = Pool::start(cfg, "t", q.clone(), router, bus);
+    submit_burst(&q, "general", 6).await;
+    until("four generating", async || b.running() == 4).await;
+    open.send(true).unwrap();
+    until("all done", async || q.counts().await.unwrap().completed == 6).await;
+    until("back to the minimum", async || pool.workers().len() == 1).await;
+
+    let mut events = Vec::new();
+    drain(&mut rx, &mut events);
+    // Each worker let go had been idle for the whole idle period when it stopped.
+    let mut idle_at: HashMap<WorkerId, i64> = HashMap::new();
+    let mut stopped = 0;
+    for e in &events {
+        if let EventKind::WorkerState { worker_id, state, .. } = &e.kind {
+            match state.as_str() {
+                "idle" => {
+                    idle_at.insert(worker_id.clone(), e.at);
+                }
+                "stopped" => {
+                    stopped += 1;
+                    let since = idle_at[worker_id];
+                    assert!(
+                        e.at - since >= (IDLE_SECS * 1000) as i64 - 2,
+                        "{worker_id} stopped {} ms after it went idle",
+                        e.at - since
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(stopped, 3);
+    // Down one step at a time, at least a cooldown apart.
+    let downs: Vec<i64> = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::WorkerScaled { workers, previous, .. } if workers + 1 == previous))
+        .map(|e| e.at)
+        .collect();
+    assert_eq!(downs.len(), 3, "{:?}", steps(&events));
+    assert!(downs.windows(2).all(|w| w[1] - w[0] >= COOLDOWN_MS as i64 - 2), "{downs:?}");
+    pool.shutdown(Some(Duration::from_secs(1))).await;
+}
+
+#[test]
+fn says_when_max_workers_exceeds_what_the_backends_serve() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (primary, _) = Gated::new("primary", 2);
+        let (fallback, _) = Gated::new("fallback", 4);
+        let (_dir, q, router, bus) = setup(&[primary, fallback], &[("general", "primary", Some("fallback"))]);
+        let cfg = PoolConfig { max_workers: 8, ..PoolConfig::default() };
+        let pool = Pool::start(cfg, "t", q.clone(), router.clone(), bus.clone());
+        // The fallback runs under its primary's permit: it adds no concurrency.
+        assert_eq!((pool.backend_capacity(), pool.ceiling()), (2, 2));
+        let why = pool.capped().expect("capped");
+        assert!(why.contains("max_workers = 8") && why.contains("primary 2") && why.contains("at most 2"), "{why}");
+        assert_eq!(pool.warnings(), vec![why]);
+        pool.shutdown(Some(Duration::from_secs(1))).await;
+
+        let pool = Pool::start(PoolConfig { max_workers: 2, ..PoolConfig::default() }, "u", q, router, bus);
+        assert_eq!(pool.capped(), None);
+        pool.shutdown(Some(Duration::from_secs(1))).await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_back_under_the_memory_floor_and_says_so() {
+    let Rig { open: _open, _dir, q, router, bus, .. } = one_backend(4);
+    // 16 TiB free is more than any test machine has.
+    let cfg = PoolConfig { min_workers: 1, max_workers: 4, min_free_memory_mb: 16 << 20, ..PoolConfig::default() };
+    let pool = Pool::start(cfg, "t", q.clone(), router, bus);
+    submit_burst(&q, "general", 4).await;
+    until("the pool saying why it does not grow", async || pool.held_back().is_some()).await;
+    assert_eq!(pool.workers().len(), 1);
+    let why = pool.held_back().unwrap();
+    assert!(why.contains("min_free_memory_mb"), "{why}");
+    assert!(pool.warnings().contains(&why));
+    pool.shutdown(Some(Duration::from_millis(100))).await;
+}
+
+/// A worker waiting for its backend's permit renews its lease meanwhile: with a lease shorter
+/// than the wait, the task keeps its first attempt instead of passing for abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waiting_for_its_backend_keeps_its_lease() {
+    let (gated, open) = Gated::new("gated", 1);
+    let (other, _) = Gated::new("other", 1);
+    // Two backends of one slot each: two workers, both of whose `general` tasks need `gated`.
+    let (_dir, q, router, bus) = setup(&[gated.clone(), other], &[("general", "gated", None), ("code", "other", None)]);
+    let cfg = PoolConfig { min_workers: 2, max_workers: 2, lease_secs: 3, ..PoolConfig::default() };
+    let pool = Pool::start(cfg, "t", q.clone(), router, bus);
+    let first = q.submit(NewTask::new(TaskKind::general(), "first")).await.unwrap().task;
+    until("the first task generating", async || gated.running() == 1).await;
+    let second = q.submit(NewTask::new(TaskKind::general(), "second")).await.unwrap().task;
+    until("the second task claimed", async || q.get(second.id).await.unwrap().unwrap().status == TaskStatus::Running)
+        .await;
+    let claimed_until = q.get(second.id).await.unwrap().unwrap().lease_until.unwrap();
+    // Past the lease it was claimed with (and a second more): still waiting for the permit.
+    until("the first lease to run out", async || now_millis() > claimed_until + 1_000).await;
+    assert_eq!(gated.running(), 1, "the second task must still be waiting for the backend");
+    let t = q.get(second.id).await.unwrap().unwrap();
+    assert_eq!((t.status, t.attempts), (TaskStatus::Running, 1), "{t:?}");
+    assert!(t.lease_until.unwrap() > claimed_until, "the lease was renewed while waiting");
+    let thief = q.claim(&WorkerId::new("thief", 1), None, Duration::from_secs(30)).await.unwrap();
+    assert!(thief.is_none(), "a waiting task's lease ran out and it was claimed again");
+
+    open.send(true).unwrap();
+    until("both done", async || q.counts().await.unwrap().completed == 2).await;
+    for id in [first.id, second.id] {
+        let t = q.get(id).await.unwrap().unwrap();
+        assert_eq!((t.status, t.attempts), (TaskStatus::Completed, 1), "{t:?}");
+    }
     pool.shutdown(Some(Duration::from_secs(1))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_within_grace_or_hands_back() {
-    let (_dir, q, router, bus) = setup(Duration::from_secs(30), 2);
+    let Rig { backend: b, open: _open, _dir, q, router, bus } = one_backend(2);
     let cfg = PoolConfig { min_workers: 1, max_workers: 1, ..PoolConfig::default() };
     let pool = Pool::start(cfg, "t", q.clone(), router, bus);
     let t = q.submit(NewTask::new(TaskKind::general(), "long")).await.unwrap().task;
-    until("running", async || q.get(t.id).await.unwrap().unwrap().status == TaskStatus::Running).await;
+    until("generating", async || b.running() == 1).await;
     pool.shutdown(Some(Duration::from_millis(200))).await;
     let after = q.get(t.id).await.unwrap().unwrap();
     assert_eq!(after.status, TaskStatus::Pending, "handed back to the queue");
@@ -104,11 +335,12 @@ async fn shutdown_finishes_within_grace_or_hands_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_a_running_task_mid_generation() {
-    let (_dir, q, router, bus) = setup(Duration::from_secs(30), 1);
+    let Rig { backend: b, open: _open, _dir, q, router, bus } = one_backend(1);
     let pool = Pool::start(PoolConfig::default(), "t", q.clone(), router, bus);
     let t = q.submit(NewTask::new(TaskKind::general(), "long")).await.unwrap().task;
-    until("running", async || q.get(t.id).await.unwrap().unwrap().status == TaskStatus::Running).await;
+    until("generating", async || b.running() == 1).await;
     q.cancel(t.id).await.unwrap();
+    until("the backend told to stop", async || b.running() == 0).await;
     until("worker free again", async || pool.workers().iter().all(|w| w.state == "idle")).await;
     assert_eq!(q.get(t.id).await.unwrap().unwrap().status, TaskStatus::Cancelled);
     pool.shutdown(Some(Duration::from_millis(100))).await;

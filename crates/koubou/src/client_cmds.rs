@@ -286,6 +286,9 @@ pub async fn workers(ctx: &Ctx) -> anyhow::Result<()> {
         "({} workers, {} busy; scales {}..{}, backend capacity {})",
         w.active, w.busy, w.min_workers, w.max_workers, w.backend_capacity
     );
+    for warning in &w.warnings {
+        println!("note: {warning}");
+    }
     Ok(())
 }
 
