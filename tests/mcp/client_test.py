@@ -105,7 +105,7 @@ async def main(args):
         # One worker: A runs (slowly), B waits behind it with a queue position.
         a = sc(await call(client, "delegate_task", {"prompt": "SLOW30 long job A"}))
         check(a.get("status") in ("pending", "running") and a.get("next"), "delegate_task without wait returns the id", a)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # a bound against hangs; a busy machine is only slower
         while sc(await call(client, "get_task", {"task_id": a["task_id"]})).get("status") != "running":
             if time.monotonic() > deadline:
                 break
@@ -121,7 +121,9 @@ async def main(args):
         took = time.monotonic() - t0
         s = sc(r)
         check(not r.is_error and s.get("status") == "running", "wait_for_task returns the status when not done", s)
-        check(2.5 <= took < 6, f"wait_for_task honours timeout_seconds ({took:.1f} s)")
+        # At least the 3 s asked for; the upper bound only tells a return from a hang (other work
+        # on the machine may delay it, never shorten it).
+        check(2.5 <= took < 60, f"wait_for_task honours timeout_seconds ({took:.1f} s)")
         check(len(notes) >= 2, f"progress notifications during the wait ({len(notes)})", notes)
         check(all(n[1] < m[1] for n, m in zip(notes, notes[1:])), "progress increases", notes)
         check("partial" in s or "next" in s, "a running task shows its partial answer or what to do next", s)

@@ -5,10 +5,12 @@ mod support;
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use koubou_live::graphql_router;
+use koubou_task::EventKind;
 use serde_json::{Value, json};
 use support::*;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
 async fn gql(s: &Server, query: &str, vars: Value) -> Value {
     let r = reqwest::Client::new()
@@ -22,7 +24,8 @@ async fn gql(s: &Server, query: &str, vars: Value) -> Value {
 }
 
 async fn wait_done(s: &Server, id: &str) -> Value {
-    for _ in 0..300 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tokio::time::Instant::now() < deadline {
         let r = gql(s, "query($id: ID!) { task(id: $id) { id status result } }", json!({"id": id})).await;
         let t = &r["data"]["task"];
         if ["COMPLETED", "FAILED", "CANCELLED"].contains(&t["status"].as_str().unwrap()) {
@@ -31,6 +34,22 @@ async fn wait_done(s: &Server, id: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("task {id} did not finish");
+}
+
+/// Publishes a probe event until subscription `sub` delivers something: from then on it is
+/// live (neither protocol acknowledges a subscribe, so this replaces a guessed pause).
+async fn until_live(s: &Server, ws: &mut Ws, sub: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tokio::time::Instant::now() < deadline {
+        s.k.bus().publish(EventKind::WorkerScaled { workers: 0, previous: 0, reason: "probe".into() });
+        if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(Duration::from_millis(100), ws.next()).await {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["id"] == sub {
+                return;
+            }
+        }
+    }
+    panic!("subscription {sub} never delivered an event");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +186,7 @@ async fn subscriptions_over_graphql_transport_ws() {
     send(&mut ws, json!({"type": "connection_init"})).await;
     assert_eq!(next_json(&mut ws, 5).await["type"], "connection_ack");
     send(&mut ws, json!({"type": "subscribe", "id": "sys", "payload": {"query": "subscription { systemEvents { event taskId status } }"}})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_live(&s, &mut ws, "sys").await;
 
     let r = gql(&s, r#"mutation { submitTask(prompt: "stream me") { taskId } }"#, json!({})).await;
     let id = r["data"]["submitTask"]["taskId"].as_str().unwrap().to_owned();
@@ -213,7 +232,7 @@ async fn subscriptions_over_legacy_graphql_ws() {
     send(&mut ws, json!({"type": "connection_init", "payload": {}})).await;
     until(&mut ws, 5, |v| v["type"] == "connection_ack").await;
     send(&mut ws, json!({"type": "start", "id": "1", "payload": {"query": "subscription { systemEvents(tokens: true) { event taskId text } }"}})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_live(&s, &mut ws, "1").await;
     let r = gql(&s, r#"mutation { submitTask(prompt: "legacy") { taskId } }"#, json!({})).await;
     let id = r["data"]["submitTask"]["taskId"].as_str().unwrap().to_owned();
     let (m, seen) = until(&mut ws, 30, |v| v["payload"]["data"]["systemEvents"]["event"] == "task_completed").await;

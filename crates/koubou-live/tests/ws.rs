@@ -184,12 +184,17 @@ async fn slow_clients_are_dropped_with_a_reason() {
         }
     }
     publisher.await.unwrap();
-    // ...the slow one (which read nothing meanwhile) was cut off before the end.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...the slow one (which read nothing meanwhile) was cut off before the end: once every
+    // connection has taken every event off the bus, the slow one's buffer has overflowed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while s.k.bus().backlog() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the bus never drained: {} events", s.k.bus().backlog());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut slow_got = 0;
     let mut close = None;
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), slow.next()).await.expect("slow client not closed") {
+        match tokio::time::timeout(Duration::from_secs(60), slow.next()).await.expect("slow client not closed") {
             Some(Ok(Message::Text(_))) => slow_got += 1,
             Some(Ok(Message::Close(c))) => {
                 close = c;

@@ -2,12 +2,9 @@
 
 mod common;
 
-use std::{
-    sync::{
-        Arc, OnceLock,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
+use std::sync::{
+    Arc, OnceLock,
+    atomic::{AtomicUsize, Ordering},
 };
 
 use common::{Collect, backend, greedy, request};
@@ -102,12 +99,10 @@ async fn max_tokens_is_honoured() {
 async fn cancellation_returns_promptly() {
     let cancel = CancellationToken::new();
     let seen = Arc::new(AtomicUsize::new(0));
-    let fired_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
     let sink = {
-        let (cancel, seen, fired_at) = (cancel.clone(), seen.clone(), fired_at.clone());
+        let (cancel, seen) = (cancel.clone(), seen.clone());
         move |_: &str| {
             if seen.fetch_add(1, Ordering::SeqCst) + 1 == 5 {
-                *fired_at.lock().unwrap() = Some(Instant::now());
                 cancel.cancel();
             }
         }
@@ -115,8 +110,9 @@ async fn cancellation_returns_promptly() {
     let opts = GenOptions { max_tokens: Some(1500), temperature: Some(0.0), ..GenOptions::default() };
     let r = shared().generate(request("Write a very long story about a dragon.", opts), &sink, cancel).await;
     assert!(matches!(r, Err(BackendError::Cancelled)), "{r:?}");
-    let fired = fired_at.lock().unwrap().expect("cancel fired");
-    assert!(fired.elapsed() < Duration::from_secs(1), "{:?}", fired.elapsed());
+    // Promptly means no token after the cancel (counted, not timed: a busy machine changes
+    // how long a step takes, not how many steps run).
+    assert_eq!(seen.load(Ordering::SeqCst), 5, "tokens kept streaming after the cancel");
     // A token that fired before the call starts: nothing runs.
     let pre = CancellationToken::new();
     pre.cancel();

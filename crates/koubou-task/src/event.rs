@@ -175,6 +175,12 @@ impl EventBus {
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.tx.subscribe()
     }
+
+    /// Events some current subscriber has not received yet (0 once every subscriber has caught
+    /// up: what a test waits for instead of sleeping).
+    pub fn backlog(&self) -> usize {
+        self.tx.len()
+    }
 }
 
 impl Default for EventBus {

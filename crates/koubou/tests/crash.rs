@@ -29,7 +29,8 @@ async fn sigkill_loses_no_accepted_task() {
     }
     // Let some finish and some be mid-generation, then kill without warning.
     let mut running = 0;
-    for _ in 0..100 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tokio::time::Instant::now() < deadline {
         let h: Value = http.get(format!("{}/health", s.url)).send().await.unwrap().json().await.unwrap();
         running = h["queue"]["running"].as_u64().unwrap();
         if h["queue"]["completed"].as_u64().unwrap() >= 3 && running > 0 {
@@ -47,7 +48,8 @@ async fn sigkill_loses_no_accepted_task() {
 
     let s = Serve::start(home.path(), &[]);
     let mut all_done = false;
-    for _ in 0..600 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while tokio::time::Instant::now() < deadline {
         let h: Value = http.get(format!("{}/health", s.url)).send().await.unwrap().json().await.unwrap();
         if h["queue"]["completed"] == 40 {
             all_done = true;

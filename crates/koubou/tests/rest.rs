@@ -17,15 +17,17 @@ async fn get(url: &str) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// Waits for the task to reach `want`, with a bound generous enough for a loaded machine.
 async fn wait_status(url: &str, id: &str, want: &str) -> Value {
-    for _ in 0..200 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
         let (_, v) = get(&format!("{url}/task/{id}/status")).await;
         if v["status"] == want {
             return v;
         }
+        assert!(tokio::time::Instant::now() < deadline, "task {id} never became {want}: {v}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("task {id} never became {want}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,7 +198,7 @@ async fn cli_submit_wait_status_and_exit_codes() {
     let (code, id, _) = run(vec!["submit", "hello there"]).await.unwrap();
     assert_eq!(code, 0);
     let id = id.trim().to_owned();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_status(&s.url, &id, "completed").await;
     let (h2, url2, id2) = (home.path().to_owned(), s.url.clone(), id.clone());
     let (code, out, _) =
         tokio::task::spawn_blocking(move || cli(&h2, &url2, &["--json", "status", &id2])).await.unwrap();

@@ -71,10 +71,14 @@ pub async fn send(ws: &mut Ws, v: Value) {
     ws.send(Message::Text(v.to_string().into())).await.unwrap();
 }
 
-/// Next JSON message, skipping none; panics after `secs`.
+/// The least any wait here allows, whatever a test asks: the bounds only catch hangs, and a
+/// machine busy with other work must not turn a slow answer into a failure.
+const MIN_WAIT_SECS: u64 = 60;
+
+/// Next JSON message, skipping none; panics after `secs` (at least [`MIN_WAIT_SECS`]).
 pub async fn next_json(ws: &mut Ws, secs: u64) -> Value {
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(secs), ws.next())
+        let m = tokio::time::timeout(Duration::from_secs(secs.max(MIN_WAIT_SECS)), ws.next())
             .await
             .expect("timed out waiting for a message")
             .expect("connection ended")
@@ -89,7 +93,7 @@ pub async fn next_json(ws: &mut Ws, secs: u64) -> Value {
 
 /// Reads until a message matches `pred`, returning it and everything read before it.
 pub async fn until(ws: &mut Ws, secs: u64, pred: impl Fn(&Value) -> bool) -> (Value, Vec<Value>) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs.max(MIN_WAIT_SECS));
     let mut seen = vec![];
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now()).as_secs().max(1);

@@ -65,42 +65,61 @@ async fn claims_filter_by_kind() {
     assert!(q.claim(&w(1), Some(&[]), LEASE).await.unwrap().is_none());
 }
 
-/// Many claimers racing over many tasks: every task is claimed exactly once.
+/// Many claimers racing over many tasks while many submitters add them: every task is claimed
+/// exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_claims_never_double() {
     let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir);
+    let q = Arc::new(open(&dir));
     const N: usize = 2000;
-    let subs: Vec<_> = (0..N).map(|i| q.submit(new(&i.to_string(), (i % 10) as i64 + 1))).collect();
-    futures_join(subs).await;
-    let mut handles = Vec::new();
+    const SUBMITTERS: usize = 16;
+    let claimed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all_claimed = CancellationToken::new();
+    let mut claimers = Vec::new();
     for n in 0..32 {
-        let q = q.clone();
-        handles.push(tokio::spawn(async move {
+        let (q, claimed, all_claimed) = (q.clone(), claimed.clone(), all_claimed.clone());
+        claimers.push(tokio::spawn(async move {
             let mut mine = Vec::new();
-            while let Some(c) = q.claim(&w(n), None, LEASE).await.unwrap() {
+            // Parked between claims (never giving up on an empty queue while submitters still
+            // run) until every task has been claimed by someone.
+            while let Some(c) = claim_wait(&*q, &w(n), None, LEASE, &all_claimed).await.unwrap() {
                 mine.push(c.task.id);
                 q.complete(&c.lease, done("ok")).await.unwrap();
+                if claimed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == N {
+                    all_claimed.cancel();
+                }
             }
             mine
         }));
     }
-    let mut seen = HashSet::new();
-    for h in handles {
-        for id in h.await.unwrap() {
-            assert!(seen.insert(id), "task {id} claimed twice");
+    // Submitters start once the claimers are racing, each sending its share all at once.
+    let submitters: Vec<_> = (0..SUBMITTERS)
+        .map(|s| {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let mine = (s..N).step_by(SUBMITTERS).map(|i| q.submit(new(&i.to_string(), (i % 10) as i64 + 1)));
+                // Polled together: each submit is its own job for the writer's group commit.
+                for r in futures::future::join_all(mine).await {
+                    r.unwrap();
+                }
+            })
+        })
+        .collect();
+    let run = async {
+        for s in submitters {
+            s.await.unwrap();
         }
-    }
+        let mut seen = HashSet::new();
+        for h in claimers {
+            for id in h.await.unwrap() {
+                assert!(seen.insert(id), "task {id} claimed twice");
+            }
+        }
+        seen
+    };
+    let seen = tokio::time::timeout(Duration::from_secs(300), run).await.expect("claimers never saw every task");
     assert_eq!(seen.len(), N);
     assert_eq!(q.counts().await.unwrap().completed, N as u64);
-}
-
-async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
-    let mut out = Vec::new();
-    for f in fs {
-        out.push(f.await);
-    }
-    out
 }
 
 #[tokio::test]
