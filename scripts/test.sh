@@ -59,6 +59,12 @@ peer chromium KOUBOU_CHROMIUM
 peer node-tools KOUBOU_NODE_MODULES
 export KOUBOU_ARTIFACTS="${KOUBOU_ARTIFACTS:-$PWD/artifacts}"
 
+# Formatting and lints (clippy denies every warning), before the suite.
+# (Without the real peers: `KOUBOU_SKIP_REAL_PEERS=1 cargo nextest run --workspace`.)
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast "$@"

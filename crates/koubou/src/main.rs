@@ -12,10 +12,11 @@ mod logging;
 mod models;
 mod output;
 mod serve;
+mod version;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use koubou_system::{ApiError, Config, Home};
 
 #[derive(Parser)]
@@ -77,6 +78,11 @@ enum Cmd {
     Run(client_cmds::RunArgs),
     /// Measure throughput and latency through the HTTP API against an instant backend.
     Bench(bench::BenchArgs),
+    /// Print a shell completion script (e.g. `koubou completions bash > ~/.local/share/bash-completion/completions/koubou`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -134,8 +140,23 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
+/// Parses the command line. `--version` also names the features and the CPU instructions of the
+/// embedded engine, which means asking ggml: done only when that is what was asked.
+fn parse_cli() -> Cli {
+    let mut cmd = Cli::command();
+    if std::env::args_os().skip(1).any(|a| a == "--version") {
+        cmd = cmd.long_version(version::long());
+    }
+    let matches = cmd.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
+    if let Cmd::Completions { shell } = cli.cmd {
+        clap_complete::generate(shell, &mut Cli::command(), "koubou", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let ctx = Ctx {
         config_path: cli.config.clone().unwrap_or_else(|| cli.home.join("koubou.toml")),
         home: Home { dir: cli.home.clone() },
@@ -164,6 +185,7 @@ fn main() -> ExitCode {
             Cmd::Models { cmd } => models::run(&ctx, cmd).await,
             Cmd::Run(args) => client_cmds::run(&ctx, args).await,
             Cmd::Bench(args) => bench::run(&ctx, args).await,
+            Cmd::Completions { .. } => unreachable!("answered before the runtime starts"),
         }
     });
     match result {
