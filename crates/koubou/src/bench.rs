@@ -7,6 +7,11 @@
 //! 2. Added latency: one at a time, a task routed to an OpenAI-compatible backend — a tiny SSE
 //!    server inside this bench process — against calling that same server directly.
 //! 3. The server's peak RSS (`VmHWM` of the child).
+//!
+//! `--embedded` measures the embedded model instead; `--pool` how fast the pool scales up: from
+//! one worker, `--pool-tasks` tasks at once against a loopback OpenAI-compatible backend of
+//! capacity `--pool-capacity` that takes `--pool-task-ms` per task, with `max_workers` equal to
+//! that capacity, compared with the ideal (every slot busy from the first moment).
 
 use std::{
     net::SocketAddr,
@@ -69,22 +74,39 @@ pub struct BenchArgs {
     /// With --embedded: runs per figure (the median is printed).
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Instead: how fast the pool grows to a backlog (from one worker, against a slow backend).
+    #[arg(long)]
+    pool: bool,
+    /// With --pool: tasks submitted at once.
+    #[arg(long, default_value_t = 40)]
+    pool_tasks: usize,
+    /// With --pool: the backend's capacity, and the pool's `max_workers`.
+    #[arg(long, default_value_t = 8)]
+    pool_capacity: usize,
+    /// With --pool: how long the backend takes per task, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pool_task_ms: u64,
 }
 
-/// The instant OpenAI-compatible server: one content chunk, a finish, `[DONE]`.
+/// The answer of the fake OpenAI-compatible server: one content chunk, a finish, `[DONE]`.
+const FAKE_SSE: &str = concat!(
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    "data: [DONE]\n\n"
+);
+
+/// The instant OpenAI-compatible server.
 async fn fake_openai() -> anyhow::Result<SocketAddr> {
     async fn chat() -> impl IntoResponse {
-        let body = concat!(
-            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"}}]}\n\n",
-            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"}}]}\n\n",
-            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
-            "data: [DONE]\n\n"
-        );
-        ([("content-type", "text/event-stream")], body)
+        ([("content-type", "text/event-stream")], FAKE_SSE)
     }
+    serve_fake(Router::new().route("/v1/chat/completions", post(chat))).await
+}
+
+async fn serve_fake(app: Router) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let app = Router::new().route("/v1/chat/completions", post(chat));
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(addr)
 }
@@ -217,6 +239,9 @@ pub async fn run(_ctx: &Ctx, a: BenchArgs) -> anyhow::Result<()> {
     crate::logging::init_quiet();
     if a.embedded {
         return embedded(&a).await;
+    }
+    if a.pool {
+        return pool(&a).await;
     }
     let fake = fake_openai().await?;
     let server = start_server(&http_bench_config(&a, fake)).await?;
@@ -556,4 +581,81 @@ fn engine_files(a: &BenchArgs) -> anyhow::Result<(std::path::PathBuf, std::path:
 #[cfg(not(feature = "embedded"))]
 fn engine_files(_: &BenchArgs) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, usize)> {
     bail!("this koubou was built without the embedded engine")
+}
+
+/// Requests in flight at the slow fake backend: now, and the most at once.
+#[derive(Default)]
+struct InFlight {
+    now: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+/// An OpenAI-compatible server that takes `delay` per request, as many at once as asked.
+async fn slow_openai(delay: Duration, seen: Arc<InFlight>) -> anyhow::Result<SocketAddr> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let chat = move || {
+        let seen = seen.clone();
+        async move {
+            let n = seen.now.fetch_add(1, SeqCst) + 1;
+            seen.peak.fetch_max(n, SeqCst);
+            tokio::time::sleep(delay).await;
+            seen.now.fetch_sub(1, SeqCst);
+            ([("content-type", "text/event-stream")], FAKE_SSE)
+        }
+    };
+    serve_fake(Router::new().route("/v1/chat/completions", post(chat))).await
+}
+
+/// `--pool`: a backlog against a fresh pool of one worker, timed from the first submission to
+/// the last completion, beside the ideal `ceil(tasks / capacity) × per task`.
+async fn pool(a: &BenchArgs) -> anyhow::Result<()> {
+    let cap = a.pool_capacity.max(1);
+    let per_task = Duration::from_millis(a.pool_task_ms);
+    let seen = Arc::new(InFlight::default());
+    let fake = slow_openai(per_task, seen.clone()).await?;
+    let config = format!(
+        "[pool]\nmin_workers = 1\nmax_workers = {cap}\n\
+         [backends.slow]\nkind = \"openai\"\nbase_url = \"http://{fake}/v1\"\nmodel = \"fake\"\napi_key_env = \"\"\nconcurrency = {cap}\n\
+         [types.general]\nbackend = \"slow\"\n"
+    );
+    let server = start_server(&config).await?;
+    let http = reqwest::Client::new();
+    let workers = |http: reqwest::Client, url: String| async move {
+        let v: serde_json::Value = http.get(format!("{url}/workers/status")).send().await?.json().await?;
+        anyhow::Ok(v["active"].as_u64().unwrap_or(0) as usize)
+    };
+    let before = workers(http.clone(), server.url.clone()).await?;
+    // When the pool first has as many workers as the backend has slots.
+    let started = Instant::now();
+    let watch = {
+        let (http, url) = (http.clone(), server.url.clone());
+        tokio::spawn(async move {
+            loop {
+                if workers(http.clone(), url.clone()).await.is_ok_and(|n| n >= cap) {
+                    return started.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let (lat, wall) = drive(&server.url, "general", a.pool_tasks, a.pool_tasks).await?;
+    let full = tokio::time::timeout(Duration::from_secs(1), watch).await.ok().and_then(Result::ok);
+    let ideal = per_task * a.pool_tasks.div_ceil(cap) as u32;
+    println!(
+        "koubou bench --pool: {} tasks at once, backend capacity {cap}, {} ms per task, max_workers {cap}, {before} worker(s) at start, {} cores",
+        a.pool_tasks,
+        a.pool_task_ms,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "all done in {:.2} s; ideal {:.2} s; {:.3}x the ideal; the backend saw at most {} at once; {} workers after {}",
+        wall.as_secs_f64(),
+        ideal.as_secs_f64(),
+        wall.as_secs_f64() / ideal.as_secs_f64(),
+        seen.peak.load(std::sync::atomic::Ordering::SeqCst),
+        cap,
+        full.map_or("(never reached)".to_owned(), ms)
+    );
+    println!("submit-to-complete p50 {} p99 {}", ms(percentile(&lat, 0.5)), ms(percentile(&lat, 0.99)));
+    Ok(())
 }
