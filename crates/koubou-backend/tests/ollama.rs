@@ -15,6 +15,7 @@ fn backend(url: &str) -> OllamaBackend {
         "ollama",
         &OllamaConfig { url: Some(url.into()), keep_alive: Some("1m".into()), ..Default::default() },
     )
+    .unwrap()
 }
 
 #[tokio::test]

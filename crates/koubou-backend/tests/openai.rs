@@ -21,8 +21,10 @@ fn backend(srv_url: &str, key: Option<&str>) -> OpenAiBackend {
             api_key_env: None,
             model: "m".into(),
             concurrency: 2,
+            ..Default::default()
         },
     )
+    .unwrap()
 }
 
 async fn run(srv: &FakeServer, key: Option<&str>) -> (Result<koubou_backend::Generation, BackendError>, Collect) {
@@ -120,7 +122,10 @@ async fn error_statuses_map_to_typed_errors() {
         other => panic!("expected Rejected 401, got {other:?}"),
     }
     let (r, _) = run(&srv, None).await;
-    assert!(matches!(&r, Err(BackendError::Failed { detail, .. }) if detail.contains("429")), "{r:?}");
+    assert!(
+        matches!(&r, Err(BackendError::RateLimited { status: 429, retry_after: None, detail, .. }) if detail.contains("Rate limit")),
+        "{r:?}"
+    );
     let (r, _) = run(&srv, None).await;
     assert!(
         matches!(&r, Err(BackendError::Failed { detail, .. }) if detail.contains("Internal Server Error")),

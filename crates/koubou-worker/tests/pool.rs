@@ -49,6 +49,7 @@ impl Backend for Slow {
             usage: Usage::default(),
             model: req.model,
             finish_reason: "stop".into(),
+            warnings: vec![],
         })
     }
 }
