@@ -160,8 +160,8 @@ impl Events {
                 self.completed = true;
                 let u = &v["usage"];
                 self.usage = Some(Usage {
-                    prompt_tokens: u["input_tokens"].as_u64().unwrap_or(0),
-                    completion_tokens: u["output_tokens"].as_u64().unwrap_or(0),
+                    cache_read_tokens: u["cached_input_tokens"].as_u64(),
+                    ..Usage::new(u["input_tokens"].as_u64().unwrap_or(0), u["output_tokens"].as_u64().unwrap_or(0))
                 });
             }
             "turn.failed" => self.failure = Some(message(&v)),
@@ -310,7 +310,13 @@ impl Backend for CodexBackend {
             }
         };
         let model = if req.model.is_empty() { CONFIGURED_MODEL.to_owned() } else { req.model };
-        Ok(Generation { text, usage: events.usage.unwrap_or_default(), model, finish_reason: "stop".into() })
+        Ok(Generation {
+            text,
+            usage: events.usage.unwrap_or_default(),
+            model,
+            finish_reason: "stop".into(),
+            warnings: events.warnings,
+        })
     }
 }
 
@@ -391,7 +397,7 @@ mod tests {
             ev.line(l, &sink);
         }
         assert_eq!(*got.lock().unwrap(), "one\n\ntwo");
-        assert_eq!(ev.usage, Some(Usage { prompt_tokens: 10, completion_tokens: 3 }));
+        assert_eq!(ev.usage, Some(Usage { cache_read_tokens: Some(0), ..Usage::new(10, 3) }));
         assert!(ev.completed && ev.failure.is_none() && ev.warnings.len() == 1);
 
         let mut ev = Events::default();

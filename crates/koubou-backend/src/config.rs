@@ -4,6 +4,9 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use koubou_task::GenOptions;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::http::ClientOptions;
 
 /// Every backend and every task type, as configured.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -19,6 +22,9 @@ pub struct BackendsConfig {
 pub enum BackendConfig {
     Ollama(OllamaConfig),
     Openai(OpenAiConfig),
+    /// Anthropic's Messages API (`/v1/messages`), also served by Ollama, llama.cpp's server and
+    /// LM Studio.
+    Anthropic(AnthropicConfig),
     Codex(CodexConfig),
     Exec(ExecConfig),
     Embedded(EmbeddedConfig),
@@ -31,6 +37,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Ollama(_) => "ollama",
             BackendConfig::Openai(_) => "openai",
+            BackendConfig::Anthropic(_) => "anthropic",
             BackendConfig::Codex(_) => "codex",
             BackendConfig::Exec(_) => "exec",
             BackendConfig::Embedded(_) => "embedded",
@@ -50,12 +57,44 @@ pub struct OllamaConfig {
     pub concurrency: usize,
     /// Ollama's `keep_alive` (e.g. "5m"); unset leaves Ollama's default.
     pub keep_alive: Option<String>,
+    /// Context window in tokens, sent as `options.num_ctx` (a type's `num_ctx` wins). Unset
+    /// leaves Ollama's own (4096 unless `OLLAMA_CONTEXT_LENGTH` says otherwise), which silently
+    /// drops the start of a longer prompt.
+    pub num_ctx: Option<u32>,
+    /// PEM file of CA certificates to trust for an `https://` URL (besides the usual roots).
+    pub ca_file: Option<PathBuf>,
+    /// Proxy URL, or `"none"`; unset follows HTTP(S)_PROXY / ALL_PROXY / NO_PROXY, never for
+    /// loopback.
+    pub proxy: Option<String>,
 }
 
 impl Default for OllamaConfig {
     fn default() -> Self {
-        OllamaConfig { url: None, model: "gemma2:2b".into(), concurrency: 2, keep_alive: None }
+        OllamaConfig {
+            url: None,
+            model: "gemma2:2b".into(),
+            concurrency: 2,
+            keep_alive: None,
+            num_ctx: None,
+            ca_file: None,
+            proxy: None,
+        }
     }
+}
+
+/// How the API key travels.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Auth {
+    /// `Authorization: Bearer KEY` (OpenAI and most others).
+    #[default]
+    Bearer,
+    /// `api-key: KEY` (Azure OpenAI).
+    ApiKey,
+    /// `x-api-key: KEY` (Anthropic).
+    XApiKey,
+    /// No key is sent.
+    None,
 }
 
 /// Any server speaking OpenAI's `/v1/chat/completions` (LM Studio, vLLM, llama.cpp's server,
@@ -67,10 +106,29 @@ pub struct OpenAiConfig {
     pub base_url: String,
     /// The key itself (prefer `api_key_env`).
     pub api_key: Option<String>,
-    /// Environment variable holding the key; unset or empty means no `Authorization` header.
+    /// Environment variable holding the key; unset or empty means no key is sent.
     pub api_key_env: Option<String>,
+    /// How the key is sent: `bearer`, `api-key` (Azure), `x-api-key` or `none`.
+    pub auth: Auth,
     pub model: String,
     pub concurrency: usize,
+    /// Extra headers on every request (e.g. OpenRouter's `HTTP-Referer`, `X-Title`).
+    pub headers: BTreeMap<String, String>,
+    /// Query parameters on every request (e.g. Azure's `api-version`).
+    pub query: BTreeMap<String, String>,
+    /// Ask for token counts in the stream (`stream_options.include_usage`); servers that refuse
+    /// unknown fields (Mistral) need `false`.
+    pub stream_usage: bool,
+    /// The field carrying the token cap: `max_tokens`, or `max_completion_tokens` (newer
+    /// OpenAI models, which refuse `max_tokens`).
+    pub max_tokens_field: String,
+    /// Fields merged into every request body (a task's own settings are written after them).
+    pub extra_body: Map<String, Value>,
+    /// PEM file of CA certificates to trust (besides the bundled web roots and the system's).
+    pub ca_file: Option<PathBuf>,
+    /// Proxy URL, or `"none"`; unset follows HTTP(S)_PROXY / ALL_PROXY / NO_PROXY, never for
+    /// loopback.
+    pub proxy: Option<String>,
 }
 
 impl Default for OpenAiConfig {
@@ -79,10 +137,71 @@ impl Default for OpenAiConfig {
             base_url: "http://127.0.0.1:8080/v1".into(),
             api_key: None,
             api_key_env: Some("OPENAI_API_KEY".into()),
+            auth: Auth::Bearer,
             model: "default".into(),
             concurrency: 4,
+            headers: BTreeMap::new(),
+            query: BTreeMap::new(),
+            stream_usage: true,
+            max_tokens_field: "max_tokens".into(),
+            extra_body: Map::new(),
+            ca_file: None,
+            proxy: None,
         }
     }
+}
+
+/// Anthropic's Messages API, or a server that speaks it (Ollama, llama.cpp's server, LM Studio).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnthropicConfig {
+    /// Without `/v1` (requests go to `{base_url}/v1/messages`), e.g. `http://127.0.0.1:11434`.
+    pub base_url: String,
+    /// The key itself (prefer `api_key_env`).
+    pub api_key: Option<String>,
+    /// Environment variable holding the key.
+    pub api_key_env: Option<String>,
+    /// How the key is sent: `x-api-key` (Anthropic), `bearer` (Ollama's cloud), or `none`.
+    pub auth: Auth,
+    /// The `anthropic-version` header.
+    pub anthropic_version: String,
+    pub model: String,
+    /// `max_tokens` when a task sets none (the API requires one).
+    pub max_tokens: u32,
+    pub concurrency: usize,
+    /// Extra headers on every request (e.g. `anthropic-beta`).
+    pub headers: BTreeMap<String, String>,
+    /// Fields merged into every request body.
+    pub extra_body: Map<String, Value>,
+    /// PEM file of CA certificates to trust (besides the bundled web roots and the system's).
+    pub ca_file: Option<PathBuf>,
+    /// Proxy URL, or `"none"`; unset follows HTTP(S)_PROXY / ALL_PROXY / NO_PROXY, never for
+    /// loopback.
+    pub proxy: Option<String>,
+}
+
+impl Default for AnthropicConfig {
+    fn default() -> Self {
+        AnthropicConfig {
+            base_url: "https://api.anthropic.com".into(),
+            api_key: None,
+            api_key_env: Some("ANTHROPIC_API_KEY".into()),
+            auth: Auth::XApiKey,
+            anthropic_version: "2023-06-01".into(),
+            model: "claude-sonnet-4-5".into(),
+            max_tokens: 4096,
+            concurrency: 4,
+            headers: BTreeMap::new(),
+            extra_body: Map::new(),
+            ca_file: None,
+            proxy: None,
+        }
+    }
+}
+
+/// The client options of one HTTP backend's table.
+pub(crate) fn client_options(ca_file: &Option<PathBuf>, proxy: &Option<String>) -> ClientOptions {
+    ClientOptions { ca_file: ca_file.clone(), proxy: proxy.clone() }
 }
 
 /// The Codex CLI (`codex exec`), run as a child process with the prompt as one argv element.
@@ -226,6 +345,9 @@ pub struct TypeRoute {
     pub fallback_model: Option<String>,
     /// Default sampling options for this type (a task's own options win field by field).
     pub options: GenOptions,
+    /// Ollama's context window for this type's tasks, in tokens (overrides the backend's
+    /// `num_ctx`; other backends ignore it).
+    pub num_ctx: Option<u32>,
 }
 
 impl Default for TypeRoute {
@@ -238,6 +360,7 @@ impl Default for TypeRoute {
             fallback: None,
             fallback_model: None,
             options: GenOptions::default(),
+            num_ctx: None,
         }
     }
 }

@@ -55,10 +55,11 @@ impl Backend for EchoBackend {
             n += 1;
         }
         Ok(Generation {
-            usage: Usage { prompt_tokens: 0, completion_tokens: n },
+            usage: Usage::new(0, n),
             text,
             model: req.model,
             finish_reason: "stop".into(),
+            warnings: vec![],
         })
     }
 }

@@ -126,6 +126,12 @@ impl Backend for ExecBackend {
         if !exit.status.success() {
             return Err(BackendError::Failed { backend: self.name.clone(), detail: exit.describe() });
         }
-        Ok(Generation { text, usage: Usage::default(), model: req.model, finish_reason: "stop".into() })
+        Ok(Generation {
+            text,
+            usage: Usage::default(),
+            model: req.model,
+            finish_reason: "stop".into(),
+            warnings: vec![],
+        })
     }
 }

@@ -6,18 +6,25 @@
 //! - [`config`]: `BackendConfig` (one `[backends.NAME]` table) and `TypeRoute` (one `[types.NAME]`).
 //! - [`router`]: `Router`, which picks backend + model + timeout per task type and falls back
 //!   when the first choice is unreachable.
-//! - Providers: [`ollama`] (`/api/chat`), [`openai`] (`/v1/chat/completions`, SSE), [`exec`]
-//!   (a configured program: task JSON on stdin, answer on stdout) and [`codex`] (`codex exec`).
-//!   The embedded GGUF engine lives in its own crate, `koubou-llama`, and implements the same trait.
+//! - [`cooldown`]: `Cooldowns`, which keeps a rate-limited backend quiet until it said it would
+//!   take requests again.
+//! - Providers: [`ollama`] (`/api/chat`), [`openai`] (`/v1/chat/completions`, SSE, with dialect
+//!   options for hosted APIs), [`anthropic`] (`/v1/messages`, SSE), [`exec`] (a configured
+//!   program: task JSON on stdin, answer on stdout) and [`codex`] (`codex exec`). The embedded
+//!   GGUF engine lives in its own crate, `koubou-llama`, and implements the same trait.
+//! - [`http`]: the HTTP client every provider (and `koubou-client`) builds: TLS roots, proxies,
+//!   cancellable sends, rate-limit hints.
 //!
 //! Architecture invariant: nothing here knows about queues, workers or HTTP servers; a backend
 //! is given a request and a cancellation token and returns a [`Generation`] or a [`BackendError`].
 
+pub mod anthropic;
 pub mod codex;
 pub mod config;
+pub mod cooldown;
 pub mod echo;
 pub mod exec;
-mod http;
+pub mod http;
 pub mod ollama;
 pub mod openai;
 mod process;
@@ -49,6 +56,9 @@ pub struct GenerateRequest {
     /// For backends that hand the whole task to a program (exec): its id and type.
     pub task_id: String,
     pub task_kind: String,
+    /// The context window to ask for, in tokens, for backends that take one per request
+    /// (Ollama's `num_ctx`); `None` leaves the backend's own setting.
+    pub num_ctx: Option<u32>,
 }
 
 /// What a finished generation returns.
@@ -60,6 +70,9 @@ pub struct Generation {
     pub model: String,
     /// `stop`, `length`, or whatever the backend said.
     pub finish_reason: String,
+    /// Things the task's owner should know about this answer (e.g. the prompt filled the
+    /// context window, so its start was cut off).
+    pub warnings: Vec<String>,
 }
 
 /// Receives tokens as they are generated.
@@ -104,7 +117,7 @@ impl Health {
 pub trait Backend: Send + Sync {
     /// The configured name (`[backends.NAME]`).
     fn name(&self) -> &str;
-    /// The provider kind: `ollama`, `openai`, `codex`, `exec` or `embedded`.
+    /// The provider kind: `ollama`, `openai`, `anthropic`, `codex`, `exec` or `embedded`.
     fn kind(&self) -> &'static str;
     /// The model used when neither the task nor its type names one.
     fn default_model(&self) -> &str;
@@ -137,6 +150,11 @@ pub enum BackendError {
     /// The provider refused the request (4xx): trying again will not help.
     #[error("{backend} rejected the request (HTTP {status}): {detail}")]
     Rejected { backend: String, status: u16, detail: String },
+    /// The provider asked us to slow down (429; 529 overloaded; 503 with `Retry-After`; an
+    /// overloaded error mid-stream). `retry_after` is the wait it asked for, if it said. The
+    /// router cools the backend down meanwhile; the queue retries no sooner than that.
+    #[error("{backend} is rate-limited (HTTP {status}{}): {detail}", retry_after.map(|d| format!(", retry after {:.1} s", d.as_secs_f64())).unwrap_or_default())]
+    RateLimited { backend: String, status: u16, retry_after: Option<Duration>, detail: String },
     /// The provider failed (5xx, a crashed program, a broken stream): may work next time.
     #[error("{backend} failed: {detail}")]
     Failed { backend: String, detail: String },
@@ -158,17 +176,29 @@ impl BackendError {
         matches!(
             self,
             BackendError::Unreachable { .. }
+                | BackendError::RateLimited { .. }
                 | BackendError::Failed { .. }
                 | BackendError::Truncated { .. }
                 | BackendError::Timeout { .. }
         )
     }
 
+    /// The wait the provider asked for before another request.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            BackendError::RateLimited { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// Worth trying the fallback backend right away.
     pub fn wants_fallback(&self) -> bool {
         matches!(
             self,
-            BackendError::Unreachable { .. } | BackendError::ModelMissing { .. } | BackendError::Config { .. }
+            BackendError::Unreachable { .. }
+                | BackendError::ModelMissing { .. }
+                | BackendError::Config { .. }
+                | BackendError::RateLimited { .. }
         )
     }
 }

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::config::OllamaConfig;
+use crate::config::{OllamaConfig, client_options};
 use crate::http::{self, Body, HEALTH_TIMEOUT};
 use crate::sse::LineSplitter;
 use crate::{Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, TokenSink, Usage};
@@ -21,6 +21,9 @@ use crate::{Backend, BackendError, CancellationToken, GenerateRequest, Generatio
 pub const DEFAULT_URL: &str = "http://127.0.0.1:11434";
 const DEFAULT_PORT: &str = "11434";
 const SERVE_HINT: &str = "is Ollama running? start it with `ollama serve` (or set `url` / OLLAMA_HOST)";
+/// Ollama's context window when neither the request nor the server (`OLLAMA_CONTEXT_LENGTH`)
+/// sets one.
+pub const OLLAMA_DEFAULT_NUM_CTX: u32 = 4096;
 
 /// The base URL to use: the configured `url`, else `$OLLAMA_HOST`, else [`DEFAULT_URL`], each
 /// normalized the way Ollama's own client reads `OLLAMA_HOST`.
@@ -97,19 +100,25 @@ pub struct OllamaBackend {
     model: String,
     concurrency: usize,
     keep_alive: Option<String>,
+    num_ctx: Option<u32>,
     client: http::Pool,
 }
 
 impl OllamaBackend {
-    pub fn new(name: impl Into<String>, cfg: &OllamaConfig) -> Self {
-        OllamaBackend {
-            name: name.into(),
-            url: resolve_url(cfg.url.as_deref()),
+    /// Fails when `ca_file` or `proxy` cannot work.
+    pub fn new(name: impl Into<String>, cfg: &OllamaConfig) -> Result<Self, BackendError> {
+        let name = name.into();
+        let url = resolve_url(cfg.url.as_deref());
+        let client = http::Pool::new(&name, &client_options(&cfg.ca_file, &cfg.proxy), &url)?;
+        Ok(OllamaBackend {
+            name,
+            url,
             model: cfg.model.clone(),
             concurrency: cfg.concurrency.max(1),
             keep_alive: cfg.keep_alive.clone(),
-            client: http::Pool::new(),
-        }
+            num_ctx: cfg.num_ctx,
+            client,
+        })
     }
 
     /// The base URL in use.
@@ -140,6 +149,9 @@ impl OllamaBackend {
         if !o.stop.is_empty() {
             options.insert("stop".into(), json!(o.stop));
         }
+        if let Some(n) = req.num_ctx.or(self.num_ctx) {
+            options.insert("num_ctx".into(), json!(n));
+        }
         let mut body = json!({"model": req.model, "messages": messages, "stream": true});
         if !options.is_empty() {
             body["options"] = Value::Object(options);
@@ -150,7 +162,11 @@ impl OllamaBackend {
         body
     }
 
-    fn err_status(&self, status: u16, msg: String, model: &str) -> BackendError {
+    fn err_status(&self, refusal: http::Refusal, model: &str) -> BackendError {
+        if let Some(limited) = refusal.rate_limited(&self.name) {
+            return limited;
+        }
+        let http::Refusal { status, message: msg, .. } = refusal;
         let lower = msg.to_lowercase();
         if status == 404 && lower.contains("not found") && (lower.contains("model") || lower.contains(model)) {
             return BackendError::ModelMissing {
@@ -211,11 +227,7 @@ impl Backend for OllamaBackend {
                 return Health::down(format!("ollama at {} did not answer within {HEALTH_TIMEOUT:?}", self.url));
             }
             Err(e) => {
-                return Health::down(format!(
-                    "ollama at {} is down: {}; {SERVE_HINT}",
-                    self.url,
-                    http::error_chain(&e)
-                ));
+                return Health::down(format!("ollama at {} is down: {}; {SERVE_HINT}", self.url, http::describe(&e)));
             }
         };
         let status = resp.status();
@@ -271,11 +283,10 @@ impl OllamaBackend {
         http::check_url(&self.name, &self.url)?;
         let url = format!("{}/api/chat", self.url);
         let rb = self.client.get().post(&url).json(&self.body(&req));
-        let resp = http::send(&self.name, &url, rb, &cancel, SERVE_HINT).await?;
-        let status = resp.status().as_u16();
+        let resp = self.client.send(&self.name, &url, rb, &cancel, SERVE_HINT).await?;
         if !resp.status().is_success() {
-            let msg = http::error_message(resp, &cancel).await?;
-            return Err(self.err_status(status, msg, &req.model));
+            let refusal = http::Refusal::read(resp, &cancel).await?;
+            return Err(self.err_status(refusal, &req.model));
         }
         let mut body = Body::new(resp);
         let mut lines = LineSplitter::new();
@@ -335,16 +346,41 @@ impl OllamaBackend {
                 detail: format!("no `done: true` line after {} characters", text.chars().count()),
             });
         };
+        let estimate = (req.system.as_deref().map_or(0, str::len) + req.prompt.len()) as u64 / 4;
+        let warnings =
+            context_warning(req.num_ctx.or(self.num_ctx), last.prompt_eval_count, estimate).into_iter().collect();
         Ok(Generation {
             text,
-            usage: Usage {
-                prompt_tokens: last.prompt_eval_count.unwrap_or(0),
-                completion_tokens: last.eval_count.unwrap_or(deltas),
-            },
+            usage: Usage::new(last.prompt_eval_count.unwrap_or(0), last.eval_count.unwrap_or(deltas)),
             model,
             finish_reason: last.done_reason.unwrap_or_else(|| "stop".into()),
+            warnings,
         })
     }
+}
+
+/// A warning when the prompt (probably) did not fit the context window, so Ollama dropped its
+/// start: it read exactly `num_ctx` prompt tokens, or the prompt's size (about 4 bytes a token)
+/// is more than the window. With no `num_ctx` sent, the window is Ollama's default, unless the
+/// count shows the server runs a larger one.
+fn context_warning(num_ctx: Option<u32>, prompt_eval: Option<u64>, estimate: u64) -> Option<String> {
+    let read = prompt_eval.unwrap_or(0);
+    let (window, whose) = match num_ctx {
+        Some(n) => (u64::from(n), format!("num_ctx = {n}")),
+        None if read > u64::from(OLLAMA_DEFAULT_NUM_CTX) => return None,
+        None => (
+            u64::from(OLLAMA_DEFAULT_NUM_CTX),
+            format!("Ollama's default of {OLLAMA_DEFAULT_NUM_CTX} tokens, as no num_ctx is set"),
+        ),
+    };
+    let filled = read >= window;
+    if !filled && estimate <= window {
+        return None;
+    }
+    Some(format!(
+        "the prompt may not fit the context window ({whose}): Ollama read {read} prompt tokens, the prompt is about \
+         {estimate}; Ollama drops the start of a prompt that does not fit. Set a larger num_ctx for this backend or type"
+    ))
 }
 
 /// One progress line of `/api/pull`.
@@ -371,7 +407,9 @@ pub async fn pull(url: &str, model: &str, progress: impl Fn(PullProgress)) -> Re
     http::check_url(NAME, url)?;
     let endpoint = format!("{url}/api/pull");
     let never = CancellationToken::new();
-    let rb = http::client().post(&endpoint).json(&json!({"model": model, "stream": true}));
+    let setup = http::ClientSetup::new(&http::ClientOptions::default())
+        .map_err(|e| BackendError::Config { backend: NAME.into(), detail: e.to_string() })?;
+    let rb = setup.client().post(&endpoint).json(&json!({"model": model, "stream": true}));
     let resp = http::send(NAME, &endpoint, rb, &never, SERVE_HINT).await?;
     let status = resp.status().as_u16();
     if !resp.status().is_success() {
@@ -460,8 +498,13 @@ mod tests {
 
     #[test]
     fn request_body_carries_options_and_keep_alive() {
-        let cfg = OllamaConfig { url: Some("127.0.0.1:1".into()), keep_alive: Some("5m".into()), ..Default::default() };
-        let b = OllamaBackend::new("o", &cfg);
+        let cfg = OllamaConfig {
+            url: Some("127.0.0.1:1".into()),
+            keep_alive: Some("5m".into()),
+            num_ctx: Some(8192),
+            ..Default::default()
+        };
+        let b = OllamaBackend::new("o", &cfg).unwrap();
         let req = GenerateRequest {
             model: "gemma2:2b".into(),
             system: Some("sys".into()),
@@ -476,6 +519,7 @@ mod tests {
             timeout: std::time::Duration::from_secs(1),
             task_id: "t".into(),
             task_kind: "general".into(),
+            num_ctx: None,
         };
         let body = b.body(&req);
         assert_eq!(
@@ -484,10 +528,25 @@ mod tests {
                 "model": "gemma2:2b",
                 "messages": [{"role":"system","content":"sys"},{"role":"user","content":"hi"}],
                 "stream": true,
-                "options": {"temperature": 0.0, "top_p": 0.5, "seed": 42, "num_predict": 7, "stop": ["\n"]},
+                "options": {"temperature": 0.0, "top_p": 0.5, "seed": 42, "num_predict": 7, "stop": ["\n"], "num_ctx": 8192},
                 "keep_alive": "5m"
             })
         );
         assert_eq!(b.url(), "http://127.0.0.1:1");
+        let per_type = crate::GenerateRequest { num_ctx: Some(32768), ..req };
+        assert_eq!(b.body(&per_type)["options"]["num_ctx"], 32768, "the type's num_ctx wins");
+    }
+
+    #[test]
+    fn context_warnings() {
+        assert_eq!(context_warning(Some(8192), Some(100), 50), None);
+        let w = context_warning(Some(8192), Some(8192), 50).unwrap();
+        assert!(w.contains("num_ctx = 8192") && w.contains("8192 prompt tokens"), "{w}");
+        assert!(context_warning(Some(8192), Some(10), 9000).is_some(), "a cached prompt still warns by its size");
+        let w = context_warning(None, Some(4096), 6000).unwrap();
+        assert!(w.contains("default"), "{w}");
+        assert_eq!(context_warning(None, Some(12_000), 13_000), None, "the server runs a larger window");
+        assert_eq!(context_warning(None, Some(100), 4000), None);
+        assert!(context_warning(None, Some(4096), 10).is_some(), "the default window was filled");
     }
 }

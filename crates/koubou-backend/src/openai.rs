@@ -6,12 +6,15 @@
 //! `shared/reference/openai-server.md`): some send no usage in streams, and a context overflow
 //! or an interrupted request shows up only as a stream ending without `[DONE]` or without a
 //! `finish_reason` — so this provider treats exactly that as a failure, never as an answer.
+//! Hosted APIs differ in dialect (see `docs/backends.md`): how the key travels (`auth`), extra
+//! `headers` and `query` parameters (Azure's `api-version`), whether `stream_options` is accepted
+//! (`stream_usage`), what the token cap is called (`max_tokens_field`), and `extra_body`.
 
 use async_trait::async_trait;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use crate::config::OpenAiConfig;
+use crate::config::{OpenAiConfig, client_options};
 use crate::http::{self, Body, HEALTH_TIMEOUT};
 use crate::sse::SseParser;
 use crate::{Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, TokenSink, Usage};
@@ -20,48 +23,49 @@ use crate::{Backend, BackendError, CancellationToken, GenerateRequest, Generatio
 pub struct OpenAiBackend {
     name: String,
     base_url: String,
-    api_key: Option<String>,
-    key_source: String,
+    credentials: http::Credentials,
     model: String,
     concurrency: usize,
+    stream_usage: bool,
+    max_tokens_field: String,
+    extra_body: Map<String, Value>,
     client: http::Pool,
 }
 
-/// The key to send: `api_key` when non-empty, else the variable `api_key_env` names, when set
-/// and non-empty. Also says where it came from, for error hints.
-fn resolve_key(cfg: &OpenAiConfig, env: impl Fn(&str) -> Option<String>) -> (Option<String>, String) {
-    if let Some(k) = cfg.api_key.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
-        return (Some(k.to_owned()), "the configured `api_key`".into());
-    }
-    match cfg.api_key_env.as_deref().filter(|n| !n.is_empty()) {
-        Some(var) => {
-            let key = env(var).map(|k| k.trim().to_owned()).filter(|k| !k.is_empty());
-            let source = if key.is_some() { format!("${var}") } else { format!("no key (${var} is unset or empty)") };
-            (key, source)
-        }
-        None => (None, "no key (neither `api_key` nor `api_key_env` is set)".into()),
-    }
-}
-
 impl OpenAiBackend {
-    pub fn new(name: impl Into<String>, cfg: &OpenAiConfig) -> Self {
-        let (api_key, key_source) = resolve_key(cfg, |v| std::env::var(v).ok());
-        OpenAiBackend {
-            name: name.into(),
-            base_url: cfg.base_url.trim().trim_end_matches('/').to_owned(),
-            api_key,
-            key_source,
+    /// Fails when the table cannot work: a bad header, `ca_file` or `proxy`.
+    pub fn new(name: impl Into<String>, cfg: &OpenAiConfig) -> Result<Self, BackendError> {
+        let name = name.into();
+        let base_url = cfg.base_url.trim().trim_end_matches('/').to_owned();
+        let credentials = http::Credentials::new(
+            &name,
+            http::CredentialConfig {
+                auth: cfg.auth,
+                api_key: &cfg.api_key,
+                api_key_env: &cfg.api_key_env,
+                headers: &cfg.headers,
+                query: &cfg.query,
+            },
+        )?;
+        let field = cfg.max_tokens_field.trim();
+        if field.is_empty() {
+            return Err(BackendError::Config {
+                backend: name,
+                detail: "max_tokens_field is empty; use \"max_tokens\" or \"max_completion_tokens\"".into(),
+            });
+        }
+        let client = http::Pool::new(&name, &client_options(&cfg.ca_file, &cfg.proxy), &base_url)?;
+        Ok(OpenAiBackend {
+            name,
+            base_url,
+            credentials,
             model: cfg.model.clone(),
             concurrency: cfg.concurrency.max(1),
-            client: http::Pool::new(),
-        }
-    }
-
-    fn authorized(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.api_key {
-            Some(k) => rb.bearer_auth(k),
-            None => rb,
-        }
+            stream_usage: cfg.stream_usage,
+            max_tokens_field: field.to_owned(),
+            extra_body: cfg.extra_body.clone(),
+            client,
+        })
     }
 
     fn body(&self, req: &GenerateRequest) -> Value {
@@ -70,15 +74,16 @@ impl OpenAiBackend {
             messages.push(json!({"role": "system", "content": s}));
         }
         messages.push(json!({"role": "user", "content": req.prompt}));
-        let mut body = json!({
-            "model": req.model,
-            "messages": messages,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-        });
+        let mut body = Value::Object(self.extra_body.clone());
+        body["model"] = json!(req.model);
+        body["messages"] = json!(messages);
+        body["stream"] = json!(true);
+        if self.stream_usage {
+            body["stream_options"] = json!({"include_usage": true});
+        }
         let o = &req.options;
         if let Some(n) = o.max_tokens {
-            body["max_tokens"] = json!(n);
+            body[self.max_tokens_field.as_str()] = json!(n);
         }
         if let Some(t) = o.temperature {
             body["temperature"] = json!(t);
@@ -95,7 +100,11 @@ impl OpenAiBackend {
         body
     }
 
-    fn err_status(&self, status: u16, msg: String, model: &str) -> BackendError {
+    fn err_status(&self, refusal: http::Refusal, model: &str) -> BackendError {
+        if let Some(limited) = refusal.rate_limited(&self.name) {
+            return limited;
+        }
+        let http::Refusal { status, message: msg, .. } = refusal;
         let lower = msg.to_lowercase();
         let about_model = lower.contains("model")
             && (lower.contains("not found") || lower.contains("does not exist") || lower.contains("not exist"));
@@ -113,11 +122,9 @@ impl OpenAiBackend {
             401 | 403 => BackendError::Rejected {
                 backend: self.name.clone(),
                 status,
-                detail: format!("{msg} (check the API key; sent: {})", self.key_source),
+                detail: format!("{msg} (check the API key and `auth`; sent: {})", self.credentials.source),
             },
-            429 | 500..=599 => {
-                BackendError::Failed { backend: self.name.clone(), detail: format!("HTTP {status}: {msg}") }
-            }
+            500..=599 => BackendError::Failed { backend: self.name.clone(), detail: format!("HTTP {status}: {msg}") },
             400..=499 => BackendError::Rejected { backend: self.name.clone(), status, detail: msg },
             _ => {
                 BackendError::Failed { backend: self.name.clone(), detail: format!("unexpected HTTP {status}: {msg}") }
@@ -153,6 +160,13 @@ struct Delta {
 struct WireUsage {
     prompt_tokens: u64,
     completion_tokens: u64,
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct PromptDetails {
+    cached_tokens: Option<u64>,
 }
 
 #[async_trait]
@@ -175,11 +189,11 @@ impl Backend for OpenAiBackend {
             return Health::down(e.to_string());
         }
         let url = format!("{}/models", self.base_url);
-        let rb = self.authorized(self.client.get().get(&url)).timeout(HEALTH_TIMEOUT);
+        let rb = self.credentials.apply(self.client.get().get(&url)).timeout(HEALTH_TIMEOUT);
         let resp = match rb.send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Health::down(format!("{url} did not answer within {HEALTH_TIMEOUT:?}")),
-            Err(e) => return Health::down(format!("{url} is unreachable: {}", http::error_chain(&e))),
+            Err(e) => return Health::down(format!("{url} is unreachable: {}", http::describe(&e))),
         };
         let status = resp.status();
         let text = match tokio::time::timeout(HEALTH_TIMEOUT, resp.text()).await {
@@ -189,9 +203,16 @@ impl Backend for OpenAiBackend {
         if status.as_u16() == 401 || status.as_u16() == 403 {
             return Health::down(format!(
                 "{url} refused the key (HTTP {status}; sent: {}): {}",
-                self.key_source,
+                self.credentials.source,
                 http::message_of(&text)
             ));
+        }
+        if status.as_u16() == 404 {
+            // Some servers (Azure's deployment URLs) have no model list; they answered, so they are up.
+            return Health::up(
+                format!("{} at {}; no model list at /models (HTTP 404)", self.kind(), self.base_url),
+                vec![],
+            );
         }
         if !status.is_success() {
             return Health::down(format!("{url} answered HTTP {status}: {}", http::message_of(&text)));
@@ -226,13 +247,15 @@ impl OpenAiBackend {
     ) -> Result<Generation, BackendError> {
         http::check_url(&self.name, &self.base_url)?;
         let url = format!("{}/chat/completions", self.base_url);
-        let rb =
-            self.authorized(self.client.get().post(&url)).header("accept", "text/event-stream").json(&self.body(&req));
-        let resp = http::send(&self.name, &url, rb, &cancel, "is the server running?").await?;
-        let status = resp.status().as_u16();
+        let rb = self
+            .credentials
+            .apply(self.client.get().post(&url))
+            .header("accept", "text/event-stream")
+            .json(&self.body(&req));
+        let resp = self.client.send(&self.name, &url, rb, &cancel, "is the server running?").await?;
         if !resp.status().is_success() {
-            let msg = http::error_message(resp, &cancel).await?;
-            return Err(self.err_status(status, msg, &req.model));
+            let refusal = http::Refusal::read(resp, &cancel).await?;
+            return Err(self.err_status(refusal, &req.model));
         }
         let mut body = Body::new(resp);
         let mut parser = SseParser::new();
@@ -269,7 +292,10 @@ impl OpenAiBackend {
                 model = m;
             }
             if let Some(u) = chunk.usage {
-                usage = Some(Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens });
+                usage = Some(Usage {
+                    cache_read_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+                    ..Usage::new(u.prompt_tokens, u.completion_tokens)
+                });
             }
             if let Some(choice) = chunk.choices.into_iter().next() {
                 if let Some(c) = choice.delta.and_then(|d| d.content).filter(|c| !c.is_empty()) {
@@ -304,12 +330,7 @@ impl OpenAiBackend {
         if !done {
             return Err(truncated(format!("no [DONE] after {chars} characters (finish_reason {finish_reason})")));
         }
-        Ok(Generation {
-            text,
-            usage: usage.unwrap_or(Usage { prompt_tokens: 0, completion_tokens: deltas }),
-            model,
-            finish_reason,
-        })
+        Ok(Generation { text, usage: usage.unwrap_or(Usage::new(0, deltas)), model, finish_reason, warnings: vec![] })
     }
 }
 
@@ -318,32 +339,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn key_resolution() {
-        let env = |v: &str| {
-            if v == "SET" {
-                Some("sk-env".to_owned())
-            } else if v == "EMPTY" {
-                Some(String::new())
-            } else {
-                None
-            }
-        };
-        let cfg = |key: Option<&str>, var: Option<&str>| OpenAiConfig {
-            api_key: key.map(str::to_owned),
-            api_key_env: var.map(str::to_owned),
-            ..Default::default()
-        };
-        assert_eq!(resolve_key(&cfg(Some("sk-cfg"), Some("SET")), env).0.as_deref(), Some("sk-cfg"));
-        assert_eq!(resolve_key(&cfg(Some(""), Some("SET")), env).0.as_deref(), Some("sk-env"));
-        assert_eq!(resolve_key(&cfg(None, Some("EMPTY")), env).0, None);
-        assert_eq!(resolve_key(&cfg(None, Some("UNSET")), env).0, None);
-        assert_eq!(resolve_key(&cfg(None, None), env).0, None);
-    }
-
-    #[test]
     fn request_body() {
         let b =
-            OpenAiBackend::new("o", &OpenAiConfig { base_url: "http://127.0.0.1:1/v1/".into(), ..Default::default() });
+            OpenAiBackend::new("o", &OpenAiConfig { base_url: "http://127.0.0.1:1/v1/".into(), ..Default::default() })
+                .unwrap();
         assert_eq!(b.base_url, "http://127.0.0.1:1/v1");
         let req = GenerateRequest {
             model: "m".into(),
@@ -358,11 +357,43 @@ mod tests {
             timeout: std::time::Duration::from_secs(1),
             task_id: "t".into(),
             task_kind: "general".into(),
+            num_ctx: None,
         };
         assert_eq!(
             b.body(&req),
             json!({"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,
                    "stream_options":{"include_usage":true},"max_tokens":3,"seed":1,"stop":["x"]})
         );
+    }
+
+    #[test]
+    fn dialect_options_shape_the_body() {
+        let cfg = OpenAiConfig {
+            stream_usage: false,
+            max_tokens_field: "max_completion_tokens".into(),
+            extra_body: serde_json::from_value(json!({"temperature": 0.5, "reasoning_effort": "low", "stream": false}))
+                .unwrap(),
+            ..Default::default()
+        };
+        let b = OpenAiBackend::new("o", &cfg).unwrap();
+        let mut req = crate::GenerateRequest {
+            model: "m".into(),
+            system: None,
+            prompt: "hi".into(),
+            options: crate::GenOptions { max_tokens: Some(9), ..Default::default() },
+            timeout: std::time::Duration::from_secs(1),
+            task_id: "t".into(),
+            task_kind: "general".into(),
+            num_ctx: None,
+        };
+        let body = b.body(&req);
+        assert_eq!(body["max_completion_tokens"], 9);
+        assert!(body.get("max_tokens").is_none() && body.get("stream_options").is_none(), "{body}");
+        assert_eq!((body["reasoning_effort"].clone(), body["stream"].clone()), (json!("low"), json!(true)));
+        assert_eq!(body["temperature"], 0.5, "extra_body gives defaults");
+        req.options.temperature = Some(0.0);
+        assert_eq!(b.body(&req)["temperature"], 0.0, "a task's own setting wins");
+        let bad = OpenAiConfig { max_tokens_field: " ".into(), ..Default::default() };
+        assert!(matches!(OpenAiBackend::new("o", &bad), Err(BackendError::Config { .. })));
     }
 }

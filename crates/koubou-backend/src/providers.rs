@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use crate::anthropic::AnthropicBackend;
 use crate::codex::CodexBackend;
 use crate::exec::ExecBackend;
 use crate::ollama::OllamaBackend;
@@ -15,11 +16,12 @@ use crate::{Backend, BackendConfig, BackendError};
 
 /// The backend for `cfg`, named `name`; `Ok(None)` for `kind = "embedded"`. Fails with
 /// [`BackendError::Config`] when the table cannot work (empty `argv`, an unsandboxed codex
-/// without `CODEX_UNSAFE_ALLOW_NO_SANDBOX=1`, …).
+/// without `CODEX_UNSAFE_ALLOW_NO_SANDBOX=1`, an unreadable `ca_file`, a bad `proxy`, …).
 pub fn build(name: &str, cfg: &BackendConfig) -> Result<Option<Arc<dyn Backend>>, BackendError> {
     Ok(Some(match cfg {
-        BackendConfig::Ollama(c) => Arc::new(OllamaBackend::new(name, c)),
-        BackendConfig::Openai(c) => Arc::new(OpenAiBackend::new(name, c)),
+        BackendConfig::Ollama(c) => Arc::new(OllamaBackend::new(name, c)?),
+        BackendConfig::Openai(c) => Arc::new(OpenAiBackend::new(name, c)?),
+        BackendConfig::Anthropic(c) => Arc::new(AnthropicBackend::new(name, c)?),
         BackendConfig::Codex(c) => Arc::new(CodexBackend::new(name, c)?),
         BackendConfig::Exec(c) => Arc::new(ExecBackend::new(name, c)?),
         BackendConfig::Echo(c) => Arc::new(crate::echo::EchoBackend::new(name, c)),
@@ -30,13 +32,14 @@ pub fn build(name: &str, cfg: &BackendConfig) -> Result<Option<Arc<dyn Backend>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CodexConfig, EmbeddedConfig, ExecConfig, OllamaConfig, OpenAiConfig};
+    use crate::config::{AnthropicConfig, CodexConfig, EmbeddedConfig, ExecConfig, OllamaConfig, OpenAiConfig};
 
     #[test]
     fn builds_each_kind_but_embedded() {
         let ok = |c: BackendConfig| build("b", &c).unwrap().map(|b| (b.name().to_owned(), b.kind()));
         assert_eq!(ok(BackendConfig::Ollama(OllamaConfig::default())), Some(("b".into(), "ollama")));
         assert_eq!(ok(BackendConfig::Openai(OpenAiConfig::default())), Some(("b".into(), "openai")));
+        assert_eq!(ok(BackendConfig::Anthropic(AnthropicConfig::default())), Some(("b".into(), "anthropic")));
         assert_eq!(ok(BackendConfig::Codex(CodexConfig::default())), Some(("b".into(), "codex")));
         let exec = ExecConfig { argv: vec!["true".into()], ..Default::default() };
         assert_eq!(ok(BackendConfig::Exec(exec)), Some(("b".into(), "exec")));

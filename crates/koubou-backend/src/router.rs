@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use koubou_task::{GenOptions, Task};
 
+use crate::cooldown::Cooldowns;
 use crate::{Backend, BackendError, CancellationToken, GenerateRequest, Generation, TokenSink, TypeRoute};
 
 /// Why a task cannot be routed (the submitter's fault: answered with a 4xx).
@@ -25,6 +26,10 @@ pub struct Plan {
     pub system: Option<String>,
     pub options: GenOptions,
     pub timeout: Duration,
+    /// Ollama's context window for this type (`[types.NAME] num_ctx`), else the backend's.
+    pub num_ctx: Option<u32>,
+    /// Which backends are cooling down after a rate limit (shared by every plan).
+    pub cooldowns: Arc<Cooldowns>,
 }
 
 /// A finished generation and who served it.
@@ -39,6 +44,7 @@ pub struct Served {
 pub struct Router {
     backends: BTreeMap<String, Arc<dyn Backend>>,
     types: BTreeMap<String, TypeRoute>,
+    cooldowns: Arc<Cooldowns>,
 }
 
 impl Router {
@@ -48,7 +54,7 @@ impl Router {
         types: BTreeMap<String, TypeRoute>,
     ) -> Result<Router, RouteError> {
         let backends: BTreeMap<_, _> = backends.into_iter().map(|b| (b.name().to_owned(), b)).collect();
-        let r = Router { backends, types };
+        let r = Router { backends, types, cooldowns: Arc::default() };
         for route in r.types.values() {
             r.backend(&route.backend)?;
             if let Some(f) = &route.fallback {
@@ -64,6 +70,11 @@ impl Router {
 
     pub fn types(&self) -> &BTreeMap<String, TypeRoute> {
         &self.types
+    }
+
+    /// The backends cooling down after a rate limit.
+    pub fn cooldowns(&self) -> &Cooldowns {
+        &self.cooldowns
     }
 
     pub fn knows_kind(&self, kind: &str) -> bool {
@@ -117,20 +128,30 @@ impl Router {
             system: task.system.clone().or_else(|| route.system_prompt.clone()),
             options: merge_options(&route.options, &task.options),
             timeout: Duration::from_secs(task.timeout_secs.unwrap_or(route.timeout_secs).max(1)),
+            num_ctx: route.num_ctx,
+            cooldowns: self.cooldowns.clone(),
         })
     }
 }
 
 impl Plan {
-    /// Runs the plan: the first backend, then the fallback if the first was unreachable. Each
-    /// try gets the full timeout; when it runs out the backend is cancelled (so it can kill a
-    /// child process) and awaited, never just dropped.
+    /// Runs the plan: the first backend, then the fallback if the first was unreachable or
+    /// rate-limited (a first backend already cooling down is skipped for a fallback that is not).
+    /// Each try gets the full timeout; when it runs out the backend is cancelled (so it can kill
+    /// a child process) and awaited, never just dropped.
     pub async fn run(
         &self,
         task: &Task,
         sink: &dyn TokenSink,
         cancel: &CancellationToken,
     ) -> Result<Served, BackendError> {
+        if let Some((fb, model)) = &self.fallback
+            && let Some(c) = self.cooldowns.get(self.backend.name())
+            && self.cooldowns.get(fb.name()).is_none()
+        {
+            tracing::info!(task = %task.id, backend = self.backend.name(), fallback = fb.name(), reason = %c.reason, "backend cooling down; using the fallback");
+            return self.try_on(fb, model, task, sink, cancel).await;
+        }
         let first = self.try_on(&self.backend, &self.model, task, sink, cancel).await;
         match (first, &self.fallback) {
             (Err(e), Some((fb, model))) if e.wants_fallback() => {
@@ -149,6 +170,24 @@ impl Plan {
         sink: &dyn TokenSink,
         cancel: &CancellationToken,
     ) -> Result<Served, BackendError> {
+        // A cooling backend gets nothing until its cool-down is over (the caller holds its
+        // permit meanwhile, so no other worker sends to it either).
+        self.cooldowns.wait(backend.name(), cancel).await?;
+        let result = self.attempt(backend, model, task, sink, cancel).await;
+        if let Err(e) = &result {
+            self.cooldowns.note(backend.name(), e);
+        }
+        result
+    }
+
+    async fn attempt(
+        &self,
+        backend: &Arc<dyn Backend>,
+        model: &str,
+        task: &Task,
+        sink: &dyn TokenSink,
+        cancel: &CancellationToken,
+    ) -> Result<Served, BackendError> {
         let req = GenerateRequest {
             model: model.to_owned(),
             system: self.system.clone(),
@@ -157,6 +196,7 @@ impl Plan {
             timeout: self.timeout,
             task_id: task.id.to_string(),
             task_kind: task.kind.to_string(),
+            num_ctx: self.num_ctx,
         };
         let child = cancel.child_token();
         let generation = backend.generate(req, sink, child.clone());
@@ -209,6 +249,11 @@ mod tests {
     struct Scripted {
         name: &'static str,
         mode: &'static str,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    fn scripted(name: &'static str, mode: &'static str) -> Arc<Scripted> {
+        Arc::new(Scripted { name, mode, calls: Default::default() })
     }
 
     #[async_trait]
@@ -234,7 +279,14 @@ mod tests {
             sink: &dyn TokenSink,
             cancel: CancellationToken,
         ) -> Result<Generation, BackendError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             match self.mode {
+                "limited" => Err(BackendError::RateLimited {
+                    backend: self.name.into(),
+                    status: 429,
+                    retry_after: Some(Duration::from_secs(10)),
+                    detail: "slow down".into(),
+                }),
                 "down" => Err(BackendError::Unreachable { backend: self.name.into(), detail: "refused".into() }),
                 "hang" => {
                     cancel.cancelled().await;
@@ -247,6 +299,7 @@ mod tests {
                         usage: Usage::default(),
                         model: req.model,
                         finish_reason: "stop".into(),
+                        warnings: vec![],
                     })
                 }
             }
@@ -265,8 +318,7 @@ mod tests {
                 ..TypeRoute::default()
             },
         )]);
-        let backends: Vec<Arc<dyn Backend>> =
-            vec![Arc::new(Scripted { name: "a", mode: primary }), Arc::new(Scripted { name: "b", mode: "ok" })];
+        let backends: Vec<Arc<dyn Backend>> = vec![scripted("a", primary), scripted("b", "ok")];
         Router::new(backends, types).unwrap()
     }
 
@@ -311,5 +363,31 @@ mod tests {
         let t = task("code");
         let e = r.plan(&t).unwrap().run(&t, &crate::Discard, &CancellationToken::new()).await.unwrap_err();
         assert!(matches!(e, BackendError::Timeout { .. }), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limited_backend_cools_down_and_its_tasks_go_to_the_fallback_or_wait() {
+        let a = scripted("a", "limited");
+        let b = scripted("b", "ok");
+        let types = BTreeMap::from([
+            ("code".to_string(), TypeRoute { backend: "a".into(), fallback: Some("b".into()), ..TypeRoute::default() }),
+            ("solo".to_string(), TypeRoute { backend: "a".into(), ..TypeRoute::default() }),
+        ]);
+        let r = Router::new([a.clone() as Arc<dyn Backend>, b.clone()], types).unwrap();
+        let calls = |s: &Scripted| s.calls.load(std::sync::atomic::Ordering::SeqCst);
+        let t = task("code");
+        let s = r.plan(&t).unwrap().run(&t, &crate::Discard, &CancellationToken::new()).await.unwrap();
+        assert_eq!((s.backend.as_str(), calls(&a), calls(&b)), ("b", 1, 1), "the refusal falls back at once");
+        let cooling = r.cooldowns().get("a").expect("a cools down");
+        assert!(cooling.reason.contains("429"), "{}", cooling.reason);
+        let s = r.plan(&t).unwrap().run(&t, &crate::Discard, &CancellationToken::new()).await.unwrap();
+        assert_eq!((s.backend.as_str(), calls(&a)), ("b", 1), "a cooling backend is not asked again");
+        // No fallback: the attempt waits out the cool-down, then asks `a`.
+        let pinned = task("solo");
+        let start = tokio::time::Instant::now();
+        let e = r.plan(&pinned).unwrap().run(&pinned, &crate::Discard, &CancellationToken::new()).await.unwrap_err();
+        assert!(matches!(e, BackendError::RateLimited { .. }), "{e}");
+        assert!(start.elapsed() >= Duration::from_secs(9), "waited {:?}", start.elapsed());
+        assert_eq!(calls(&a), 2);
     }
 }

@@ -15,6 +15,7 @@ fn backend(url: &str) -> OllamaBackend {
         "ollama",
         &OllamaConfig { url: Some(url.into()), keep_alive: Some("1m".into()), ..Default::default() },
     )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -217,4 +218,31 @@ async fn pull_of_an_unknown_model_is_model_missing() {
             .await;
     let e = ollama::pull(&srv.url(), "x", |_| {}).await.unwrap_err();
     assert!(matches!(e, BackendError::Truncated { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn num_ctx_per_backend_and_per_request_and_a_warning_when_the_prompt_fills_it() {
+    let mut full = ollama_chat("gemma2:2b", &["x"], true);
+    if let Reply::Stream { chunks, .. } = &mut full {
+        let last = chunks.pop().unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&last).unwrap();
+        v["prompt_eval_count"] = json!(2048);
+        chunks.push(format!("{v}\n").into_bytes());
+    }
+    let srv = FakeServer::start(vec![("/api/chat", vec![ollama_chat("gemma2:2b", &["ok"], true), full])]).await;
+    let cfg = OllamaConfig { url: Some(srv.url()), num_ctx: Some(2048), ..Default::default() };
+    let b = OllamaBackend::new("ollama", &cfg).unwrap();
+    let g = b.generate(request("gemma2:2b", "short"), &Collect::default(), CancellationToken::new()).await.unwrap();
+    assert!(g.warnings.is_empty(), "{:?}", g.warnings);
+    let mut per_type = request("gemma2:2b", "long");
+    per_type.num_ctx = Some(2048);
+    let g = b.generate(per_type, &Collect::default(), CancellationToken::new()).await.unwrap();
+    assert_eq!(g.warnings.len(), 1, "{:?}", g.warnings);
+    assert!(g.warnings[0].contains("num_ctx = 2048"), "{}", g.warnings[0]);
+    let sent: Vec<_> = srv.requests_to("/api/chat").iter().map(|r| r.json()["options"]["num_ctx"].clone()).collect();
+    assert_eq!(sent, vec![json!(2048), json!(2048)]);
+    let mut bigger = request("gemma2:2b", "x");
+    bigger.num_ctx = Some(32768);
+    b.generate(bigger, &Collect::default(), CancellationToken::new()).await.unwrap();
+    assert_eq!(srv.requests_to("/api/chat")[2].json()["options"]["num_ctx"], 32768, "the type's num_ctx wins");
 }

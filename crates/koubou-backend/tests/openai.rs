@@ -21,8 +21,10 @@ fn backend(srv_url: &str, key: Option<&str>) -> OpenAiBackend {
             api_key_env: None,
             model: "m".into(),
             concurrency: 2,
+            ..Default::default()
         },
     )
+    .unwrap()
 }
 
 async fn run(srv: &FakeServer, key: Option<&str>) -> (Result<koubou_backend::Generation, BackendError>, Collect) {
@@ -120,7 +122,10 @@ async fn error_statuses_map_to_typed_errors() {
         other => panic!("expected Rejected 401, got {other:?}"),
     }
     let (r, _) = run(&srv, None).await;
-    assert!(matches!(&r, Err(BackendError::Failed { detail, .. }) if detail.contains("429")), "{r:?}");
+    assert!(
+        matches!(&r, Err(BackendError::RateLimited { status: 429, retry_after: None, detail, .. }) if detail.contains("Rate limit")),
+        "{r:?}"
+    );
     let (r, _) = run(&srv, None).await;
     assert!(
         matches!(&r, Err(BackendError::Failed { detail, .. }) if detail.contains("Internal Server Error")),
@@ -184,4 +189,119 @@ async fn health_lists_models_and_reports_bad_keys() {
     assert_eq!(srv.requests_to("/v1/models")[0].header("authorization").as_deref(), Some("Bearer k"));
     let h = b.health().await;
     assert!(!h.up && h.detail.contains("bad key"), "{}", h.detail);
+}
+
+#[tokio::test]
+async fn dialect_options_arrive_as_configured() {
+    let srv = FakeServer::start(vec![(CHAT, vec![openai_stream(&["az"], Some("stop"), None, true, false)])]).await;
+    let cfg = OpenAiConfig {
+        base_url: format!("{}/v1", srv.url()),
+        api_key: Some("azure-key".into()),
+        api_key_env: None,
+        auth: koubou_backend::config::Auth::ApiKey,
+        headers: [
+            ("X-Title".to_owned(), "Koubou".to_owned()),
+            ("HTTP-Referer".to_owned(), "https://k.example".to_owned()),
+        ]
+        .into(),
+        query: [("api-version".to_owned(), "2024-10-21".to_owned())].into(),
+        max_tokens_field: "max_completion_tokens".into(),
+        extra_body: serde_json::from_value(json!({"reasoning_effort": "low", "user": "koubou"})).unwrap(),
+        ..Default::default()
+    };
+    let b = OpenAiBackend::new("azure", &cfg).unwrap();
+    let mut req = request("m", "hi");
+    req.options.max_tokens = Some(11);
+    b.generate(req, &Collect::default(), CancellationToken::new()).await.unwrap();
+    let r = &srv.requests_to(CHAT)[0];
+    assert_eq!(r.query, "api-version=2024-10-21");
+    assert_eq!(r.header("api-key").as_deref(), Some("azure-key"));
+    assert!(r.header("authorization").is_none());
+    assert_eq!(r.header("x-title").as_deref(), Some("Koubou"));
+    assert_eq!(r.header("http-referer").as_deref(), Some("https://k.example"));
+    let body = r.json();
+    assert_eq!((body["max_completion_tokens"].clone(), body.get("max_tokens")), (json!(11), None));
+    assert_eq!((body["reasoning_effort"].clone(), body["user"].clone()), (json!("low"), json!("koubou")));
+}
+
+/// A server like Mistral's: any unknown field, `stream_options` included, is a 422.
+async fn strict_server() -> std::net::SocketAddr {
+    use axum::{Json, response::IntoResponse};
+    async fn chat(Json(body): Json<serde_json::Value>) -> axum::response::Response {
+        if let Some(extra) = body
+            .as_object()
+            .and_then(|o| o.keys().find(|k| !["model", "messages", "stream", "max_tokens"].contains(&k.as_str())))
+        {
+            let detail = json!({"detail": [{"type": "extra_forbidden", "loc": ["body", extra], "msg": "Extra inputs are not permitted"}]});
+            return (
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"object": "error", "message": detail, "type": "invalid_request_error"})),
+            )
+                .into_response();
+        }
+        let chunk = |v: serde_json::Value| format!("data: {v}\n\n");
+        let body = [
+            chunk(json!({"choices": [{"index": 0, "delta": {"content": "bonjour"}}]})),
+            chunk(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 4, "completion_tokens": 1}})),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+        .concat();
+        ([("content-type", "text/event-stream")], body).into_response()
+    }
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(chat));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    addr
+}
+
+#[tokio::test]
+async fn stream_usage_false_works_with_servers_that_refuse_unknown_fields() {
+    let addr = strict_server().await;
+    let cfg = |stream_usage| OpenAiConfig {
+        base_url: format!("http://{addr}/v1"),
+        api_key_env: None,
+        stream_usage,
+        ..Default::default()
+    };
+    let e = OpenAiBackend::new("mistral", &cfg(true))
+        .unwrap()
+        .generate(request("m", "hi"), &Collect::default(), CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Rejected { status: 422, detail, .. } if detail.contains("stream_options")),
+        "{e}"
+    );
+    let g = OpenAiBackend::new("mistral", &cfg(false))
+        .unwrap()
+        .generate(request("m", "hi"), &Collect::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((g.text.as_str(), g.usage.prompt_tokens), ("bonjour", 4), "usage still read from the last chunk");
+}
+
+#[tokio::test]
+async fn rate_limits_are_typed_with_their_hint() {
+    let limit = |status, headers: Vec<(&'static str, String)>| {
+        Reply::JsonWith(status, headers, json!({"error": {"message": "slow down"}}))
+    };
+    let srv = FakeServer::start(vec![(
+        CHAT,
+        vec![
+            limit(429, vec![("retry-after", "3".into())]),
+            limit(429, vec![("retry-after-ms", "1500".into()), ("retry-after", "9".into())]),
+            limit(503, vec![("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT".into())]),
+            limit(503, vec![]),
+        ],
+    )])
+    .await;
+    let (r, _) = run(&srv, None).await;
+    assert_eq!(r.unwrap_err().retry_after(), Some(Duration::from_secs(3)));
+    let (r, _) = run(&srv, None).await;
+    assert_eq!(r.unwrap_err().retry_after(), Some(Duration::from_millis(1500)));
+    let (r, _) = run(&srv, None).await;
+    assert!(matches!(r, Err(BackendError::RateLimited { status: 503, retry_after: Some(d), .. }) if d.is_zero()));
+    let (r, _) = run(&srv, None).await;
+    assert!(matches!(&r, Err(BackendError::Failed { .. })), "a 503 that asks for no wait is a plain failure: {r:?}");
 }

@@ -72,8 +72,16 @@ async fn llama_cpp_python_server() {
     let base = format!("http://127.0.0.1:{port}/v1");
     let backend = OpenAiBackend::new(
         "llama-cpp-python",
-        &OpenAiConfig { base_url: base.clone(), api_key: None, api_key_env: None, model: ALIAS.into(), concurrency: 1 },
-    );
+        &OpenAiConfig {
+            base_url: base.clone(),
+            api_key: None,
+            api_key_env: None,
+            model: ALIAS.into(),
+            concurrency: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
 
     // Wait for it to serve (it loads in ~1.5 s; the bound only guards against a hang).
     let mut health = backend.health().await;

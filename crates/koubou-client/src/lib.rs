@@ -1,7 +1,10 @@
 //! `Client`: [`koubou_system::Api`] over HTTP, against a running `koubou serve`.
 //!
 //! Errors come back as the same [`ApiError`] the server sent (rebuilt from its JSON body), so a
-//! caller cannot tell a local system from a remote one.
+//! caller cannot tell a local system from a remote one. The HTTP client is built like the
+//! backends' ([`koubou_backend::http::ClientSetup`]): a server on loopback is reached directly
+//! even when `HTTP_PROXY` / `ALL_PROXY` are set, a remote one through them unless `NO_PROXY`
+//! names it, and `https://` works with the bundled and system roots.
 
 use async_trait::async_trait;
 use eventsource_stream::Eventsource;
@@ -27,7 +30,13 @@ pub struct Client {
 
 impl Client {
     pub fn new(base_url: &str, token: Option<String>) -> Client {
-        Client { base: base_url.trim_end_matches('/').to_owned(), token, http: reqwest::Client::new() }
+        // With no `ca_file` and no configured proxy the setup cannot fail; fall back to a direct
+        // client all the same rather than panic.
+        let http = koubou_backend::http::ClientSetup::new(&Default::default())
+            .ok()
+            .and_then(|s| s.builder().build().ok())
+            .unwrap_or_else(|| reqwest::Client::builder().no_proxy().build().unwrap_or_default());
+        Client { base: base_url.trim_end_matches('/').to_owned(), token, http }
     }
 
     pub fn base_url(&self) -> &str {

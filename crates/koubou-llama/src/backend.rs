@@ -318,12 +318,10 @@ impl Backend for EmbeddedBackend {
                     Some(Event::Done(f)) => {
                         return Ok(Generation {
                             text: f.text,
-                            usage: Usage {
-                                prompt_tokens: u64::from(f.prompt_tokens),
-                                completion_tokens: u64::from(f.completion_tokens),
-                            },
+                            usage: Usage::new(u64::from(f.prompt_tokens), u64::from(f.completion_tokens)),
                             model: self.cfg.model.clone(),
                             finish_reason: f.finish_reason.as_str().to_string(),
+                            warnings: vec![],
                         });
                     }
                     Some(Event::Failed(e)) => return Err(self.map_err(e)),

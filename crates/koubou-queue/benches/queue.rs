@@ -14,7 +14,13 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn done() -> Completion {
-    Completion { result: "ok".into(), backend: "b".into(), model: "m".into(), usage: Usage::default() }
+    Completion {
+        result: "ok".into(),
+        backend: "b".into(),
+        model: "m".into(),
+        usage: Usage::default(),
+        warnings: vec![],
+    }
 }
 
 #[tokio::main]

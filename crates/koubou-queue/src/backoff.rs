@@ -31,6 +31,16 @@ impl Backoff {
         let ms = capped - spread + fastrand::f64() * 2.0 * spread;
         Duration::from_millis(ms.max(0.0) as u64)
     }
+
+    /// The wait after attempt `attempt` failed when the backend asked for `hint` (a rate
+    /// limit's `Retry-After`): the longer of the two, the hint capped at `max_ms`.
+    pub fn delay_with_hint(&self, attempt: u32, hint: Option<Duration>) -> Duration {
+        let backoff = self.delay(attempt);
+        match hint {
+            Some(h) => backoff.max(h.min(Duration::from_millis(self.max_ms))),
+            None => backoff,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -47,5 +57,15 @@ mod tests {
             let ms = j.delay(1).as_millis();
             assert!((50..=150).contains(&ms), "{ms}");
         }
+    }
+
+    #[test]
+    fn a_hint_waits_longer_than_the_backoff_but_not_past_the_cap() {
+        let b = Backoff { base_ms: 100, max_ms: 1_000, jitter: 0.0 };
+        let ms = |attempt, hint: Option<u64>| b.delay_with_hint(attempt, hint.map(Duration::from_millis)).as_millis();
+        assert_eq!(ms(1, None), 100);
+        assert_eq!(ms(1, Some(700)), 700);
+        assert_eq!(ms(3, Some(10)), 400, "a short hint does not shorten the backoff");
+        assert_eq!(ms(1, Some(60_000)), 1_000, "capped at max_ms");
     }
 }

@@ -97,6 +97,8 @@ pub struct Completion {
     pub backend: String,
     pub model: String,
     pub usage: Usage,
+    /// What the owner should know about the answer (shown with the task).
+    pub warnings: Vec<String>,
 }
 
 /// A failed attempt.
@@ -109,6 +111,9 @@ pub struct Failure {
     pub model: Option<String>,
     /// Output produced before the failure, kept for the record.
     pub partial: Option<String>,
+    /// The wait the backend asked for (a rate limit's `Retry-After`): the retry comes no sooner
+    /// than this, nor sooner than the backoff (and no later than the backoff's cap).
+    pub retry_after: Option<Duration>,
 }
 
 /// A filter and page for listing tasks, newest first.

@@ -228,6 +228,10 @@ pub struct TaskView {
     pub idempotency_key: Option<String>,
     pub options: GenOptions,
     pub metadata: Map<String, Value>,
+    /// What the backend said the owner should know about the answer (e.g. the prompt did not
+    /// fit the model's context window).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 impl TaskView {
@@ -259,6 +263,7 @@ impl TaskView {
             idempotency_key: t.idempotency_key,
             options: t.options,
             metadata: t.metadata,
+            warnings: t.warnings,
         }
     }
 }
@@ -329,6 +334,18 @@ pub struct BackendView {
     pub models: Vec<String>,
     /// Task types routed here first.
     pub serves: Vec<String>,
+    /// Set while the backend is cooling down after a rate limit: no task is sent to it until then.
+    #[serde(default)]
+    pub cooldown: Option<CooldownView>,
+}
+
+/// A backend's cool-down after it answered "slow down".
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CooldownView {
+    /// When it ends (RFC 3339).
+    pub until: String,
+    /// The refusal that started it.
+    pub reason: String,
 }
 
 /// `GET /health`.

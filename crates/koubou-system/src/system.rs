@@ -16,8 +16,8 @@ use parking_lot::Mutex;
 
 use crate::{
     api::{
-        Api, ApiError, BackendView, EventStream, HealthView, ListQuery, QueueView, SubmitRequest, SubmitResponse,
-        SystemStatus, TaskList, TaskView, WorkerView, WorkersView,
+        Api, ApiError, BackendView, CooldownView, EventStream, HealthView, ListQuery, QueueView, SubmitRequest,
+        SubmitResponse, SystemStatus, TaskList, TaskView, WorkerView, WorkersView,
     },
     config::{Config, Home},
     live::Live,
@@ -402,6 +402,10 @@ impl Api for Koubou {
                         .filter(|(_, r)| r.backend == b.name())
                         .map(|(k, _)| k.clone())
                         .collect(),
+                    cooldown: router
+                        .cooldowns()
+                        .get(b.name())
+                        .map(|c| CooldownView { until: koubou_task::rfc3339(c.until), reason: c.reason }),
                 }
             })
             .collect();

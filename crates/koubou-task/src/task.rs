@@ -71,8 +71,24 @@ impl fmt::Display for TaskStatus {
 /// Tokens used by one generation, as the backend reported or counted them.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 pub struct Usage {
+    /// Every prompt token the model read, cached or not.
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Of the prompt tokens, those read from the provider's prompt cache, when it says
+    /// (Anthropic's `cache_read_input_tokens`, OpenAI's `prompt_tokens_details.cached_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read_tokens: Option<u64>,
+    /// Of the prompt tokens, those written to the prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// Prompt and completion counts, no cache counts.
+    pub const fn new(prompt_tokens: u64, completion_tokens: u64) -> Usage {
+        Usage { prompt_tokens, completion_tokens, cache_read_tokens: None, cache_write_tokens: None }
+    }
 }
 
 /// Sampling and length settings a task may carry; unset fields take the backend's defaults.
@@ -177,6 +193,10 @@ pub struct Task {
     pub idempotency_key: Option<String>,
     pub options: GenOptions,
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// What the owner should know about the answer (e.g. the prompt did not fit the context
+    /// window), as the backend said.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Task {
@@ -209,6 +229,7 @@ impl Task {
             idempotency_key: new.idempotency_key,
             options: new.options,
             metadata: new.metadata,
+            warnings: Vec::new(),
         }
     }
 

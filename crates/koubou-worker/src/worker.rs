@@ -132,7 +132,14 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
     let plan = match shared.router.plan(&task) {
         Ok(p) => p,
         Err(e) => {
-            let f = Failure { error: e.to_string(), retryable: false, backend: None, model: None, partial: None };
+            let f = Failure {
+                error: e.to_string(),
+                retryable: false,
+                backend: None,
+                model: None,
+                partial: None,
+                retry_after: None,
+            };
             log_write(id, shared.queue.fail(&lease, f).await.map(|_| ()));
             return false;
         }
@@ -198,6 +205,7 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
                 backend: served.backend,
                 model: served.model,
                 usage: served.generation.usage,
+                warnings: served.generation.warnings,
             };
             log_write(id, shared.queue.complete(&lease, done).await.map(|_| ()));
             true
@@ -216,6 +224,7 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
                 backend: Some(backend),
                 model: Some(model),
                 partial: (!partial.is_empty()).then_some(partial),
+                retry_after: e.retry_after(),
             };
             log_write(id, shared.queue.fail(&lease, f).await.map(|_| ()));
             false

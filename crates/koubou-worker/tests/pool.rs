@@ -81,6 +81,7 @@ impl Backend for Gated {
             usage: Usage::default(),
             model: req.model,
             finish_reason: "stop".into(),
+            warnings: vec![],
         })
     }
 }

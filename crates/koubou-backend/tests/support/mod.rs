@@ -3,6 +3,9 @@
 //! it was sent. Each test says, per path, what the server answers.
 #![allow(dead_code)]
 
+pub mod proxy;
+pub mod tls;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,6 +28,8 @@ pub enum Reply {
     StreamThenHang { content_type: &'static str, chunks: Vec<Vec<u8>> },
     /// A whole JSON body with this status.
     Json(u16, Value),
+    /// A whole JSON body with this status and these headers (e.g. `retry-after`).
+    JsonWith(u16, Vec<(&'static str, String)>, Value),
     /// A plain text body with this status.
     Text(u16, String),
     /// Accepts the request and never sends a status line.
@@ -36,6 +41,8 @@ pub enum Reply {
 pub struct Recorded {
     pub method: Method,
     pub path: String,
+    /// The query string, without `?` (empty when there is none).
+    pub query: String,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -58,6 +65,7 @@ struct State {
 /// A scripted server bound to 127.0.0.1 on a free port; stops when dropped.
 pub struct FakeServer {
     pub addr: SocketAddr,
+    scheme: &'static str,
     state: Arc<Mutex<State>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -66,12 +74,24 @@ impl FakeServer {
     /// Serves `routes`: each path answers its replies in turn, repeating the last one. Unknown
     /// paths get 404 `{"error":"no route"}`.
     pub async fn start(routes: Vec<(&str, Vec<Reply>)>) -> FakeServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        Self::serve(listener, "http", routes)
+    }
+
+    /// Like [`FakeServer::start`], over HTTPS with a certificate `ca` signed.
+    pub async fn start_tls(ca: &tls::TestCa, routes: Vec<(&str, Vec<Reply>)>) -> FakeServer {
+        Self::serve(ca.listener().await, "https", routes)
+    }
+
+    fn serve<L>(listener: L, scheme: &'static str, routes: Vec<(&str, Vec<Reply>)>) -> FakeServer
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
         let state = Arc::new(Mutex::new(State {
             routes: routes.into_iter().map(|(p, r)| (p.to_owned(), r)).collect(),
             hits: HashMap::new(),
             log: Vec::new(),
         }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let st = state.clone();
         let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
@@ -81,12 +101,12 @@ impl FakeServer {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        FakeServer { addr, state, task }
+        FakeServer { addr, scheme, state, task }
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` for [`FakeServer::start_tls`]).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Every request so far.
@@ -110,7 +130,8 @@ async fn answer(st: Arc<Mutex<State>>, method: Method, uri: Uri, headers: Header
     let path = uri.path().to_owned();
     let reply = {
         let mut s = st.lock().unwrap();
-        s.log.push(Recorded { method, path: path.clone(), headers, body });
+        let query = uri.query().unwrap_or_default().to_owned();
+        s.log.push(Recorded { method, path: path.clone(), query, headers, body });
         let n = *s.hits.entry(path.clone()).and_modify(|n| *n += 1).or_insert(0);
         s.routes.get(&path).and_then(|rs| rs.get(n).or(rs.last()).cloned())
     };
@@ -119,6 +140,13 @@ async fn answer(st: Arc<Mutex<State>>, method: Method, uri: Uri, headers: Header
     };
     match reply {
         Reply::Json(status, v) => json_response(status, v),
+        Reply::JsonWith(status, headers, v) => {
+            let mut r = json_response(status, v);
+            for (k, val) in headers {
+                r.headers_mut().insert(k, val.parse().unwrap());
+            }
+            r
+        }
         Reply::Text(status, t) => {
             Response::builder().status(status).header("content-type", "text/plain").body(Body::from(t)).unwrap()
         }
@@ -219,6 +247,63 @@ pub fn openai_stream(
 pub fn openai_models(ids: &[&str]) -> Reply {
     let data: Vec<Value> = ids.iter().map(|id| json!({"id": id, "object": "model", "owned_by": "me"})).collect();
     Reply::Json(200, json!({"object": "list", "data": data}))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Anthropic Messages API
+
+/// One server-sent event, Anthropic style (`event:` names the type, `data:` repeats it).
+pub fn anthropic_event(kind: &str, v: Value) -> String {
+    format!("event: {kind}\ndata: {v}\n\n")
+}
+
+/// A whole Messages stream, as one string: `message_start` (with usage, cache counts),
+/// a `ping`, one text block whose deltas are `tokens`, `message_delta` with `stop_reason`, and
+/// (when `stop`) `message_stop`.
+pub fn anthropic_stream(tokens: &[&str], stop_reason: &str, stop: bool) -> String {
+    let mut s = anthropic_event(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+            "model": "claude-served", "content": [], "stop_reason": null,
+            "usage": {"input_tokens": 12, "output_tokens": 1, "cache_read_input_tokens": 100,
+                      "cache_creation_input_tokens": 30}}}),
+    );
+    s += &anthropic_event("ping", json!({"type": "ping"}));
+    s += &anthropic_event(
+        "content_block_start",
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    );
+    for t in tokens {
+        s += &anthropic_event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}),
+        );
+    }
+    s += &anthropic_event("content_block_stop", json!({"type": "content_block_stop", "index": 0}));
+    s += &anthropic_event(
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+            "usage": {"output_tokens": tokens.len()}}),
+    );
+    if stop {
+        s += &anthropic_event("message_stop", json!({"type": "message_stop"}));
+    }
+    s
+}
+
+/// `text` sent in chunks cut at the given byte offsets (anywhere, even inside a UTF-8 character).
+pub fn split_at(text: &str, cuts: &[usize]) -> Reply {
+    let bytes = text.as_bytes();
+    let mut chunks = Vec::new();
+    let mut last = 0;
+    for &c in cuts.iter().filter(|&&c| c > 0 && c < bytes.len()) {
+        if c > last {
+            chunks.push(bytes[last..c].to_vec());
+            last = c;
+        }
+    }
+    chunks.push(bytes[last..].to_vec());
+    Reply::Stream { content_type: "text/event-stream", chunks }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -324,6 +409,7 @@ pub fn request(model: &str, prompt: &str) -> koubou_backend::GenerateRequest {
         timeout: Duration::from_secs(60),
         task_id: "task-1".into(),
         task_kind: "general".into(),
+        num_ctx: None,
     }
 }
 

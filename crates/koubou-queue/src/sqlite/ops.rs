@@ -223,7 +223,8 @@ pub fn complete(ctx: &mut Ctx<'_>, lease: &Lease, done: Completion) -> Result<Ta
         .conn
         .prepare_cached(&format!(
             "UPDATE tasks SET status = 'completed', result = ?4, backend = ?5, model = ?6, prompt_tokens = ?7, \
-             completion_tokens = ?8, finished_at = ?9, lease_until = NULL, partial = NULL, error = NULL \
+             completion_tokens = ?8, finished_at = ?9, lease_until = NULL, partial = NULL, error = NULL, \
+             cache_read_tokens = ?10, cache_write_tokens = ?11, warnings = ?12 \
              WHERE {FENCE} RETURNING {COLUMNS}"
         ))?
         .query_row(
@@ -237,6 +238,9 @@ pub fn complete(ctx: &mut Ctx<'_>, lease: &Lease, done: Completion) -> Result<Ta
                 done.usage.prompt_tokens as i64,
                 done.usage.completion_tokens as i64,
                 ctx.now,
+                done.usage.cache_read_tokens.map(|v| v as i64),
+                done.usage.cache_write_tokens.map(|v| v as i64),
+                (!done.warnings.is_empty()).then(|| json(&done.warnings)).flatten(),
             ],
             task_from_row,
         )
@@ -253,7 +257,8 @@ pub fn complete(ctx: &mut Ctx<'_>, lease: &Lease, done: Completion) -> Result<Ta
 pub fn fail(ctx: &mut Ctx<'_>, lease: &Lease, failure: Failure) -> Result<Task, QueueError> {
     let retry = failure.retryable && lease.attempt < get_existing(ctx.conn, lease.task_id)?.max_attempts;
     let (status, retry_at) = if retry {
-        (TaskStatus::Retrying, Some(ctx.now + ctx.cfg.retry.delay(lease.attempt).as_millis() as Millis))
+        let delay = ctx.cfg.retry.delay_with_hint(lease.attempt, failure.retry_after);
+        (TaskStatus::Retrying, Some(ctx.now + delay.as_millis() as Millis))
     } else {
         (TaskStatus::Failed, None)
     };

@@ -3,11 +3,12 @@
 use koubou_task::{Priority, Task, TaskKind, TaskStatus, Usage, WorkerId};
 use rusqlite::Row;
 
-/// The column list every `SELECT … FROM tasks` and `RETURNING` uses, in [`task_from_row`]'s order.
+/// The column list every `SELECT … FROM tasks` and `RETURNING` uses, in [`task_from_row`]'s order
+/// (columns added by later migrations come after `seq`).
 pub const COLUMNS: &str = "id, kind, prompt, system, priority, status, requested_model, requested_backend, \
      attempts, max_attempts, timeout_secs, result, error, partial, backend, model, prompt_tokens, \
      completion_tokens, worker_id, created_at, started_at, finished_at, available_at, lease_until, \
-     idempotency_key, options, metadata, seq";
+     idempotency_key, options, metadata, seq, cache_read_tokens, cache_write_tokens, warnings";
 
 fn bad(col: usize, msg: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, msg.into())
@@ -21,6 +22,9 @@ pub fn task_from_row(r: &Row<'_>) -> rusqlite::Result<Task> {
     let completion_tokens: Option<i64> = r.get(17)?;
     let options: Option<String> = r.get(25)?;
     let metadata: Option<String> = r.get(26)?;
+    let cache_read: Option<i64> = r.get(28)?;
+    let cache_write: Option<i64> = r.get(29)?;
+    let warnings: Option<String> = r.get(30)?;
     Ok(Task {
         id: id.parse().map_err(|e: koubou_task::id::BadTaskId| bad(0, e.to_string()))?,
         kind: TaskKind::parse(&kind).map_err(|e| bad(1, e))?,
@@ -40,7 +44,11 @@ pub fn task_from_row(r: &Row<'_>) -> rusqlite::Result<Task> {
         model: r.get(15)?,
         usage: match (prompt_tokens, completion_tokens) {
             (None, None) => None,
-            (p, c) => Some(Usage { prompt_tokens: p.unwrap_or(0) as u64, completion_tokens: c.unwrap_or(0) as u64 }),
+            (p, c) => Some(Usage {
+                cache_read_tokens: cache_read.map(|v| v as u64),
+                cache_write_tokens: cache_write.map(|v| v as u64),
+                ..Usage::new(p.unwrap_or(0) as u64, c.unwrap_or(0) as u64)
+            }),
         },
         worker_id: r.get::<_, Option<String>>(18)?.map(WorkerId),
         created_at: r.get(19)?,
@@ -56,6 +64,10 @@ pub fn task_from_row(r: &Row<'_>) -> rusqlite::Result<Task> {
         metadata: match metadata {
             Some(s) => serde_json::from_str(&s).map_err(|e| bad(26, e.to_string()))?,
             None => Default::default(),
+        },
+        warnings: match warnings {
+            Some(s) => serde_json::from_str(&s).map_err(|e| bad(30, e.to_string()))?,
+            None => Vec::new(),
         },
     })
 }

@@ -47,7 +47,17 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX tasks_status ON tasks (status, seq);
     CREATE INDEX tasks_kind   ON tasks (kind, seq);
     "#,
+    // 2: prompt-cache token counts, and warnings about an answer (a JSON array of strings).
+    r#"
+    ALTER TABLE tasks ADD COLUMN cache_read_tokens  INTEGER;
+    ALTER TABLE tasks ADD COLUMN cache_write_tokens INTEGER;
+    ALTER TABLE tasks ADD COLUMN warnings           TEXT;
+    "#,
 ];
+
+/// Migration 1 alone, to build old files in tests.
+#[cfg(test)]
+pub const MIGRATION_1_FOR_TESTS: &str = MIGRATIONS[0];
 
 /// The version a fully migrated file has.
 pub const VERSION: i64 = MIGRATIONS.len() as i64;

@@ -28,12 +28,13 @@ fn done(text: &str) -> Completion {
         result: text.into(),
         backend: "b".into(),
         model: "m".into(),
-        usage: Usage { prompt_tokens: 3, completion_tokens: 5 },
+        usage: Usage::new(3, 5),
+        warnings: vec![],
     }
 }
 
 fn failure(retryable: bool) -> Failure {
-    Failure { error: "boom".into(), retryable, backend: None, model: None, partial: None }
+    Failure { error: "boom".into(), retryable, backend: None, model: None, partial: None, retry_after: None }
 }
 
 #[tokio::test]
@@ -140,6 +141,71 @@ async fn retry_with_backoff_then_fail() {
     assert_eq!(last.status, TaskStatus::Failed);
     assert_eq!(last.error.as_deref(), Some("boom"));
     assert!(last.finished_at.is_some());
+}
+
+#[tokio::test]
+async fn a_retry_after_hint_delays_the_retry_past_the_backoff_up_to_its_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SqliteConfig { retry: Backoff { base_ms: 40, max_ms: 60_000, jitter: 0.0 }, ..SqliteConfig::default() };
+    let q = SqliteQueue::open(dir.path().join("q.db"), cfg, EventBus::default()).unwrap();
+    let hinted = |secs| Failure { retry_after: Some(Duration::from_secs(secs)), ..failure(true) };
+    q.submit(new("x", 5)).await.unwrap();
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let before = koubou_task::now_millis();
+    let after = q.fail(&c.lease, hinted(30)).await.unwrap();
+    assert_eq!(after.status, TaskStatus::Retrying);
+    assert!(
+        after.available_at >= before + 30_000,
+        "retry at {} (+{} ms)",
+        after.available_at,
+        after.available_at - before
+    );
+    assert!(after.available_at <= koubou_task::now_millis() + 30_000);
+    // A hint beyond the cap waits the cap.
+    q.submit(new("y", 5)).await.unwrap();
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let before = koubou_task::now_millis();
+    let after = q.fail(&c.lease, hinted(3_600)).await.unwrap();
+    assert!((before + 60_000..=koubou_task::now_millis() + 60_000).contains(&after.available_at));
+}
+
+#[tokio::test]
+async fn completion_keeps_cache_counts_and_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let t = q.submit(new("x", 5)).await.unwrap().task;
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let usage = Usage { cache_read_tokens: Some(100), cache_write_tokens: Some(7), ..Usage::new(120, 5) };
+    let warnings = vec!["the prompt may not fit".to_owned()];
+    let finished = q.complete(&c.lease, Completion { usage, warnings: warnings.clone(), ..done("ok") }).await.unwrap();
+    assert_eq!((finished.usage, finished.warnings.clone()), (Some(usage), warnings.clone()));
+    drop(q);
+    let q = open(&dir);
+    let read = q.get(t.id).await.unwrap().unwrap();
+    assert_eq!((read.usage, read.warnings), (Some(usage), warnings), "kept across a reopen");
+}
+
+#[test]
+fn a_version_1_file_migrates_and_keeps_its_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(schema::MIGRATION_1_FOR_TESTS).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO tasks (id, kind, prompt, priority, status, max_attempts, created_at, available_at, \
+             prompt_tokens, completion_tokens, result) VALUES (?1, 'general', 'old', 5, 'completed', 3, 1, 1, 4, 2, 'r')",
+            [koubou_task::TaskId::new().to_string()],
+        )
+        .unwrap();
+    }
+    let mut conn = rusqlite::Connection::open(&path).unwrap();
+    schema::migrate(&mut conn).unwrap();
+    let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, schema::VERSION);
+    let t = conn.query_row(&format!("SELECT {} FROM tasks", rows::COLUMNS), [], rows::task_from_row).unwrap();
+    assert_eq!((t.usage, t.warnings.len(), t.result.as_deref()), (Some(Usage::new(4, 2)), 0, Some("r")));
 }
 
 #[tokio::test]
