@@ -9,6 +9,7 @@
 //! - Providers: [`ollama`] (`/api/chat`), [`openai`] (`/v1/chat/completions`, SSE), [`exec`]
 //!   (a configured program: task JSON on stdin, answer on stdout) and [`codex`] (`codex exec`).
 //!   The embedded GGUF engine lives in its own crate, `koubou-llama`, and implements the same trait.
+//! - [`supervise`]: keeps every child program (codex, exec) from outliving the server.
 //!
 //! Architecture invariant: nothing here knows about queues, workers or HTTP servers; a backend
 //! is given a request and a cancellation token and returns a [`Generation`] or a [`BackendError`].
@@ -24,12 +25,14 @@ mod process;
 pub mod providers;
 pub mod router;
 mod sse;
+pub mod supervise;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 pub use config::{BackendConfig, BackendsConfig, EmbeddedConfig, TypeRoute};
 pub use koubou_task::{GenOptions, Usage};
+pub use process::{AUTH_TOKEN_ENV, withhold_env};
 pub use providers::build;
 pub use router::{Plan, RouteError, Router};
 use serde::Serialize;
@@ -65,6 +68,13 @@ pub struct Generation {
 /// Receives tokens as they are generated.
 pub trait TokenSink: Send + Sync {
     fn token(&self, text: &str);
+    /// The most bytes of answer the caller keeps (`None`: no bound). Streaming backends need not
+    /// look (the router stops them once the sink has seen more); a backend that holds output
+    /// before it can stream it (a whole line, a file) refuses more than this with
+    /// [`BackendError::TooLarge`] instead of buffering it.
+    fn max_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl<F: Fn(&str) + Send + Sync> TokenSink for F {
@@ -145,6 +155,9 @@ pub enum BackendError {
     Truncated { backend: String, detail: String },
     #[error("{backend} did not finish within {0:?}", .timeout)]
     Timeout { backend: String, timeout: Duration },
+    /// The answer grew past `limits.max_result_bytes`; the backend was stopped.
+    #[error("{backend}: output too large: more than {limit} bytes (limits.max_result_bytes)")]
+    TooLarge { backend: String, limit: usize },
     #[error("cancelled")]
     Cancelled,
     /// The configuration cannot work (bad URL, missing program, missing key).

@@ -125,7 +125,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(ApiError::Invalid(_)) => 5,
         Some(ApiError::NotFound(_)) => 3,
         Some(ApiError::Conflict(_)) => 7,
-        Some(ApiError::Unavailable(_)) => 4,
+        Some(ApiError::Unavailable(_) | ApiError::TryLater { .. }) => 4,
         Some(ApiError::Internal(_)) => 10,
         None => match e.downcast_ref::<client_cmds::Outcome>() {
             Some(o) => o.code(),
@@ -134,7 +134,20 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
+/// Makes every child program a task starts (codex, exec) run under a supervisor — this binary
+/// again, see [`koubou_backend::supervise`] — so none outlives this process. `hold` is kept open
+/// by every supervisor (the home lock of `koubou serve`).
+pub fn supervise_children(hold: Option<std::os::fd::RawFd>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    koubou_backend::supervise::supervise_children("/proc/self/exe".into(), hold)
+        .context("setting up the supervision of child processes")
+}
+
 fn main() -> ExitCode {
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == koubou_backend::supervise::SUPERVISE_ARG) {
+        koubou_backend::supervise::main(args.collect());
+    }
     let cli = Cli::parse();
     let ctx = Ctx {
         config_path: cli.config.clone().unwrap_or_else(|| cli.home.join("koubou.toml")),
