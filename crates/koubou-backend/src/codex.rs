@@ -3,10 +3,13 @@
 //! Why it exists: the seed lets tasks go to the Codex CLI. Codex is an agent, not an API: it may
 //! run tools, it reads stdin to EOF when stdin is not a TTY, and it never gives up by itself when
 //! its provider hangs (see `shared/reference/codex-cli.md`). So this preset pins the invocation
-//! (`--json` events for streaming and usage, `-o` for exactly the final message, stdin from
-//! /dev/null, the prompt as one argv element after `--`), refuses to run without a sandbox unless
-//! the operator opted in with `CODEX_UNSAFE_ALLOW_NO_SANDBOX=1`, and relies on
-//! [`crate::process`] to kill codex's whole process group when the router's timeout fires.
+//! (`--json` events for streaming and usage, `-o` for exactly the final message, and the prompt
+//! on stdin with `-` as codex's prompt argument: argv is readable by every local user in
+//! `/proc/PID/cmdline`, and one argument is capped at 128 KiB), refuses a model name that
+//! starts with `-`, refuses to run without a sandbox unless the operator opted in with
+//! `CODEX_UNSAFE_ALLOW_NO_SANDBOX=1`, gives codex the user's environment minus Koubou's token and
+//! the keys other backends read, and relies on [`crate::process`] to kill codex's whole process
+//! group when the router's timeout fires.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -53,6 +56,33 @@ fn check_sandbox(name: &str, cfg: &CodexConfig, allow_unsafe: bool) -> Result<()
     Ok(())
 }
 
+/// A model name is passed as `-m NAME`: one that starts with `-` would be read as an option.
+fn check_model(model: &str) -> Result<(), String> {
+    if model.starts_with('-') {
+        return Err(format!("model {model:?} starts with '-' (it would be read as an option of codex); refused"));
+    }
+    Ok(())
+}
+
+/// Reads codex's `-o` file, refusing one larger than `limit` before reading it and reading at
+/// most `limit` bytes (it may still be growing).
+async fn read_last_message(path: &std::path::Path, limit: Option<usize>) -> Result<Option<String>, usize> {
+    use tokio::io::AsyncReadExt;
+    let Ok(f) = tokio::fs::File::open(path).await else { return Ok(None) };
+    let limit = limit.unwrap_or(usize::MAX);
+    if f.metadata().await.is_ok_and(|m| m.len() > limit as u64) {
+        return Err(limit);
+    }
+    let mut bytes = Vec::new();
+    if f.take((limit as u64).saturating_add(1)).read_to_end(&mut bytes).await.is_err() {
+        return Ok(None);
+    }
+    if bytes.len() > limit {
+        return Err(limit);
+    }
+    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+}
+
 fn unsafe_allowed() -> bool {
     std::env::var(UNSAFE_ENV).is_ok_and(|v| v.trim() == "1")
 }
@@ -66,17 +96,16 @@ impl CodexBackend {
         if cfg.program.trim().is_empty() {
             return Err(BackendError::Config { backend: name, detail: "`program` is empty".into() });
         }
+        if let Some(m) = cfg.model.as_deref()
+            && let Err(detail) = check_model(m)
+        {
+            return Err(BackendError::Config { backend: name, detail });
+        }
         Ok(CodexBackend { name, cfg: cfg.clone() })
     }
 
-    /// The argv after the program, for one run.
-    fn args(
-        &self,
-        workdir: &std::path::Path,
-        last_message: &std::path::Path,
-        model: &str,
-        prompt: &str,
-    ) -> Vec<OsString> {
+    /// The argv after the program, for one run (the prompt goes on stdin).
+    fn args(&self, workdir: &std::path::Path, last_message: &std::path::Path, model: &str) -> Vec<OsString> {
         let mut a: Vec<OsString> =
             ["exec", "--skip-git-repo-check", "--sandbox", &self.cfg.sandbox, "--color", "never"]
                 .iter()
@@ -92,14 +121,14 @@ impl CodexBackend {
             a.push(model.into());
         }
         a.extend(self.cfg.extra_args.iter().map(OsString::from));
-        // `--` ends the options, so a prompt starting with `-` stays the prompt.
+        // `-` as the prompt: codex reads it from stdin to EOF.
         a.push("--".into());
-        a.push(prompt.into());
+        a.push("-".into());
         a
     }
 
     fn env(&self, codex_home: Option<&std::path::Path>) -> std::collections::BTreeMap<String, String> {
-        let mut env = self.cfg.env.clone();
+        let mut env = process::inherited_env(&self.cfg.pass_env, &self.cfg.env);
         if let Some(h) = codex_home.or(self.cfg.codex_home.as_deref()) {
             env.insert("CODEX_HOME".into(), h.to_string_lossy().into_owned());
         }
@@ -246,6 +275,9 @@ impl Backend for CodexBackend {
         cancel: CancellationToken,
     ) -> Result<Generation, BackendError> {
         check_sandbox(&self.name, &self.cfg, unsafe_allowed())?;
+        if let Err(detail) = check_model(&req.model) {
+            return Err(BackendError::Rejected { backend: self.name.clone(), status: 400, detail });
+        }
         let failed = |detail: String| BackendError::Failed { backend: self.name.clone(), detail };
         let scratch = tempfile::Builder::new()
             .prefix("koubou-codex-")
@@ -267,14 +299,12 @@ impl Backend for CodexBackend {
             Some(s) if !s.trim().is_empty() => format!("{s}\n\n{}", req.prompt),
             _ => req.prompt.clone(),
         };
-        // A prompt of exactly "-" tells codex to read the prompt from stdin: give it that way.
-        let stdin = (prompt == "-").then(|| prompt.clone().into_bytes());
         let spec = ProcSpec {
             program: OsString::from(&self.cfg.program),
-            args: self.args(&workdir, &last_message, &req.model, &prompt),
+            args: self.args(&workdir, &last_message, &req.model),
             env: self.env(None),
             workdir: Some(workdir.clone()),
-            stdin,
+            stdin: Some(prompt.into_bytes()),
         };
         let mut events = Events::default();
         let mut lines = LineSplitter::new();
@@ -297,7 +327,9 @@ impl Backend for CodexBackend {
         if events.failure.is_some() {
             return Err(failed(events.why("turn failed".into())));
         }
-        let text = tokio::fs::read_to_string(&last_message).await.ok();
+        let text = read_last_message(&last_message, sink.max_bytes())
+            .await
+            .map_err(|limit| BackendError::TooLarge { backend: self.name.clone(), limit })?;
         let text = match (text, &events.last_message) {
             (Some(t), _) if !t.is_empty() => t,
             (_, Some(m)) => m.clone(),
@@ -343,7 +375,7 @@ mod tests {
     }
 
     #[test]
-    fn argv_puts_the_prompt_last_after_double_dash() {
+    fn argv_ends_with_a_dash_so_the_prompt_comes_on_stdin() {
         let b = CodexBackend::new(
             "c",
             &CodexConfig {
@@ -353,7 +385,7 @@ mod tests {
             },
         )
         .unwrap();
-        let a = b.args("/w".as_ref(), "/o".as_ref(), "m1", "-rf $(id)");
+        let a = b.args("/w".as_ref(), "/o".as_ref(), "m1");
         let a: Vec<&str> = a.iter().map(|s| s.to_str().unwrap()).collect();
         assert_eq!(
             a,
@@ -374,11 +406,28 @@ mod tests {
                 "-c",
                 "x=1",
                 "--",
-                "-rf $(id)"
+                "-"
             ]
         );
-        let a = b.args("/w".as_ref(), "/o".as_ref(), CONFIGURED_MODEL, "p");
+        let a = b.args("/w".as_ref(), "/o".as_ref(), CONFIGURED_MODEL);
         assert!(!a.iter().any(|s| s == "-m"));
+    }
+
+    #[test]
+    fn a_model_starting_with_a_dash_is_refused() {
+        assert!(check_model("gpt-5").is_ok());
+        let e = CodexBackend::new("c", &CodexConfig { model: Some("--yolo".into()), ..Default::default() });
+        assert!(matches!(&e, Err(BackendError::Config { detail, .. }) if detail.contains("starts with '-'")));
+    }
+
+    #[tokio::test]
+    async fn the_last_message_file_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("o");
+        assert_eq!(read_last_message(&p, Some(4)).await, Ok(None), "missing");
+        std::fs::write(&p, "12345").unwrap();
+        assert_eq!(read_last_message(&p, Some(4)).await, Err(4));
+        assert_eq!(read_last_message(&p, Some(5)).await, Ok(Some("12345".into())));
     }
 
     #[test]

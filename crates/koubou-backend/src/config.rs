@@ -44,6 +44,20 @@ impl BackendConfig {
             BackendConfig::Echo(_) => "echo",
         }
     }
+
+    /// The environment variable this backend reads its secret key from, if any: withheld from
+    /// every child process of another backend.
+    pub fn key_env(&self) -> Option<&str> {
+        match self {
+            BackendConfig::Openai(c) => c.api_key_env.as_deref().filter(|v| !v.is_empty()),
+            BackendConfig::Anthropic(c) => c.api_key_env.as_deref().filter(|v| !v.is_empty()),
+            BackendConfig::Ollama(_)
+            | BackendConfig::Codex(_)
+            | BackendConfig::Exec(_)
+            | BackendConfig::Embedded(_)
+            | BackendConfig::Echo(_) => None,
+        }
+    }
 }
 
 /// Ollama's native API (`/api/chat`, streamed NDJSON).
@@ -204,7 +218,7 @@ pub(crate) fn client_options(ca_file: &Option<PathBuf>, proxy: &Option<String>) 
     ClientOptions { ca_file: ca_file.clone(), proxy: proxy.clone() }
 }
 
-/// The Codex CLI (`codex exec`), run as a child process with the prompt as one argv element.
+/// The Codex CLI (`codex exec`), run as a child process with the prompt on stdin.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CodexConfig {
@@ -221,8 +235,12 @@ pub struct CodexConfig {
     pub model: Option<String>,
     /// More arguments, inserted before the prompt.
     pub extra_args: Vec<String>,
-    /// Extra environment for the child.
+    /// Extra environment for the child. Codex gets the server's environment minus Koubou's
+    /// token and the keys other backends read (`api_key_env`), plus this.
     pub env: BTreeMap<String, String>,
+    /// Variables passed from the server's environment even though another backend reads them
+    /// as its key (never `KOUBOU_AUTH_TOKEN`).
+    pub pass_env: Vec<String>,
     pub concurrency: usize,
 }
 
@@ -236,6 +254,7 @@ impl Default for CodexConfig {
             model: None,
             extra_args: vec![],
             env: BTreeMap::new(),
+            pass_env: vec![],
             concurrency: 1,
         }
     }
@@ -249,7 +268,12 @@ pub struct ExecConfig {
     /// Program and arguments, e.g. `["python3", "my_worker.py"]`.
     pub argv: Vec<String>,
     pub workdir: Option<PathBuf>,
+    /// The program's environment beyond the minimal one it always gets from the server (`PATH`,
+    /// `HOME`, `USER`, `LANG`, `LC_*`, `TMPDIR`).
     pub env: BTreeMap<String, String>,
+    /// Names of further variables passed from the server's environment (never
+    /// `KOUBOU_AUTH_TOKEN`).
+    pub pass_env: Vec<String>,
     /// What to call the "model" in task records.
     pub model: String,
     pub concurrency: usize,
@@ -257,7 +281,14 @@ pub struct ExecConfig {
 
 impl Default for ExecConfig {
     fn default() -> Self {
-        ExecConfig { argv: vec![], workdir: None, env: BTreeMap::new(), model: "exec".into(), concurrency: 1 }
+        ExecConfig {
+            argv: vec![],
+            workdir: None,
+            env: BTreeMap::new(),
+            pass_env: vec![],
+            model: "exec".into(),
+            concurrency: 1,
+        }
     }
 }
 

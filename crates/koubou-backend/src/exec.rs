@@ -4,6 +4,8 @@
 //! Why it exists: the seed's "custom worker type" — any script or tool can serve a task type
 //! without Koubou knowing anything about it. The argv comes from the user's own config and is
 //! run directly (never through a shell); task input only ever reaches the program on stdin.
+//! The program's environment is minimal (`PATH`, `HOME`, `USER`, `LANG`, `LC_*`, `TMPDIR`) plus
+//! its config's `pass_env` names and `env` table: never Koubou's token or another backend's key.
 //! Process-group handling (streaming, timeouts, killing helpers) is in [`crate::process`].
 
 use std::ffi::OsString;
@@ -39,7 +41,7 @@ impl ExecBackend {
         ProcSpec {
             program: argv.next().unwrap_or_default(),
             args: argv.collect(),
-            env: self.cfg.env.clone(),
+            env: process::minimal_env(&self.cfg.pass_env, &self.cfg.env),
             workdir: self.cfg.workdir.clone(),
             stdin,
         }

@@ -14,6 +14,7 @@
 //!   GGUF engine lives in its own crate, `koubou-llama`, and implements the same trait.
 //! - [`http`]: the HTTP client every provider (and `koubou-client`) builds: TLS roots, proxies,
 //!   cancellable sends, rate-limit hints.
+//! - [`supervise`]: keeps every child program (codex, exec) from outliving the server.
 //!
 //! Architecture invariant: nothing here knows about queues, workers or HTTP servers; a backend
 //! is given a request and a cancellation token and returns a [`Generation`] or a [`BackendError`].
@@ -31,12 +32,14 @@ mod process;
 pub mod providers;
 pub mod router;
 mod sse;
+pub mod supervise;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 pub use config::{BackendConfig, BackendsConfig, EmbeddedConfig, TypeRoute};
 pub use koubou_task::{GenOptions, Usage};
+pub use process::{AUTH_TOKEN_ENV, withhold_env};
 pub use providers::build;
 pub use router::{Plan, RouteError, Router};
 use serde::Serialize;
@@ -78,6 +81,13 @@ pub struct Generation {
 /// Receives tokens as they are generated.
 pub trait TokenSink: Send + Sync {
     fn token(&self, text: &str);
+    /// The most bytes of answer the caller keeps (`None`: no bound). Streaming backends need not
+    /// look (the router stops them once the sink has seen more); a backend that holds output
+    /// before it can stream it (a whole line, a file) refuses more than this with
+    /// [`BackendError::TooLarge`] instead of buffering it.
+    fn max_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl<F: Fn(&str) + Send + Sync> TokenSink for F {
@@ -163,6 +173,9 @@ pub enum BackendError {
     Truncated { backend: String, detail: String },
     #[error("{backend} did not finish within {0:?}", .timeout)]
     Timeout { backend: String, timeout: Duration },
+    /// The answer grew past `limits.max_result_bytes`; the backend was stopped.
+    #[error("{backend}: output too large: more than {limit} bytes (limits.max_result_bytes)")]
+    TooLarge { backend: String, limit: usize },
     #[error("cancelled")]
     Cancelled,
     /// The configuration cannot work (bad URL, missing program, missing key).

@@ -1,17 +1,21 @@
 //! Running one child program for one generation: spawned from an argv (never a shell string) in
-//! a process group of its own, stdin fed then closed, stdout streamed to the caller as it comes,
-//! the tail of stderr kept for error messages, and — on cancel or timeout — the whole group
-//! terminated (SIGTERM, a short grace, then SIGKILL) before returning.
+//! a process group of its own, with exactly the environment its provider chose (nothing is
+//! inherited implicitly), stdin fed then closed, stdout streamed to the caller as it comes, the
+//! tail of stderr kept for error messages, and — on cancel or timeout — the whole group
+//! terminated (SIGTERM, a short grace, then SIGKILL) before returning. When the binary set up
+//! [`crate::supervise`], the program runs under a supervisor that kills the group if the server
+//! dies, even by `kill -9`.
 //!
 //! Why it exists: the exec and codex providers both hand a task to a program that may hang, fork
 //! helpers (codex runs tools and a sandbox), or ignore SIGTERM. Killing only the direct child
 //! would leave those running, so the group handling lives once here and both providers use it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::RwLock;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -32,6 +36,7 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 pub(crate) struct ProcSpec {
     pub program: OsString,
     pub args: Vec<OsString>,
+    /// The child's whole environment.
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
     /// Bytes written to stdin before it is closed; `None` means stdin is /dev/null.
@@ -148,8 +153,22 @@ pub(crate) async fn run(
     if cancel.is_cancelled() {
         return Err(BackendError::Cancelled);
     }
-    let mut cmd = Command::new(&spec.program);
-    cmd.args(&spec.args)
+    let supervisor = crate::supervise::supervision();
+    let mut cmd = match supervisor {
+        Some(s) => {
+            let mut c = Command::new(&s.exe);
+            c.arg0("koubou-supervise").args(crate::supervise::supervisor_args(s, &spec.program, &spec.args));
+            // SAFETY: the hook only calls fcntl, which is async-signal-safe.
+            unsafe { c.pre_exec(crate::supervise::keep_across_exec(s)) };
+            c
+        }
+        None => {
+            let mut c = Command::new(&spec.program);
+            c.args(&spec.args);
+            c
+        }
+    };
+    cmd.env_clear()
         .envs(&spec.env)
         .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
@@ -160,7 +179,15 @@ pub(crate) async fn run(
         cmd.current_dir(dir);
     }
     let program = spec.program.to_string_lossy().into_owned();
-    let mut child = cmd.spawn().map_err(|e| spawn_error(backend, &program, &spec, &e))?;
+    let mut child = cmd.spawn().map_err(|e| match supervisor {
+        Some(s) if e.kind() != io::ErrorKind::NotFound || spec.workdir.as_ref().is_none_or(|d| d.is_dir()) => {
+            BackendError::Config {
+                backend: backend.to_owned(),
+                detail: format!("cannot start the supervisor {}: {e}", s.exe.display()),
+            }
+        }
+        _ => spawn_error(backend, &program, &spec, &e),
+    })?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let mut guard = GroupGuard { pgid, armed: true };
 
@@ -249,6 +276,15 @@ pub(crate) async fn run(
                 use std::os::unix::process::ExitStatusExt;
                 ExitStatus::from_raw(0)
             });
+            if supervisor.is_some()
+                && status.code() == Some(crate::supervise::SPAWN_FAILED_STATUS)
+                && let Some((_, why)) = stderr_tail.split_once(crate::supervise::SPAWN_FAILED)
+            {
+                return Err(BackendError::Config {
+                    backend: backend.to_owned(),
+                    detail: why.lines().next().unwrap_or(why).to_owned(),
+                });
+            }
             Ok(ProcExit { status, stderr_tail })
         }
     }
@@ -262,15 +298,62 @@ async fn read_some(r: &mut Option<tokio::process::ChildStdout>, buf: &mut [u8]) 
 }
 
 fn spawn_error(backend: &str, program: &str, spec: &ProcSpec, e: &io::Error) -> BackendError {
-    let detail = match e.kind() {
-        io::ErrorKind::NotFound => match &spec.workdir {
-            Some(dir) if !dir.is_dir() => format!("working directory {} does not exist", dir.display()),
-            _ => format!("program {program:?} not found (give a full path, or put it on PATH)"),
-        },
-        io::ErrorKind::PermissionDenied => format!("program {program:?} is not executable (permission denied)"),
-        _ => format!("cannot start {program:?}: {e}"),
+    let detail = match &spec.workdir {
+        Some(dir) if e.kind() == io::ErrorKind::NotFound && !dir.is_dir() => {
+            format!("working directory {} does not exist", dir.display())
+        }
+        _ => describe_spawn_error(program, e),
     };
     BackendError::Config { backend: backend.to_owned(), detail }
+}
+
+/// Why `program` could not be started, in words that say what to do.
+pub(crate) fn describe_spawn_error(program: &str, e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => format!("program {program:?} not found (give a full path, or put it on PATH)"),
+        io::ErrorKind::PermissionDenied => format!("program {program:?} is not executable (permission denied)"),
+        _ => format!("cannot start {program:?}: {e}"),
+    }
+}
+
+/// Koubou's own secret: never in a child's environment, whatever the configuration says.
+pub const AUTH_TOKEN_ENV: &str = "KOUBOU_AUTH_TOKEN";
+
+/// Variables no child inherits unless its own `pass_env` names them: the keys backends read.
+/// Process-wide, like the environment it filters.
+static WITHHELD: RwLock<BTreeSet<String>> = RwLock::new(BTreeSet::new());
+
+/// Withholds `names` (other backends' key variables) from every child that inherits the
+/// server's environment. The system calls it with every configured backend's `key_env` before
+/// it starts them.
+pub fn withhold_env(names: impl IntoIterator<Item = String>) {
+    WITHHELD.write().unwrap_or_else(|e| e.into_inner()).extend(names);
+}
+
+fn value_of(name: &str) -> Option<(String, String)> {
+    (name != AUTH_TOKEN_ENV).then(|| std::env::var(name).ok().map(|v| (name.to_owned(), v))).flatten()
+}
+
+/// An exec program's environment: only what a program needs to find itself, its home and its
+/// language (`PATH`, `HOME`, `USER`, `LANG`, `LC_*`, `TMPDIR`), the variables `pass` names, then
+/// `set`.
+pub(crate) fn minimal_env(pass: &[String], set: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| matches!(k.as_str(), "PATH" | "HOME" | "USER" | "LANG" | "TMPDIR") || k.starts_with("LC_"))
+        .collect();
+    env.extend(pass.iter().filter_map(|n| value_of(n)));
+    env.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+/// The server's environment minus Koubou's token and the withheld keys (except those `pass`
+/// names), then `set`: for a program (codex) that needs the user's own setup.
+pub(crate) fn inherited_env(pass: &[String], set: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let withheld = WITHHELD.read().unwrap_or_else(|e| e.into_inner());
+    let mut env: BTreeMap<String, String> =
+        std::env::vars().filter(|(k, _)| k != AUTH_TOKEN_ENV && (!withheld.contains(k) || pass.contains(k))).collect();
+    env.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
 }
 
 /// Cuts a byte stream into pieces that are whole UTF-8 (a character split across two reads is

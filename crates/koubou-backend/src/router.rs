@@ -1,7 +1,16 @@
 //! Picks backend, model, system prompt, options and timeout for a task, and runs it there,
-//! falling back to a second backend when the first cannot be reached.
+//! falling back to a second backend when the first cannot be reached. Every run is bounded in
+//! time (the route's timeout) and in size (`max_result_bytes`): past either, the backend is
+//! cancelled — a child process is killed with its group — and awaited.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use koubou_task::{GenOptions, Task};
 
@@ -30,6 +39,8 @@ pub struct Plan {
     pub num_ctx: Option<u32>,
     /// Which backends are cooling down after a rate limit (shared by every plan).
     pub cooldowns: Arc<Cooldowns>,
+    /// The most bytes of answer kept; a backend that produces more is stopped.
+    pub max_output: usize,
 }
 
 /// A finished generation and who served it.
@@ -45,6 +56,7 @@ pub struct Router {
     backends: BTreeMap<String, Arc<dyn Backend>>,
     types: BTreeMap<String, TypeRoute>,
     cooldowns: Arc<Cooldowns>,
+    max_output: usize,
 }
 
 impl Router {
@@ -54,7 +66,7 @@ impl Router {
         types: BTreeMap<String, TypeRoute>,
     ) -> Result<Router, RouteError> {
         let backends: BTreeMap<_, _> = backends.into_iter().map(|b| (b.name().to_owned(), b)).collect();
-        let r = Router { backends, types, cooldowns: Arc::default() };
+        let r = Router { backends, types, cooldowns: Arc::default(), max_output: usize::MAX };
         for route in r.types.values() {
             r.backend(&route.backend)?;
             if let Some(f) = &route.fallback {
@@ -62,6 +74,12 @@ impl Router {
             }
         }
         Ok(r)
+    }
+
+    /// Bounds every answer to `bytes` (`limits.max_result_bytes`; unbounded by default).
+    pub fn with_max_output(mut self, bytes: usize) -> Router {
+        self.max_output = bytes;
+        self
     }
 
     pub fn backends(&self) -> impl Iterator<Item = &Arc<dyn Backend>> {
@@ -130,6 +148,7 @@ impl Router {
             timeout: Duration::from_secs(task.timeout_secs.unwrap_or(route.timeout_secs).max(1)),
             num_ctx: route.num_ctx,
             cooldowns: self.cooldowns.clone(),
+            max_output: self.max_output,
         })
     }
 }
@@ -199,7 +218,8 @@ impl Plan {
             num_ctx: self.num_ctx,
         };
         let child = cancel.child_token();
-        let generation = backend.generate(req, sink, child.clone());
+        let bounded = Bounded::new(sink, self.max_output, child.clone());
+        let generation = backend.generate(req, &bounded, child.clone());
         tokio::pin!(generation);
         let deadline = tokio::time::sleep(self.timeout);
         tokio::pin!(deadline);
@@ -213,13 +233,55 @@ impl Plan {
                 }
             }
         };
+        let too_large = || BackendError::TooLarge { backend: backend.name().to_owned(), limit: self.max_output };
         match result {
             Err(BackendError::Cancelled) | Ok(_) if timed_out => {
                 Err(BackendError::Timeout { backend: backend.name().to_owned(), timeout: self.timeout })
             }
+            Err(_) | Ok(_) if bounded.over() => Err(too_large()),
+            Ok(g) if g.text.len() > self.max_output => Err(too_large()),
             Ok(generation) => Ok(Served { generation, backend: backend.name().to_owned(), model: model.to_owned() }),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Passes tokens on until `limit` bytes have gone through; the token that would cross it is
+/// dropped and the run cancelled, so what the caller holds never exceeds the limit.
+struct Bounded<'a> {
+    inner: &'a dyn TokenSink,
+    limit: usize,
+    used: AtomicUsize,
+    over: AtomicBool,
+    stop: CancellationToken,
+}
+
+impl<'a> Bounded<'a> {
+    fn new(inner: &'a dyn TokenSink, limit: usize, stop: CancellationToken) -> Self {
+        Bounded { inner, limit, used: AtomicUsize::new(0), over: AtomicBool::new(false), stop }
+    }
+
+    fn over(&self) -> bool {
+        self.over.load(Ordering::Acquire)
+    }
+}
+
+impl TokenSink for Bounded<'_> {
+    fn token(&self, text: &str) {
+        if self.over() {
+            return;
+        }
+        let before = self.used.fetch_add(text.len(), Ordering::AcqRel);
+        if before.saturating_add(text.len()) > self.limit {
+            self.over.store(true, Ordering::Release);
+            self.stop.cancel();
+            return;
+        }
+        self.inner.token(text);
+    }
+
+    fn max_bytes(&self) -> Option<usize> {
+        Some(self.limit)
     }
 }
 
@@ -292,6 +354,21 @@ mod tests {
                     cancel.cancelled().await;
                     Err(BackendError::Cancelled)
                 }
+                // Streams until told to stop (a runaway program).
+                "flood" => loop {
+                    sink.token("0123456789");
+                    if cancel.is_cancelled() {
+                        return Err(BackendError::Cancelled);
+                    }
+                    tokio::task::yield_now().await;
+                },
+                // Says nothing while it runs, then hands over one large answer.
+                "lump" => Ok(Generation {
+                    text: "x".repeat(100),
+                    usage: Usage::default(),
+                    model: req.model,
+                    finish_reason: "stop".into(),
+                }),
                 _ => {
                     sink.token("hi");
                     Ok(Generation {
@@ -355,6 +432,25 @@ mod tests {
         let s = r.plan(&t).unwrap().run(&t, &crate::Discard, &CancellationToken::new()).await.unwrap();
         assert_eq!(s.backend, "b");
         assert_eq!(s.model, "m0");
+    }
+
+    #[tokio::test]
+    async fn output_past_the_limit_stops_the_backend_and_keeps_no_more() {
+        let got = std::sync::Mutex::new(String::new());
+        let sink = |t: &str| got.lock().unwrap().push_str(t);
+        for (mode, streamed) in [("flood", 50), ("lump", 0)] {
+            got.lock().unwrap().clear();
+            let r = router(mode).with_max_output(55);
+            let t = task("code");
+            let e = r.plan(&t).unwrap().run(&t, &sink, &CancellationToken::new()).await.unwrap_err();
+            assert!(matches!(e, BackendError::TooLarge { limit: 55, .. }), "{mode}: {e}");
+            assert!(e.to_string().contains("output too large") && !e.is_retryable() && !e.wants_fallback());
+            assert_eq!(got.lock().unwrap().len(), streamed, "{mode}: only whole tokens within the limit pass");
+        }
+        let t = task("code");
+        let plan = router("ok").with_max_output(55).plan(&t).unwrap();
+        let ok = plan.run(&t, &crate::Discard, &CancellationToken::new()).await.unwrap();
+        assert_eq!(ok.generation.text, "a:coder:be terse", "an answer within the limit passes");
     }
 
     #[tokio::test(start_paused = true)]

@@ -100,8 +100,8 @@ async fn runs_the_pinned_invocation_and_returns_the_o_file() {
         ["exec", "--skip-git-repo-check", "--sandbox", "read-only", "--color", "never", "-C", workdir]
     );
     assert_eq!(&args[8..10], ["--json", "-o"]);
-    assert_eq!(&args[11..], ["-m", "gpt-x", "-c", "foo=1", "--", "-rf $(id)"]);
-    assert_eq!(log["stdin"], "", "stdin must be /dev/null");
+    assert_eq!(&args[11..], ["-m", "gpt-x", "-c", "foo=1", "--", "-"]);
+    assert_eq!(log["stdin"], "-rf $(id)", "the prompt comes on stdin, never in argv");
     assert_eq!(log["codex_home"], home.path().to_str().unwrap());
 }
 

@@ -159,6 +159,27 @@ async fn prompts_arrive_verbatim_even_when_they_look_like_flags_or_shell() {
     }
 }
 
+/// A prompt over Linux's 128 KiB cap on one argv element reaches the provider byte for byte:
+/// it goes on codex's stdin (`codex exec … -`), not in argv, where every local user could read
+/// it in /proc/PID/cmdline.
+#[tokio::test]
+async fn a_prompt_larger_than_one_argv_element_arrives_whole_on_stdin() {
+    let Some(bin) = codex_bin() else { return };
+    let srv = FakeServer::start(vec![(RESPONSES, vec![responses_stream(&["ok"], (1, 1))])]).await;
+    let r = rig(&bin, &srv.url());
+    let line = "Explain this line of a very large delegated task, with \"quotes\" and $(id). 日本\n";
+    let prompt: String = line.repeat((200 << 10) / line.len() + 1);
+    assert!(prompt.len() > 128 << 10);
+    let g =
+        within("codex", r.backend.generate(request("default", &prompt), &Collect::default(), CancellationToken::new()))
+            .await
+            .unwrap();
+    assert_eq!(g.text.trim_end(), "ok");
+    let reqs = srv.requests_to(RESPONSES);
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(last_user_text(&reqs[0].json()).as_deref(), Some(prompt.as_str()));
+}
+
 #[tokio::test]
 async fn provider_500_fails_quickly_with_a_message() {
     let Some(bin) = codex_bin() else { return };

@@ -19,7 +19,11 @@ impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let status = axum::http::StatusCode::from_u16(self.0.http_status())
             .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.0.body())).into_response()
+        let mut r = (status, Json(self.0.body())).into_response();
+        if let Some(secs) = self.0.retry_after() {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        r
     }
 }
 

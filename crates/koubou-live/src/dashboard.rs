@@ -61,7 +61,11 @@ fn reply<T: serde::Serialize>(r: Result<T, ApiError>) -> Response {
 
 fn error(e: ApiError) -> Response {
     let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, Json(e.body())).into_response()
+    let mut r = (status, Json(e.body())).into_response();
+    if let Some(secs) = e.retry_after() {
+        r.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+    }
+    r
 }
 
 fn parse_id(id: &str) -> Result<TaskId, ApiError> {

@@ -43,6 +43,9 @@ fn gql_err(e: ApiError) -> async_graphql::Error {
         if let Some(f) = &field {
             ext.set("field", f.as_str());
         }
+        if let Some(s) = e.retry_after() {
+            ext.set("retryAfterSecs", s);
+        }
     })
 }
 

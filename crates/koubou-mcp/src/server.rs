@@ -60,6 +60,7 @@ impl Failure {
         let hint = match &api {
             ApiError::NotFound(_) => " (list_tasks shows recent tasks)",
             ApiError::Unavailable(_) => " (is `koubou serve` running? system_status tells)",
+            ApiError::TryLater { .. } => " (nothing was stored; delegate it again later)",
             _ => "",
         };
         let text = match &api {

@@ -30,7 +30,8 @@ pub use sqlite::{SqliteConfig, SqliteQueue};
 use tokio_util::sync::CancellationToken;
 pub use wait::claim_wait;
 
-/// Errors of the queue layer. `NotFound` and `Conflict` are the caller's; the rest are ours.
+/// Errors of the queue layer. `NotFound`, `Conflict` and `Full` are the caller's; `DiskFull` and
+/// `Locked` pass (try again later, nothing was written); the rest are ours.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("task {0} not found")]
@@ -38,14 +39,60 @@ pub enum QueueError {
     /// The request does not fit the task's state (e.g. cancelling a completed task).
     #[error("task {id} is {status}: {detail}")]
     Conflict { id: TaskId, status: TaskStatus, detail: String },
+    /// `submit_bounded` found `limit` tasks already waiting: nothing was stored.
+    #[error("the queue already holds {queued} waiting tasks (limits.max_pending = {limit}); nothing was stored")]
+    Full { queued: u64, limit: u64 },
+    /// The disk (or quota) holding the database is full: nothing of this write was stored.
+    #[error("the disk holding the queue is full ({0}); nothing was stored")]
+    DiskFull(String),
+    /// Another process kept the database locked past the busy timeout: nothing was stored.
+    #[error("the queue's database is locked by another process ({0}); nothing was stored")]
+    Locked(String),
+    /// The write transaction could not be started (`BEGIN`): nothing was written.
+    #[error("could not start a write transaction on the queue: {0}")]
+    Begin(String),
+    /// The write transaction could not be committed: nothing of this write was stored.
+    #[error("could not commit to the queue ({0}); nothing was stored")]
+    Commit(String),
     #[error("database error: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(rusqlite::Error),
     #[error("cannot open the queue at {path}: {detail}")]
     Open { path: String, detail: String },
     #[error("the queue is shut down")]
     Closed,
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+}
+
+impl QueueError {
+    /// A passing condition (full disk, locked database): the same write may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, QueueError::DiskFull(_) | QueueError::Locked(_))
+    }
+
+    /// The same failure, for answering another caller (a batch's failure reaches every job in it).
+    pub(crate) fn again(&self) -> QueueError {
+        match self {
+            QueueError::DiskFull(m) => QueueError::DiskFull(m.clone()),
+            QueueError::Locked(m) => QueueError::Locked(m.clone()),
+            QueueError::Begin(m) => QueueError::Begin(m.clone()),
+            QueueError::Commit(m) => QueueError::Commit(m.clone()),
+            QueueError::Closed => QueueError::Closed,
+            other => QueueError::Commit(format!("SQLite rolled the transaction back after: {other}")),
+        }
+    }
+}
+
+/// SQLite's "disk full" and "busy/locked" get their own variants; everything else is `Db`.
+impl From<rusqlite::Error> for QueueError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode;
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => QueueError::DiskFull(e.to_string()),
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => QueueError::Locked(e.to_string()),
+            _ => QueueError::Db(e),
+        }
+    }
 }
 
 /// What `submit` did: a new task, or the existing one with the same idempotency key.
@@ -176,7 +223,15 @@ pub struct QueuePosition {
 #[async_trait]
 pub trait TaskQueue: Send + Sync + 'static {
     /// Stores a validated task (or returns the one with the same idempotency key).
-    async fn submit(&self, new: NewTask) -> Result<Submitted, QueueError>;
+    async fn submit(&self, new: NewTask) -> Result<Submitted, QueueError> {
+        self.submit_bounded(new, None).await
+    }
+    /// Like [`submit`](Self::submit), but when `max_queued` tasks already wait (pending or
+    /// retrying) the task is refused with [`QueueError::Full`] and nothing is stored. A task
+    /// returned for its idempotency key is never refused.
+    async fn submit_bounded(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError>;
+    /// Tasks waiting to run (pending or retrying), as of the last commit.
+    fn queued(&self) -> u64;
     async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError>;
     async fn list(&self, query: TaskQuery) -> Result<TaskPage, QueueError>;
     async fn counts(&self) -> Result<StatusCounts, QueueError>;

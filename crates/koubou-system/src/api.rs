@@ -29,9 +29,38 @@ pub enum ApiError {
     /// 503: the system cannot take work now (shutting down, queue unreachable).
     #[error("{0}")]
     Unavailable(String),
+    /// 429 or 503 with `Retry-After`: the request is fine but cannot be taken now, and nothing
+    /// of it was stored; sending it again after `retry_after_secs` may succeed.
+    #[error("{message}")]
+    TryLater { why: Busy, message: String, retry_after_secs: u64 },
     /// 500: our fault.
     #[error("{0}")]
     Internal(String),
+}
+
+/// Why a request must wait ([`ApiError::TryLater`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Busy {
+    /// 429: `limits.max_pending` tasks are already waiting.
+    QueueFull,
+    /// 503: the disk holding the queue is full.
+    DiskFull,
+    /// 503: another process holds the database locked.
+    Locked,
+}
+
+impl Busy {
+    pub fn code(self) -> &'static str {
+        match self {
+            Busy::QueueFull => "queue_full",
+            Busy::DiskFull => "disk_full",
+            Busy::Locked => "database_locked",
+        }
+    }
+
+    fn from_code(code: &str) -> Option<Busy> {
+        [Busy::QueueFull, Busy::DiskFull, Busy::Locked].into_iter().find(|b| b.code() == code)
+    }
 }
 
 impl ApiError {
@@ -45,7 +74,17 @@ impl ApiError {
             ApiError::NotFound(_) => 404,
             ApiError::Conflict(_) => 409,
             ApiError::Unavailable(_) => 503,
+            ApiError::TryLater { why: Busy::QueueFull, .. } => 429,
+            ApiError::TryLater { .. } => 503,
             ApiError::Internal(_) => 500,
+        }
+    }
+
+    /// Seconds to send in `Retry-After`, for errors that have one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::TryLater { retry_after_secs, .. } => Some(*retry_after_secs),
+            _ => None,
         }
     }
 
@@ -56,15 +95,20 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::TryLater { why, .. } => why.code(),
             ApiError::Internal(_) => "internal",
         }
     }
 
-    /// The JSON error body every face sends: `{"error": {"code", "message", "field"?}}`.
+    /// The JSON error body every face sends: `{"error": {"code", "message", "field"?,
+    /// "retry_after_secs"?}}`.
     pub fn body(&self) -> Value {
         let mut e = serde_json::json!({ "code": self.code(), "message": self.to_string() });
         if let ApiError::Invalid(f) = self {
             e["field"] = Value::String(f.field.clone());
+        }
+        if let Some(s) = self.retry_after() {
+            e["retry_after_secs"] = s.into();
         }
         serde_json::json!({ "error": e })
     }
@@ -72,15 +116,21 @@ impl ApiError {
     /// Rebuilds an error from a status and body written by [`ApiError::body`].
     pub fn from_body(status: u16, body: &Value) -> Self {
         let msg = body["error"]["message"].as_str().unwrap_or("no message").to_owned();
-        match status {
-            400 | 422 => {
+        let busy = body["error"]["code"].as_str().and_then(Busy::from_code);
+        match (status, busy) {
+            (400 | 422, _) => {
                 let field = body["error"]["field"].as_str().unwrap_or("request").to_owned();
                 let message = msg.strip_prefix(&format!("{field}: ")).unwrap_or(&msg).to_owned();
                 ApiError::Invalid(FieldError { field, message })
             }
-            404 => ApiError::NotFound(msg),
-            409 => ApiError::Conflict(msg),
-            503 => ApiError::Unavailable(msg),
+            (404, _) => ApiError::NotFound(msg),
+            (409, _) => ApiError::Conflict(msg),
+            (429 | 503, Some(why)) => ApiError::TryLater {
+                why,
+                message: msg,
+                retry_after_secs: body["error"]["retry_after_secs"].as_u64().unwrap_or(1),
+            },
+            (503, None) => ApiError::Unavailable(msg),
             _ => ApiError::Internal(msg),
         }
     }
@@ -479,5 +529,18 @@ mod tests {
         let b = e.body();
         assert_eq!(b["error"]["field"], "priority");
         assert_eq!(ApiError::from_body(400, &b), e);
+        for why in [Busy::QueueFull, Busy::DiskFull, Busy::Locked] {
+            let e = ApiError::TryLater { why, message: "wait".into(), retry_after_secs: 7 };
+            let b = e.body();
+            assert_eq!(
+                (b["error"]["code"].as_str(), b["error"]["retry_after_secs"].as_u64()),
+                (Some(why.code()), Some(7))
+            );
+            assert_eq!(ApiError::from_body(e.http_status(), &b), e);
+        }
+        assert_eq!(
+            ApiError::TryLater { why: Busy::QueueFull, message: String::new(), retry_after_secs: 1 }.http_status(),
+            429
+        );
     }
 }

@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 
 use crate::{
     api::{
-        Api, ApiError, BackendView, CooldownView, EventStream, HealthView, ListQuery, QueueView, SubmitRequest,
+        Api, ApiError, BackendView, Busy, CooldownView, EventStream, HealthView, ListQuery, QueueView, SubmitRequest,
         SubmitResponse, SystemStatus, TaskList, TaskView, WorkerView, WorkersView,
     },
     config::{Config, Home},
@@ -138,8 +138,10 @@ impl Koubou {
                 .entry(kind.to_owned())
                 .or_insert_with(|| TypeRoute { backend: first.clone(), ..TypeRoute::default() });
         }
+        // Child processes (codex) never see the keys other backends read.
+        koubou_backend::withhold_env(cfg.backends.values().filter_map(|b| b.key_env().map(str::to_owned)));
         let backends = cfg.backends.iter().map(|(n, c)| build_backend(n, c)).collect::<Result<Vec<_>, _>>()?;
-        let router = Arc::new(Router::new(backends, cfg.types.clone())?);
+        let router = Arc::new(Router::new(backends, cfg.types.clone())?.with_max_output(cfg.limits.max_result_bytes));
         let queue: Arc<dyn TaskQueue> = Arc::new(queue);
         let pool =
             opts.workers.then(|| Pool::start(cfg.pool.clone(), &opts.node, queue.clone(), router.clone(), bus.clone()));
@@ -250,8 +252,25 @@ pub(crate) fn queue_error(e: QueueError) -> ApiError {
         QueueError::NotFound(id) => ApiError::NotFound(id.to_string()),
         QueueError::Conflict { .. } => ApiError::Conflict(e.to_string()),
         QueueError::Closed => ApiError::Unavailable(e.to_string()),
+        QueueError::Full { .. } => try_later(&e, Busy::QueueFull, FULL_RETRY_SECS, ""),
+        QueueError::DiskFull(_) => {
+            try_later(&e, Busy::DiskFull, 10, "free space on the disk holding the database, then ")
+        }
+        QueueError::Locked(_) => try_later(&e, Busy::Locked, 2, "another program holds the database; "),
         e => ApiError::Internal(e.to_string()),
     }
+}
+
+fn try_later(e: &QueueError, why: Busy, retry_after_secs: u64, hint: &str) -> ApiError {
+    ApiError::TryLater { why, message: format!("{e}; {hint}try again in {retry_after_secs} s"), retry_after_secs }
+}
+
+/// `Retry-After` for a full queue when the recent throughput says nothing.
+const FULL_RETRY_SECS: u64 = 5;
+
+/// Seconds until `excess` waiting tasks have run at `per_sec`, as a `Retry-After` (1–60 s).
+fn drain_secs(excess: u64, per_sec: f64) -> u64 {
+    if per_sec > 0.0 { ((excess as f64 / per_sec).ceil() as u64).clamp(1, 60) } else { FULL_RETRY_SECS }
 }
 
 /// A synthetic event that tells a watcher how a finished task ended.
@@ -280,7 +299,14 @@ impl Api for Koubou {
             koubou_backend::RouteError::UnknownKind { .. } => ApiError::invalid("type", e.to_string()),
             koubou_backend::RouteError::UnknownBackend { .. } => ApiError::invalid("backend", e.to_string()),
         })?;
-        let submitted = self.inner.queue.submit(task).await.map_err(queue_error)?;
+        let limit = self.inner.cfg.limits.max_pending;
+        let submitted = self.inner.queue.submit_bounded(task, Some(limit)).await.map_err(|e| match e {
+            QueueError::Full { queued, limit } => {
+                let secs = drain_secs(queued.saturating_sub(limit) + 1, self.inner.live.rates().0);
+                try_later(&e, Busy::QueueFull, secs, "")
+            }
+            e => queue_error(e),
+        })?;
         let id = submitted.task.id;
         let mut resp =
             SubmitResponse { task_id: id, status: submitted.task.status, created: submitted.created, task: None };

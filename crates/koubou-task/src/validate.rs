@@ -29,6 +29,13 @@ pub struct Limits {
     pub max_timeout_secs: u64,
     /// Largest metadata object, serialized, in bytes.
     pub max_metadata_bytes: usize,
+    /// Most tasks waiting to run (pending or retrying); a submission beyond it is refused (429
+    /// with `Retry-After`) and nothing already accepted is dropped.
+    pub max_pending: u64,
+    /// Largest answer a backend may produce, in bytes: one that streams more is stopped (a child
+    /// process's whole group is killed) and the task fails "output too large". The partial
+    /// answer kept while it runs never exceeds it either.
+    pub max_result_bytes: usize,
 }
 
 impl Default for Limits {
@@ -38,6 +45,8 @@ impl Default for Limits {
             max_attempts_cap: 20,
             max_timeout_secs: 24 * 3600,
             max_metadata_bytes: 64 << 10,
+            max_pending: 10_000,
+            max_result_bytes: 4 << 20,
         }
     }
 }
@@ -81,6 +90,11 @@ impl Limits {
                 && (v.is_empty() || v.len() > 256)
             {
                 return Err(FieldError::new(field, "must be 1 to 256 bytes"));
+            }
+            if let Some(v) = v
+                && v.starts_with('-')
+            {
+                return Err(FieldError::new(field, format!("must not start with '-' (got {v:?})")));
             }
         }
         let o = &t.options;
@@ -130,5 +144,9 @@ mod tests {
         assert_eq!(l.check(&t).unwrap_err().field, "max_attempts");
         t.max_attempts = Some(3);
         assert!(l.check(&t).is_ok());
+        t.model = Some("--yolo".into());
+        let e = l.check(&t).unwrap_err();
+        assert_eq!(e.field, "model");
+        assert!(e.message.contains("must not start with '-'"), "{e}");
     }
 }

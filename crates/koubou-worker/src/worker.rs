@@ -207,7 +207,8 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
                 usage: served.generation.usage,
                 warnings: served.generation.warnings,
             };
-            log_write(id, shared.queue.complete(&lease, done).await.map(|_| ()));
+            let r = outlast_transient(shared, || shared.queue.complete(&lease, done.clone())).await;
+            log_write(id, r.map(|_| ()));
             true
         }
         Err(BackendError::Cancelled) => {
@@ -226,8 +227,31 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
                 partial: (!partial.is_empty()).then_some(partial),
                 retry_after: e.retry_after(),
             };
-            log_write(id, shared.queue.fail(&lease, f).await.map(|_| ()));
+            let r = outlast_transient(shared, || shared.queue.fail(&lease, f.clone())).await;
+            log_write(id, r.map(|_| ()));
             false
+        }
+    }
+}
+
+/// Retries a task's final write while the queue reports a passing condition (a full disk, a
+/// lock held by another process), for as long as the lease would still hold: a finished answer
+/// is kept rather than dropped and the task run again.
+async fn outlast_transient<T, F, Fut>(shared: &Shared, mut write: F) -> Result<T, QueueError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, QueueError>>,
+{
+    let give_up = tokio::time::Instant::now() + shared.lease;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + pause < give_up => {
+                tracing::warn!(error = %e, retry_in = ?pause, "cannot record the outcome yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
         }
     }
 }

@@ -334,6 +334,7 @@ pub struct RunArgs {
 /// Starts an in-process system (no ports), submits, streams the answer, shuts down.
 pub async fn run(ctx: &Ctx, mut a: RunArgs) -> anyhow::Result<()> {
     logging::init_quiet();
+    crate::supervise_children(None)?;
     let cfg = ctx.config()?;
     crate::models::prepare(&cfg).await?;
     let k = Koubou::start(cfg, &ctx.home, StartOptions { node: format!("run-{}", std::process::id()), workers: true })

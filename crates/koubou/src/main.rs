@@ -131,7 +131,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(ApiError::Invalid(_)) => 5,
         Some(ApiError::NotFound(_)) => 3,
         Some(ApiError::Conflict(_)) => 7,
-        Some(ApiError::Unavailable(_)) => 4,
+        Some(ApiError::Unavailable(_) | ApiError::TryLater { .. }) => 4,
         Some(ApiError::Internal(_)) => 10,
         None => match e.downcast_ref::<client_cmds::Outcome>() {
             Some(o) => o.code(),
@@ -151,7 +151,20 @@ fn parse_cli() -> Cli {
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
+/// Makes every child program a task starts (codex, exec) run under a supervisor — this binary
+/// again, see [`koubou_backend::supervise`] — so none outlives this process. `hold` is kept open
+/// by every supervisor (the home lock of `koubou serve`).
+pub fn supervise_children(hold: Option<std::os::fd::RawFd>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    koubou_backend::supervise::supervise_children("/proc/self/exe".into(), hold)
+        .context("setting up the supervision of child processes")
+}
+
 fn main() -> ExitCode {
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == koubou_backend::supervise::SUPERVISE_ARG) {
+        koubou_backend::supervise::main(args.collect());
+    }
     let cli = parse_cli();
     if let Cmd::Completions { shell } = cli.cmd {
         clap_complete::generate(shell, &mut Cli::command(), "koubou", &mut std::io::stdout());

@@ -46,17 +46,50 @@ fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
 }
 
 /// Holds `<home>/serve.lock` for the life of the server: one server per home, so that on start
-/// every task still marked running by this home's workers is known to be orphaned.
-fn lock_home(ctx: &Ctx) -> anyhow::Result<std::fs::File> {
+/// every task still marked running by this home's workers is known to be orphaned. Every
+/// supervisor of a child process keeps this lock's file open too, so after a crash or `kill -9`
+/// a new server waits here until the old one's children are gone: recovery never runs a task
+/// beside an older copy of itself.
+async fn lock_home(ctx: &Ctx) -> anyhow::Result<std::fs::File> {
+    use std::io::{Seek, Write};
     std::fs::create_dir_all(&ctx.home.dir).with_context(|| format!("creating {}", ctx.home.dir.display()))?;
     let path = ctx.home.dir.join("serve.lock");
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(_) => {
-            bail!("another `koubou serve` is running on {} (it holds {})", ctx.home.dir.display(), path.display())
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)?;
+    let deadline = tokio::time::Instant::now() + LEFTOVER_WAIT;
+    let mut told = false;
+    loop {
+        if f.try_lock().is_ok() {
+            f.set_len(0)?;
+            f.rewind()?;
+            write!(f, "{}", std::process::id())?;
+            return Ok(f);
         }
+        let holder: Option<u32> = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
+        let server_alive = holder.is_some_and(is_koubou_serve);
+        if server_alive || tokio::time::Instant::now() >= deadline {
+            bail!(
+                "another `koubou serve` is running on {} (pid {}; it holds {})",
+                ctx.home.dir.display(),
+                holder.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+                path.display()
+            );
+        }
+        if !told {
+            tracing::warn!("waiting for the child processes of a previous server on this home to exit");
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// How long a new server waits for the supervisors of a dead one to finish killing its children.
+const LEFTOVER_WAIT: Duration = Duration::from_secs(15);
+
+/// Whether `pid` is a live `koubou serve` (not a supervisor holding the lock after it died).
+fn is_koubou_serve(pid: u32) -> bool {
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+    args.contains(&&b"serve"[..]) && !args.iter().any(|a| *a == koubou_backend::supervise::SUPERVISE_ARG.as_bytes())
 }
 
 /// The routes of port 8765: REST, MCP at `/mcp`, WebSocket at `/ws`, the dashboard.
@@ -110,7 +143,8 @@ async fn shutdown_signal() {
 
 pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
     let _log = logging::init(Some(&ctx.home.logs_dir()), "koubou.log");
-    let _lock = lock_home(ctx)?;
+    let lock = lock_home(ctx).await?;
+    crate::supervise_children(Some(std::os::fd::AsRawFd::as_raw_fd(&lock)))?;
     let mut cfg = ctx.config()?;
     apply_flags(&mut cfg, &args);
     cfg.validate()?;
@@ -160,6 +194,7 @@ pub async fn mcp(ctx: &Ctx, embedded: bool) -> anyhow::Result<()> {
     logging::init_quiet();
     let cfg = ctx.config()?;
     if embedded {
+        crate::supervise_children(None)?;
         crate::models::prepare(&cfg).await?;
         let opts = StartOptions { node: format!("mcp-{}", std::process::id()), workers: true };
         let k = Koubou::start(cfg.clone(), &ctx.home, opts).await?;

@@ -5,6 +5,12 @@
 //! does not undo the others), commits once, and only then answers the callers and publishes
 //! their events: group commit, so durability costs one sync per batch rather than per task.
 //! Reads run on a small pool of separate connections and never wait for the writer.
+//!
+//! When a batch cannot be stored — `BEGIN` fails, SQLite rolls the transaction back by itself
+//! (it does on a full disk), or `COMMIT` fails — every job in it is answered with the same error
+//! ([`QueueError::DiskFull`], [`QueueError::Locked`], [`QueueError::Begin`] or
+//! [`QueueError::Commit`]) and nothing of it is published: no caller is told "done" for a write
+//! that did not reach the file.
 
 mod ops;
 mod rows;
@@ -15,7 +21,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
         mpsc,
     },
     time::Duration,
@@ -93,9 +99,18 @@ pub(crate) struct Ctx<'c> {
     /// Set when housekeeping recomputed the next due moment from the table.
     pub due_recomputed: Option<Millis>,
     pub next_due: Millis,
+    /// Tasks waiting (pending or retrying) including this batch's changes so far.
+    pub queued: i64,
+    /// Set when SQLite rolled the whole transaction back under a job (a full disk does that):
+    /// why, for answering every other job of the batch.
+    pub aborted: Option<QueueError>,
 }
 
-type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// How long a connection waits for another process's lock before the write fails with
+/// [`QueueError::Locked`] (answered 503 with `Retry-After`, not left hanging).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+type Reply = Box<dyn FnOnce(Result<(), &QueueError>) + Send>;
 type Job = Box<dyn FnOnce(&mut Ctx<'_>) -> Reply + Send>;
 
 struct Shared {
@@ -106,6 +121,8 @@ struct Shared {
     /// Tokens of tasks claimed in this process, fired on cancel or lost lease.
     running: Mutex<HashMap<TaskId, CancellationToken>>,
     next_due: AtomicI64,
+    /// Tasks waiting (pending or retrying) as of the last commit.
+    queued: AtomicU64,
     readers: Mutex<Vec<Connection>>,
     /// Bounds concurrent reads to the pool's size, so a burst reuses connections instead of
     /// opening new ones.
@@ -127,7 +144,7 @@ fn open_conn(path: &PathBuf, cfg: &SqliteConfig, write: bool) -> Result<Connecti
     };
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| QueueError::Open { path: path.display().to_string(), detail: e.to_string() })?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(64);
     if write {
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
@@ -157,6 +174,7 @@ impl SqliteQueue {
         let mut conn = open_conn(&path, &cfg, true)?;
         schema::migrate(&mut conn)?;
         let first_due = ops::next_due_from_table(&conn)?;
+        let queued = ops::queued_from_table(&conn)?;
         let cfg_readers = cfg.readers.max(1);
         let shared = Arc::new(Shared {
             cfg,
@@ -165,6 +183,7 @@ impl SqliteQueue {
             wakeup: Notify::new(),
             running: Mutex::new(HashMap::new()),
             next_due: AtomicI64::new(first_due),
+            queued: AtomicU64::new(queued),
             readers: Mutex::new(Vec::new()),
             read_slots: tokio::sync::Semaphore::new(cfg_readers),
         });
@@ -192,23 +211,39 @@ impl SqliteQueue {
     ) -> Result<T, QueueError> {
         let (tx, rx) = oneshot::channel::<Result<T, QueueError>>();
         let job: Job = Box::new(move |ctx| {
-            let mark = (ctx.events.len(), ctx.cancels.len(), ctx.claimed.len(), ctx.wake);
+            // No transaction open: BEGIN failed, or SQLite rolled it back under an earlier job.
+            // Running `f` now would write outside the batch, so it is answered with the batch's
+            // error instead.
+            if ctx.conn.is_autocommit() {
+                return Box::new(move |committed: Result<(), &QueueError>| {
+                    let _ = tx.send(Err(committed
+                        .map_or_else(QueueError::again, |()| QueueError::Begin("no transaction was open".into()))));
+                });
+            }
+            let mark = (ctx.events.len(), ctx.cancels.len(), ctx.claimed.len(), ctx.wake, ctx.queued);
             let result = ctx.conn.execute_batch("SAVEPOINT job").map_err(QueueError::from).and_then(|_| {
                 let r = f(ctx);
+                if ctx.conn.is_autocommit() {
+                    return r; // rolled back with the whole transaction: no savepoint is left
+                }
                 let end = if r.is_ok() { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
                 ctx.conn.execute_batch(end)?;
                 r
             });
-            if result.is_err() {
+            if let Err(e) = &result {
                 ctx.events.truncate(mark.0);
                 ctx.cancels.truncate(mark.1);
                 ctx.claimed.truncate(mark.2);
                 ctx.wake = mark.3;
+                ctx.queued = mark.4;
+                if ctx.conn.is_autocommit() && ctx.aborted.is_none() {
+                    ctx.aborted = Some(e.again());
+                }
             }
-            Box::new(move |committed: Result<(), String>| {
+            Box::new(move |committed: Result<(), &QueueError>| {
                 let _ = tx.send(match committed {
                     Ok(()) => result,
-                    Err(e) => Err(QueueError::Corrupt(format!("commit failed: {e}"))),
+                    Err(e) => Err(e.again()),
                 });
             })
         });
@@ -274,55 +309,78 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
             due: Millis::MAX,
             due_recomputed: None,
             next_due: shared.next_due.load(Ordering::Acquire),
+            queued: shared.queued.load(Ordering::Acquire) as i64,
+            aborted: None,
         };
-        let begun = conn.execute_batch("BEGIN IMMEDIATE");
-        let replies: Vec<Reply> = match &begun {
-            Ok(()) => batch.into_iter().map(|job| job(&mut ctx)).collect(),
-            Err(_) => Vec::new(),
-        };
-        let committed = begun.and_then(|_| conn.execute_batch("COMMIT")).map_err(|e| {
-            let _ = conn.execute_batch("ROLLBACK");
-            tracing::error!(error = %e, "queue commit failed");
-            e.to_string()
+        // A failed BEGIN leaves the connection in autocommit mode, so every job below sees no
+        // transaction and is answered with `begun`'s error without running.
+        let begun = conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| batch_error(e, QueueError::Begin));
+        let replies: Vec<Reply> = batch.into_iter().map(|job| job(&mut ctx)).collect();
+        let committed = begun.and_then(|()| match ctx.aborted.take() {
+            Some(e) => Err(e),
+            None => conn.execute_batch("COMMIT").map_err(|e| {
+                let _ = conn.execute_batch("ROLLBACK");
+                batch_error(e, QueueError::Commit)
+            }),
         });
-        if committed.is_ok() {
-            let base = ctx.due_recomputed.unwrap_or(ctx.next_due);
-            shared.next_due.store(base.min(ctx.due), Ordering::Release);
-            {
-                // Cancels first: a lease that expired and was claimed again in the same batch
-                // must stop the old holder, not the new one.
-                let mut running = shared.running.lock();
-                for id in &ctx.cancels {
-                    if let Some(t) = running.remove(id) {
-                        t.cancel();
-                    }
-                }
-                for (id, token) in ctx.claimed.drain(..) {
-                    running.insert(id, token);
-                }
-            }
-            for e in ctx.events.drain(..) {
-                if let Some(id) = e.task_id().filter(|_| e.is_terminal()) {
-                    shared.running.lock().remove(&id);
-                }
-                shared.bus.publish(e);
-            }
-            // One worker per new claimable task, not all of them: no thundering herd of
-            // claims that find nothing.
-            for _ in 0..ctx.wake.min(1024) {
-                shared.wakeup.notify_one();
-            }
+        match &committed {
+            Ok(()) => publish(&shared, &mut ctx),
+            Err(e) => tracing::error!(error = %e, "a queue write failed; nothing of it was stored"),
         }
         for r in replies {
-            r(committed.clone());
+            r(committed.as_ref().map(|_| ()));
         }
+    }
+}
+
+/// A batch-level failure: a full disk and a lock keep their own variants; anything else is
+/// named after the step that failed (`BEGIN` or `COMMIT`).
+fn batch_error(e: rusqlite::Error, step: fn(String) -> QueueError) -> QueueError {
+    match QueueError::from(e) {
+        e @ (QueueError::DiskFull(_) | QueueError::Locked(_)) => e,
+        e => step(e.to_string()),
+    }
+}
+
+/// After a commit: fires cancels, registers claims, publishes events and wakes workers.
+fn publish(shared: &Shared, ctx: &mut Ctx<'_>) {
+    let base = ctx.due_recomputed.unwrap_or(ctx.next_due);
+    shared.next_due.store(base.min(ctx.due), Ordering::Release);
+    shared.queued.store(ctx.queued.max(0) as u64, Ordering::Release);
+    {
+        // Cancels first: a lease that expired and was claimed again in the same batch must
+        // stop the old holder, not the new one.
+        let mut running = shared.running.lock();
+        for id in &ctx.cancels {
+            if let Some(t) = running.remove(id) {
+                t.cancel();
+            }
+        }
+        for (id, token) in ctx.claimed.drain(..) {
+            running.insert(id, token);
+        }
+    }
+    for e in ctx.events.drain(..) {
+        if let Some(id) = e.task_id().filter(|_| e.is_terminal()) {
+            shared.running.lock().remove(&id);
+        }
+        shared.bus.publish(e);
+    }
+    // One worker per new claimable task, not all of them: no thundering herd of claims that
+    // find nothing.
+    for _ in 0..ctx.wake.min(1024) {
+        shared.wakeup.notify_one();
     }
 }
 
 #[async_trait]
 impl TaskQueue for SqliteQueue {
-    async fn submit(&self, new: NewTask) -> Result<Submitted, QueueError> {
-        self.write(move |ctx| ops::submit(ctx, new)).await
+    async fn submit_bounded(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
+        self.write(move |ctx| ops::submit(ctx, new, max_queued)).await
+    }
+
+    fn queued(&self) -> u64 {
+        self.shared.queued.load(Ordering::Acquire)
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError> {

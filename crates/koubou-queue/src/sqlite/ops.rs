@@ -33,11 +33,16 @@ fn get_existing(conn: &Connection, id: TaskId) -> Result<Task, QueueError> {
     get(conn, id)?.ok_or(QueueError::NotFound(id))
 }
 
-pub fn submit(ctx: &mut Ctx<'_>, new: NewTask) -> Result<Submitted, QueueError> {
+pub fn submit(ctx: &mut Ctx<'_>, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
     if let Some(key) = &new.idempotency_key
         && let Some(task) = get_where(ctx.conn, "idempotency_key = ?1", [key])?
     {
         return Ok(Submitted { task, created: false });
+    }
+    if let Some(limit) = max_queued
+        && ctx.queued >= limit as i64
+    {
+        return Err(QueueError::Full { queued: ctx.queued as u64, limit });
     }
     let task = Task::from_new(TaskId::new(), new, ctx.cfg.max_attempts, ctx.now);
     ctx.conn
@@ -63,6 +68,7 @@ pub fn submit(ctx: &mut Ctx<'_>, new: NewTask) -> Result<Submitted, QueueError> 
         ])?;
     ctx.events.push(EventKind::TaskCreated { task_id: task.id, kind: task.kind.clone(), priority: task.priority });
     ctx.wake += 1;
+    ctx.queued += 1;
     Ok(Submitted { task, created: true })
 }
 
@@ -115,8 +121,17 @@ fn requeue_lost(ctx: &mut Ctx<'_>, id: TaskId, attempts: u32, max: u32, reason: 
             .execute(params![id.to_string(), ctx.now])?;
         ctx.events.push(EventKind::TaskRequeued { task_id: id, reason: reason.to_owned() });
         ctx.wake += 1;
+        ctx.queued += 1;
     }
     Ok(())
+}
+
+/// Tasks waiting to run (pending or retrying).
+pub fn queued_from_table(conn: &Connection) -> Result<u64, QueueError> {
+    let n: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM tasks WHERE status IN ('pending', 'retrying')")?
+        .query_row([], |r| r.get(0))?;
+    Ok(n as u64)
 }
 
 /// The earliest retry or lease expiry in the table (`Millis::MAX` if none).
@@ -160,6 +175,7 @@ pub fn claim(
     );
     let task = ctx.conn.prepare_cached(&sql)?.query_row(params_from_iter(args), task_from_row).optional()?;
     let Some(task) = task else { return Ok(None) };
+    ctx.queued -= 1;
     let lease = Lease { task_id: task.id, worker_id: worker.clone(), attempt: task.attempts };
     let cancel = CancellationToken::new();
     ctx.claimed.push((task.id, cancel.clone()));
@@ -289,6 +305,7 @@ pub fn fail(ctx: &mut Ctx<'_>, lease: &Lease, failure: Failure) -> Result<Task, 
     let task = task.ok_or_else(|| lost_error(ctx.conn, lease))?;
     if let Some(at) = retry_at {
         ctx.due = ctx.due.min(at);
+        ctx.queued += 1;
     }
     ctx.events.push(EventKind::TaskFailed { task_id: task.id, error: failure.error, retry_at, status });
     Ok(task)
@@ -308,6 +325,7 @@ pub fn release(ctx: &mut Ctx<'_>, lease: &Lease) -> Result<(), QueueError> {
     ctx.cancels.push(lease.task_id);
     ctx.events.push(EventKind::TaskRequeued { task_id: lease.task_id, reason: "released by a stopping worker".into() });
     ctx.wake += 1;
+    ctx.queued += 1;
     Ok(())
 }
 
@@ -329,6 +347,9 @@ pub fn cancel(ctx: &mut Ctx<'_>, id: TaskId) -> Result<Task, QueueError> {
         .query_row(params![id.to_string(), ctx.now], task_from_row)?;
     if before.status == TaskStatus::Running {
         ctx.cancels.push(id);
+    }
+    if before.status.is_queued() {
+        ctx.queued -= 1;
     }
     ctx.events.push(EventKind::TaskCancelled { task_id: id });
     Ok(task)

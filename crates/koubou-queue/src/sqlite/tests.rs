@@ -428,3 +428,108 @@ fn claim_plan_uses_the_claim_index() {
     let plan = plan.join("; ");
     assert!(plan.contains("tasks_claim") && !plan.contains("TEMP B-TREE"), "{plan}");
 }
+
+/// `submit_bounded` counts exactly what waits (pending + retrying), through every change of state.
+#[tokio::test]
+async fn a_full_queue_refuses_and_the_count_follows_every_state_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let limit = Some(3);
+    let mut keyed = new("keyed", 5);
+    keyed.idempotency_key = Some("k".into());
+    let first = q.submit_bounded(keyed.clone(), limit).await.unwrap();
+    q.submit_bounded(new("b", 5), limit).await.unwrap();
+    q.submit_bounded(new("c", 1), limit).await.unwrap();
+    assert_eq!(q.queued(), 3);
+    match q.submit_bounded(new("d", 5), limit).await {
+        Err(QueueError::Full { queued: 3, limit: 3 }) => {}
+        other => panic!("expected Full, got {other:?}"),
+    }
+    let again = q.submit_bounded(keyed, limit).await.unwrap();
+    assert!(!again.created && again.task.id == first.task.id, "an idempotent resubmission is never refused");
+    assert_eq!(q.counts().await.unwrap().total(), 3, "the refused task was not stored");
+
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    assert_eq!(q.queued(), 2);
+    q.submit_bounded(new("d", 5), limit).await.unwrap();
+    q.fail(&c.lease, failure(true)).await.unwrap(); // retrying counts as waiting
+    assert_eq!(q.queued(), 4);
+    let c2 = q.claim(&w(2), None, LEASE).await.unwrap().unwrap();
+    q.release(&c2.lease).await.unwrap();
+    assert_eq!(q.queued(), 4);
+    q.cancel(c2.task.id).await.unwrap();
+    let c3 = q.claim(&w(3), None, LEASE).await.unwrap().unwrap();
+    q.cancel(c3.task.id).await.unwrap(); // a running task leaves nothing to uncount
+    q.recover_node("test").await.unwrap();
+    let counts = q.counts().await.unwrap();
+    assert_eq!(q.queued(), counts.pending + counts.retrying);
+    drop(q);
+    assert_eq!(open(&dir).queued(), counts.pending + counts.retrying, "counted again on open");
+}
+
+/// A lock held by another process answers `Locked` within the busy timeout (not a 10 s hang and
+/// not "the queue is shut down"), stores nothing, and the writer works again once it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_holding_the_lock_is_locked_not_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    q.submit(new("before", 5)).await.unwrap();
+    let other = rusqlite::Connection::open(dir.path().join("q.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let e = tokio::time::timeout(BUSY_TIMEOUT * 10, q.submit(new("while locked", 5))).await.unwrap().unwrap_err();
+    assert!(matches!(e, QueueError::Locked(_)), "{e:?}");
+    assert!(e.is_transient());
+    other.execute_batch("ROLLBACK").unwrap();
+    q.submit(new("after", 5)).await.unwrap();
+    let prompts: Vec<String> = q
+        .list(TaskQuery { limit: 10, ..Default::default() })
+        .await
+        .unwrap()
+        .tasks
+        .into_iter()
+        .map(|t| t.prompt)
+        .collect();
+    assert_eq!(prompts, ["after", "before"]);
+    assert_eq!(q.queued(), 2);
+}
+
+/// A full database (SQLITE_FULL, here from `max_page_count`): the write is `DiskFull`, nothing
+/// is half-stored, no event is published for it, and writes succeed again once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_disk_full_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let kept = q.submit(new("kept", 5)).await.unwrap().task.id;
+    let pages: i64 = q.write(|ctx| Ok(ctx.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?)).await.unwrap();
+    q.write(move |ctx| Ok(ctx.conn.pragma_update(None, "max_page_count", pages)?)).await.unwrap();
+    let mut rx = q.bus().subscribe();
+    let big = "x".repeat(64 << 10);
+    let tries: Vec<_> = (0..8).map(|_| q.submit(new(&big, 5))).collect();
+    let results = futures::future::join_all(tries).await;
+    let refused = results.iter().filter(|r| matches!(r, Err(QueueError::DiskFull(_)))).count();
+    assert_eq!(refused, results.len(), "{:?}", results.iter().map(|r| r.as_ref().err()).collect::<Vec<_>>());
+    assert!(rx.try_recv().is_err(), "nothing refused was published");
+    assert_eq!(q.counts().await.unwrap().total(), 1);
+    assert_eq!(q.queued(), 1);
+
+    q.write(|ctx| Ok(ctx.conn.pragma_update(None, "max_page_count", 1_073_741_823i64)?)).await.unwrap();
+    q.submit(new(&big, 5)).await.unwrap();
+    assert_eq!(q.get(kept).await.unwrap().unwrap().prompt, "kept");
+    assert_eq!(q.counts().await.unwrap().pending, 2);
+}
+
+/// Write errors keep their own names: a failed BEGIN is not "shut down", a failed COMMIT is not
+/// "corrupt", and a full disk or a lock is neither.
+#[test]
+fn batch_errors_are_named_after_their_cause() {
+    let full = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None);
+    let busy = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY), None);
+    let io = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR), None);
+    let io2 = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR), None);
+    assert!(matches!(batch_error(full, QueueError::Begin), QueueError::DiskFull(_)));
+    assert!(matches!(batch_error(busy, QueueError::Commit), QueueError::Locked(_)));
+    let begin = batch_error(io, QueueError::Begin);
+    assert!(matches!(begin, QueueError::Begin(_)) && begin.to_string().starts_with("could not start"), "{begin}");
+    let commit = batch_error(io2, QueueError::Commit);
+    assert!(matches!(commit, QueueError::Commit(_)) && commit.to_string().contains("nothing was stored"), "{commit}");
+}

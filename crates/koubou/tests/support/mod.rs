@@ -43,8 +43,12 @@ impl Serve {
             "serve-stderr-{}.log",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
+        // GraphQL stays off unless the test gives it a port.
+        let gql: &[&str] = if extra.contains(&"--graphql-port") { &[] } else { &["--graphql-port", "0"] };
         let mut child = Command::new(bin())
-            .args(["serve", "--port", "0", "--ws-port", "0", "--graphql-port", "0", "--home"])
+            .args(["serve", "--port", "0", "--ws-port", "0"])
+            .args(gql)
+            .arg("--home")
             .arg(home)
             .args(extra)
             .env("LOG_LEVEL", "info")
