@@ -23,6 +23,18 @@ fn w(n: usize) -> WorkerId {
 
 const LEASE: Duration = Duration::from_secs(30);
 
+/// Polls `f` until it yields, with a bound generous enough for a loaded machine.
+async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn done(text: &str) -> Completion {
     Completion {
         result: text.into(),
@@ -239,10 +251,14 @@ async fn lease_expiry_after_last_attempt_fails() {
     let q = open(&dir);
     q.submit(NewTask { max_attempts: Some(1), ..new("x", 5) }).await.unwrap();
     let c = q.claim(&w(1), None, Duration::from_millis(20)).await.unwrap().unwrap();
-    tokio::time::sleep(Duration::from_millis(40)).await;
-    assert!(q.claim(&w(2), None, LEASE).await.unwrap().is_none());
-    let t = q.get(c.task.id).await.unwrap().unwrap();
-    assert_eq!(t.status, TaskStatus::Failed);
+    // Claims find the expired lease and fail the task (its only attempt is spent): never hand
+    // it out again, however long the wait for the expiry takes.
+    let t = until("the lease to expire", async || {
+        assert!(q.claim(&w(2), None, LEASE).await.unwrap().is_none(), "a task with no attempts left was handed out");
+        let t = q.get(c.task.id).await.unwrap().unwrap();
+        (t.status == TaskStatus::Failed).then_some(t)
+    })
+    .await;
     assert!(t.error.unwrap().contains("lease expired"));
 }
 
@@ -252,11 +268,15 @@ async fn heartbeat_renews_and_records_progress() {
     let q = open(&dir);
     q.submit(new("x", 5)).await.unwrap();
     let c = q.claim(&w(1), None, Duration::from_millis(200)).await.unwrap().unwrap();
+    let claimed_until = q.get(c.task.id).await.unwrap().unwrap().lease_until.unwrap();
     let p = Progress { backend: Some("ollama"), model: Some("gemma2:2b"), partial: Some("Hel") };
+    let before = koubou_task::now_millis();
     assert_eq!(q.heartbeat(&c.lease, LEASE, p).await.unwrap(), LeaseStatus::Held);
     let t = q.get(c.task.id).await.unwrap().unwrap();
     assert_eq!((t.partial.as_deref(), t.backend.as_deref()), (Some("Hel"), Some("ollama")));
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(t.lease_until.unwrap() >= before + LEASE.as_millis() as i64, "renewed for the whole ttl");
+    // Past the lease it was claimed with, the renewed one still holds.
+    until("the first lease to run out", async || (koubou_task::now_millis() > claimed_until + 50).then_some(())).await;
     assert!(q.claim(&w(2), None, LEASE).await.unwrap().is_none(), "renewed lease must not expire");
 }
 
@@ -398,10 +418,12 @@ async fn idle_worker_wakes_on_submit() {
     let q = Arc::new(open(&dir));
     let q2 = q.clone();
     let waiter = tokio::spawn(async move { claim_wait(&*q2, &w(1), None, LEASE, &CancellationToken::new()).await });
+    // Give it time to find nothing and park. (Only an absence is asserted: a busy machine can
+    // make the pause too short to reach the park, never make the assertion false.)
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(!waiter.is_finished());
+    assert!(!waiter.is_finished(), "claim_wait returned with nothing to claim");
     let t = q.submit(new("wake", 5)).await.unwrap().task;
-    let got = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap().unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(120), waiter).await.unwrap().unwrap().unwrap().unwrap();
     assert_eq!(got.task.id, t.id);
     let stop = CancellationToken::new();
     stop.cancel();
