@@ -236,6 +236,50 @@ mod tests {
         assert_eq!(from_template, Config::default(), "koubou.toml template drifted from the defaults");
     }
 
+    /// Every commented `[backends.NAME]` / `[types.NAME]` example in the template, uncommented.
+    fn template_examples() -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut cur: Option<String> = None;
+        for line in TEMPLATE.lines() {
+            let body = line.strip_prefix('#').map(|l| l.strip_prefix(' ').unwrap_or(l));
+            match body {
+                Some(b) if b.starts_with("[backends.") || b.starts_with("[types.") => {
+                    out.extend(cur.take());
+                    cur = Some(format!("{b}\n"));
+                }
+                Some(b) if !b.trim().is_empty() && cur.is_some() => {
+                    let c = cur.as_mut().expect("checked");
+                    c.push_str(b);
+                    c.push('\n');
+                }
+                _ => out.extend(cur.take()),
+            }
+        }
+        out.extend(cur);
+        out
+    }
+
+    #[test]
+    fn every_template_example_parses_and_builds_its_backend() {
+        let examples = template_examples();
+        let kinds = ["openai", "anthropic", "gemini", "openrouter", "groq", "mistral", "azure", "vllm", "lmstudio"];
+        for name in kinds.iter().chain(&["llama-server", "ollama", "codex", "embedded"]) {
+            assert!(
+                examples.iter().any(|e| e.starts_with(&format!("[backends.{name}]"))),
+                "the template has no [backends.{name}] example"
+            );
+        }
+        for text in &examples {
+            let cfg = Config::parse(text, "template example").unwrap_or_else(|e| panic!("{e}\n{text}"));
+            for (name, backend) in &cfg.backends {
+                if let Err(e) = koubou_backend::build(name, backend) {
+                    panic!("[backends.{name}] does not build: {e}\n{text}");
+                }
+            }
+            assert!(!cfg.backends.is_empty() || !cfg.types.is_empty(), "an empty example:\n{text}");
+        }
+    }
+
     #[test]
     fn env_overrides_and_errors_name_the_variable() {
         let mut c = Config::default();

@@ -77,8 +77,13 @@ async fn relay(mut client: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
         if client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.is_err() {
             return;
         }
-    } else if upstream.write_all(&head).await.is_err() {
-        return;
+    } else {
+        // One request per connection, so that each one is seen: ask the server to close after it.
+        let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0) + 2;
+        head.splice(line_end..line_end, b"connection: close\r\n".iter().copied());
+        if upstream.write_all(&head).await.is_err() {
+            return;
+        }
     }
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
