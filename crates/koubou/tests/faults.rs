@@ -291,20 +291,7 @@ async fn a_full_queue_answers_429_on_every_face_and_drops_nothing() {
     assert_eq!(reply["error"]["code"], "queue_full", "{reply}");
     assert!(reply["error"]["message"].as_str().unwrap().contains("max_pending"), "{reply}");
     // MCP over HTTP.
-    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-        "params": {"name": "delegate_task", "arguments": {"prompt": "mcp one too many"}}});
-    let text = http
-        .c
-        .post(format!("{}/mcp", s.url))
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2025-06-18")
-        .json(&call)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = mcp_delegate(&http, json!({"prompt": "mcp one too many"})).await;
     assert!(text.contains("\"isError\":true") && text.contains("max_pending"), "{text}");
     // GraphQL.
     let q = json!({"query": "mutation { submitTask(prompt: \"gql one too many\") { taskId } }"});
@@ -321,6 +308,36 @@ async fn a_full_queue_answers_429_on_every_face_and_drops_nothing() {
     // Room again: cancel one waiting task and the next submission is accepted.
     http.auth(http.c.post(format!("{}/task/{}/cancel", s.url, ids[3]))).send().await.unwrap();
     assert_eq!(http.submit(json!({"prompt": "fits now"})).await.status(), 201);
+}
+
+/// `delegate_task` over the server's `/mcp`; the raw answer (an SSE stream).
+async fn mcp_delegate(http: &Http, arguments: Value) -> String {
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "delegate_task", "arguments": arguments}});
+    let r = http
+        .auth(http.c.post(format!("{}/mcp", http.url)))
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-06-18")
+        .json(&call);
+    r.send().await.unwrap().text().await.unwrap()
+}
+
+/// MCP over HTTP attaches no file while `[mcp] allowed_paths` is unset (any local user can
+/// reach the port): the call is refused naming the setting, and nothing is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_over_http_attaches_nothing_without_allowed_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    home(
+        dir.path(),
+        "[backends.e]\nkind = \"echo\"\n[types.general]\nbackend = \"e\"\n[types.code]\nbackend = \"e\"\n",
+    );
+    let secret = dir.path().join("koubou.toml");
+    let s = Serve::start(dir.path(), &[]);
+    let http = Http::new(&s.url, None);
+    let text = mcp_delegate(&http, json!({"prompt": "summarize", "files": [secret.to_str().unwrap()]})).await;
+    assert!(text.contains("\"isError\":true") && text.contains("allowed_paths"), "{text}");
+    assert!(!text.contains("[backends.e]"), "file content leaked: {text}");
+    assert_eq!(http.get("/tasks").await["total"], 0);
 }
 
 /// Another process holding the database's write lock: a submission is answered 503
