@@ -102,7 +102,7 @@ pub fn http_service(api: Arc<dyn Api>, cfg: McpConfig) -> axum::Router {
 /// MCP over Streamable HTTP at `/mcp` (POST for requests; GET answers 405 since the service is
 /// stateless; DELETE likewise). Merge it into the server's router.
 pub fn http_service_with(api: Arc<dyn Api>, cfg: McpConfig, opts: HttpOptions) -> axum::Router {
-    let handler = KoubouMcp::new(api, cfg);
+    let handler = KoubouMcp::new(api, cfg).remote();
     let config = StreamableHttpServerConfig::default()
         .with_legacy_session_mode(false)
         .with_json_response(false)

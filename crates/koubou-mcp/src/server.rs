@@ -32,6 +32,8 @@ pub struct KoubouMcp {
     api: Arc<dyn Api>,
     cfg: Arc<McpConfig>,
     tools: Arc<Vec<Tool>>,
+    /// Where `files` may come from while `[mcp] allowed_paths` is empty.
+    files_default: context::Unconfigured,
 }
 
 /// A failed call, as the tool result the caller sees.
@@ -78,7 +80,14 @@ type Outcome = Result<CallToolResult, Failure>;
 impl KoubouMcp {
     pub fn new(api: Arc<dyn Api>, cfg: McpConfig) -> Self {
         let tools = Arc::new(tools::list(&cfg));
-        KoubouMcp { api, cfg: Arc::new(cfg), tools }
+        KoubouMcp { api, cfg: Arc::new(cfg), tools, files_default: context::Unconfigured::WorkingDir }
+    }
+
+    /// For MCP over HTTP: with `[mcp] allowed_paths` empty no file is attached (any local user
+    /// can reach the port); stdio keeps the working directory, the user's own.
+    pub(crate) fn remote(mut self) -> Self {
+        self.files_default = context::Unconfigured::Nothing;
+        self
     }
 
     /// The tool definitions, as `tools/list` sends them.
@@ -124,7 +133,7 @@ impl KoubouMcp {
             return Err(FieldError::new("prompt", "is empty").into());
         }
         let wait = a.opt_int("wait_seconds", 0, self.max_wait())?.unwrap_or(0);
-        let files = context::read(&self.cfg, &a.opt_str_list("files")?)?;
+        let files = context::read(&self.cfg, self.files_default, &a.opt_str_list("files")?)?;
         let mut body = serde_json::Map::new();
         body.insert("prompt".into(), json!(context::compose(prompt, &files)));
         for k in ["type", "priority", "model"] {

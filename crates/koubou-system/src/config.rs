@@ -103,7 +103,8 @@ pub struct McpConfig {
     pub max_wait_secs: u64,
     /// How often a waiting tool call sends a progress notification, in seconds.
     pub progress_every_secs: u64,
-    /// Folders whose files `delegate_task` may attach as context (empty: the working directory).
+    /// Folders whose files `delegate_task` may attach as context (empty: the working directory
+    /// over stdio, nothing over HTTP). `/proc`, `/sys` and `/dev` are never read.
     pub allowed_paths: Vec<PathBuf>,
     /// Largest total size of attached context files, in bytes.
     pub max_context_bytes: usize,

@@ -291,20 +291,7 @@ async fn a_full_queue_answers_429_on_every_face_and_drops_nothing() {
     assert_eq!(reply["error"]["code"], "queue_full", "{reply}");
     assert!(reply["error"]["message"].as_str().unwrap().contains("max_pending"), "{reply}");
     // MCP over HTTP.
-    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-        "params": {"name": "delegate_task", "arguments": {"prompt": "mcp one too many"}}});
-    let text = http
-        .c
-        .post(format!("{}/mcp", s.url))
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2025-06-18")
-        .json(&call)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = mcp_delegate(&http, json!({"prompt": "mcp one too many"})).await;
     assert!(text.contains("\"isError\":true") && text.contains("max_pending"), "{text}");
     // GraphQL.
     let q = json!({"query": "mutation { submitTask(prompt: \"gql one too many\") { taskId } }"});
@@ -321,6 +308,36 @@ async fn a_full_queue_answers_429_on_every_face_and_drops_nothing() {
     // Room again: cancel one waiting task and the next submission is accepted.
     http.auth(http.c.post(format!("{}/task/{}/cancel", s.url, ids[3]))).send().await.unwrap();
     assert_eq!(http.submit(json!({"prompt": "fits now"})).await.status(), 201);
+}
+
+/// `delegate_task` over the server's `/mcp`; the raw answer (an SSE stream).
+async fn mcp_delegate(http: &Http, arguments: Value) -> String {
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "delegate_task", "arguments": arguments}});
+    let r = http
+        .auth(http.c.post(format!("{}/mcp", http.url)))
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-06-18")
+        .json(&call);
+    r.send().await.unwrap().text().await.unwrap()
+}
+
+/// MCP over HTTP attaches no file while `[mcp] allowed_paths` is unset (any local user can
+/// reach the port): the call is refused naming the setting, and nothing is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_over_http_attaches_nothing_without_allowed_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    home(
+        dir.path(),
+        "[backends.e]\nkind = \"echo\"\n[types.general]\nbackend = \"e\"\n[types.code]\nbackend = \"e\"\n",
+    );
+    let secret = dir.path().join("koubou.toml");
+    let s = Serve::start(dir.path(), &[]);
+    let http = Http::new(&s.url, None);
+    let text = mcp_delegate(&http, json!({"prompt": "summarize", "files": [secret.to_str().unwrap()]})).await;
+    assert!(text.contains("\"isError\":true") && text.contains("allowed_paths"), "{text}");
+    assert!(!text.contains("[backends.e]"), "file content leaked: {text}");
+    assert_eq!(http.get("/tasks").await["total"], 0);
 }
 
 /// Another process holding the database's write lock: a submission is answered 503
@@ -351,4 +368,98 @@ async fn a_locked_database_is_503_with_retry_after_then_recovers() {
     let all = http.get("/tasks?limit=10").await;
     let prompts: Vec<&str> = all["tasks"].as_array().unwrap().iter().map(|t| t["prompt"].as_str().unwrap()).collect();
     assert_eq!(prompts, ["after", "before"]);
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mounting a tmpfs needs root (the disk-full test fills one)");
+        Tmpfs(dir)
+    }
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// The database on a disk that fills up: submissions are answered 503 `disk_full` with
+/// Retry-After (not 500), nothing acknowledged is lost, and once there is room again the server
+/// accepts and every acknowledged task completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_503_with_retry_after_loses_nothing_and_recovers() {
+    let fs = Tmpfs::mount("3m");
+    let dir = tempfile::tempdir().unwrap();
+    let db = fs.path().join("koubou.db");
+    home(
+        dir.path(),
+        &format!(
+            "[queue]\npath = \"{}\"\n[backends.e]\nkind = \"echo\"\nreply = \"done\"\n[types.general]\nbackend = \"e\"\n\
+             [types.code]\nbackend = \"e\"\n",
+            db.display()
+        ),
+    );
+    let s = Serve::start(dir.path(), &[]);
+    let http = Http::new(&s.url, None);
+    let mut acked: Vec<String> = Vec::new();
+    for i in 0..5 {
+        let r = http.submit(json!({"prompt": format!("before {i}")})).await;
+        assert_eq!(r.status(), 201);
+        acked.push(r.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_owned());
+    }
+    // Fill the file system to the last byte.
+    let filler = fs.path().join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let big = "x".repeat(256 << 10);
+    let mut refused = None;
+    for i in 0..40 {
+        let r = http.submit(json!({"prompt": format!("{i} {big}")})).await;
+        match r.status().as_u16() {
+            201 => acked.push(r.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_owned()),
+            503 => {
+                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+                refused = Some((retry, r.json::<Value>().await.unwrap()));
+                break;
+            }
+            other => panic!("expected 201 or 503 on a full disk, got {other}: {}", r.text().await.unwrap()),
+        }
+    }
+    let (retry, body) = refused.expect("a full disk never refused a submission");
+    assert!(retry.is_some_and(|r| r.parse::<u64>().is_ok()), "no Retry-After");
+    assert_eq!(body["error"]["code"], "disk_full", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("nothing was stored"), "{body}");
+    // Room again.
+    std::fs::remove_file(&filler).unwrap();
+    let mut after = None;
+    until(60, "a submission to be accepted once there is room", async || {
+        let r = http.submit(json!({"prompt": "after"})).await;
+        if r.status() == 201 {
+            after = Some(r.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_owned());
+        }
+        after.is_some()
+    })
+    .await;
+    acked.extend(after);
+    for id in &acked {
+        let t = http.finished(id).await;
+        assert_eq!(t["status"], "completed", "acknowledged task lost or failed: {t}");
+    }
+    assert_eq!(http.get("/tasks?limit=1").await["total"], acked.len(), "nothing refused was stored");
+    assert_eq!(http.get("/health").await["status"], "ok");
 }

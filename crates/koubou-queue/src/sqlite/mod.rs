@@ -44,11 +44,13 @@ use crate::{
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
-    /// WAL with `synchronous=NORMAL`: a committed task survives a crash or kill of Koubou; a
-    /// power cut may lose the last moments.
+    /// WAL with `synchronous=NORMAL`: an answered write survives a crash or kill of Koubou
+    /// (it is in the WAL file); a power cut or kernel crash may lose the commits since the last
+    /// sync (SQLite syncs the WAL at checkpoints).
     #[default]
     Normal,
-    /// `synchronous=FULL`: every commit is on disk before it is answered (survives power loss).
+    /// `synchronous=FULL`: every commit is fsynced before any caller of its batch is answered,
+    /// so an answered write survives power loss too. One fsync per batch (group commit).
     Full,
 }
 
