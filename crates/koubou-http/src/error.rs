@@ -40,3 +40,30 @@ pub fn json_error(
     }
     (status, Json(serde_json::json!({ "error": e }))).into_response()
 }
+
+/// A request refused before any handler ran (by the guard or a limit): answered as the JSON
+/// error, with `Retry-After` when waiting helps.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: axum::http::StatusCode,
+    pub code: &'static str,
+    pub field: &'static str,
+    pub message: String,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl Refusal {
+    pub fn new(status: axum::http::StatusCode, code: &'static str, field: &'static str, message: String) -> Self {
+        Refusal { status, code, field, message, retry_after_secs: None }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut r = json_error(self.status, self.code, self.message, Some(self.field));
+        if let Some(s) = self.retry_after_secs {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
+    }
+}

@@ -24,7 +24,7 @@ type Res<T> = Result<T, HttpError>;
 
 /// The REST API. The caller adds the [`crate::guard`] layer and any other faces.
 pub fn router(k: Koubou) -> Router {
-    let body_limit = k.config().limits.max_prompt_bytes + (256 << 10);
+    let body_limit = k.config().limits.body_bytes();
     Router::new()
         .route("/task/delegate", post(delegate))
         .route("/task/{id}/status", get(status))
@@ -54,8 +54,8 @@ fn task_id(s: &str) -> Result<TaskId, HttpError> {
 }
 
 async fn delegate(State(k): State<Arc<Koubou>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
-        && !ct.to_ascii_lowercase().contains("json")
+    if let Some(ct) = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("?"))
+        && !crate::is_json(ct)
     {
         return json_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

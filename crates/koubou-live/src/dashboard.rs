@@ -23,7 +23,12 @@ use crate::{
 
 /// Everything under `/dashboard`.
 pub fn dashboard_router(k: Koubou) -> Router {
-    let st = WsState::new(k, WsConfig::default());
+    dashboard_router_with(k, WsConfig::default())
+}
+
+/// [`dashboard_router`] with other WebSocket tuning (e.g. the port's shared [`crate::WsLimits`]).
+pub fn dashboard_router_with(k: Koubou, ws: WsConfig) -> Router {
+    let st = WsState::new(k, ws);
     Router::new()
         .route("/dashboard", get(index))
         .route("/dashboard/", get(index))

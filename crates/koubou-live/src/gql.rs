@@ -18,9 +18,10 @@ use tokio::sync::broadcast::error::RecvError;
 /// The schema type.
 pub type KoubouSchema = Schema<Query, Mutation, SubscriptionRoot>;
 
-/// Builds the schema over a running system.
+/// Builds the schema over a running system, with its `[limits]` on every document.
 pub fn schema(k: Koubou) -> KoubouSchema {
-    Schema::build(Query, Mutation, SubscriptionRoot).data(k).finish()
+    let limits = crate::gql_limits::DocumentLimits::from_limits(&k.config().limits);
+    Schema::build(Query, Mutation, SubscriptionRoot).data(k).extension(limits).finish()
 }
 
 /// The SDL of the schema (what `docs/schema.graphql` holds).

@@ -7,6 +7,11 @@
 //! Each connection has one bus receiver and a bounded outgoing buffer written by its own task.
 //! A client that lets that buffer fill, or whose receiver lags behind the bus, is closed with a
 //! reason (code 1008) instead of slowing the server or anyone else.
+//!
+//! [`WsLimits`] bound every WebSocket of a port, this protocol's and GraphQL's alike: a message
+//! over `limits.max_ws_message_bytes` closes the connection with code 1009 (read no further than
+//! the frame header that announced it), and past `limits.max_ws_connections` open at once an
+//! upgrade is answered 503 instead of 101.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -16,7 +21,7 @@ use axum::{
         State,
         ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade},
     },
-    response::Response,
+    response::{IntoResponse, Response},
     routing::get,
 };
 use futures::{SinkExt, StreamExt};
@@ -24,9 +29,9 @@ use koubou_system::{
     Api, ApiError, Koubou,
     api::{ListQuery, SubmitRequest},
 };
-use koubou_task::{Event, EventKind, TaskId};
+use koubou_task::{Event, EventKind, Limits, TaskId};
 use serde_json::{Value, json};
-use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast::error::RecvError, mpsc, oneshot, watch};
 
 use crate::metrics::{MetricsSample, Sampler};
 
@@ -40,11 +45,85 @@ pub struct WsConfig {
     pub buffer: usize,
     /// Topics every new connection starts subscribed to.
     pub default_topics: Vec<Topic>,
+    /// The port's limits; `None`: this router's own, from the system's `[limits]`.
+    pub limits: Option<WsLimits>,
 }
 
 impl Default for WsConfig {
     fn default() -> Self {
-        WsConfig { buffer: 1024, default_topics: vec![Topic::System] }
+        WsConfig { buffer: 1024, default_topics: vec![Topic::System], limits: None }
+    }
+}
+
+/// The WebSocket limits of one port, shared by each of its WebSocket routes (clone it into
+/// each): largest message, and connections open at once.
+#[derive(Clone, Debug)]
+pub struct WsLimits {
+    max_message_bytes: usize,
+    max_connections: usize,
+    open: Arc<Semaphore>,
+}
+
+/// An open WebSocket's place under [`WsLimits`]; dropping it frees the place.
+#[derive(Debug)]
+pub struct WsSlot {
+    _open: OwnedSemaphorePermit,
+    max_message_bytes: usize,
+}
+
+/// The close code for a message over the limit ("message too big").
+pub const CLOSE_TOO_BIG: u16 = 1009;
+
+impl WsLimits {
+    pub fn new(max_message_bytes: usize, max_connections: usize) -> WsLimits {
+        let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        WsLimits { max_message_bytes, max_connections, open: Arc::new(Semaphore::new(max_connections)) }
+    }
+
+    /// `limits.ws_message_bytes()` and `limits.max_ws_connections`.
+    pub fn from_limits(l: &Limits) -> WsLimits {
+        WsLimits::new(l.ws_message_bytes(), l.max_ws_connections)
+    }
+
+    /// Takes a place for a new connection and sets the upgrade's message limit, or answers 503
+    /// (JSON, naming the setting) when the port has no place left.
+    #[allow(clippy::result_large_err)]
+    pub fn admit(&self, ws: WebSocketUpgrade) -> Result<(WebSocketUpgrade, WsSlot), Response> {
+        let Ok(open) = self.open.clone().try_acquire_owned() else {
+            let body = json!({"error": {
+                "code": "too_many_connections",
+                "message": format!(
+                    "this port already has {} WebSocket connections open (limits.max_ws_connections); retry shortly",
+                    self.max_connections
+                ),
+                "field": "limits.max_ws_connections",
+            }});
+            let mut r = (axum::http::StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            return Err(r);
+        };
+        let n = self.max_message_bytes;
+        Ok((ws.max_message_size(n).max_frame_size(n), WsSlot { _open: open, max_message_bytes: n }))
+    }
+}
+
+impl WsSlot {
+    /// When `e` (a read error) is a message over the limit: the close frame to answer it with.
+    pub fn too_big(&self, e: &axum::Error) -> Option<CloseFrame> {
+        use std::error::Error;
+        use tungstenite::error::{CapacityError, Error as WsError};
+        let mut cause: Option<&(dyn Error + 'static)> = e.source();
+        while let Some(c) = cause {
+            if let Some(WsError::Capacity(CapacityError::MessageTooLong { size, .. })) = c.downcast_ref::<WsError>() {
+                let reason = format!(
+                    "message too big: {size} bytes; the limit is {} (limits.max_ws_message_bytes)",
+                    self.max_message_bytes
+                );
+                return Some(CloseFrame { code: CLOSE_TOO_BIG, reason: reason.into() });
+            }
+            cause = c.source();
+        }
+        None
     }
 }
 
@@ -80,12 +159,14 @@ pub struct WsState {
     pub(crate) k: Koubou,
     pub(crate) cfg: Arc<WsConfig>,
     pub(crate) sampler: Sampler,
+    pub(crate) limits: WsLimits,
 }
 
 impl WsState {
     pub fn new(k: Koubou, cfg: WsConfig) -> WsState {
         let sampler = Sampler::start(k.clone());
-        WsState { k, cfg: Arc::new(cfg), sampler }
+        let limits = cfg.limits.clone().unwrap_or_else(|| WsLimits::from_limits(&k.config().limits));
+        WsState { k, cfg: Arc::new(cfg), sampler, limits }
     }
 }
 
@@ -102,7 +183,10 @@ pub fn ws_router_with(k: Koubou, cfg: WsConfig) -> Router {
 /// The upgrade handler; mount it at any path of a router whose state is [`WsState`], e.g.
 /// `Router::new().route("/ws", get(ws_handler)).with_state(WsState::new(k, WsConfig::default()))`.
 pub async fn ws_handler(State(st): State<WsState>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| serve(st, socket))
+    match st.limits.admit(ws) {
+        Ok((ws, slot)) => ws.on_upgrade(move |socket| serve(st, socket, slot)),
+        Err(refused) => refused,
+    }
 }
 
 /// Why the server ends a connection.
@@ -115,19 +199,19 @@ struct Conn {
     out: mpsc::Sender<Message>,
 }
 
-/// The reason a connection must end now.
-struct Kick(String);
+/// The reason a connection must end now (code 1008 unless a frame is given).
+struct Kick(String, Option<CloseFrame>);
 
 impl Conn {
     /// Queues a message; a full buffer means the client is too slow to keep.
     fn send(&self, v: Value) -> Result<(), Kick> {
         match self.out.try_send(Message::Text(v.to_string().into())) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(Kick(format!(
-                "too slow: {} messages waiting to be sent; reconnect and resubscribe",
-                self.st.cfg.buffer
-            ))),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Kick("connection closed".into())),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Kick(
+                format!("too slow: {} messages waiting to be sent; reconnect and resubscribe", self.st.cfg.buffer),
+                None,
+            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Kick("connection closed".into(), None)),
         }
     }
 
@@ -266,11 +350,11 @@ fn metrics_message(m: &MetricsSample) -> Value {
     v
 }
 
-async fn serve(st: WsState, socket: WebSocket) {
+async fn serve(st: WsState, socket: WebSocket, slot: WsSlot) {
     let mut bus = st.k.subscribe();
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<Message>(st.cfg.buffer.max(1));
-    let (close_tx, mut close_rx) = oneshot::channel::<String>();
+    let (close_tx, mut close_rx) = oneshot::channel::<CloseFrame>();
 
     // The writer: drains the buffer; on a close request, sends the close frame (if the socket
     // takes it within a second) and ends.
@@ -278,9 +362,8 @@ async fn serve(st: WsState, socket: WebSocket) {
         loop {
             tokio::select! {
                 biased;
-                reason = &mut close_rx => {
-                    if let Ok(reason) = reason {
-                        let frame = CloseFrame { code: CLOSE_POLICY, reason: reason.into() };
+                frame = &mut close_rx => {
+                    if let Ok(frame) = frame {
                         let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
                     }
                     break;
@@ -289,9 +372,8 @@ async fn serve(st: WsState, socket: WebSocket) {
                     let Some(m) = m else { break };
                     tokio::select! {
                         biased;
-                        reason = &mut close_rx => {
-                            if let Ok(reason) = reason {
-                                let frame = CloseFrame { code: CLOSE_POLICY, reason: reason.into() };
+                        frame = &mut close_rx => {
+                            if let Ok(frame) = frame {
                                 let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
                             }
                             break;
@@ -320,7 +402,11 @@ async fn serve(st: WsState, socket: WebSocket) {
                     Err(_) => conn.error(None, ApiError::invalid("message", "binary messages must be UTF-8 JSON")),
                 },
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Err(Kick(String::new())),
+                Some(Err(e)) => match slot.too_big(&e) {
+                    Some(frame) => Err(Kick(frame.reason.to_string(), Some(frame))),
+                    None => Err(Kick(String::new(), None)),
+                },
+                Some(Ok(Message::Close(_))) | None => Err(Kick(String::new(), None)),
             },
             e = bus.recv() => match e {
                 Ok(e) => {
@@ -335,8 +421,8 @@ async fn serve(st: WsState, socket: WebSocket) {
                 }
                 Err(RecvError::Lagged(n)) => Err(Kick(format!(
                     "too slow: fell {n} events behind the event bus; reconnect and resubscribe"
-                ))),
-                Err(RecvError::Closed) => Err(Kick("server shutting down".into())),
+                ), None)),
+                Err(RecvError::Closed) => Err(Kick("server shutting down".into(), None)),
             },
             _ = metrics.changed() => {
                 let sample = metrics.borrow_and_update().clone();
@@ -347,12 +433,16 @@ async fn serve(st: WsState, socket: WebSocket) {
             }
         };
     }
-    if let Err(Kick(reason)) = result
+    if let Err(Kick(reason, frame)) = result
         && !reason.is_empty()
     {
         tracing::info!(%reason, "closing WebSocket client");
-        let _ = close_tx.send(reason);
+        let _ = close_tx.send(frame.unwrap_or(CloseFrame { code: CLOSE_POLICY, reason: reason.into() }));
     }
     drop(conn);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    // Read on while the close frame goes out, so that what the client still sends (the rest of
+    // an oversized message) does not reset the connection before it reads the frame.
+    let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(2), futures::future::join(writer, drain)).await;
+    drop(slot);
 }

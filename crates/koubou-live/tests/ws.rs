@@ -159,7 +159,7 @@ async fn system_events_and_metrics_reach_subscribers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_dropped_with_a_reason() {
-    let cfg = WsConfig { buffer: 8, default_topics: vec![Topic::All] };
+    let cfg = WsConfig { buffer: 8, default_topics: vec![Topic::All], ..WsConfig::default() };
     let s = start(move |k| ws_router_with(k, cfg)).await;
     let mut slow = connect(&s.ws("/")).await;
     let mut fast = connect(&s.ws("/")).await;

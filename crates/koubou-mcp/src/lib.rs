@@ -25,11 +25,13 @@
 //! connection that submitted it: a call that is cancelled or whose client goes away only stops
 //! waiting.
 //!
-//! Security on HTTP: bearer token and `Origin` checks for all of Koubou's port are applied by
-//! `koubou-http`'s middleware, not here. rmcp's own checks are set so they never refuse a client
-//! that sends no `Origin` (Claude Code and the Inspector send none): its `Origin` allow-list is
-//! left empty (off), and its `Host` check (DNS-rebinding defence) accepts the loopback names on
-//! any port by default; see [`HttpOptions`].
+//! Security on HTTP: in `koubou serve`, `Host`, `Origin` and the bearer token are checked for
+//! every route of every port by one authority, `koubou-http`'s guard, before a request reaches
+//! `/mcp`; the server turns rmcp's own `Host` check off ([`HttpOptions::any_host`]) so that
+//! `/mcp` accepts exactly what every other route accepts (rmcp's list compares names as written
+//! and would refuse, say, `localhost.` or `127.0.0.2`, which the guard allows everywhere else).
+//! rmcp's `Origin` allow-list is always off (the guard's applies). Used on its own, without the
+//! guard in front, [`http_service`] keeps rmcp's loopback `Host` check; see [`HttpOptions`].
 
 mod context;
 mod server;
@@ -88,7 +90,8 @@ impl Default for HttpOptions {
 }
 
 impl HttpOptions {
-    /// Accepts any `Host` header (for a server bound beyond loopback, behind its auth token).
+    /// Accepts any `Host` header: for a router behind a guard that checks `Host` itself (as
+    /// `koubou serve` puts `koubou-http`'s guard in front of every port).
     pub fn any_host() -> Self {
         HttpOptions { allowed_hosts: vec![], ..HttpOptions::default() }
     }

@@ -59,6 +59,17 @@ pub struct ServerConfig {
     pub auth_token: Option<String>,
     /// Browser origins allowed besides the server's own (e.g. "http://localhost:3000").
     pub allowed_origins: Vec<String>,
+    /// `Host` names (or `name:port`) the server answers to besides its loopback names and
+    /// addresses; any other `Host` is refused (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
+    /// Longest a client may take to send a request's headers (and to start the next one on a
+    /// kept-alive connection), in seconds; at most 30.
+    pub header_read_timeout_secs: u64,
+    /// Longest a client may take to send a request's body, in seconds.
+    pub body_read_timeout_secs: u64,
+    /// HTTP connections open at once on one port (WebSockets count in `limits.max_ws_connections`
+    /// once upgraded).
+    pub max_connections: usize,
     /// Longest a `"sync": true` submission waits for its result, in seconds.
     pub sync_wait_secs: u64,
     /// URL clients (`koubou submit`, `koubou mcp`) use to reach a running server.
@@ -74,6 +85,10 @@ impl Default for ServerConfig {
             graphql_port: 8767,
             auth_token: None,
             allowed_origins: vec![],
+            allowed_hosts: vec![],
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            max_connections: 512,
             sync_wait_secs: 120,
             url: None,
         }
@@ -210,12 +225,43 @@ impl Config {
                 p.min_workers, p.max_workers
             )));
         }
+        self.validate_transport()?;
         if !is_loopback(&self.server.host) && self.server.auth_token.as_deref().is_none_or(str::is_empty) {
             return Err(ConfigError::Invalid(format!(
                 "refusing to listen on {} without an auth token: set server.auth_token (or KOUBOU_AUTH_TOKEN), \
                  or bind 127.0.0.1",
                 self.server.host
             )));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The listener and transport limits: each must let something through.
+    fn validate_transport(&self) -> Result<(), ConfigError> {
+        let (s, l) = (&self.server, &self.limits);
+        if !(1..=30).contains(&s.header_read_timeout_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "server.header_read_timeout_secs must be from 1 to 30, got {}",
+                s.header_read_timeout_secs
+            )));
+        }
+        for (key, v) in [
+            ("server.body_read_timeout_secs", s.body_read_timeout_secs as usize),
+            ("server.max_connections", s.max_connections),
+            ("limits.max_ws_connections", l.max_ws_connections),
+            ("limits.graphql_max_depth", l.graphql_max_depth),
+            ("limits.graphql_max_complexity", l.graphql_max_complexity),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
+            }
+        }
+        if l.rate_limit_per_sec > 0 && l.rate_limit_burst == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.rate_limit_burst must be at least 1 when limits.rate_limit_per_sec is set".into(),
+            ));
         }
         Ok(())
     }
@@ -304,6 +350,22 @@ mod tests {
         c.validate().unwrap();
         assert!(is_loopback("127.0.0.2") && is_loopback("::1") && is_loopback("localhost"));
         assert!(!is_loopback("192.168.1.2"));
+    }
+
+    #[test]
+    fn transport_limits_are_checked() {
+        let mut c = Config::default();
+        c.server.header_read_timeout_secs = 31;
+        assert!(c.validate().unwrap_err().to_string().contains("server.header_read_timeout_secs"));
+        c.server.header_read_timeout_secs = 30;
+        c.server.max_connections = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("server.max_connections"));
+        c.server.max_connections = 1;
+        c.limits.rate_limit_per_sec = 5;
+        c.limits.rate_limit_burst = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("limits.rate_limit_burst"));
+        c.limits.rate_limit_burst = 1;
+        c.validate().unwrap();
     }
 
     #[test]

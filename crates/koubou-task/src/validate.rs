@@ -36,6 +36,24 @@ pub struct Limits {
     /// process's whole group is killed) and the task fails "output too large". The partial
     /// answer kept while it runs never exceeds it either.
     pub max_result_bytes: usize,
+    // What the faces let in before a submission exists (enforced by `koubou-http` and
+    // `koubou-live`; see `Limits::body_bytes` and `Limits::ws_message_bytes`).
+    /// Largest HTTP request body on any port, in bytes (never below a prompt at its limit).
+    pub max_body_bytes: usize,
+    /// Largest WebSocket message, in bytes (never below a prompt at its limit).
+    pub max_ws_message_bytes: usize,
+    /// WebSocket connections open at once on one port.
+    pub max_ws_connections: usize,
+    /// Deepest field nesting a GraphQL document may have.
+    pub graphql_max_depth: usize,
+    /// Most fields a GraphQL document may select, fragments expanded.
+    pub graphql_max_complexity: usize,
+    /// Most aliased fields a GraphQL document may have, fragments expanded.
+    pub graphql_max_aliases: usize,
+    /// Requests per second one client IP may make on average (0 = no rate limit).
+    pub rate_limit_per_sec: u32,
+    /// Requests one client IP may make at once before the rate applies.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for Limits {
@@ -47,11 +65,33 @@ impl Default for Limits {
             max_metadata_bytes: 64 << 10,
             max_pending: 10_000,
             max_result_bytes: 4 << 20,
+            max_body_bytes: (1 << 20) + (256 << 10),
+            max_ws_message_bytes: (1 << 20) + (256 << 10),
+            max_ws_connections: 256,
+            graphql_max_depth: 20,
+            graphql_max_complexity: 500,
+            graphql_max_aliases: 30,
+            rate_limit_per_sec: 0,
+            rate_limit_burst: 50,
         }
     }
 }
 
+/// Room a request or message needs beyond its prompt (system prompt aside: JSON, metadata).
+const ENVELOPE_BYTES: usize = 256 << 10;
+
 impl Limits {
+    /// The body limit the faces enforce: `max_body_bytes`, but never less than a prompt at
+    /// `max_prompt_bytes` needs, so raising the prompt limit alone keeps prompts sendable.
+    pub fn body_bytes(&self) -> usize {
+        self.max_body_bytes.max(self.max_prompt_bytes.saturating_add(ENVELOPE_BYTES))
+    }
+
+    /// The WebSocket message limit, by the same rule as [`Limits::body_bytes`].
+    pub fn ws_message_bytes(&self) -> usize {
+        self.max_ws_message_bytes.max(self.max_prompt_bytes.saturating_add(ENVELOPE_BYTES))
+    }
+
     /// Checks a submission against the limits (type names are checked by the router).
     pub fn check(&self, t: &crate::NewTask) -> Result<(), FieldError> {
         if t.prompt.trim().is_empty() {
@@ -131,6 +171,17 @@ impl Limits {
 mod tests {
     use super::*;
     use crate::{NewTask, TaskKind};
+
+    #[test]
+    fn transport_limits_never_shut_out_a_prompt_at_its_limit() {
+        let mut l = Limits::default();
+        assert_eq!((l.body_bytes(), l.ws_message_bytes()), (l.max_body_bytes, l.max_ws_message_bytes));
+        l.max_prompt_bytes = 8 << 20;
+        assert_eq!(l.body_bytes(), (8 << 20) + ENVELOPE_BYTES);
+        l.max_body_bytes = 64 << 20;
+        assert_eq!(l.body_bytes(), 64 << 20);
+        assert_eq!(l.ws_message_bytes(), (8 << 20) + ENVELOPE_BYTES);
+    }
 
     #[test]
     fn rejects_and_names_the_field() {

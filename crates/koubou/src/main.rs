@@ -91,12 +91,12 @@ pub struct ServeArgs {
     host: Option<String>,
     #[arg(long)]
     port: Option<u16>,
-    /// WebSocket port (0 = off).
+    /// WebSocket port (0 = off, `any` = a free port, announced on stderr).
     #[arg(long)]
-    ws_port: Option<u16>,
-    /// GraphQL port (0 = off).
+    ws_port: Option<serve::PortFlag>,
+    /// GraphQL port (0 = off, `any` = a free port, announced on stderr).
     #[arg(long)]
-    graphql_port: Option<u16>,
+    graphql_port: Option<serve::PortFlag>,
     #[arg(long)]
     min_workers: Option<usize>,
     #[arg(long)]

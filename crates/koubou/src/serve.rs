@@ -4,7 +4,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use axum::Router;
-use koubou_http::Guard;
+use koubou_http::{BodyLimit, Guard, Listen, RateLimiter};
+use koubou_live::{WsConfig, WsLimits};
 use koubou_system::{Config, Koubou, StartOptions, config::TEMPLATE};
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +24,34 @@ pub fn init(ctx: &Ctx, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--ws-port` / `--graphql-port`: a number (0 = off), or `any` for a free port (announced on
+/// stderr; the config file has no way to say this, since a user needs a port they know).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortFlag {
+    Number(u16),
+    Any,
+}
+
+impl std::str::FromStr for PortFlag {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "any" {
+            return Ok(PortFlag::Any);
+        }
+        s.parse().map(PortFlag::Number).map_err(|_| format!("{s:?} is not a port (0-65535, 0 = off) or `any`"))
+    }
+}
+
+/// The port to bind for a face whose config port is `configured` (0 = off), given its flag.
+fn face_port(configured: u16, flag: Option<PortFlag>) -> Option<u16> {
+    match flag {
+        Some(PortFlag::Any) => Some(0),
+        Some(PortFlag::Number(0)) => None,
+        Some(PortFlag::Number(p)) => Some(p),
+        None => (configured != 0).then_some(configured),
+    }
+}
+
 /// Applies `serve`'s flags over the config.
 fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
     if let Some(v) = &a.host {
@@ -31,10 +60,10 @@ fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
     if let Some(v) = a.port {
         cfg.server.port = v;
     }
-    if let Some(v) = a.ws_port {
+    if let Some(PortFlag::Number(v)) = a.ws_port {
         cfg.server.ws_port = v;
     }
-    if let Some(v) = a.graphql_port {
+    if let Some(PortFlag::Number(v)) = a.graphql_port {
         cfg.server.graphql_port = v;
     }
     if let Some(v) = a.min_workers {
@@ -92,30 +121,23 @@ fn is_koubou_serve(pid: u32) -> bool {
     args.contains(&&b"serve"[..]) && !args.iter().any(|a| *a == koubou_backend::supervise::SUPERVISE_ARG.as_bytes())
 }
 
-/// The routes of port 8765: REST, MCP at `/mcp`, WebSocket at `/ws`, the dashboard.
-pub fn main_router(k: &Koubou, stop: &CancellationToken) -> Router {
+/// The routes of port 8765: REST, MCP at `/mcp`, WebSocket at `/ws`, the dashboard; `ws` are
+/// the port's WebSocket limits, shared by `/ws` and `/dashboard/ws`.
+pub fn main_router(k: &Koubou, stop: &CancellationToken, ws: WsLimits) -> Router {
     let cfg = k.config();
     let api: Arc<dyn koubou_system::Api> = Arc::new(k.clone());
-    let mut mcp_opts = if koubou_system::config::is_loopback(&cfg.server.host) {
-        koubou_mcp::HttpOptions::default()
-    } else {
-        // Bound beyond loopback (only allowed with an auth token): any Host may reach /mcp.
-        koubou_mcp::HttpOptions::any_host()
-    };
-    // Open MCP response streams end when the server shuts down.
-    mcp_opts.shutdown = stop.clone();
-    let ws = Router::new()
+    // The guard in front of every port checks Host for /mcp as for every other route; rmcp's
+    // own check would only disagree with it. Open MCP response streams end on shutdown.
+    let mcp_opts = koubou_mcp::HttpOptions { shutdown: stop.clone(), ..koubou_mcp::HttpOptions::any_host() };
+    let ws_cfg = || WsConfig { limits: Some(ws.clone()), ..WsConfig::default() };
+    let ws_route = Router::new()
         .route("/ws", axum::routing::get(koubou_live::ws_handler))
-        .with_state(koubou_live::WsState::new(k.clone(), koubou_live::WsConfig::default()));
+        .with_state(koubou_live::WsState::new(k.clone(), ws_cfg()));
     koubou_http::router(k.clone())
         .merge(koubou_mcp::http_service_with(api, cfg.mcp.clone(), mcp_opts))
-        .merge(ws)
-        .merge(koubou_live::dashboard_router(k.clone()))
+        .merge(ws_route)
+        .merge(koubou_live::dashboard_router_with(k.clone(), ws_cfg()))
         .fallback(koubou_http::rest::not_found)
-}
-
-fn guarded(r: Router, guard: &Arc<Guard>) -> Router {
-    r.layer(axum::middleware::from_fn_with_state(guard.clone(), koubou_http::guard))
 }
 
 async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
@@ -149,36 +171,48 @@ pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
     apply_flags(&mut cfg, &args);
     cfg.validate()?;
     crate::models::prepare(&cfg).await?;
-    let k = Koubou::start(cfg.clone(), &ctx.home, StartOptions::default()).await?;
-    let guard =
-        Arc::new(Guard { token: cfg.server.auth_token.clone(), allowed_origins: cfg.server.allowed_origins.clone() });
-    let stop = CancellationToken::new();
-    let mut servers = Vec::new();
+    // Bind every port before starting anything, so a port in use fails the start at once.
     let host = cfg.server.host.clone();
-    let faces: Vec<(u16, &str, Router)> = vec![
-        (cfg.server.port, "REST, MCP (/mcp), WebSocket (/ws) and the dashboard", main_router(&k, &stop)),
-        (cfg.server.ws_port, "the WebSocket", koubou_live::ws_router(k.clone())),
-        (cfg.server.graphql_port, "GraphQL", koubou_live::graphql_router(k.clone())),
-    ];
-    let mut main_addr = None;
-    for (i, (port, what, router)) in faces.into_iter().enumerate() {
-        if port == 0 && i > 0 {
-            continue;
-        }
-        let listener = bind(&host, port, what).await?;
-        let addr: SocketAddr = listener.local_addr()?;
-        main_addr.get_or_insert(addr);
-        tracing::info!(%addr, "{what} listening");
-        let app = guarded(router, &guard).into_make_service_with_connect_info::<SocketAddr>();
-        let stop = stop.clone();
-        servers.push(tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await
-        }));
+    let main_l = bind(&host, cfg.server.port, "REST, MCP (/mcp), WebSocket (/ws) and the dashboard").await?;
+    let ws_l = match face_port(cfg.server.ws_port, args.ws_port) {
+        Some(p) => Some(bind(&host, p, "the WebSocket").await?),
+        None => None,
+    };
+    let gql_l = match face_port(cfg.server.graphql_port, args.graphql_port) {
+        Some(p) => Some(bind(&host, p, "GraphQL").await?),
+        None => None,
+    };
+    let k = Koubou::start(cfg.clone(), &ctx.home, StartOptions::default()).await?;
+    let stop = CancellationToken::new();
+    let faces = Faces {
+        cfg: &cfg,
+        rate: RateLimiter::new(cfg.limits.rate_limit_per_sec, cfg.limits.rate_limit_burst).map(Arc::new),
+        body: BodyLimit {
+            max_bytes: cfg.limits.body_bytes(),
+            read_timeout: Duration::from_secs(cfg.server.body_read_timeout_secs),
+        },
+        listen: Listen {
+            header_read_timeout: Duration::from_secs(cfg.server.header_read_timeout_secs),
+            max_connections: cfg.server.max_connections,
+        },
+        stop: stop.clone(),
+    };
+    // Each port has its own WebSocket limits, shared by the WebSocket routes it serves.
+    let ws_limits = || WsLimits::from_limits(&cfg.limits);
+    let mut servers = Vec::new();
+    // Tests and scripts read these lines to learn the ports; the main one comes last, once all
+    // are listening.
+    if let Some(l) = ws_l {
+        let cfg = WsConfig { limits: Some(ws_limits()), ..WsConfig::default() };
+        let addr = faces.start(l, koubou_live::ws_router_with(k.clone(), cfg), &mut servers)?;
+        eprintln!("koubou WebSocket is serving on ws://{addr}");
     }
-    if let Some(addr) = main_addr {
-        // Tests and scripts read this line to learn the port when it was 0.
-        eprintln!("koubou is serving on http://{addr} (dashboard: http://{addr}/dashboard)");
+    if let Some(l) = gql_l {
+        let addr = faces.start(l, koubou_live::graphql_router_with(k.clone(), ws_limits()), &mut servers)?;
+        eprintln!("koubou GraphQL is serving on http://{addr}/graphql");
     }
+    let addr = faces.start(main_l, main_router(&k, &stop, ws_limits()), &mut servers)?;
+    eprintln!("koubou is serving on http://{addr} (dashboard: http://{addr}/dashboard)");
     shutdown_signal().await;
     tracing::info!("shutting down: no new claims; running tasks get the grace period");
     stop.cancel();
@@ -187,6 +221,33 @@ pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
     }
     Ok(())
+}
+
+/// What every port is served with.
+struct Faces<'a> {
+    cfg: &'a Config,
+    /// One for all ports: a client's requests count together.
+    rate: Option<Arc<RateLimiter>>,
+    body: BodyLimit,
+    listen: Listen,
+    stop: CancellationToken,
+}
+
+impl Faces<'_> {
+    /// Serves `router` on `listener` behind its own guard (its own origin is its own port).
+    fn start(
+        &self,
+        listener: tokio::net::TcpListener,
+        router: Router,
+        servers: &mut Vec<tokio::task::JoinHandle<()>>,
+    ) -> anyhow::Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        let guard = Guard::new(&self.cfg.server, addr, self.rate.clone()).map_err(anyhow::Error::msg)?;
+        let app = koubou_http::protect(router, Arc::new(guard), self.body);
+        tracing::info!(%addr, "listening");
+        servers.push(tokio::spawn(koubou_http::serve(listener, app, self.listen, self.stop.clone())));
+        Ok(addr)
+    }
 }
 
 /// MCP over stdio: against a running server, or (`--embedded`) an in-process system.

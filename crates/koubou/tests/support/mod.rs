@@ -22,6 +22,10 @@ pub struct Serve {
     pub child: Child,
     pub url: String,
     pub stderr_log: PathBuf,
+    /// `ws://127.0.0.1:PORT` when the WebSocket port is on (see [`Serve::start_all`]).
+    pub ws_url: Option<String>,
+    /// `http://127.0.0.1:PORT/graphql` when the GraphQL port is on.
+    pub graphql_url: Option<String>,
 }
 
 impl Drop for Serve {
@@ -37,17 +41,30 @@ impl Serve {
         Serve::start_with_env(home, extra, &[])
     }
 
+    /// [`Serve::start`] with the WebSocket and GraphQL ports on, each on a free port.
+    pub fn start_all(home: &Path, extra: &[&str]) -> Serve {
+        let mut args = vec!["--ws-port", "any", "--graphql-port", "any"];
+        args.extend_from_slice(extra);
+        let s = Serve::start(home, &args);
+        assert!(s.ws_url.is_some() && s.graphql_url.is_some(), "serve did not announce every port");
+        s
+    }
+
     /// [`Serve::start`] with extra environment variables.
     pub fn start_with_env(home: &Path, extra: &[&str], env: &[(&str, &str)]) -> Serve {
         let log = home.join(format!(
             "serve-stderr-{}.log",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
-        // GraphQL stays off unless the test gives it a port.
-        let gql: &[&str] = if extra.contains(&"--graphql-port") { &[] } else { &["--graphql-port", "0"] };
+        let mut ports = vec!["--port", "0"];
+        for flag in ["--ws-port", "--graphql-port"] {
+            if !extra.contains(&flag) {
+                ports.extend([flag, "0"]);
+            }
+        }
         let mut child = Command::new(bin())
-            .args(["serve", "--port", "0", "--ws-port", "0"])
-            .args(gql)
+            .arg("serve")
+            .args(ports)
             .arg("--home")
             .arg(home)
             .args(extra)
@@ -64,21 +81,26 @@ impl Serve {
         let log2 = log.clone();
         std::thread::spawn(move || {
             let mut f = std::fs::File::create(&log2).unwrap();
-            let mut sent = false;
+            let (mut sent, mut ws, mut graphql) = (false, None, None);
+            let url_after = |line: &str, what: &str| {
+                line.split(what).nth(1).and_then(|rest| rest.split_whitespace().next()).map(str::to_owned)
+            };
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 use std::io::Write;
                 let _ = writeln!(f, "{line}");
-                if !sent && let Some(rest) = line.split("koubou is serving on ").nth(1) {
-                    let url = rest.split_whitespace().next().unwrap().to_owned();
-                    let _ = tx.send(url);
+                // The other ports are announced before the main one.
+                ws = ws.or_else(|| url_after(&line, "koubou WebSocket is serving on "));
+                graphql = graphql.or_else(|| url_after(&line, "koubou GraphQL is serving on "));
+                if !sent && let Some(url) = url_after(&line, "koubou is serving on ") {
+                    let _ = tx.send((url, ws.take(), graphql.take()));
                     sent = true;
                 }
             }
         });
-        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+        let (url, ws_url, graphql_url) = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
             panic!("koubou serve did not start; stderr:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
         });
-        Serve { child, url, stderr_log: log }
+        Serve { child, url, stderr_log: log, ws_url, graphql_url }
     }
 
     pub fn kill9(mut self) {
