@@ -49,6 +49,16 @@ pub struct GenerateRequest {
     /// For backends that hand the whole task to a program (exec): its id and type.
     pub task_id: String,
     pub task_kind: String,
+    /// Constrain the answer to JSON, or to JSON matching a schema (`None`: free text).
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// A structured-output request: the answer must be JSON (`Json`), or JSON valid against a JSON
+/// Schema (`Schema`). The embedded engine enforces it with a grammar while sampling.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ResponseFormat {
+    Json,
+    Schema(serde_json::Value),
 }
 
 /// What a finished generation returns.

@@ -476,6 +476,7 @@ mod tests {
             timeout: std::time::Duration::from_secs(1),
             task_id: "t".into(),
             task_kind: "general".into(),
+            response_format: None,
         };
         let body = b.body(&req);
         assert_eq!(

@@ -358,6 +358,7 @@ mod tests {
             timeout: std::time::Duration::from_secs(1),
             task_id: "t".into(),
             task_kind: "general".into(),
+            response_format: None,
         };
         assert_eq!(
             b.body(&req),

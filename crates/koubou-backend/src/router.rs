@@ -157,6 +157,7 @@ impl Plan {
             timeout: self.timeout,
             task_id: task.id.to_string(),
             task_kind: task.kind.to_string(),
+            response_format: None,
         };
         let child = cancel.child_token();
         let generation = backend.generate(req, sink, child.clone());

@@ -136,6 +136,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Model files are trial-loaded in a child (this binary again) before they are trusted.
+    models::install_trial_loader();
     let ctx = Ctx {
         config_path: cli.config.clone().unwrap_or_else(|| cli.home.join("koubou.toml")),
         home: Home { dir: cli.home.clone() },

@@ -324,6 +324,7 @@ pub fn request(model: &str, prompt: &str) -> koubou_backend::GenerateRequest {
         timeout: Duration::from_secs(60),
         task_id: "task-1".into(),
         task_kind: "general".into(),
+        response_format: None,
     }
 }
 

@@ -48,6 +48,7 @@ pub fn request(prompt: &str, options: GenOptions) -> GenerateRequest {
         timeout: Duration::from_secs(120),
         task_id: "t".into(),
         task_kind: "test".into(),
+        response_format: None,
     }
 }
 
