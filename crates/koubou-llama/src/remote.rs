@@ -294,7 +294,18 @@ impl ModelStore {
                 .header(reqwest::header::RANGE, format!("bytes={have}-"))
                 .header(reqwest::header::IF_RANGE, meta.validator.clone().unwrap_or_default());
         }
-        let mut resp = req.send().await.map_err(|e| dl_err(error_chain(&e), have > 0))?;
+        let mut resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                if have == 0 {
+                    // Nothing to resume: leave nothing behind.
+                    drop(file);
+                    let _ = fs::remove_file(&part);
+                    let _ = fs::remove_file(&meta_path);
+                }
+                return Err(dl_err(error_chain(&e), have > 0));
+            }
+        };
         let status = resp.status();
         let header =
             |h: reqwest::header::HeaderName| resp.headers().get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
