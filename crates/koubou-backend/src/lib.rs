@@ -62,6 +62,16 @@ pub struct GenerateRequest {
     /// The context window to ask for, in tokens, for backends that take one per request
     /// (Ollama's `num_ctx`); `None` leaves the backend's own setting.
     pub num_ctx: Option<u32>,
+    /// Constrain the answer to JSON, or to JSON matching a schema (`None`: free text).
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// A structured-output request: the answer must be JSON (`Json`), or JSON valid against a JSON
+/// Schema (`Schema`). The embedded engine enforces it with a grammar while sampling.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ResponseFormat {
+    Json,
+    Schema(serde_json::Value),
 }
 
 /// What a finished generation returns.

@@ -216,6 +216,7 @@ impl Plan {
             task_id: task.id.to_string(),
             task_kind: task.kind.to_string(),
             num_ctx: self.num_ctx,
+            response_format: None,
         };
         let child = cancel.child_token();
         let bounded = Bounded::new(sink, self.max_output, child.clone());

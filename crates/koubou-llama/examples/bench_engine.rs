@@ -110,6 +110,7 @@ fn run_batch(engine: &Engine, n: usize, tokens: u32) -> Result<Vec<Trace>, Strin
         seed: None,
         stop: vec![],
         ignore_eos: true,
+        grammar: None,
     };
     let start = Instant::now();
     let rxs = (0..n)

@@ -1,6 +1,10 @@
 //! [`EmbeddedBackend`]: the [`Backend`] trait over the engine thread.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use koubou_backend::{
@@ -9,7 +13,7 @@ use koubou_backend::{
 use tokio::sync::OnceCell;
 
 use crate::{
-    engine::{Engine, EngineConfig, EngineError, Event, JobSpec, KvCache, ModelInfo, Prompt, Weights},
+    engine::{Engine, EngineConfig, EngineError, Event, JobSpec, KvCache, ModelInfo, Prompt, Weights, grammar_for},
     models::{ModelError, ModelStore},
 };
 
@@ -51,8 +55,17 @@ pub struct EmbeddedBackend {
     kv_cache: KvCache,
     /// The resolved file; `None` while the default model is still to be pulled.
     path: Option<PathBuf>,
+    /// Why the configured model cannot be used at all (not in the store, no such file).
+    problem: Option<String>,
+    /// The result of [`crate::check::validate`] on `path` (started when the backend is built).
+    checked: Arc<OnceCell<Result<(), String>>>,
+    /// Why the last attempt to load the model failed, if it did.
+    load_error: Mutex<Option<String>>,
     engine: OnceCell<Arc<Engine>>,
 }
+
+/// How long `health()` waits for a model check still running before saying so.
+const HEALTH_WAIT: Duration = Duration::from_secs(4);
 
 impl std::fmt::Debug for EmbeddedBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,22 +109,14 @@ impl EmbeddedBackend {
                 cfg.parallel as u64 * u64::from(cfg.context)
             )));
         }
-        let path = match models.resolve(&cfg.model) {
-            Ok(p) => {
-                crate::models::check_gguf_magic(&p).map_err(|e| config_err(e.to_string()))?;
-                Some(p)
-            }
-            Err(ModelError::Missing { .. }) if ModelStore::is_default_name(&cfg.model) => None,
-            Err(e @ ModelError::Missing { .. }) => {
-                return Err(BackendError::ModelMissing {
-                    backend: name.into(),
-                    model: cfg.model.clone(),
-                    hint: e.to_string(),
-                });
-            }
-            Err(e) => return Err(config_err(format!("model {:?}: {e}", cfg.model))),
+        // A model that cannot be used makes the backend "down, because …", never an error that
+        // stops the server: the other backends still serve.
+        let (path, problem) = match models.resolve(&cfg.model) {
+            Ok(p) => (Some(p), None),
+            Err(ModelError::Missing { .. }) if ModelStore::is_default_name(&cfg.model) => (None, None),
+            Err(e) => (None, Some(format!("model {:?}: {e}", cfg.model))),
         };
-        Ok(EmbeddedBackend {
+        let b = EmbeddedBackend {
             name: name.into(),
             cfg: cfg.clone(),
             store: models.clone(),
@@ -120,8 +125,44 @@ impl EmbeddedBackend {
             weights,
             kv_cache,
             path,
+            problem,
+            checked: Arc::new(OnceCell::new()),
+            load_error: Mutex::new(None),
             engine: OnceCell::new(),
-        })
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            drop(b.start_check());
+        }
+        Ok(b)
+    }
+
+    /// Starts checking the model file (once; later calls join the same check) and returns a
+    /// handle to its result. The check runs on its own task, so a caller that stops waiting does
+    /// not abandon it.
+    fn start_check(&self) -> Option<tokio::task::JoinHandle<Result<(), String>>> {
+        let path = self.path.clone()?;
+        let checked = self.checked.clone();
+        Some(tokio::spawn(async move {
+            checked
+                .get_or_init(|| async move {
+                    let p = path.clone();
+                    tokio::task::spawn_blocking(move || {
+                        crate::check::validate(&p).map(|_| ()).map_err(|e| e.to_string())
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the model check did not run: {e}")))
+                })
+                .await
+                .clone()
+        }))
+    }
+
+    /// The result of checking the model file (waiting for it).
+    async fn validated(&self) -> Result<(), String> {
+        match self.start_check() {
+            Some(h) => h.await.unwrap_or_else(|e| Err(format!("the model check did not run: {e}"))),
+            None => Ok(()),
+        }
     }
 
     /// Threads the engine uses for one generating sequence.
@@ -145,7 +186,19 @@ impl EmbeddedBackend {
     }
 
     async fn engine(&self) -> Result<&Arc<Engine>, BackendError> {
-        self.engine
+        let config_err = |detail: String| BackendError::Config { backend: self.name.clone(), detail };
+        if let Some(p) = &self.problem {
+            return Err(BackendError::ModelMissing {
+                backend: self.name.clone(),
+                model: self.cfg.model.clone(),
+                hint: p.clone(),
+            });
+        }
+        if let Err(reason) = self.validated().await {
+            return Err(config_err(reason));
+        }
+        let r = self
+            .engine
             .get_or_try_init(|| async {
                 let name = self.name.clone();
                 let store = self.store.clone();
@@ -156,13 +209,18 @@ impl EmbeddedBackend {
                 let join = tokio::task::spawn_blocking(move || -> Result<Engine, BackendError> {
                     let path = match path {
                         Some(p) => p,
-                        None => store
-                            .ensure_default(&mut |p| tracing::info!(?p, "pulling the default model"))
-                            .map_err(|e| BackendError::ModelMissing {
-                                backend: name.clone(),
-                                model: cfg.model.clone(),
-                                hint: format!("pulling it failed ({e}); run `koubou models pull`"),
-                            })?,
+                        None => {
+                            let p = store
+                                .ensure_default(&mut |p| tracing::info!(?p, "pulling the default model"))
+                                .map_err(|e| BackendError::ModelMissing {
+                                    backend: name.clone(),
+                                    model: cfg.model.clone(),
+                                    hint: format!("pulling it failed ({e}); run `koubou models pull`"),
+                                })?;
+                            crate::check::validate(&p)
+                                .map_err(|e| BackendError::Config { backend: name.clone(), detail: e.to_string() })?;
+                            p
+                        }
                     };
                     Engine::start(EngineConfig {
                         model_path: path,
@@ -183,7 +241,10 @@ impl EmbeddedBackend {
                     Err(e) => Err(BackendError::Failed { backend: self.name.clone(), detail: format!("loader: {e}") }),
                 }
             })
-            .await
+            .await;
+        let mut last = self.load_error.lock().unwrap_or_else(|p| p.into_inner());
+        *last = r.as_ref().err().map(ToString::to_string);
+        r
     }
 
     fn serves(&self, model: &str) -> bool {
@@ -249,15 +310,26 @@ impl Backend for EmbeddedBackend {
                 models,
             );
         }
+        if let Some(p) = &self.problem {
+            return Health::down(p.clone());
+        }
+        if let Some(e) = self.load_error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Health::down(format!("loading the model failed: {e}"));
+        }
         match &self.path {
-            Some(p) if p.is_file() => Health::up(
-                format!(
-                    "embedded llama.cpp: {} present, loads on first use ({} threads)",
-                    p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
-                    self.threads
-                ),
-                models,
-            ),
+            Some(p) if p.is_file() => {
+                let file = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                match tokio::time::timeout(HEALTH_WAIT, self.validated()).await {
+                    Ok(Ok(())) => Health::up(
+                        format!("embedded llama.cpp: {file} checked, loads on first use ({} threads)", self.threads),
+                        models,
+                    ),
+                    Ok(Err(reason)) => Health::down(reason),
+                    Err(_) => Health::down(format!(
+                        "embedded llama.cpp: still checking {file} (GGUF structure and a trial load in a child process)"
+                    )),
+                }
+            }
             Some(p) => Health::down(format!("model file {} has disappeared", p.display())),
             None => Health::down(format!(
                 "model {:?} is not downloaded yet ({}); run `koubou models pull` (the first task pulls it too)",
@@ -297,6 +369,7 @@ impl Backend for EmbeddedBackend {
             seed: o.seed,
             stop: o.stop.clone(),
             ignore_eos: false,
+            grammar: req.response_format.as_ref().map(grammar_for).transpose().map_err(|e| self.map_err(e))?,
         };
         let mut rx = engine.submit(spec, cancel.clone()).map_err(|e| self.map_err(e))?;
         let budget = if req.timeout.is_zero() { Duration::from_secs(86_400 * 365) } else { req.timeout };
@@ -336,6 +409,19 @@ impl Backend for EmbeddedBackend {
 mod tests {
     use super::*;
 
+    fn request() -> GenerateRequest {
+        GenerateRequest {
+            model: String::new(),
+            system: None,
+            prompt: "hi".into(),
+            options: Default::default(),
+            timeout: Duration::from_secs(5),
+            task_id: "t".into(),
+            task_kind: "test".into(),
+            response_format: None,
+        }
+    }
+
     #[test]
     fn thread_default() {
         assert_eq!(default_threads_for(1), 1);
@@ -358,20 +444,37 @@ mod tests {
             let err = EmbeddedBackend::new("e", &bad, &store).unwrap_err();
             assert!(matches!(err, BackendError::Config { .. }), "{err}");
         }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        // A model that cannot be used is not an error that stops the server: the backend is down
+        // and says why.
         let missing = EmbeddedConfig { model: "not-there".into(), ..EmbeddedConfig::default() };
-        let err = EmbeddedBackend::new("e", &missing, &store).unwrap_err();
-        assert!(matches!(err, BackendError::ModelMissing { .. }));
-        assert!(err.to_string().contains("koubou models pull"), "{err}");
+        let b = EmbeddedBackend::new("e", &missing, &store).unwrap();
+        let h = rt.block_on(b.health());
+        assert!(!h.up);
+        assert!(h.detail.contains("koubou models pull"), "{}", h.detail);
+        let err = rt.block_on(b.generate(request(), &koubou_backend::Discard, CancellationToken::new())).unwrap_err();
+        assert!(matches!(err, BackendError::ModelMissing { .. }), "{err}");
+        assert!(err.wants_fallback());
         // The default model may be missing: it is pulled on first use, and health says so.
         let b = EmbeddedBackend::new("e", &EmbeddedConfig::default(), &store).unwrap();
         assert_eq!(b.capacity(), 4);
-        let h = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(b.health());
+        let h = rt.block_on(b.health());
         assert!(!h.up);
         assert!(h.detail.contains("koubou models pull"), "{}", h.detail);
-        // A path that is not GGUF.
+        // A path that is not GGUF, and a GGUF whose tensor data is cut off.
         let junk = t.path().join("junk.gguf");
         std::fs::write(&junk, b"nope").unwrap();
-        let cfg = EmbeddedConfig { model: junk.display().to_string(), ..EmbeddedConfig::default() };
-        assert!(matches!(EmbeddedBackend::new("e", &cfg, &store), Err(BackendError::Config { .. })));
+        let cut = t.path().join("cut.gguf");
+        let bytes = crate::gguf::Writer::new().tensor("t", &[1024], 0).build();
+        std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+        for (path, why) in [(&junk, "not a GGUF file"), (&cut, "truncated")] {
+            let cfg = EmbeddedConfig { model: path.display().to_string(), ..EmbeddedConfig::default() };
+            let b = rt.block_on(async { EmbeddedBackend::new("e", &cfg, &store) }).unwrap();
+            let h = rt.block_on(b.health());
+            assert!(!h.up && h.detail.contains(why), "{}", h.detail);
+            let err =
+                rt.block_on(b.generate(request(), &koubou_backend::Discard, CancellationToken::new())).unwrap_err();
+            assert!(matches!(&err, BackendError::Config { detail, .. } if detail.contains(why)), "{err}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use koubou_backend::CancellationToken;
+use koubou_backend::{CancellationToken, ResponseFormat};
 use llama_cpp_2::{
     context::params::{KvCacheType, LlamaContextParams},
     llama_backend::LlamaBackend,
@@ -148,6 +148,26 @@ pub struct JobSpec {
     pub stop: Vec<String>,
     /// Keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// A llama.cpp grammar (GBNF, root rule `root`) every token must keep the text within; see
+    /// [`grammar_for`].
+    pub grammar: Option<String>,
+}
+
+/// The GBNF grammar for a structured-output request: any JSON object for
+/// [`ResponseFormat::Json`], JSON valid against the schema for [`ResponseFormat::Schema`]
+/// (llama.cpp's own `json_schema_to_grammar`, which covers types, `properties`/`required`,
+/// `items`, `enum`, `const`, `anyOf`/`oneOf`, string `pattern`/`format`/lengths, numeric bounds
+/// and local `$ref`s).
+pub fn grammar_for(format: &ResponseFormat) -> Result<String, EngineError> {
+    let schema = match format {
+        ResponseFormat::Json => serde_json::json!({"type": "object"}),
+        ResponseFormat::Schema(s) => s.clone(),
+    };
+    if !(schema.is_object() || schema.is_boolean()) {
+        return Err(EngineError::Invalid("a JSON schema must be an object".into()));
+    }
+    llama_cpp_2::json_schema_to_grammar(&schema.to_string())
+        .map_err(|e| EngineError::Invalid(format!("the JSON schema cannot be enforced: {e}")))
 }
 
 /// Why a sequence ended normally.
@@ -309,6 +329,8 @@ struct Seq {
     prompt_tokens: u32,
     completion_tokens: u32,
     sampler: LlamaSampler,
+    /// The grammar sampler, applied before `sampler` (see [`sample_constrained`]).
+    grammar: Option<LlamaSampler>,
     decoder: encoding_rs::Decoder,
     piece: Vec<u8>,
     text: String,
@@ -506,7 +528,18 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
         // 6. Sample per sequence, stream text, and end the finished ones.
         for &(id, idx) in &to_sample {
             let Some(seq) = slots[id].as_mut() else { continue };
-            let token = seq.sampler.sample(&ctx, idx);
+            let token = match seq.grammar.as_mut() {
+                None => seq.sampler.sample(&ctx, idx),
+                Some(g) => match sample_constrained(&ctx, idx, g, &mut seq.sampler) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let s = slots[id].take().expect("present");
+                        let _ = s.job.events.send(Event::Failed(EngineError::Decode(e)));
+                        let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+                        continue;
+                    }
+                },
+            };
             match seq.on_token(token, &model, cfg.context) {
                 Step::Continue => {}
                 Step::Finish(reason, flush) => {
@@ -579,6 +612,29 @@ fn sampler_for(spec: &JobSpec) -> LlamaSampler {
     LlamaSampler::chain_simple(chain)
 }
 
+/// Samples under a grammar: the grammar masks the candidates first, then the usual chain picks
+/// among those left, and the grammar accepts the pick. Done by hand rather than with the grammar
+/// inside the chain because llama.cpp's `llama_sampler_sample` accepts without catching the
+/// exception a dead-end grammar throws (an abort through FFI); here a dead end fails only this
+/// sequence.
+fn sample_constrained(
+    ctx: &llama_cpp_2::context::LlamaContext<'_>,
+    idx: i32,
+    grammar: &mut LlamaSampler,
+    chain: &mut LlamaSampler,
+) -> Result<LlamaToken, String> {
+    let mut cands = ctx.token_data_array_ith(idx);
+    cands.apply_sampler(grammar);
+    if cands.data.iter().all(|d| d.logit() == f32::NEG_INFINITY) {
+        return Err("the grammar allows no token the model can produce here".into());
+    }
+    cands.apply_sampler(chain);
+    let token = cands.selected_token().ok_or("the sampler selected no token")?;
+    grammar.try_accept(token).map_err(|e| format!("the grammar refused the sampled token ({e})"))?;
+    chain.accept(token);
+    Ok(token)
+}
+
 #[allow(clippy::result_large_err)]
 fn admit(
     job: Box<Job>,
@@ -606,6 +662,13 @@ fn admit(
         let n = tokens.len();
         return Err((job, EngineError::PromptTooLong { tokens: n, context }));
     }
+    let grammar = match &job.spec.grammar {
+        Some(g) => match LlamaSampler::grammar(model, g, "root") {
+            Ok(s) => Some(s),
+            Err(e) => return Err((job, EngineError::Invalid(format!("the grammar is not valid GBNF: {e}")))),
+        },
+        None => None,
+    };
     let sampler = sampler_for(&job.spec);
     let max_stop = job.spec.stop.iter().map(String::len).max().unwrap_or(0);
     Ok(Seq {
@@ -614,6 +677,7 @@ fn admit(
         n_past: 0,
         completion_tokens: 0,
         sampler,
+        grammar,
         decoder: encoding_rs::UTF_8.new_decoder_without_bom_handling(),
         piece: Vec::with_capacity(32),
         text: String::new(),

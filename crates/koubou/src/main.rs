@@ -170,6 +170,8 @@ fn main() -> ExitCode {
         clap_complete::generate(shell, &mut Cli::command(), "koubou", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }
+    // Model files are trial-loaded in a child (this binary again) before they are trusted.
+    models::install_trial_loader();
     let ctx = Ctx {
         config_path: cli.config.clone().unwrap_or_else(|| cli.home.join("koubou.toml")),
         home: Home { dir: cli.home.clone() },

@@ -1,4 +1,5 @@
-//! `koubou models list|pull`, and fetching the embedded default model on first use.
+//! `koubou models list|pull`, fetching the embedded default model on first use, and the hidden
+//! `models check-load` child that trial-loads a model for [`koubou_llama::check`].
 
 #[cfg(feature = "embedded")]
 use anyhow::Context;
@@ -13,14 +14,28 @@ use crate::{Ctx, logging, output};
 pub enum ModelsCmd {
     /// Models in the embedded store (and Ollama's, when it answers).
     List,
-    /// Fetch a model: no argument fetches the embedded default (SmolLM2-135M-Instruct); a path to a
-    /// .gguf file registers it; `ollama:<name>` asks Ollama to pull that model.
+    /// Fetch a model. No argument: the embedded default (SmolLM2-135M-Instruct). A path to a .gguf
+    /// file: register it. `https://…/file.gguf`, `hf:<owner>/<repo>[@revision]/<file>` (from
+    /// $HF_ENDPOINT, default https://huggingface.co) or a recommended name (qwen2.5-coder-1.5b,
+    /// qwen2.5-coder-0.5b, smollm2-360m, smollm2-1.7b): download it, resuming a cut download.
+    /// `ollama:<name>`: ask Ollama to pull that model. Every GGUF is checked (structure and a
+    /// trial load) before it is registered.
     Pull {
         source: Option<String>,
-        /// Name to register a GGUF file under (default: its file name).
+        /// Name to register the model under (default: its file name, or the recommended name).
         #[arg(long)]
         name: Option<String>,
+        /// Expected SHA-256 of a downloaded file (recommended models carry their own).
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Extra CA certificates (PEM) to trust for the download, besides the system's
+        /// (`SSL_CERT_FILE` is honoured too).
+        #[arg(long)]
+        ca_file: Option<std::path::PathBuf>,
     },
+    /// Load a GGUF with llama.cpp and report (the trial load run in a child process).
+    #[command(hide = true)]
+    CheckLoad { path: std::path::PathBuf },
 }
 
 fn bar(total: u64) -> indicatif::ProgressBar {
@@ -48,6 +63,18 @@ async fn pull_ollama(model: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes every model check in this process trial-load in a child: this binary, re-executed as
+/// `koubou models check-load <path>`.
+#[cfg(feature = "embedded")]
+pub fn install_trial_loader() {
+    if let Ok(exe) = std::env::current_exe() {
+        koubou_llama::TrialLoader::new(exe, ["models", "check-load"]).install();
+    }
+}
+
+#[cfg(not(feature = "embedded"))]
+pub fn install_trial_loader() {}
+
 #[cfg(feature = "embedded")]
 mod embedded {
     use koubou_llama::{ModelStore, PullProgress};
@@ -58,29 +85,42 @@ mod embedded {
         Ok(ModelStore::from_env()?)
     }
 
+    /// A progress callback drawing `b`.
+    pub fn draw(b: &indicatif::ProgressBar) -> impl FnMut(PullProgress) + Send + '_ {
+        move |p: PullProgress| match p {
+            PullProgress::Downloading { package } => b.set_message(format!("downloading {package}")),
+            PullProgress::Extracting { done, total } => {
+                b.set_message("extracting");
+                b.set_length(total);
+                b.set_position(done);
+            }
+            PullProgress::Fetching { done, total, resumed_from, .. } => {
+                b.set_message(if resumed_from > 0 { "resuming" } else { "downloading" });
+                if let Some(t) = total {
+                    b.set_length(t);
+                }
+                b.set_position(done);
+            }
+            PullProgress::Checking { .. } => b.set_message("checking (GGUF structure, trial load)"),
+            PullProgress::Done { path } => b.finish_with_message(format!("ready: {}", path.display())),
+        }
+    }
+
     /// Runs a blocking pull with a progress bar on stderr.
     pub async fn with_bar<T: Send + 'static>(
         f: impl FnOnce(&mut dyn FnMut(PullProgress)) -> Result<T, koubou_llama::models::ModelError> + Send + 'static,
     ) -> anyhow::Result<T> {
         Ok(tokio::task::spawn_blocking(move || {
             let b = bar(0);
-            let mut progress = |p: PullProgress| match p {
-                PullProgress::Downloading { package } => b.set_message(format!("downloading {package}")),
-                PullProgress::Extracting { done, total } => {
-                    b.set_message("extracting");
-                    b.set_length(total);
-                    b.set_position(done);
-                }
-                PullProgress::Done { path } => b.finish_with_message(format!("ready: {}", path.display())),
-            };
-            f(&mut progress)
+            f(&mut draw(&b))
         })
         .await??)
     }
 }
 
 /// Before starting a system: fetch the embedded default model if the configuration may use it
-/// (explicitly, or by the automatic choice when no backend is configured) and it is missing.
+/// (explicitly, or by the automatic choice when no backend is configured) and it is missing. A
+/// failure is only a warning: the embedded backend then reports itself down, and why.
 pub async fn prepare(cfg: &Config) -> anyhow::Result<()> {
     #[cfg(feature = "embedded")]
     {
@@ -92,7 +132,9 @@ pub async fn prepare(cfg: &Config) -> anyhow::Result<()> {
             let store = embedded::store()?;
             if !store.default_path().exists() {
                 eprintln!("fetching the embedded model (SmolLM2-135M-Instruct, 98 MB) into {}", store.dir().display());
-                embedded::with_bar(move |p| store.ensure_default(p)).await?;
+                if let Err(e) = embedded::with_bar(move |p| store.ensure_default(p)).await {
+                    eprintln!("koubou: could not fetch the embedded model ({e:#}); the embedded backend stays down");
+                }
             }
         }
     }
@@ -106,37 +148,82 @@ pub async fn run(ctx: &Ctx, cmd: ModelsCmd) -> anyhow::Result<()> {
     match cmd {
         ModelsCmd::List => list(ctx).await,
         ModelsCmd::Pull { source: Some(s), .. } if s.starts_with("ollama:") => pull_ollama(&s["ollama:".len()..]).await,
-        ModelsCmd::Pull { source, name } => pull_local(source, name).await,
+        ModelsCmd::Pull { source, name, sha256, ca_file } => pull_local(source, name, sha256, ca_file).await,
+        ModelsCmd::CheckLoad { path } => check_load(&path),
     }
 }
 
 #[cfg(feature = "embedded")]
-async fn pull_local(source: Option<String>, name: Option<String>) -> anyhow::Result<()> {
+fn check_load(path: &std::path::Path) -> anyhow::Result<()> {
+    let code = koubou_llama::check::child_main(path);
+    std::process::exit(code);
+}
+
+#[cfg(not(feature = "embedded"))]
+fn check_load(_path: &std::path::Path) -> anyhow::Result<()> {
+    bail!("this koubou was built without the embedded engine")
+}
+
+#[cfg(feature = "embedded")]
+async fn pull_local(
+    source: Option<String>,
+    name: Option<String>,
+    sha256: Option<String>,
+    ca_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    use koubou_llama::remote;
+
     let store = embedded::store()?;
-    match source {
-        None => {
-            let path = embedded::with_bar(move |p| store.ensure_default(p)).await?;
-            println!("{}", path.display());
+    let Some(src) = source else {
+        let path = embedded::with_bar(move |p| store.ensure_default(p)).await?;
+        println!("{}", path.display());
+        return Ok(());
+    };
+    let path = std::path::PathBuf::from(&src);
+    if path.is_file() || !remote::is_remote(&src) {
+        if !path.exists() && !src.contains('/') && !src.ends_with(".gguf") {
+            // Neither a file nor a known source: say what would work.
+            remote::resolve_source(&src, "")?;
         }
-        Some(src) => {
-            if src.starts_with("http://") || src.starts_with("https://") {
-                bail!(
-                    "download the file yourself (Koubou fetches nothing but its default model), then: koubou models pull <path>"
-                );
-            }
-            let path = std::path::PathBuf::from(&src);
-            let name = name.unwrap_or_else(|| {
-                path.file_stem().map(|s| s.to_string_lossy().to_lowercase()).unwrap_or_else(|| "model".into())
-            });
-            let e = store.register(&name, &path).with_context(|| format!("registering {src}"))?;
-            println!("registered {} → {}", e.name, e.path.display());
-        }
+        let name = name.unwrap_or_else(|| {
+            path.file_name().map(|s| remote::default_name(&s.to_string_lossy())).unwrap_or_else(|| "model".into())
+        });
+        let e = tokio::task::spawn_blocking(move || store.register(&name, &path))
+            .await?
+            .with_context(|| format!("registering {src}"))?;
+        println!("registered {} → {}", e.name, e.path.display());
+        return Ok(());
     }
+    let mut model = remote::resolve_source(&src, &remote::hf_endpoint())?;
+    if let Some(s) = sha256 {
+        let s = s.trim().to_ascii_lowercase();
+        if s.len() != 64 || !s.chars().all(|c| c.is_ascii_hexdigit()) {
+            bail!("--sha256 must be 64 hexadecimal digits");
+        }
+        model.sha256 = Some(s);
+    }
+    let client = remote::http_client(ca_file.as_deref())?;
+    eprintln!("fetching {} into {}", model.url, store.dir().display());
+    let b = bar(model.size.unwrap_or(0));
+    let entry = store.pull_remote(&model, name.as_deref(), &client, &mut embedded::draw(&b)).await;
+    let entry = match entry {
+        Ok(e) => e,
+        Err(e) => {
+            b.abandon();
+            return Err(e.into());
+        }
+    };
+    println!("registered {} → {}", entry.name, entry.path.display());
     Ok(())
 }
 
 #[cfg(not(feature = "embedded"))]
-async fn pull_local(_source: Option<String>, _name: Option<String>) -> anyhow::Result<()> {
+async fn pull_local(
+    _source: Option<String>,
+    _name: Option<String>,
+    _sha256: Option<String>,
+    _ca_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     bail!("this koubou was built without the embedded engine; use `koubou models pull ollama:<model>`")
 }
 

@@ -410,6 +410,7 @@ pub fn request(model: &str, prompt: &str) -> koubou_backend::GenerateRequest {
         task_id: "task-1".into(),
         task_kind: "general".into(),
         num_ctx: None,
+        response_format: None,
     }
 }
 

@@ -49,6 +49,7 @@ pub fn request(prompt: &str, options: GenOptions) -> GenerateRequest {
         task_id: "t".into(),
         task_kind: "test".into(),
         num_ctx: None,
+        response_format: None,
     }
 }
 
