@@ -16,6 +16,7 @@ pub mod dashboard;
 pub mod gql;
 pub mod graphql;
 pub mod metrics;
+pub mod prototype;
 pub mod ws;
 
 pub use dashboard::dashboard_router;

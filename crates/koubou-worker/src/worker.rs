@@ -32,6 +32,8 @@ pub struct WorkerState {
 #[derive(Debug, Default, Clone)]
 struct StateInner {
     state: &'static str,
+    /// When `state` last changed.
+    since: i64,
     current: Option<TaskId>,
     done: u64,
     failed: u64,
@@ -46,14 +48,17 @@ pub struct Snapshot {
     pub done: u64,
     pub failed: u64,
     pub started_at: i64,
+    /// When the state last changed (ms since the epoch).
+    pub since: i64,
 }
 
 impl WorkerState {
     pub fn new(id: WorkerId) -> Self {
+        let started_at = now_millis();
         WorkerState {
             id,
-            started_at: now_millis(),
-            inner: Mutex::new(StateInner { state: "idle", ..Default::default() }),
+            started_at,
+            inner: Mutex::new(StateInner { state: "idle", since: started_at, ..Default::default() }),
         }
     }
 
@@ -66,6 +71,7 @@ impl WorkerState {
             done: i.done,
             failed: i.failed,
             started_at: self.started_at,
+            since: i.since,
         }
     }
 
@@ -73,6 +79,7 @@ impl WorkerState {
         {
             let mut i = self.inner.lock();
             i.state = state;
+            i.since = now_millis();
             i.current = current;
         }
         bus.publish(EventKind::WorkerState { worker_id: self.id.clone(), state: state.into(), task_id: current });
@@ -89,6 +96,7 @@ pub struct Stop {
 
 /// Runs one worker until it is stopped.
 pub async fn run(shared: Arc<Shared>, state: Arc<WorkerState>, stop: Stop) {
+    tracing::info!(worker = %state.id, "worker started");
     loop {
         let claimed = match claim_wait(&*shared.queue, &state.id, None, shared.lease, &stop.stop).await {
             Ok(Some(c)) => c,
@@ -113,12 +121,15 @@ pub async fn run(shared: Arc<Shared>, state: Arc<WorkerState>, stop: Stop) {
         state.set(&shared.bus, "idle", None);
     }
     state.set(&shared.bus, "stopped", None);
+    tracing::info!(worker = %state.id, "worker stopped");
 }
 
 /// Runs one claimed task to its end. True when it completed.
 async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -> bool {
     let Claimed { task, lease, cancel } = claimed;
     let id = task.id;
+    tracing::info!(attempt = lease.attempt, priority = task.priority.get(), "task claimed");
+    let began = std::time::Instant::now();
     let plan = match shared.router.plan(&task) {
         Ok(p) => p,
         Err(e) => {
@@ -185,6 +196,11 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
                 model: served.model,
                 usage: served.generation.usage,
             };
+            tracing::info!(
+                ms = began.elapsed().as_millis() as u64,
+                tokens = done.usage.completion_tokens,
+                "task completed"
+            );
             log_write(id, shared.queue.complete(&lease, done).await.map(|_| ()));
             true
         }

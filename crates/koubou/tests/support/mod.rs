@@ -43,8 +43,12 @@ impl Serve {
             "serve-stderr-{}.log",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
+        // A face's port given in `extra` replaces the 0 that leaves it unbound.
+        let ports = ["--port", "--ws-port", "--graphql-port"].into_iter().filter(|p| !extra.contains(p));
         let mut child = Command::new(bin())
-            .args(["serve", "--port", "0", "--ws-port", "0", "--graphql-port", "0", "--home"])
+            .arg("serve")
+            .args(ports.flat_map(|p| [p, "0"]))
+            .arg("--home")
             .arg(home)
             .args(extra)
             .env("LOG_LEVEL", "info")
