@@ -1,4 +1,5 @@
-//! The REST routes. Paths and fields follow the seed guide; everything else is additive.
+//! The REST routes. Paths and fields follow the seed guide and the prototype's clients
+//! (`docs/compat.md`); everything else is additive.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -40,7 +41,10 @@ pub fn router(k: Koubou) -> Router {
         .route("/health", get(health))
         .route("/status", get(system_status))
         .route("/metrics", get(metrics))
+        .route("/system/info", get(system_info))
         .layer(DefaultBodyLimit::max(body_limit))
+        // One DEBUG line per request and its answer (`LOG_LEVEL=debug`), in mcp_server.log.
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(Arc::new(k))
 }
 
@@ -49,8 +53,10 @@ pub async fn not_found() -> Response {
     json_error(StatusCode::NOT_FOUND, "not_found", "no such route; see docs/rest.md", None)
 }
 
+/// A path that names no task is 404, whether or not it is spelled like a task id (the
+/// prototype's clients expect that of `/task/nonexistent/status`).
 fn task_id(s: &str) -> Result<TaskId, HttpError> {
-    s.parse().map_err(|e: koubou_task::id::BadTaskId| ApiError::invalid("task_id", e.to_string()).into())
+    s.parse().map_err(|_: koubou_task::id::BadTaskId| ApiError::NotFound(s.to_owned()).into())
 }
 
 async fn delegate(State(k): State<Arc<Koubou>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -72,11 +78,9 @@ async fn delegate(State(k): State<Arc<Koubou>>, headers: HeaderMap, body: Bytes)
         Ok(r) => r,
         Err(e) => return HttpError(ApiError::Invalid(e)).into_response(),
     };
+    // 200 for a new task too: the prototype's clients accept nothing else (`created` tells).
     match k.submit(req).await {
-        Ok(r) => {
-            let code = if r.created { StatusCode::CREATED } else { StatusCode::OK };
-            (code, Json(r)).into_response()
-        }
+        Ok(r) => (StatusCode::OK, Json(r)).into_response(),
         Err(e) => HttpError(e).into_response(),
     }
 }
@@ -114,7 +118,7 @@ async fn legacy(
 ) -> Res<Response> {
     let limit = query(q)?.limit.unwrap_or(50);
     let page = k.tasks(ListQuery { status: Some(status.into()), limit: Some(limit), ..Default::default() }).await?;
-    Ok(Json(serde_json::json!({ "tasks": page.tasks, "count": page.total })).into_response())
+    Ok(Json(page.tasks).into_response())
 }
 
 async fn workers(State(k): State<Arc<Koubou>>) -> Res<impl IntoResponse> {
@@ -127,6 +131,18 @@ async fn health(State(k): State<Arc<Koubou>>) -> Res<impl IntoResponse> {
 
 async fn system_status(State(k): State<Arc<Koubou>>) -> Res<impl IntoResponse> {
     Ok(Json(k.status().await?))
+}
+
+/// The prototype's `/system/info`: where this server keeps its files.
+async fn system_info(State(k): State<Arc<Koubou>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "server_type": "koubou",
+        "version": env!("CARGO_PKG_VERSION"),
+        "koubou_home": k.home_dir(),
+        "db_path": k.db_path(),
+        "logs_dir": k.home_dir().join("logs"),
+        "timestamp": koubou_task::rfc3339(koubou_task::now_millis()),
+    }))
 }
 
 async fn metrics(State(k): State<Arc<Koubou>>) -> Res<impl IntoResponse> {

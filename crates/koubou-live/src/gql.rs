@@ -1,10 +1,12 @@
 //! GraphQL (`http://localhost:8767/graphql`): the seed's `systemStatus`, `task` and `submitTask`,
-//! plus `tasks`, `workers`, `health`, `cancelTask` and subscriptions over graphql-ws.
+//! the prototype's queries (`tasks`, `workers`, `health`, `taskStatistics`, `pendingTasks`,
+//! `submitTask(input:)`…, see `docs/compat.md`), plus `taskPage`, `pool`, `healthReport`,
+//! `cancelTask` and subscriptions over graphql-ws.
 //!
 //! Everything resolves through [`Koubou`]'s [`Api`]; subscriptions read the event bus.
 
 use async_graphql::{
-    Context, Enum, ErrorExtensions, ID, Object, Schema, SimpleObject, Subscription, futures_util::Stream,
+    Context, Enum, ErrorExtensions, ID, InputObject, Object, Schema, SimpleObject, Subscription, futures_util::Stream,
 };
 use futures::StreamExt;
 use koubou_system::{
@@ -14,6 +16,8 @@ use koubou_system::{
 use koubou_task::{Event, EventKind, TaskId};
 use serde_json::{Map, Value};
 use tokio::sync::broadcast::error::RecvError;
+
+use crate::prototype;
 
 /// The schema type.
 pub type KoubouSchema = Schema<Query, Mutation, SubscriptionRoot>;
@@ -66,9 +70,69 @@ pub enum TaskStatus {
     Cancelled,
 }
 
-/// The seed's `systemStatus`, plus a little more.
+/// Task counts (the prototype's `TaskStatistics`).
+#[derive(SimpleObject)]
+pub struct TaskStatistics {
+    /// Waiting to run: pending and retrying.
+    pub pending: i64,
+    /// Running (the prototype's name).
+    pub in_progress: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    pub total: i64,
+}
+
+impl From<prototype::TaskStats> for TaskStatistics {
+    fn from(t: prototype::TaskStats) -> Self {
+        TaskStatistics {
+            pending: t.pending as i64,
+            in_progress: t.in_progress as i64,
+            completed: t.completed as i64,
+            failed: t.failed as i64,
+            cancelled: t.cancelled as i64,
+            total: t.total as i64,
+        }
+    }
+}
+
+/// Counts over the workers running now (the prototype's `WorkerStatistics`).
+#[derive(SimpleObject)]
+pub struct WorkerStatistics {
+    pub total_workers: i64,
+    pub busy_workers: i64,
+    pub idle_workers: i64,
+    /// Tasks the current workers completed.
+    pub total_completed: i64,
+    /// Tasks the current workers failed.
+    pub total_failed: i64,
+    /// `totalCompleted` in percent of all they finished (0 before any).
+    pub success_rate: f64,
+}
+
+impl From<prototype::WorkerStats> for WorkerStatistics {
+    fn from(w: prototype::WorkerStats) -> Self {
+        WorkerStatistics {
+            total_workers: w.total_workers as i64,
+            busy_workers: w.busy_workers as i64,
+            idle_workers: w.idle_workers as i64,
+            total_completed: w.total_completed as i64,
+            total_failed: w.total_failed as i64,
+            success_rate: w.success_rate,
+        }
+    }
+}
+
+/// The seed's `systemStatus`, the prototype's fields, and a little more.
 #[derive(SimpleObject)]
 pub struct SystemStatus {
+    /// `healthy`, or `degraded` when a backend that serves a type is down (as `health`).
+    pub status: String,
+    /// When this answer was made (RFC 3339).
+    pub timestamp: String,
+    pub version: String,
+    pub task_stats: TaskStatistics,
+    pub worker_stats: WorkerStatistics,
     pub active_workers: i64,
     pub busy_workers: i64,
     /// Pending and retrying tasks.
@@ -117,12 +181,16 @@ impl Task {
     async fn prompt(&self) -> &str {
         &self.0.prompt
     }
+    /// Same as `prompt` (the prototype's name for it).
+    async fn content(&self) -> &str {
+        &self.0.prompt
+    }
     async fn system(&self) -> Option<&str> {
         self.0.system.as_deref()
     }
     /// The answer, once completed.
     async fn result(&self) -> Option<&str> {
-        self.0.result.as_deref()
+        self.0.answer()
     }
     async fn error(&self) -> Option<&str> {
         self.0.error.as_deref()
@@ -145,6 +213,15 @@ impl Task {
     async fn worker_id(&self) -> Option<&str> {
         self.0.worker_id.as_deref()
     }
+    /// Same as `workerId` (the prototype's name for it).
+    async fn assigned_to(&self) -> Option<&str> {
+        self.0.worker_id.as_deref()
+    }
+    /// The task's `metadata.source` when it is a string (`graphql` for tasks submitted here,
+    /// `mcp` for MCP's); Koubou records no other submitter.
+    async fn created_by(&self) -> Option<&str> {
+        self.0.metadata.get("source").and_then(Value::as_str)
+    }
     async fn attempts(&self) -> i32 {
         self.0.attempts as i32
     }
@@ -160,6 +237,10 @@ impl Task {
     }
     async fn finished_at(&self) -> Option<&str> {
         self.0.finished_at.as_deref()
+    }
+    /// The latest of `createdAt`, `startedAt` and `finishedAt`.
+    async fn updated_at(&self) -> &str {
+        self.0.finished_at.as_deref().or(self.0.started_at.as_deref()).unwrap_or(&self.0.created_at)
     }
     /// While queued: tasks that will start before this one.
     async fn queue_position(&self) -> Option<i64> {
@@ -196,18 +277,99 @@ pub struct SubmitResult {
     pub status: TaskStatus,
     /// False when an earlier task with the same idempotency key was returned.
     pub created: bool,
+    /// Always true: a submission that fails is a GraphQL error naming the field.
+    pub success: bool,
+    /// What happened, in words.
+    pub message: String,
+    /// The task as queued.
+    pub task: Task,
+}
+
+/// The prototype's `submitTask(input:)` argument.
+#[derive(InputObject)]
+pub struct TaskInput {
+    /// Task type: general, code, or a configured one; the prototype's `GENERAL` and `CODE` are
+    /// read in lowercase.
+    #[graphql(name = "type")]
+    pub kind: Option<String>,
+    pub prompt: String,
+    /// 1 (lowest) to 10 (highest); default 5.
+    pub priority: Option<i32>,
+    pub system: Option<String>,
+    pub model: Option<String>,
+    pub backend: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+/// What a worker is doing.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+pub enum WorkerStatus {
+    Idle,
+    Busy,
+    Stopping,
+    Stopped,
+}
+
+impl WorkerStatus {
+    fn of(state: &str) -> WorkerStatus {
+        match state {
+            "busy" => WorkerStatus::Busy,
+            "stopping" => WorkerStatus::Stopping,
+            "stopped" => WorkerStatus::Stopped,
+            _ => WorkerStatus::Idle,
+        }
+    }
 }
 
 /// A worker of the pool.
 #[derive(SimpleObject)]
 pub struct Worker {
     pub worker_id: String,
+    /// Same as `workerId` (the prototype's name for it).
+    pub id: String,
     /// `idle`, `busy` or `stopping`.
     pub state: String,
+    /// `state` as an enum (the prototype's field).
+    pub status: WorkerStatus,
     pub current_task: Option<ID>,
     pub tasks_done: i64,
+    /// Same as `tasksDone` (the prototype's name for it).
+    pub tasks_completed: i64,
     pub tasks_failed: i64,
     pub started_at: String,
+    /// Same as `startedAt` (the prototype's name for it).
+    pub created_at: String,
+    /// When the worker last reported: its last change of state.
+    pub last_heartbeat: String,
+}
+
+impl Worker {
+    fn of(w: api::WorkerView) -> Worker {
+        Worker {
+            id: w.worker_id.clone(),
+            worker_id: w.worker_id,
+            status: WorkerStatus::of(&w.state),
+            state: w.state,
+            current_task: w.current_task.map(|t| ID(t.to_string())),
+            tasks_done: w.tasks_done as i64,
+            tasks_completed: w.tasks_done as i64,
+            tasks_failed: w.tasks_failed as i64,
+            created_at: w.started_at.clone(),
+            started_at: w.started_at,
+            last_heartbeat: w.last_heartbeat,
+        }
+    }
+}
+
+/// Filters of `tasks` (the prototype's `TaskFilter`).
+#[derive(InputObject, Default)]
+pub struct TaskFilter {
+    pub status: Option<TaskStatus>,
+    /// Only this task type.
+    #[graphql(name = "type")]
+    pub kind: Option<String>,
+    /// Substring of the prompt.
+    pub search: Option<String>,
 }
 
 /// The worker pool.
@@ -238,7 +400,7 @@ pub struct Backend {
 /// Health of the system and its backends.
 #[derive(SimpleObject)]
 pub struct Health {
-    /// `ok`, or `degraded` when a backend that serves a type is down.
+    /// `healthy`, or `degraded` when a backend that serves a type is down.
     pub status: String,
     pub version: String,
     pub workers: i64,
@@ -264,6 +426,8 @@ pub struct TaskEvent {
     pub backend: Option<String>,
     pub model: Option<String>,
     pub latency_ms: Option<f64>,
+    /// `task_completed`: the whole answer (for a subscriber that joined after the tokens).
+    pub result: Option<String>,
     /// `backend_health`.
     pub up: Option<bool>,
     /// `worker_scaled`: workers now.
@@ -287,6 +451,7 @@ impl TaskEvent {
             backend: None,
             model: None,
             latency_ms: None,
+            result: None,
             up: None,
             workers: None,
             reason: None,
@@ -300,9 +465,10 @@ impl TaskEvent {
                 t.backend = Some(backend.clone());
                 t.model = Some(model.clone());
             }
-            EventKind::TaskCompleted { latency_ms, .. } => {
+            EventKind::TaskCompleted { latency_ms, result, .. } => {
                 t.status = Some(TaskStatus::Completed);
                 t.latency_ms = Some(*latency_ms as f64);
+                t.result = Some(result.clone());
             }
             EventKind::TaskFailed { error, status, .. } => {
                 t.error = Some(error.clone());
@@ -331,12 +497,40 @@ impl TaskEvent {
 
 pub struct Query;
 
+/// One page of tasks, the one query behind `tasks`, `taskPage` and `pendingTasks`.
+async fn page(
+    ctx: &Context<'_>,
+    statuses: Vec<TaskStatus>,
+    kind: Option<String>,
+    search: Option<String>,
+    limit: i32,
+    before: Option<String>,
+) -> async_graphql::Result<api::TaskList> {
+    let before = before
+        .map(|b| b.parse::<i64>().map_err(|_| gql_err(ApiError::invalid("before", "must be a nextCursor value"))))
+        .transpose()?;
+    let status = (!statuses.is_empty())
+        .then(|| statuses.into_iter().map(|s| koubou_task::TaskStatus::from(s).as_str()).collect::<Vec<_>>().join(","));
+    let q = ListQuery { status, kind, q: search, limit: Some(usize::try_from(limit).unwrap_or(0)), before };
+    k(ctx).tasks(q).await.map_err(gql_err)
+}
+
+async fn worker_list(ctx: &Context<'_>) -> async_graphql::Result<Vec<Worker>> {
+    Ok(k(ctx).workers().await.map_err(gql_err)?.workers.into_iter().map(Worker::of).collect())
+}
+
 #[Object]
 impl Query {
-    /// Workers and task counts (the seed's query).
+    /// Workers and task counts (the seed's query, with the prototype's fields).
     async fn system_status(&self, ctx: &Context<'_>) -> async_graphql::Result<SystemStatus> {
-        let s = k(ctx).status().await.map_err(gql_err)?;
+        let k = k(ctx);
+        let (s, w, h) = tokio::try_join!(k.status(), k.workers(), k.health()).map_err(gql_err)?;
         Ok(SystemStatus {
+            status: h.status,
+            timestamp: prototype::timestamp(),
+            version: h.version,
+            task_stats: prototype::TaskStats::of_status(&s).into(),
+            worker_stats: prototype::WorkerStats::of(&w).into(),
             active_workers: s.active_workers as i64,
             busy_workers: s.busy_workers as i64,
             pending_tasks: s.pending_tasks as i64,
@@ -360,8 +554,34 @@ impl Query {
         }
     }
 
-    /// A page of tasks, newest first.
+    /// Tasks, newest first (the prototype's list; `taskPage` pages through them with a cursor).
+    #[allow(clippy::too_many_arguments)]
     async fn tasks(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The prototype's filter; its `status` adds to `status`.")] filter: Option<TaskFilter>,
+        #[graphql(desc = "Only these statuses (default: all).")] status: Option<Vec<TaskStatus>>,
+        #[graphql(name = "type", desc = "Only this task type.")] kind: Option<String>,
+        #[graphql(desc = "Substring of the prompt.")] search: Option<String>,
+        #[graphql(default = 50, desc = "How many, 1-1000.")] limit: Option<i32>,
+        #[graphql(default = 0, desc = "Skip this many first; `offset + limit` at most 1000.")] offset: Option<i32>,
+    ) -> async_graphql::Result<Vec<Task>> {
+        let f = filter.unwrap_or_default();
+        let mut statuses = status.unwrap_or_default();
+        statuses.extend(f.status);
+        let (limit, offset) = (limit.unwrap_or(50), offset.unwrap_or(0).max(0));
+        if !(1..=1000).contains(&limit) {
+            return Err(gql_err(ApiError::invalid("limit", format!("must be from 1 to 1000, got {limit}"))));
+        }
+        if offset + limit > 1000 {
+            return Err(gql_err(ApiError::invalid("offset", "offset + limit must be at most 1000; use taskPage")));
+        }
+        let l = page(ctx, statuses, kind.or(f.kind), search.or(f.search), offset + limit, None).await?;
+        Ok(l.tasks.into_iter().skip(offset as usize).map(Task).collect())
+    }
+
+    /// A page of tasks, newest first, with the total and a cursor to the next page.
+    async fn task_page(
         &self,
         ctx: &Context<'_>,
         #[graphql(desc = "Only these statuses (default: all).")] status: Option<Vec<TaskStatus>>,
@@ -370,22 +590,55 @@ impl Query {
         #[graphql(default = 50, desc = "Page size, 1-1000.")] limit: i32,
         #[graphql(desc = "`nextCursor` of the previous page.")] before: Option<String>,
     ) -> async_graphql::Result<TaskPage> {
-        let before = before
-            .map(|b| b.parse::<i64>().map_err(|_| gql_err(ApiError::invalid("before", "must be a nextCursor value"))))
-            .transpose()?;
-        let status = status
-            .map(|v| v.into_iter().map(|s| koubou_task::TaskStatus::from(s).as_str()).collect::<Vec<_>>().join(","));
-        let q = ListQuery { status, kind, q: search, limit: Some(usize::try_from(limit).unwrap_or(0)), before };
-        let page = k(ctx).tasks(q).await.map_err(gql_err)?;
+        let l = page(ctx, status.unwrap_or_default(), kind, search, limit, before).await?;
         Ok(TaskPage {
-            tasks: page.tasks.into_iter().map(Task).collect(),
-            total: page.total as i64,
-            next_cursor: page.next_cursor.map(|c| c.to_string()),
+            tasks: l.tasks.into_iter().map(Task).collect(),
+            total: l.total as i64,
+            next_cursor: l.next_cursor.map(|c| c.to_string()),
         })
     }
 
-    /// The worker pool.
-    async fn workers(&self, ctx: &Context<'_>) -> async_graphql::Result<Workers> {
+    /// Tasks waiting to run (pending and retrying), newest first.
+    async fn pending_tasks(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 10, desc = "How many, 1-1000.")] limit: Option<i32>,
+    ) -> async_graphql::Result<Vec<Task>> {
+        let statuses = vec![TaskStatus::Pending, TaskStatus::Retrying];
+        let l = page(ctx, statuses, None, None, limit.unwrap_or(10), None).await?;
+        Ok(l.tasks.into_iter().map(Task).collect())
+    }
+
+    /// Task counts.
+    async fn task_statistics(&self, ctx: &Context<'_>) -> async_graphql::Result<TaskStatistics> {
+        let s = k(ctx).status().await.map_err(gql_err)?;
+        Ok(prototype::TaskStats::of_status(&s).into())
+    }
+
+    /// The workers running now (`activeOnly` is the prototype's argument: every worker listed is
+    /// running, so it changes nothing).
+    async fn workers(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default_with = "Some(true)")] active_only: Option<bool>,
+    ) -> async_graphql::Result<Vec<Worker>> {
+        let _ = active_only;
+        worker_list(ctx).await
+    }
+
+    /// Same as `workers`.
+    async fn active_workers(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Worker>> {
+        worker_list(ctx).await
+    }
+
+    /// Counts over the workers running now.
+    async fn worker_statistics(&self, ctx: &Context<'_>) -> async_graphql::Result<WorkerStatistics> {
+        let w = k(ctx).workers().await.map_err(gql_err)?;
+        Ok(prototype::WorkerStats::of(&w).into())
+    }
+
+    /// The worker pool: its bounds, capacity and workers.
+    async fn pool(&self, ctx: &Context<'_>) -> async_graphql::Result<Workers> {
         let w = k(ctx).workers().await.map_err(gql_err)?;
         Ok(Workers {
             active: w.active as i64,
@@ -393,23 +646,18 @@ impl Query {
             min_workers: w.min_workers as i64,
             max_workers: w.max_workers as i64,
             backend_capacity: w.backend_capacity as i64,
-            workers: w
-                .workers
-                .into_iter()
-                .map(|w| Worker {
-                    worker_id: w.worker_id,
-                    state: w.state,
-                    current_task: w.current_task.map(|t| ID(t.to_string())),
-                    tasks_done: w.tasks_done as i64,
-                    tasks_failed: w.tasks_failed as i64,
-                    started_at: w.started_at,
-                })
-                .collect(),
+            workers: w.workers.into_iter().map(Worker::of).collect(),
         })
     }
 
+    /// `healthy`, or `degraded` when a backend that serves a type is down (`healthReport` says
+    /// which).
+    async fn health(&self, ctx: &Context<'_>) -> async_graphql::Result<String> {
+        Ok(k(ctx).health().await.map_err(gql_err)?.status)
+    }
+
     /// Health of the system and its backends.
-    async fn health(&self, ctx: &Context<'_>) -> async_graphql::Result<Health> {
+    async fn health_report(&self, ctx: &Context<'_>) -> async_graphql::Result<Health> {
         let h = k(ctx).health().await.map_err(gql_err)?;
         Ok(Health {
             status: h.status,
@@ -437,47 +685,84 @@ pub struct Mutation;
 
 #[Object]
 impl Mutation {
-    /// Queues a task (the seed's mutation). Errors carry `extensions.code` and `extensions.field`.
+    /// Queues a task: the seed's arguments, or the prototype's `input` (not both). Errors carry
+    /// `extensions.code` and `extensions.field`.
     #[allow(clippy::too_many_arguments)]
     async fn submit_task(
         &self,
         ctx: &Context<'_>,
+        #[graphql(desc = "The prototype's form of all the other arguments.")] input: Option<TaskInput>,
         #[graphql(name = "type", desc = "Task type: general, code, or a configured one.")] kind: Option<String>,
-        prompt: String,
+        #[graphql(desc = "Required unless `input` is given.")] prompt: Option<String>,
         #[graphql(desc = "1 (lowest) to 10 (highest); default 5.")] priority: Option<i32>,
         system: Option<String>,
         model: Option<String>,
         backend: Option<String>,
         #[graphql(name = "idempotencyKey")] idempotency_key: Option<String>,
     ) -> async_graphql::Result<SubmitResult> {
+        let args = [&kind, &prompt, &system, &model, &backend, &idempotency_key];
+        let (t, prefix) = match input {
+            None if prompt.is_none() => {
+                return Err(gql_err(ApiError::invalid("prompt", "is required (or give `input`)")));
+            }
+            None => (
+                TaskInput {
+                    kind,
+                    prompt: prompt.unwrap_or_default(),
+                    priority,
+                    system,
+                    model,
+                    backend,
+                    idempotency_key,
+                },
+                "",
+            ),
+            Some(_) if priority.is_some() || args.iter().any(|v| v.is_some()) => {
+                return Err(gql_err(ApiError::invalid(
+                    "input",
+                    "give either `input` or the other arguments, not both",
+                )));
+            }
+            Some(i) => (TaskInput { kind: i.kind.map(|k| k.to_ascii_lowercase()), ..i }, "input."),
+        };
         let mut body = Map::new();
-        body.insert("prompt".into(), prompt.into());
+        body.insert("prompt".into(), t.prompt.into());
         let opt = [
-            ("type", kind),
-            ("system", system),
-            ("model", model),
-            ("backend", backend),
-            ("idempotency_key", idempotency_key),
+            ("type", t.kind),
+            ("system", t.system),
+            ("model", t.model),
+            ("backend", t.backend),
+            ("idempotency_key", t.idempotency_key),
         ];
         for (key, v) in opt {
             if let Some(v) = v {
                 body.insert(key.into(), v.into());
             }
         }
-        if let Some(p) = priority {
+        if let Some(p) = t.priority {
             body.insert("priority".into(), p.into());
         }
+        body.insert("metadata".into(), serde_json::json!({"source": "graphql"}));
         let field_name = |f: &str| match f {
-            "type" => "type".to_owned(),
-            "idempotency_key" => "idempotencyKey".to_owned(),
-            f => f.to_owned(),
+            "idempotency_key" => format!("{prefix}idempotencyKey"),
+            f => format!("{prefix}{f}"),
         };
         let req = SubmitRequest::from_json(&Value::Object(body)).map_err(|mut e| {
             e.field = field_name(&e.field);
             gql_err(ApiError::Invalid(e))
         })?;
-        let r = k(ctx).submit(req).await.map_err(gql_err)?;
-        Ok(SubmitResult { task_id: ID(r.task_id.to_string()), status: r.status.into(), created: r.created })
+        let k = k(ctx);
+        let r = k.submit(req).await.map_err(gql_err)?;
+        let task = k.task(r.task_id).await.map_err(gql_err)?;
+        let message = if r.created { "task queued" } else { "an earlier task with this idempotency key" };
+        Ok(SubmitResult {
+            task_id: ID(r.task_id.to_string()),
+            status: r.task_status.into(),
+            created: r.created,
+            success: true,
+            message: message.into(),
+            task: Task(task),
+        })
     }
 
     /// Cancels a queued or running task and returns it.

@@ -18,6 +18,7 @@ pub mod gql;
 pub mod gql_limits;
 pub mod graphql;
 pub mod metrics;
+pub mod prototype;
 pub mod ws;
 
 pub use dashboard::{dashboard_router, dashboard_router_with};

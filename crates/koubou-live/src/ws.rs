@@ -2,7 +2,8 @@
 //!
 //! Every message either way is one JSON object with a `type`. The client submits, subscribes,
 //! cancels and pings; the server answers each request and forwards bus events the connection
-//! subscribed to (`docs/websocket.md` lists every message).
+//! subscribed to (`docs/websocket.md` lists every message). The prototype's clients speak too:
+//! `command` for `type`, `channel` for `topic`, and its messages ([`crate::prototype`]).
 //!
 //! Each connection has one bus receiver and a bounded outgoing buffer written by its own task.
 //! A client that lets that buffer fill, or whose receiver lags behind the bus, is closed with a
@@ -13,7 +14,14 @@
 //! the frame header that announced it), and past `limits.max_ws_connections` open at once an
 //! upgrade is answered 503 instead of 101.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -33,7 +41,10 @@ use koubou_task::{Event, EventKind, Limits, TaskId};
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast::error::RecvError, mpsc, oneshot, watch};
 
-use crate::metrics::{MetricsSample, Sampler};
+use crate::{
+    metrics::{MetricsSample, Sampler},
+    prototype,
+};
 
 /// The protocol name sent in `welcome`.
 pub const PROTOCOL: &str = "koubou-ws/1";
@@ -51,7 +62,7 @@ pub struct WsConfig {
 
 impl Default for WsConfig {
     fn default() -> Self {
-        WsConfig { buffer: 1024, default_topics: vec![Topic::System], limits: None }
+        WsConfig { buffer: 1024, default_topics: vec![Topic::System, Topic::Stats], limits: None }
     }
 }
 
@@ -139,6 +150,12 @@ pub enum Topic {
     System,
     /// A `metrics` sample every second or two.
     Metrics,
+    /// The prototype's channel `task`: a `task_update` for each life-cycle event of any task.
+    Task,
+    /// The prototype's channel `worker`: a `worker_update` when a worker changes state.
+    Worker,
+    /// `periodic_stats` every 5 s (on by default, as the prototype sent it to every client).
+    Stats,
 }
 
 impl Topic {
@@ -148,10 +165,16 @@ impl Topic {
             "tasks" => Topic::Tasks,
             "system" => Topic::System,
             "metrics" => Topic::Metrics,
+            "task" => Topic::Task,
+            "worker" => Topic::Worker,
+            "stats" => Topic::Stats,
             _ => return None,
         })
     }
 }
+
+const TOPICS: &str = "all, tasks, system, metrics, task, worker or stats";
+const TYPES: &str = "submit_task, subscribe, unsubscribe, cancel_task, get_task, list_tasks, status, get_stats or ping";
 
 /// State shared by all WebSocket connections of one router.
 #[derive(Clone)]
@@ -160,13 +183,31 @@ pub struct WsState {
     pub(crate) cfg: Arc<WsConfig>,
     pub(crate) sampler: Sampler,
     pub(crate) limits: WsLimits,
+    /// Open connections (the prototype's `active_connections`).
+    connections: Arc<AtomicUsize>,
 }
 
 impl WsState {
     pub fn new(k: Koubou, cfg: WsConfig) -> WsState {
         let sampler = Sampler::start(k.clone());
         let limits = cfg.limits.clone().unwrap_or_else(|| WsLimits::from_limits(&k.config().limits));
-        WsState { k, cfg: Arc::new(cfg), sampler, limits }
+        WsState { k, cfg: Arc::new(cfg), sampler, limits, connections: Default::default() }
+    }
+}
+
+/// Counts a connection while it lives.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(n: &Arc<AtomicUsize>) -> Open {
+        n.fetch_add(1, Ordering::Relaxed);
+        Open(n.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -215,6 +256,16 @@ impl Conn {
         }
     }
 
+    /// The prototype's `task_update` / `worker_update`, for subscribers of its channels.
+    fn send_prototype(&self, e: &Event) -> Result<(), Kick> {
+        let update = match &e.kind {
+            EventKind::WorkerState { .. } if self.topics.contains(&Topic::Worker) => prototype::worker_update(e),
+            _ if self.topics.contains(&Topic::Task) => prototype::task_update(e),
+            _ => None,
+        };
+        update.map_or(Ok(()), |v| self.send(v))
+    }
+
     fn wants(&self, e: &Event) -> bool {
         if self.topics.contains(&Topic::All) {
             return true;
@@ -235,14 +286,9 @@ impl Conn {
             Err(e) => return self.error(None, ApiError::invalid("message", format!("not valid JSON: {e}"))),
         };
         let r = msg.get("ref").cloned();
-        let Some(ty) = msg.get("type").and_then(Value::as_str) else {
-            return self.error(
-                r,
-                ApiError::invalid(
-                    "type",
-                    "is required: submit_task, subscribe, unsubscribe, cancel_task, get_task, list_tasks, status, ping",
-                ),
-            );
+        // `command` is the prototype's name for `type`.
+        let Some(ty) = msg.get("type").or_else(|| msg.get("command")).and_then(Value::as_str) else {
+            return self.error(r, ApiError::invalid("type", format!("is required (or `command`): {TYPES}")));
         };
         match self.request(ty, &msg).await {
             Ok(mut v) => {
@@ -267,7 +313,8 @@ impl Conn {
     async fn request(&mut self, ty: &str, msg: &Value) -> Result<Value, ApiError> {
         let k = &self.st.k;
         match ty {
-            "ping" => Ok(json!({"type": "pong", "at": koubou_task::now_millis()})),
+            "ping" => Ok(json!({"type": "pong", "at": koubou_task::now_millis(), "timestamp": prototype::timestamp()})),
+            "get_stats" => prototype::stats(k).await,
             "submit_task" => {
                 let payload = msg.get("payload").ok_or_else(|| ApiError::invalid("payload", "is required"))?;
                 let mut req = SubmitRequest::from_json(payload).map_err(|mut e| {
@@ -279,7 +326,7 @@ impl Conn {
                 let resp = k.submit(req).await?;
                 self.tasks.insert(resp.task_id);
                 Ok(
-                    json!({"type": "task_submitted", "task_id": resp.task_id, "status": resp.status, "created": resp.created}),
+                    json!({"type": "task_submitted", "task_id": resp.task_id, "status": resp.task_status, "created": resp.created}),
                 )
             }
             "subscribe" | "unsubscribe" => {
@@ -294,18 +341,20 @@ impl Conn {
                     self.tasks.remove(&id);
                     return Ok(json!({"type": "unsubscribed", "task_id": id}));
                 }
-                let topic = msg.get("topic").and_then(Value::as_str).ok_or_else(|| {
-                    ApiError::invalid("topic", "give a task_id, or a topic: all, tasks, system or metrics")
-                })?;
-                let t = Topic::parse(topic).ok_or_else(|| {
-                    ApiError::invalid("topic", format!("unknown topic {topic:?}; use all, tasks, system or metrics"))
-                })?;
+                // `channel` is the prototype's name for `topic`.
+                let topic =
+                    msg.get("topic").or_else(|| msg.get("channel")).and_then(Value::as_str).ok_or_else(|| {
+                        ApiError::invalid("topic", format!("give a task_id, or a topic (or `channel`): {TOPICS}"))
+                    })?;
+                let t = Topic::parse(topic)
+                    .ok_or_else(|| ApiError::invalid("topic", format!("unknown topic {topic:?}; use {TOPICS}")))?;
                 if on {
                     self.topics.insert(t);
                 } else {
                     self.topics.remove(&t);
                 }
-                Ok(json!({"type": if on { "subscribed" } else { "unsubscribed" }, "topic": topic}))
+                Ok(json!({"type": if on { "subscribed" } else { "unsubscribed" }, "topic": topic, "channel": topic,
+                    "timestamp": prototype::timestamp()}))
             }
             "cancel_task" => {
                 let id = task_id(msg.get("task_id").unwrap_or(&Value::Null))?;
@@ -322,12 +371,7 @@ impl Conn {
                 Ok(json!({"type": "task_list", "list": k.tasks(q).await?}))
             }
             "status" => Ok(json!({"type": "status", "status": k.status().await?})),
-            other => Err(ApiError::invalid(
-                "type",
-                format!(
-                    "unknown message type {other:?}; use submit_task, subscribe, unsubscribe, cancel_task, get_task, list_tasks, status or ping"
-                ),
-            )),
+            other => Err(ApiError::invalid("type", format!("unknown message type {other:?}; use {TYPES}"))),
         }
     }
 }
@@ -351,6 +395,7 @@ fn metrics_message(m: &MetricsSample) -> Value {
 }
 
 async fn serve(st: WsState, socket: WebSocket, slot: WsSlot) {
+    let _open = Open::new(&st.connections);
     let mut bus = st.k.subscribe();
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<Message>(st.cfg.buffer.max(1));
@@ -387,11 +432,23 @@ async fn serve(st: WsState, socket: WebSocket, slot: WsSlot) {
     });
 
     let mut metrics: watch::Receiver<Option<MetricsSample>> = st.sampler.receiver();
+    let mut stats_tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + prototype::STATS_EVERY, prototype::STATS_EVERY);
+    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let topics = st.cfg.default_topics.iter().copied().collect();
     let mut conn = Conn { st, topics, tasks: HashSet::new(), out };
     let welcome = json!({"type": "welcome", "protocol": PROTOCOL, "version": env!("CARGO_PKG_VERSION"),
         "topics": conn.topics.iter().map(|t| format!("{t:?}").to_lowercase()).collect::<Vec<_>>()});
     let mut result = conn.send(welcome);
+    if result.is_ok() {
+        result = match prototype::initial_state(&conn.st.k).await {
+            Ok(v) => conn.send(v),
+            Err(e) => {
+                tracing::debug!(error = %e, "no initial_state for a new WebSocket client");
+                Ok(())
+            }
+        };
+    }
 
     while result.is_ok() {
         result = tokio::select! {
@@ -417,7 +474,7 @@ async fn serve(st: WsState, socket: WebSocket, slot: WsSlot) {
                             conn.tasks.remove(&id);
                         }
                     }
-                    r
+                    r.and_then(|()| conn.send_prototype(&e))
                 }
                 Err(RecvError::Lagged(n)) => Err(Kick(format!(
                     "too slow: fell {n} events behind the event bus; reconnect and resubscribe"
@@ -428,6 +485,19 @@ async fn serve(st: WsState, socket: WebSocket, slot: WsSlot) {
                 let sample = metrics.borrow_and_update().clone();
                 match sample {
                     Some(m) if conn.topics.contains(&Topic::Metrics) => conn.send(metrics_message(&m)),
+                    _ => Ok(()),
+                }
+            }
+            _ = stats_tick.tick() => {
+                let sample = metrics.borrow().clone();
+                match sample {
+                    Some(m) if conn.topics.contains(&Topic::Stats) => {
+                        let n = conn.st.connections.load(Ordering::Relaxed);
+                        match prototype::periodic_stats(&conn.st.k, &m, n).await {
+                            Ok(v) => conn.send(v),
+                            Err(_) => Ok(()),
+                        }
+                    }
                     _ => Ok(()),
                 }
             }

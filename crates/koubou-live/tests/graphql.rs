@@ -87,12 +87,12 @@ async fn seed_queries_and_mutation() {
     // Workers and health.
     let r = gql(
         &s,
-        "{ workers { active workers { workerId state tasksDone } } health { status backends { name up } } }",
+        "{ pool { active workers { workerId state tasksDone } } healthReport { status backends { name up } } }",
         json!({}),
     )
     .await;
     assert!(r.get("errors").is_none(), "{r}");
-    assert_eq!(r["data"]["health"]["backends"][0]["name"], "craftsman");
+    assert_eq!(r["data"]["healthReport"]["backends"][0]["name"], "craftsman");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +110,7 @@ async fn errors_name_the_field() {
     assert_eq!(r["data"]["task"], Value::Null);
     let r = gql(&s, r#"mutation { cancelTask(id: "0193a4b2-7c1e-7d3f-9a40-1b2c3d4e5f60") { id } }"#, json!({})).await;
     assert_eq!(r["errors"][0]["extensions"]["code"], "not_found", "{r}");
-    let r = gql(&s, "{ tasks(limit: 0) { total } }", json!({})).await;
+    let r = gql(&s, "{ taskPage(limit: 0) { total } }", json!({})).await;
     assert_eq!(r["errors"][0]["extensions"]["field"], "limit", "{r}");
 }
 
@@ -128,22 +128,22 @@ async fn tasks_filter_paginate_and_cancel() {
         wait_done(&s, id).await;
     }
     let r =
-        gql(&s, r#"{ tasks(search: "alpha", limit: 2) { total nextCursor tasks { id prompt } } }"#, json!({})).await;
-    let page = &r["data"]["tasks"];
+        gql(&s, r#"{ taskPage(search: "alpha", limit: 2) { total nextCursor tasks { id prompt } } }"#, json!({})).await;
+    let page = &r["data"]["taskPage"];
     assert_eq!(page["total"], 3, "{r}");
     assert_eq!(page["tasks"].as_array().unwrap().len(), 2);
     assert_eq!(page["tasks"][0]["id"], slow.as_str(), "newest first");
     let cursor = page["nextCursor"].as_str().unwrap();
     let r = gql(
         &s,
-        "query($c: String) { tasks(search: \"alpha\", limit: 2, before: $c) { nextCursor tasks { id } } }",
+        "query($c: String) { taskPage(search: \"alpha\", limit: 2, before: $c) { nextCursor tasks { id } } }",
         json!({"c": cursor}),
     )
     .await;
-    assert_eq!(r["data"]["tasks"]["tasks"][0]["id"], ids[0].as_str(), "{r}");
-    assert_eq!(r["data"]["tasks"]["nextCursor"], Value::Null);
-    let r = gql(&s, "{ tasks(status: [COMPLETED]) { total } }", json!({})).await;
-    assert_eq!(r["data"]["tasks"]["total"], 3, "{r}");
+    assert_eq!(r["data"]["taskPage"]["tasks"][0]["id"], ids[0].as_str(), "{r}");
+    assert_eq!(r["data"]["taskPage"]["nextCursor"], Value::Null);
+    let r = gql(&s, "{ taskPage(status: [COMPLETED]) { total } }", json!({})).await;
+    assert_eq!(r["data"]["taskPage"]["total"], 3, "{r}");
 
     let r = gql(&s, "mutation($id: ID!) { cancelTask(id: $id) { id status } }", json!({"id": slow})).await;
     assert_eq!(r["data"]["cancelTask"]["status"], "CANCELLED", "{r}");
@@ -216,11 +216,12 @@ async fn subscriptions_over_graphql_transport_ws() {
     send(
         &mut ws,
         json!({"type": "subscribe", "id": "again", "payload": {
-        "query": "subscription($id: ID!) { taskUpdates(id: $id) { event status } }", "variables": {"id": id}}}),
+        "query": "subscription($id: ID!) { taskUpdates(id: $id) { event status result } }", "variables": {"id": id}}}),
     )
     .await;
     let (m, _) = until(&mut ws, 5, |v| v["id"] == "again").await;
     assert_eq!(m["payload"]["data"]["taskUpdates"]["status"], "COMPLETED", "{m}");
+    assert_eq!(m["payload"]["data"]["taskUpdates"]["result"].as_str().unwrap(), text, "a late subscriber has the answer");
     send(&mut ws, json!({"type": "ping"})).await;
     until(&mut ws, 5, |v| v["type"] == "pong").await;
 }

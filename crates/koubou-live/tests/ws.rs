@@ -15,6 +15,8 @@ async fn welcome(ws: &mut Ws) {
     let w = next_json(ws, 5).await;
     assert_eq!(w["type"], "welcome", "{w}");
     assert_eq!(w["protocol"], "koubou-ws/1");
+    let i = next_json(ws, 5).await;
+    assert_eq!(i["type"], "initial_state", "{i}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,7 +44,8 @@ async fn seed_submit_streams_tokens_then_completes() {
     let (t, _) = until(&mut ws, 5, |v| v["ref"] == 7).await;
     assert_eq!((t["type"].as_str(), t["ref"].as_i64()), (Some("task"), Some(7)));
     assert_eq!(t["task"]["status"], "completed");
-    assert_eq!(t["task"]["result"].as_str().unwrap(), tokens.concat());
+    assert_eq!(t["task"]["result"]["output"].as_str().unwrap(), tokens.concat());
+    assert_eq!(done["result"].as_str().unwrap(), tokens.concat(), "the final event carries the answer");
     assert!(tokens.concat().contains("Generate unit tests"));
 }
 
@@ -74,7 +77,9 @@ async fn ping_pong_and_malformed_messages_keep_the_connection() {
     for (m, field) in bad {
         let shown = format!("{m:?}");
         futures::SinkExt::send(&mut ws, m).await.unwrap();
-        let (e, _) = until(&mut ws, 5, |v| !v["type"].as_str().unwrap().starts_with("worker_")).await;
+        let (e, _) =
+            until(&mut ws, 5, |v| !v["type"].as_str().unwrap().starts_with("worker_") && v["type"] != "periodic_stats")
+                .await;
         assert_eq!(e["type"], "error", "{shown} -> {e}");
         assert_eq!(e["error"]["field"], field, "{shown} -> {e}");
         assert_eq!(e["error"]["code"], "invalid_request");

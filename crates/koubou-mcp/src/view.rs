@@ -19,7 +19,7 @@ pub(crate) fn task(v: &TaskView, max_wait: u64) -> Value {
     put("status", json!(v.status));
     put("type", json!(v.kind));
     put("priority", json!(v.priority));
-    put("result", json!(v.result));
+    put("result", json!(v.answer()));
     put("partial", json!(v.partial));
     put("error", json!(v.error));
     put("queue_position", json!(v.queue_position));

@@ -144,7 +144,7 @@ fn inspector_checks(bin: &Path, home: &Home, target: &[&str], name: &str) {
         &format!("Inspector {name} system_status after the error"),
     );
     assert!(out.status.success());
-    assert_eq!(v["result"]["structuredContent"]["status"], "ok");
+    assert_eq!(v["result"]["structuredContent"]["status"], "healthy");
 }
 
 #[test]

@@ -233,16 +233,58 @@ fn opt_u64(obj: &Map<String, Value>, k: &str) -> Result<Option<u64>, FieldError>
         .transpose()
 }
 
+/// What `status` says in the answer to a submission without `sync`: the task was accepted and
+/// will run in the background (the prototype's word; `task_status` has the task's own status).
+pub const DELEGATED: &str = "delegated";
+
 /// The answer to a submission.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SubmitResponse {
     pub task_id: TaskId,
-    pub status: TaskStatus,
+    /// [`DELEGATED`] without `sync`; with `sync`, the task's status when the wait ended.
+    pub status: String,
+    /// The task's status (`pending` for a new task).
+    pub task_status: TaskStatus,
     /// False when an earlier task with the same idempotency key was returned.
     pub created: bool,
     /// With `sync`: the task as it stood when the wait ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskView>,
+    /// With `sync`: the outcome (the prototype's `result` object); null if the wait ran out first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<TaskResult>,
+}
+
+/// A finished task's outcome, in the prototype's shape (`result` in its answers).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TaskResult {
+    /// True when the task completed.
+    pub success: bool,
+    /// The answer; for a failed or cancelled task, what was generated before it stopped.
+    pub output: String,
+    /// Why it failed or was cancelled; null when it succeeded.
+    pub error: Option<String>,
+}
+
+impl TaskResult {
+    /// The outcome of a task, once it has finished (None while it is queued or running).
+    pub fn of(t: &Task) -> Option<TaskResult> {
+        let output = |s: &Option<String>| s.clone().unwrap_or_default();
+        match t.status {
+            TaskStatus::Completed => Some(TaskResult { success: true, output: output(&t.result), error: None }),
+            TaskStatus::Failed => Some(TaskResult {
+                success: false,
+                output: output(&t.partial),
+                error: Some(t.error.clone().unwrap_or_else(|| "failed".into())),
+            }),
+            TaskStatus::Cancelled => Some(TaskResult {
+                success: false,
+                output: output(&t.partial),
+                error: Some(t.error.clone().unwrap_or_else(|| "cancelled".into())),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// A task as faces show it (`GET /task/{id}/status`).
@@ -255,7 +297,8 @@ pub struct TaskView {
     pub priority: Priority,
     pub prompt: String,
     pub system: Option<String>,
-    pub result: Option<String>,
+    /// Once finished: `{success, output, error}`; `output` is the answer.
+    pub result: Option<TaskResult>,
     pub error: Option<String>,
     /// While running: the answer so far.
     pub partial: Option<String>,
@@ -285,8 +328,14 @@ pub struct TaskView {
 }
 
 impl TaskView {
+    /// The answer of a completed task.
+    pub fn answer(&self) -> Option<&str> {
+        self.result.as_ref().filter(|r| r.success).map(|r| r.output.as_str())
+    }
+
     pub fn from_task(t: Task) -> TaskView {
         let duration_ms = t.finished_at.zip(t.started_at).map(|(f, s)| f - s);
+        let result = TaskResult::of(&t);
         TaskView {
             task_id: t.id,
             kind: t.kind,
@@ -294,7 +343,7 @@ impl TaskView {
             priority: t.priority,
             prompt: t.prompt,
             system: t.system,
-            result: t.result,
+            result,
             error: t.error,
             partial: t.partial,
             backend: t.backend,
@@ -348,10 +397,16 @@ pub struct WorkerView {
     pub worker_id: String,
     /// `idle`, `busy` or `stopping`.
     pub state: String,
+    /// Same as `state` (the prototype's name for it).
+    #[serde(default)]
+    pub status: String,
     pub current_task: Option<TaskId>,
     pub tasks_done: u64,
     pub tasks_failed: u64,
     pub started_at: String,
+    /// When the worker last reported: its last change of state (started, claimed, finished).
+    #[serde(default)]
+    pub last_heartbeat: String,
 }
 
 /// `GET /workers/status`.
@@ -401,8 +456,14 @@ pub struct CooldownView {
 /// `GET /health`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HealthView {
-    /// `ok`, or `degraded` when a backend is down.
+    /// [`HEALTHY`], or [`DEGRADED`] when a backend that some task type uses first is down.
     pub status: String,
+    /// `koubou`.
+    #[serde(default)]
+    pub server: String,
+    /// When this answer was made (RFC 3339).
+    #[serde(default)]
+    pub timestamp: String,
     pub version: String,
     pub queue: QueueView,
     pub workers: usize,
@@ -410,6 +471,11 @@ pub struct HealthView {
     /// Task type → `backend/model` that serves it.
     pub routes: std::collections::BTreeMap<String, String>,
 }
+
+/// `GET /health`'s `status` when every backend a task type uses first is up.
+pub const HEALTHY: &str = "healthy";
+/// `GET /health`'s `status` when one is down.
+pub const DEGRADED: &str = "degraded";
 
 /// Counts by status.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]

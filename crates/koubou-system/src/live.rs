@@ -193,7 +193,7 @@ impl Live {
                     b.tokens += 1;
                 }
             }
-            EventKind::TaskCompleted { task_id, usage, latency_ms } => {
+            EventKind::TaskCompleted { task_id, usage, latency_ms, .. } => {
                 s.counters.completed += 1;
                 if let Some(u) = usage {
                     s.counters.prompt_tokens += u.prompt_tokens;

@@ -54,6 +54,8 @@ impl Default for StartOptions {
 
 struct Inner {
     cfg: Config,
+    home: std::path::PathBuf,
+    db: std::path::PathBuf,
     queue: Arc<dyn TaskQueue>,
     router: Arc<Router>,
     bus: EventBus,
@@ -115,7 +117,7 @@ impl Koubou {
         let bus = EventBus::new(65_536);
         let live = Live::follow(&bus);
         let db = cfg.queue.path.clone().unwrap_or_else(|| home.db_file());
-        let queue = SqliteQueue::open(db, cfg.queue.clone(), bus.clone())?;
+        let queue = SqliteQueue::open(db.clone(), cfg.queue.clone(), bus.clone())?;
         let recovered = queue.recover_node(&opts.node).await?;
         if recovered > 0 {
             tracing::warn!(tasks = recovered, node = %opts.node, "requeued tasks left running by a previous run");
@@ -148,6 +150,8 @@ impl Koubou {
         let k = Koubou {
             inner: Arc::new(Inner {
                 cfg,
+                home: home.dir.clone(),
+                db,
                 queue,
                 router,
                 bus,
@@ -166,6 +170,14 @@ impl Koubou {
 
     pub fn config(&self) -> &Config {
         &self.inner.cfg
+    }
+    /// The home directory (`--home`, `KOUBOU_HOME`).
+    pub fn home_dir(&self) -> &std::path::Path {
+        &self.inner.home
+    }
+    /// The queue's database file.
+    pub fn db_path(&self) -> &std::path::Path {
+        &self.inner.db
     }
     pub fn bus(&self) -> &EventBus {
         &self.inner.bus
@@ -276,9 +288,12 @@ fn drain_secs(excess: u64, per_sec: f64) -> u64 {
 /// A synthetic event that tells a watcher how a finished task ended.
 fn final_event(t: &koubou_task::Task) -> Event {
     let kind = match t.status {
-        TaskStatus::Completed => {
-            EventKind::TaskCompleted { task_id: t.id, usage: t.usage, latency_ms: t.latency_ms().unwrap_or_default() }
-        }
+        TaskStatus::Completed => EventKind::TaskCompleted {
+            task_id: t.id,
+            usage: t.usage,
+            latency_ms: t.latency_ms().unwrap_or_default(),
+            result: t.result.clone().unwrap_or_default(),
+        },
         TaskStatus::Cancelled => EventKind::TaskCancelled { task_id: t.id },
         _ => EventKind::TaskFailed {
             task_id: t.id,
@@ -299,6 +314,7 @@ impl Api for Koubou {
             koubou_backend::RouteError::UnknownKind { .. } => ApiError::invalid("type", e.to_string()),
             koubou_backend::RouteError::UnknownBackend { .. } => ApiError::invalid("backend", e.to_string()),
         })?;
+        let (kind, priority) = (task.kind.clone(), task.priority);
         let limit = self.inner.cfg.limits.max_pending;
         let submitted = self.inner.queue.submit_bounded(task, Some(limit)).await.map_err(|e| match e {
             QueueError::Full { queued, limit } => {
@@ -308,13 +324,26 @@ impl Api for Koubou {
             e => queue_error(e),
         })?;
         let id = submitted.task.id;
-        let mut resp =
-            SubmitResponse { task_id: id, status: submitted.task.status, created: submitted.created, task: None };
+        if submitted.created {
+            tracing::info!(task = %id, %kind, priority = priority.get(), sync, "task accepted");
+        } else {
+            tracing::info!(task = %id, "repeated submission: returned the earlier task");
+        }
+        let mut resp = SubmitResponse {
+            task_id: id,
+            status: crate::api::DELEGATED.into(),
+            task_status: submitted.task.status,
+            created: submitted.created,
+            task: None,
+            result: None,
+        };
         if sync {
             let bound = self.inner.cfg.server.sync_wait_secs;
             let wait = Duration::from_secs(wait_secs.unwrap_or(bound).min(bound));
             let v = self.wait(id, wait, &|_| {}).await?;
-            resp.status = v.status;
+            resp.status = v.status.as_str().into();
+            resp.task_status = v.status;
+            resp.result = v.result.clone();
             resp.task = Some(v);
         }
         Ok(resp)
@@ -388,10 +417,12 @@ impl Api for Koubou {
             .map(|w| WorkerView {
                 worker_id: w.id.0,
                 state: w.state.into(),
+                status: w.state.into(),
                 current_task: w.current,
                 tasks_done: w.done,
                 tasks_failed: w.failed,
                 started_at: koubou_task::rfc3339(w.started_at),
+                last_heartbeat: koubou_task::rfc3339(w.since),
             })
             .collect();
         Ok(WorkersView {
@@ -448,7 +479,9 @@ impl Api for Koubou {
         let served: Vec<&str> = router.types().values().map(|r| r.backend.as_str()).collect();
         let degraded = backends.iter().any(|b| !b.up && served.contains(&b.name.as_str()));
         Ok(HealthView {
-            status: if degraded { "degraded" } else { "ok" }.into(),
+            status: if degraded { crate::api::DEGRADED } else { crate::api::HEALTHY }.into(),
+            server: "koubou".into(),
+            timestamp: koubou_task::rfc3339(now_millis()),
             version: env!("CARGO_PKG_VERSION").into(),
             queue: QueueView {
                 pending: c.pending,

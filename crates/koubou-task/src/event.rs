@@ -47,10 +47,14 @@ pub enum EventKind {
         task_id: TaskId,
         text: String,
     },
+    /// The task's end: `result` is the whole answer, so a client that joined late (or kept no
+    /// tokens) has it.
     TaskCompleted {
         task_id: TaskId,
         usage: Option<Usage>,
         latency_ms: Millis,
+        #[serde(default)]
+        result: String,
     },
     /// An attempt failed; `retry_at` is set when the task will be tried again.
     TaskFailed {

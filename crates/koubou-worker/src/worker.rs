@@ -38,6 +38,8 @@ struct StateInner {
     state: &'static str,
     /// When `state` last changed.
     since: Instant,
+    /// The same moment, in ms since the epoch (for views).
+    since_ms: i64,
     current: Option<TaskId>,
     done: u64,
     failed: u64,
@@ -54,14 +56,24 @@ pub struct Snapshot {
     pub started_at: i64,
     /// How long the worker has been idle (`None` unless it is).
     pub idle_for: Option<Duration>,
+    /// When the state last changed (ms since the epoch).
+    pub since: i64,
 }
 
 impl WorkerState {
     pub fn new(id: WorkerId) -> Self {
+        let started_at = now_millis();
         WorkerState {
             id,
-            started_at: now_millis(),
-            inner: Mutex::new(StateInner { state: "idle", since: Instant::now(), current: None, done: 0, failed: 0 }),
+            started_at,
+            inner: Mutex::new(StateInner {
+                state: "idle",
+                since: Instant::now(),
+                since_ms: started_at,
+                current: None,
+                done: 0,
+                failed: 0,
+            }),
         }
     }
 
@@ -75,6 +87,7 @@ impl WorkerState {
             failed: i.failed,
             started_at: self.started_at,
             idle_for: (i.state == "idle").then(|| i.since.elapsed()),
+            since: i.since_ms,
         }
     }
 
@@ -83,6 +96,7 @@ impl WorkerState {
             let mut i = self.inner.lock();
             i.state = state;
             i.since = Instant::now();
+            i.since_ms = now_millis();
             i.current = current;
         }
         bus.publish(EventKind::WorkerState { worker_id: self.id.clone(), state: state.into(), task_id: current });
@@ -99,6 +113,7 @@ pub struct Stop {
 
 /// Runs one worker until it is stopped.
 pub async fn run(shared: Arc<Shared>, state: Arc<WorkerState>, stop: Stop) {
+    tracing::info!(worker = %state.id, "worker started");
     loop {
         let claimed = match claim_wait(&*shared.queue, &state.id, None, shared.lease, &stop.stop).await {
             Ok(Some(c)) => c,
@@ -123,12 +138,15 @@ pub async fn run(shared: Arc<Shared>, state: Arc<WorkerState>, stop: Stop) {
         state.set(&shared.bus, "idle", None);
     }
     state.set(&shared.bus, "stopped", None);
+    tracing::info!(worker = %state.id, "worker stopped");
 }
 
 /// Runs one claimed task to its end. True when it completed.
 async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -> bool {
     let Claimed { task, lease, cancel } = claimed;
     let id = task.id;
+    tracing::info!(attempt = lease.attempt, priority = task.priority.get(), "task claimed");
+    let began = std::time::Instant::now();
     let plan = match shared.router.plan(&task) {
         Ok(p) => p,
         Err(e) => {
@@ -207,6 +225,11 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
                 usage: served.generation.usage,
                 warnings: served.generation.warnings,
             };
+            tracing::info!(
+                ms = began.elapsed().as_millis() as u64,
+                tokens = done.usage.completion_tokens,
+                "task completed"
+            );
             let r = outlast_transient(shared, || shared.queue.complete(&lease, done.clone())).await;
             log_write(id, r.map(|_| ()));
             true

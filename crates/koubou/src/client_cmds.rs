@@ -148,7 +148,7 @@ fn finish(json: bool, v: &TaskView, streamed: bool) -> anyhow::Result<()> {
         output::json(v)?;
     } else {
         match (v.status, streamed) {
-            (TaskStatus::Completed, false) => println!("{}", v.result.as_deref().unwrap_or("")),
+            (TaskStatus::Completed, false) => println!("{}", v.answer().unwrap_or("")),
             (TaskStatus::Completed, true) => println!(),
             _ => {}
         }
@@ -189,7 +189,7 @@ fn print_task(v: &TaskView) {
     for (k, val) in rows {
         println!("{k:>15}  {val}");
     }
-    if let Some(text) = v.result.as_ref().or(v.partial.as_ref()) {
+    if let Some(text) = v.answer().or(v.partial.as_deref()) {
         println!("\n{text}");
     }
 }

@@ -8,6 +8,7 @@
 
 mod bench;
 mod client_cmds;
+mod logfiles;
 mod logging;
 mod models;
 mod output;

@@ -62,7 +62,7 @@ async fn sigkill_loses_no_accepted_task() {
     for (i, id) in ids.iter().enumerate() {
         let v: Value = http.get(format!("{}/task/{id}/status", s.url)).send().await.unwrap().json().await.unwrap();
         assert_eq!(v["status"], "completed");
-        assert_eq!(v["result"], format!("echo: job {i}"));
+        assert_eq!(v["result"]["output"], format!("echo: job {i}"));
     }
     // Tasks finished before the kill were not run again; the rest ran at least once, and the
     // ones cut off by the kill ran at most twice.

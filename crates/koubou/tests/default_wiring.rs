@@ -28,7 +28,7 @@ async fn uses_ollama_when_it_answers_on_ollama_host() {
     let h: Value = reqwest::get(format!("{}/health", s.url)).await.unwrap().json().await.unwrap();
     assert!(h["routes"]["general"].as_str().unwrap().starts_with("ollama/gemma2:2b"), "{h}");
     let t = sync_task(&s.url, json!({"prompt": "hi there", "sync": true})).await;
-    assert_eq!(t["result"], "ollama says: hi there");
+    assert_eq!(t["result"]["output"], "ollama says: hi there");
     assert_eq!(t["backend"], "ollama");
     assert_eq!(t["usage"]["completion_tokens"], 4);
 }
@@ -47,8 +47,8 @@ async fn falls_back_to_the_embedded_model() {
     let body = json!({"prompt": q, "sync": true, "options": {"temperature": 0, "max_tokens": 32}});
     let a = sync_task(&s.url, body.clone()).await;
     let b = sync_task(&s.url, body).await;
-    assert!(a["result"].as_str().unwrap().contains("Paris"), "{a}");
-    assert_eq!(a["result"], b["result"], "temperature 0 is deterministic");
+    assert!(a["result"]["output"].as_str().unwrap().contains("Paris"), "{a}");
+    assert_eq!(a["result"]["output"], b["result"]["output"], "temperature 0 is deterministic");
     assert_eq!(a["backend"], "embedded");
     assert!(a["usage"]["completion_tokens"].as_u64().unwrap() > 0);
 
@@ -59,7 +59,7 @@ async fn falls_back_to_the_embedded_model() {
         http.post(format!("{}/task/delegate", s.url)).json(&long).send().await.unwrap().json().await.unwrap();
     let long_id = v["task_id"].as_str().unwrap().to_owned();
     let short = sync_task(&s.url, json!({"prompt": "Say hello.", "sync": true, "options": {"max_tokens": 16}})).await;
-    assert!(!short["result"].as_str().unwrap().is_empty());
+    assert!(!short["result"]["output"].as_str().unwrap().is_empty());
     let mut partial = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while tokio::time::Instant::now() < deadline {
@@ -75,5 +75,5 @@ async fn falls_back_to_the_embedded_model() {
     assert_eq!(c["status"], "cancelled");
     // The engine is free again: the next task completes promptly.
     let next = sync_task(&s.url, json!({"prompt": "Say yes.", "sync": true, "options": {"max_tokens": 8}})).await;
-    assert!(!next["result"].as_str().unwrap().is_empty());
+    assert!(!next["result"]["output"].as_str().unwrap().is_empty());
 }

@@ -154,7 +154,7 @@ function showTask(t) {
   $('d-status').className = 'badge s-' + t.status;
   $('d-id').textContent = t.task_id;
   $('d-prompt').textContent = t.prompt;
-  state.answer = t.result || t.partial || '';
+  state.answer = (t.result && t.result.output) || t.partial || '';
   $('d-answer').textContent = state.answer;
   $('d-answer').classList.toggle('streaming', t.status === 'running');
   $('d-error').textContent = t.error || '';
@@ -299,7 +299,8 @@ function onMessage(m) {
     case 'metrics': pushSample(m); return;
     case 'subscribed': if (m.task) showTask(m.task); return;
     case 'error': console.warn('server:', m.error); return;
-    case 'welcome': case 'unsubscribed': case 'pong': case 'task': case 'task_submitted': return;
+    case 'welcome': case 'unsubscribed': case 'pong': case 'task': case 'task_submitted':
+    case 'initial_state': case 'periodic_stats': return;
     case 'task_token':
       if (m.task_id === state.selected) {
         state.answer += m.text;

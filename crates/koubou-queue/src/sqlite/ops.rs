@@ -266,6 +266,7 @@ pub fn complete(ctx: &mut Ctx<'_>, lease: &Lease, done: Completion) -> Result<Ta
         task_id: task.id,
         usage: task.usage,
         latency_ms: task.latency_ms().unwrap_or_default(),
+        result: task.result.clone().unwrap_or_default(),
     });
     Ok(task)
 }

@@ -56,15 +56,11 @@ impl Serve {
             "serve-stderr-{}.log",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
-        let mut ports = vec!["--port", "0"];
-        for flag in ["--ws-port", "--graphql-port"] {
-            if !extra.contains(&flag) {
-                ports.extend([flag, "0"]);
-            }
-        }
+        // A face's port given in `extra` replaces the 0 that leaves it unbound.
+        let ports = ["--port", "--ws-port", "--graphql-port"].into_iter().filter(|p| !extra.contains(p));
         let mut child = Command::new(bin())
             .arg("serve")
-            .args(ports)
+            .args(ports.flat_map(|p| [p, "0"]))
             .arg("--home")
             .arg(home)
             .args(extra)
