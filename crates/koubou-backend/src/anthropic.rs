@@ -400,6 +400,7 @@ mod tests {
             task_id: "t".into(),
             task_kind: "general".into(),
             num_ctx: None,
+            response_format: None,
         };
         assert_eq!(
             b.body(&req),

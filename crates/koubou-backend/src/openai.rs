@@ -386,6 +386,7 @@ mod tests {
             task_id: "t".into(),
             task_kind: "general".into(),
             num_ctx: None,
+            response_format: None,
         };
         let body = b.body(&req);
         assert_eq!(body["max_completion_tokens"], 9);

@@ -369,6 +369,7 @@ mod tests {
                     usage: Usage::default(),
                     model: req.model,
                     finish_reason: "stop".into(),
+                    warnings: vec![],
                 }),
                 _ => {
                     sink.token("hi");
