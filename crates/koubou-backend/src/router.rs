@@ -394,6 +394,7 @@ mod tests {
                 system_prompt: Some("be terse".into()),
                 fallback: Some("b".into()),
                 timeout_secs: 1,
+                num_ctx: Some(16384),
                 ..TypeRoute::default()
             },
         )]);
@@ -418,7 +419,9 @@ mod tests {
     async fn routes_by_type_and_task_overrides() {
         let r = router("ok");
         let t = task("code");
-        let s = r.plan(&t).unwrap().run(&t, &crate::Discard, &CancellationToken::new()).await.unwrap();
+        let plan = r.plan(&t).unwrap();
+        assert_eq!(plan.num_ctx, Some(16384), "the type's num_ctx travels with the plan");
+        let s = plan.run(&t, &crate::Discard, &CancellationToken::new()).await.unwrap();
         assert_eq!(s.generation.text, "a:coder:be terse");
         let mut t = task("code");
         t.requested_backend = Some("b".into());
