@@ -5,6 +5,11 @@
 //! LF vs CRLF, and some send keep-alive comments (`: ping`). Both providers feed raw bytes in as
 //! they arrive and get whole lines / whole events out, so neither has to care about framing.
 
+/// The longest line buffered: a peer that sends more without a newline (garbage, or a
+/// runaway) gets it cut into lines of this size, which its parser then refuses, instead of
+/// growing the buffer without end.
+pub(crate) const MAX_LINE: usize = 16 << 20;
+
 /// Splits a byte stream into lines. Accepts LF and CRLF; bytes are buffered until a line is
 /// complete, so a chunk may end anywhere, including inside a multi-byte UTF-8 character.
 #[derive(Debug, Default)]
@@ -25,6 +30,12 @@ impl LineSplitter {
             self.buf.extend_from_slice(&rest[..i]);
             rest = &rest[i + 1..];
             out.push(take_line(&mut self.buf));
+        }
+        while self.buf.len() + rest.len() > MAX_LINE {
+            let (head, tail) = rest.split_at(MAX_LINE - self.buf.len());
+            self.buf.extend_from_slice(head);
+            out.push(take_line(&mut self.buf));
+            rest = tail;
         }
         self.buf.extend_from_slice(rest);
         out
@@ -126,6 +137,20 @@ impl SseParser {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_endless_line_is_cut_not_buffered_without_end() {
+        let mut l = super::LineSplitter::new();
+        let chunk = vec![b'x'; 1 << 20];
+        let mut lines = Vec::new();
+        for _ in 0..40 {
+            lines.extend(l.push(&chunk));
+            assert!(l.buf.len() <= super::MAX_LINE);
+        }
+        assert_eq!(lines.len(), 2);
+        assert!(lines.iter().all(|x| x.len() == super::MAX_LINE));
+        assert_eq!(l.finish().map(|x| x.len()), Some((40 << 20) - 2 * super::MAX_LINE));
+    }
+
     use super::*;
 
     fn ev(event: Option<&str>, data: &str) -> SseEvent {

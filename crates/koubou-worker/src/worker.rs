@@ -111,11 +111,22 @@ pub struct Stop {
     pub abort: CancellationToken,
 }
 
+/// A task's final write, left for the worker to send together with its next claim.
+type Deferred<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 /// Runs one worker until it is stopped.
 pub async fn run(shared: Arc<Shared>, state: Arc<WorkerState>, stop: Stop) {
     tracing::info!(worker = %state.id, "worker started");
+    let mut last_write: Option<Deferred<'_>> = None;
     loop {
-        let claimed = match claim_wait(&*shared.queue, &state.id, None, shared.lease, &stop.stop).await {
+        // The last task's outcome and the next claim reach the writer together, so they share
+        // one commit (one fsync with durability = "full") instead of waiting for two in a row.
+        let claim = claim_wait(&*shared.queue, &state.id, None, shared.lease, &stop.stop);
+        let claimed = match last_write.take() {
+            Some(write) => tokio::join!(write, claim).1,
+            None => claim.await,
+        };
+        let claimed = match claimed {
             Ok(Some(c)) => c,
             Ok(None) => break,
             Err(QueueError::Closed) => break,
@@ -130,19 +141,24 @@ pub async fn run(shared: Arc<Shared>, state: Arc<WorkerState>, stop: Stop) {
         state.set(&shared.bus, "busy", Some(claimed.task.id));
         // Every log line about this task carries the worker and task ids (JSON log fields).
         let span = tracing::info_span!("task", worker = %state.id, task = %claimed.task.id, kind = %claimed.task.kind);
-        let ok = process(&shared, claimed, &stop.abort).instrument(span).await;
+        let (ok, write) = process(&shared, claimed, &stop.abort).instrument(span).await;
+        last_write = write;
         {
             let mut i = state.inner.lock();
             if ok { i.done += 1 } else { i.failed += 1 }
         }
         state.set(&shared.bus, "idle", None);
     }
+    if let Some(write) = last_write {
+        write.await;
+    }
     state.set(&shared.bus, "stopped", None);
     tracing::info!(worker = %state.id, "worker stopped");
 }
 
-/// Runs one claimed task to its end. True when it completed.
-async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -> bool {
+/// Runs one claimed task to its end. True when it completed; the write that records a
+/// backend's outcome is returned, not awaited (the caller sends it with its next claim).
+async fn process<'a>(shared: &'a Shared, claimed: Claimed, abort: &CancellationToken) -> (bool, Option<Deferred<'a>>) {
     let Claimed { task, lease, cancel } = claimed;
     let id = task.id;
     tracing::info!(attempt = lease.attempt, priority = task.priority.get(), "task claimed");
@@ -159,7 +175,7 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
                 retry_after: None,
             };
             log_write(id, shared.queue.fail(&lease, f).await.map(|_| ()));
-            return false;
+            return (false, None);
         }
     };
     let backend = plan.backend.name().to_owned();
@@ -230,15 +246,17 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
                 tokens = done.usage.completion_tokens,
                 "task completed"
             );
-            let r = outlast_transient(shared, || shared.queue.complete(&lease, done.clone())).await;
-            log_write(id, r.map(|_| ()));
-            true
+            let write = async move {
+                let r = outlast_transient(shared, || shared.queue.complete(&lease, done.clone())).await;
+                log_write(id, r.map(|_| ()));
+            };
+            (true, Some(Box::pin(write)))
         }
         Err(BackendError::Cancelled) => {
             if abort.is_cancelled() && !cancel.is_cancelled() {
                 log_write(id, shared.queue.release(&lease).await);
             }
-            false
+            (false, None)
         }
         Err(e) => {
             tracing::warn!(task = %id, backend = %backend, error = %e, "attempt failed");
@@ -250,9 +268,11 @@ async fn process(shared: &Shared, claimed: Claimed, abort: &CancellationToken) -
                 partial: (!partial.is_empty()).then_some(partial),
                 retry_after: e.retry_after(),
             };
-            let r = outlast_transient(shared, || shared.queue.fail(&lease, f.clone())).await;
-            log_write(id, r.map(|_| ()));
-            false
+            let write = async move {
+                let r = outlast_transient(shared, || shared.queue.fail(&lease, f.clone())).await;
+                log_write(id, r.map(|_| ()));
+            };
+            (false, Some(Box::pin(write)))
         }
     }
 }

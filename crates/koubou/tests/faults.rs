@@ -463,3 +463,127 @@ async fn a_full_disk_is_503_with_retry_after_loses_nothing_and_recovers() {
     assert_eq!(http.get("/tasks?limit=1").await["total"], acked.len(), "nothing refused was stored");
     assert_eq!(http.get("/health").await["status"], "ok");
 }
+
+/// A misbehaving OpenAI-compatible server: by prompt, it answers garbage, cuts the stream after
+/// one chunk, or accepts and never answers.
+async fn bad_llm() -> std::net::SocketAddr {
+    use axum::{Json, routing::post};
+    async fn chat(Json(body): Json<Value>) -> axum::response::Response {
+        let prompt = body["messages"][0]["content"].as_str().unwrap_or_default().to_owned();
+        let sse = |b: axum::body::Body| {
+            axum::response::Response::builder().header("content-type", "text/event-stream").body(b).unwrap()
+        };
+        match prompt.as_str() {
+            "garbage" => sse("{{{ not an event stream at all ]]]\n\n".into()),
+            "cut" => {
+                let chunk = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"half\"}}]}\n\n";
+                sse(axum::body::Body::from_stream(futures::stream::iter([Ok::<_, std::io::Error>(chunk)])))
+            }
+            _ => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                sse("".into())
+            }
+        }
+    }
+    let app = axum::Router::new().route("/v1/chat/completions", post(chat));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    addr
+}
+
+/// A backend down from the start, one answering garbage, one cutting the stream, one hanging:
+/// each task is tried a bounded number of times, then fails with words that say what happened,
+/// and `/health` shows the dead backend down; the server stays healthy for the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_backends_get_bounded_retries_then_a_clear_failure() {
+    let bad = bad_llm().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    home(
+        dir.path(),
+        &format!(
+            r#"
+[queue]
+max_attempts = 2
+[backends.dead]
+kind = "openai"
+base_url = "http://{dead}/v1"
+api_key_env = ""
+[backends.bad]
+kind = "openai"
+base_url = "http://{bad}/v1"
+api_key_env = ""
+[types.general]
+backend = "bad"
+timeout_secs = 2
+[types.code]
+backend = "dead"
+"#
+        ),
+    );
+    let s = Serve::start(dir.path(), &[]);
+    let http = Http::new(&s.url, None);
+    let mut cases = Vec::new();
+    for (ty, prompt, words) in [
+        ("code", "anything", "unreachable"),
+        ("general", "garbage", "ended early"),
+        ("general", "cut", "ended early"),
+        ("general", "hang", "did not finish within 2s"),
+    ] {
+        let v: Value = http.submit(json!({"type": ty, "prompt": prompt})).await.json().await.unwrap();
+        cases.push((v["task_id"].as_str().unwrap().to_owned(), prompt, words));
+    }
+    for (id, prompt, words) in cases {
+        let t = http.finished(&id).await;
+        eprintln!("{prompt}: {}", t["error"]);
+        assert_eq!(t["status"], "failed", "{prompt}: {t}");
+        assert_eq!(t["attempts"], 2, "{prompt}: retries are bounded by max_attempts");
+        let error = t["error"].as_str().unwrap();
+        assert!(error.contains(words), "{prompt}: {error}");
+    }
+    let h = http.get("/health").await;
+    let dead_b = h["backends"].as_array().unwrap().iter().find(|b| b["name"] == "dead").unwrap().clone();
+    assert_eq!(dead_b["up"], false, "{h}");
+    assert!(!dead_b["detail"].as_str().unwrap().is_empty());
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["queue"]["failed"], 4);
+}
+
+/// SIGTERM while tasks run and more wait: the server stops claiming, lets running tasks finish
+/// (or hands them back), exits by itself, and a restart completes every accepted task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    home(
+        dir.path(),
+        "[backends.slow]\nkind = \"exec\"\nargv = [\"sh\", \"-c\", \"cat >/dev/null; sleep 0.3; echo done\"]\n\
+         concurrency = 1\n[types.general]\nbackend = \"slow\"\n[types.code]\nbackend = \"slow\"\n",
+    );
+    let mut s = Serve::start(dir.path(), &[]);
+    let http = Http::new(&s.url, None);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let v: Value = http.submit(json!({"prompt": format!("job {i}")})).await.json().await.unwrap();
+        ids.push(v["task_id"].as_str().unwrap().to_owned());
+    }
+    until(60, "a task to be running", async || http.get("/health").await["queue"]["running"] == 1).await;
+    let pid = s.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "koubou serve did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    drop(s);
+    let s = Serve::start(dir.path(), &[]);
+    let http = Http::new(&s.url, None);
+    for id in &ids {
+        let t = http.finished(id).await;
+        assert_eq!((t["status"].as_str(), t["result"].as_str()), (Some("completed"), Some("done\n")), "{t}");
+    }
+}
