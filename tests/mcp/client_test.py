@@ -178,7 +178,7 @@ async def main(args):
         check([t["task_id"] for t in sc(r)["tasks"]] == [a["task_id"]] or a["task_id"] in {t["task_id"] for t in sc(r)["tasks"]}, "list_tasks filters by status")
         r = await call(client, "system_status")
         s = sc(r)
-        check(s.get("status") == "ok" and s["backends"][0]["up"] and "general" in s.get("routes", {}), "system_status", s)
+        check(s.get("status") == "healthy" and s["backends"][0]["up"] and "general" in s.get("routes", {}), "system_status", s)
 
     print(f"{passed} passed, {failed} failed", flush=True)
     return failed == 0

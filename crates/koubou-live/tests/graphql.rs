@@ -221,7 +221,11 @@ async fn subscriptions_over_graphql_transport_ws() {
     .await;
     let (m, _) = until(&mut ws, 5, |v| v["id"] == "again").await;
     assert_eq!(m["payload"]["data"]["taskUpdates"]["status"], "COMPLETED", "{m}");
-    assert_eq!(m["payload"]["data"]["taskUpdates"]["result"].as_str().unwrap(), text, "a late subscriber has the answer");
+    assert_eq!(
+        m["payload"]["data"]["taskUpdates"]["result"].as_str().unwrap(),
+        text,
+        "a late subscriber has the answer"
+    );
     send(&mut ws, json!({"type": "ping"})).await;
     until(&mut ws, 5, |v| v["type"] == "pong").await;
 }
