@@ -418,6 +418,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             task_id: "t".into(),
             task_kind: "test".into(),
+            num_ctx: None,
             response_format: None,
         }
     }

@@ -80,8 +80,8 @@ pub mod cores;
 pub mod engine;
 pub mod gguf;
 pub mod models;
-pub mod sysinfo;
 pub mod remote;
+pub mod sysinfo;
 pub mod transcode;
 
 pub use backend::{EmbeddedBackend, default_threads};
