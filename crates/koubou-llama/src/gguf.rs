@@ -469,7 +469,7 @@ pub fn parse_prefix(data: &[u8], file_len: u64) -> Result<Summary, GgufError> {
         let Some((type_name, block, block_bytes)) = ggml_type(ty) else {
             return Err(r.err_at(type_at, ErrorKind::BadTensorType { tensor: tensor(), ggml_type: ty }));
         };
-        if (ne[0] as u64) % block != 0 {
+        if !(ne[0] as u64).is_multiple_of(block) {
             return Err(r.err_at(
                 dims_at,
                 ErrorKind::RowNotBlockMultiple { tensor: tensor(), ggml_type: type_name, row: ne[0], block },

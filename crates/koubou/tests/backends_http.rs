@@ -95,7 +95,11 @@ async fn https_backend_needs_its_ca_from_ca_file_or_ssl_cert_file() {
         let s = Serve::start_with_env(home.path(), &[], &env);
         let id = submit(&s.url, "general", "hi").await;
         let v = finished(&s.url, &id).await;
-        assert_eq!((v["status"].as_str(), v["result"].as_str()), (Some("completed"), Some("over tls")), "{v}");
+        assert_eq!(
+            (v["status"].as_str(), v["result"]["output"].as_str()),
+            (Some("completed"), Some("over tls")),
+            "{v}"
+        );
         let h = get(&format!("{}/health", s.url)).await;
         assert_eq!(h["backends"][0]["up"], true, "{h}");
     }
@@ -155,7 +159,7 @@ async fn loopback_traffic_never_goes_through_the_environments_proxy() {
     // The backend configured with `proxy` goes through it (loopback or not).
     let id = submit(&s.url, "code", "x").await;
     let v = finished(&s.url, &id).await;
-    assert_eq!(v["result"], "proxied", "{v}");
+    assert_eq!(v["result"]["output"], "proxied", "{v}");
     let seen = proxy.seen();
     assert!(seen.contains(&format!("POST {}/v1/chat/completions", proxied.url())), "{seen:?}");
     let stray: Vec<&String> = seen.iter().filter(|l| !l.contains(&proxied.addr.to_string())).collect();

@@ -164,7 +164,7 @@ async fn repeated_sigkill_under_load_with_waiters_loses_and_duplicates_nothing()
     for (i, id) in &ids {
         let v: Value = http.get(format!("{}/task/{id}/status", s.url)).send().await.unwrap().json().await.unwrap();
         assert_eq!(v["status"], "completed");
-        assert_eq!(v["result"], format!("echo: job {i}"));
+        assert_eq!(v["result"]["output"], format!("echo: job {i}"));
         assert!(seen.insert(id.clone()), "two submissions got one id");
         let calls = fake.calls(&format!("job {i}"));
         assert!((1..=KILLS + 1).contains(&calls), "job {i} ran {calls} times");

@@ -127,7 +127,7 @@ backend = "codex"
     let v: Value = http.submit(json!({"prompt": "dump"})).await.json().await.unwrap();
     let t = http.finished(v["task_id"].as_str().unwrap()).await;
     assert_eq!(t["status"], "completed", "{t}");
-    let out = t["result"].as_str().unwrap();
+    let out = t["result"]["output"].as_str().unwrap();
     let names: Vec<&str> = out.lines().filter_map(|l| l.split_once('=').map(|(k, _)| k)).collect();
     for secret in ["koubou-secret-token", "sk-other-backends-key", "users-own"] {
         assert!(!out.contains(secret), "exec child saw {secret}:\n{out}");
@@ -146,7 +146,7 @@ backend = "codex"
     let v: Value = http.submit(json!({"type": "code", "prompt": prompt})).await.json().await.unwrap();
     let t = http.finished(v["task_id"].as_str().unwrap()).await;
     assert_eq!(t["status"], "completed", "{t}");
-    let out = t["result"].as_str().unwrap();
+    let out = t["result"]["output"].as_str().unwrap();
     assert!(
         !out.contains("koubou-secret-token") && !out.contains("sk-other-backends-key"),
         "codex saw a secret:\n{out}"
@@ -208,7 +208,7 @@ async fn kill_9_of_the_server_leaves_no_child_and_recovery_runs_no_second_copy()
     let http = Http::new(&s.url, None);
     let t = http.finished(&id).await;
     assert_eq!(t["status"], "completed", "{t}");
-    assert_eq!(t["result"], "second run\n", "the recovered run found an older copy alive: {t}");
+    assert_eq!(t["result"]["output"], "second run\n", "the recovered run found an older copy alive: {t}");
     let h = http.get("/health").await;
     assert_eq!(h["queue"]["completed"], 1, "{h}");
 }
@@ -238,7 +238,7 @@ async fn a_flood_of_output_is_cut_at_max_result_bytes_and_its_process_killed() {
     assert!(t["partial"].as_str().map_or(0, str::len) <= 100_000, "partial kept beyond the limit");
     let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     until(30, "the flooding program to be killed", async || !alive(pid)).await;
-    assert_eq!(http.get("/health").await["status"], "ok");
+    assert_eq!(http.get("/health").await["status"], "healthy");
 }
 
 /// At `max_pending` waiting tasks every face refuses the next submission with the limit named
@@ -260,7 +260,7 @@ async fn a_full_queue_answers_429_on_every_face_and_drops_nothing() {
     until(60, "the first task to run", async || http.task(&ids[0]).await["status"] == "running").await;
     for i in 0..3 {
         let r = http.submit(json!({"prompt": format!("waits {i}")})).await;
-        assert_eq!(r.status(), 201);
+        assert_eq!(r.status(), 200);
         ids.push(r.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_owned());
     }
     // REST.
@@ -307,7 +307,7 @@ async fn a_full_queue_answers_429_on_every_face_and_drops_nothing() {
     }
     // Room again: cancel one waiting task and the next submission is accepted.
     http.auth(http.c.post(format!("{}/task/{}/cancel", s.url, ids[3]))).send().await.unwrap();
-    assert_eq!(http.submit(json!({"prompt": "fits now"})).await.status(), 201);
+    assert_eq!(http.submit(json!({"prompt": "fits now"})).await.status(), 200);
 }
 
 /// `delegate_task` over the server's `/mcp`; the raw answer (an SSE stream).
@@ -352,7 +352,7 @@ async fn a_locked_database_is_503_with_retry_after_then_recovers() {
     );
     let s = Serve::start(dir.path(), &[]);
     let http = Http::new(&s.url, None);
-    assert_eq!(http.submit(json!({"prompt": "before"})).await.status(), 201);
+    assert_eq!(http.submit(json!({"prompt": "before"})).await.status(), 200);
     let db = dir.path().join("db").join("koubou.db");
     let other = rusqlite::Connection::open(&db).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
@@ -364,7 +364,7 @@ async fn a_locked_database_is_503_with_retry_after_then_recovers() {
     assert_eq!(b["error"]["code"], "database_locked", "{b}");
     other.execute_batch("ROLLBACK").unwrap();
     drop(other);
-    assert_eq!(http.submit(json!({"prompt": "after"})).await.status(), 201);
+    assert_eq!(http.submit(json!({"prompt": "after"})).await.status(), 200);
     let all = http.get("/tasks?limit=10").await;
     let prompts: Vec<&str> = all["tasks"].as_array().unwrap().iter().map(|t| t["prompt"].as_str().unwrap()).collect();
     assert_eq!(prompts, ["after", "before"]);
@@ -416,7 +416,7 @@ async fn a_full_disk_is_503_with_retry_after_loses_nothing_and_recovers() {
     let mut acked: Vec<String> = Vec::new();
     for i in 0..5 {
         let r = http.submit(json!({"prompt": format!("before {i}")})).await;
-        assert_eq!(r.status(), 201);
+        assert_eq!(r.status(), 200);
         acked.push(r.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_owned());
     }
     // Fill the file system to the last byte.
@@ -431,13 +431,13 @@ async fn a_full_disk_is_503_with_retry_after_loses_nothing_and_recovers() {
     for i in 0..40 {
         let r = http.submit(json!({"prompt": format!("{i} {big}")})).await;
         match r.status().as_u16() {
-            201 => acked.push(r.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_owned()),
+            200 => acked.push(r.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_owned()),
             503 => {
                 let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
                 refused = Some((retry, r.json::<Value>().await.unwrap()));
                 break;
             }
-            other => panic!("expected 201 or 503 on a full disk, got {other}: {}", r.text().await.unwrap()),
+            other => panic!("expected 200 or 503 on a full disk, got {other}: {}", r.text().await.unwrap()),
         }
     }
     let (retry, body) = refused.expect("a full disk never refused a submission");
@@ -449,7 +449,7 @@ async fn a_full_disk_is_503_with_retry_after_loses_nothing_and_recovers() {
     let mut after = None;
     until(60, "a submission to be accepted once there is room", async || {
         let r = http.submit(json!({"prompt": "after"})).await;
-        if r.status() == 201 {
+        if r.status() == 200 {
             after = Some(r.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_owned());
         }
         after.is_some()
@@ -461,7 +461,7 @@ async fn a_full_disk_is_503_with_retry_after_loses_nothing_and_recovers() {
         assert_eq!(t["status"], "completed", "acknowledged task lost or failed: {t}");
     }
     assert_eq!(http.get("/tasks?limit=1").await["total"], acked.len(), "nothing refused was stored");
-    assert_eq!(http.get("/health").await["status"], "ok");
+    assert_eq!(http.get("/health").await["status"], "healthy");
 }
 
 /// A misbehaving OpenAI-compatible server: by prompt, it answers garbage, cuts the stream after
@@ -584,6 +584,6 @@ async fn sigterm_under_load_drains_and_loses_nothing() {
     let http = Http::new(&s.url, None);
     for id in &ids {
         let t = http.finished(id).await;
-        assert_eq!((t["status"].as_str(), t["result"].as_str()), (Some("completed"), Some("done\n")), "{t}");
+        assert_eq!((t["status"].as_str(), t["result"]["output"].as_str()), (Some("completed"), Some("done\n")), "{t}");
     }
 }
