@@ -313,6 +313,19 @@ pub fn validate_with(path: &Path, trial: Option<&TrialLoader>) -> Result<Validat
 mod tests {
     use super::*;
 
+    /// koubou-gguf's table of tensor types (it cannot link ggml) agrees with ggml's own.
+    #[test]
+    fn gguf_type_table_matches_ggml() {
+        use crate::gguf::GGML_TYPES;
+        for id in 0..llama_cpp_sys_2::GGML_TYPE_COUNT {
+            let (blck, size) = unsafe { (llama_cpp_sys_2::ggml_blck_size(id), llama_cpp_sys_2::ggml_type_size(id)) };
+            match GGML_TYPES.iter().find(|t| t.0 == id) {
+                Some(&(_, name, b, s)) => assert_eq!((b, s), (blck as u64, size as u64), "{name} ({id})"),
+                None => assert_eq!(blck, 0, "type {id} is missing from GGML_TYPES"),
+            }
+        }
+        assert!(GGML_TYPES.iter().all(|t| t.0 < llama_cpp_sys_2::GGML_TYPE_COUNT));
+    }
     #[test]
     fn reason_line_prefers_assertions_and_shortens_paths() {
         let err = "llama_model_loader: loaded meta data\n\

@@ -78,7 +78,7 @@ pub mod backend;
 pub mod check;
 pub mod cores;
 pub mod engine;
-pub mod gguf;
+pub use koubou_gguf as gguf;
 pub mod models;
 pub mod remote;
 pub mod sysinfo;
