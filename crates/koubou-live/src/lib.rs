@@ -9,6 +9,7 @@
 //!   a document's depth, complexity and aliases before anything runs.
 //! - [`dashboard_router`]: the web dashboard under `/dashboard` (port 8765), its own JSON
 //!   endpoints under `/dashboard/api/` and its WebSocket at `/dashboard/ws`.
+//! - [`protocol`]: what a WebSocket client may send, parsed in one place with no I/O (fuzzed).
 //!
 //! Every byte a browser loads comes from this binary: no CDN.
 
@@ -18,6 +19,7 @@ pub mod gql;
 pub mod gql_limits;
 pub mod graphql;
 pub mod metrics;
+pub mod protocol;
 pub mod prototype;
 pub mod ws;
 

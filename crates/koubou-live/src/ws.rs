@@ -33,16 +33,15 @@ use axum::{
     routing::get,
 };
 use futures::{SinkExt, StreamExt};
-use koubou_system::{
-    Api, ApiError, Koubou,
-    api::{ListQuery, SubmitRequest},
-};
+use koubou_system::{Api, ApiError, Koubou};
 use koubou_task::{Event, EventKind, Limits, TaskId};
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast::error::RecvError, mpsc, oneshot, watch};
 
+pub use crate::protocol::Topic;
 use crate::{
     metrics::{MetricsSample, Sampler},
+    protocol::{self, Request, Target},
     prototype,
 };
 
@@ -137,44 +136,6 @@ impl WsSlot {
         None
     }
 }
-
-/// What a connection can subscribe to besides single tasks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Topic {
-    /// Every event, every token of every task included.
-    All,
-    /// Life-cycle events of every task (created, claimed, started, completed, failed,
-    /// cancelled, requeued): no tokens.
-    Tasks,
-    /// Workers scaling and changing state, backends going up or down.
-    System,
-    /// A `metrics` sample every second or two.
-    Metrics,
-    /// The prototype's channel `task`: a `task_update` for each life-cycle event of any task.
-    Task,
-    /// The prototype's channel `worker`: a `worker_update` when a worker changes state.
-    Worker,
-    /// `periodic_stats` every 5 s (on by default, as the prototype sent it to every client).
-    Stats,
-}
-
-impl Topic {
-    fn parse(s: &str) -> Option<Topic> {
-        Some(match s {
-            "all" => Topic::All,
-            "tasks" => Topic::Tasks,
-            "system" => Topic::System,
-            "metrics" => Topic::Metrics,
-            "task" => Topic::Task,
-            "worker" => Topic::Worker,
-            "stats" => Topic::Stats,
-            _ => return None,
-        })
-    }
-}
-
-const TOPICS: &str = "all, tasks, system, metrics, task, worker or stats";
-const TYPES: &str = "submit_task, subscribe, unsubscribe, cancel_task, get_task, list_tasks, status, get_stats or ping";
 
 /// State shared by all WebSocket connections of one router.
 #[derive(Clone)]
@@ -280,24 +241,19 @@ impl Conn {
     }
 
     async fn handle(&mut self, text: &str) -> Result<(), Kick> {
-        let msg: Value = match serde_json::from_str(text) {
-            Ok(v @ Value::Object(_)) => v,
-            Ok(_) => return self.error(None, ApiError::invalid("message", "must be a JSON object with a \"type\"")),
-            Err(e) => return self.error(None, ApiError::invalid("message", format!("not valid JSON: {e}"))),
+        let protocol::Message { reference, request } = protocol::parse(text);
+        let answer = match request {
+            Ok(req) => self.request(req).await,
+            Err(e) => Err(e),
         };
-        let r = msg.get("ref").cloned();
-        // `command` is the prototype's name for `type`.
-        let Some(ty) = msg.get("type").or_else(|| msg.get("command")).and_then(Value::as_str) else {
-            return self.error(r, ApiError::invalid("type", format!("is required (or `command`): {TYPES}")));
-        };
-        match self.request(ty, &msg).await {
+        match answer {
             Ok(mut v) => {
-                if let Some(r) = r {
+                if let Some(r) = reference {
                     v["ref"] = r;
                 }
                 self.send(v)
             }
-            Err(e) => self.error(r, e),
+            Err(e) => self.error(reference, e),
         }
     }
 
@@ -310,75 +266,43 @@ impl Conn {
         self.send(v)
     }
 
-    async fn request(&mut self, ty: &str, msg: &Value) -> Result<Value, ApiError> {
+    async fn request(&mut self, req: Request) -> Result<Value, ApiError> {
         let k = &self.st.k;
-        match ty {
-            "ping" => Ok(json!({"type": "pong", "at": koubou_task::now_millis(), "timestamp": prototype::timestamp()})),
-            "get_stats" => prototype::stats(k).await,
-            "submit_task" => {
-                let payload = msg.get("payload").ok_or_else(|| ApiError::invalid("payload", "is required"))?;
-                let mut req = SubmitRequest::from_json(payload).map_err(|mut e| {
-                    e.field = format!("payload.{}", e.field);
-                    ApiError::Invalid(e)
-                })?;
-                // A WebSocket client hears the result as events; never block the connection.
-                req.sync = false;
+        match req {
+            Request::Ping => {
+                Ok(json!({"type": "pong", "at": koubou_task::now_millis(), "timestamp": prototype::timestamp()}))
+            }
+            Request::GetStats => prototype::stats(k).await,
+            Request::Submit(req) => {
                 let resp = k.submit(req).await?;
                 self.tasks.insert(resp.task_id);
                 Ok(
                     json!({"type": "task_submitted", "task_id": resp.task_id, "status": resp.task_status, "created": resp.created}),
                 )
             }
-            "subscribe" | "unsubscribe" => {
-                let on = ty == "subscribe";
-                if let Some(id) = msg.get("task_id") {
-                    let id = task_id(id)?;
-                    if on {
-                        let task = k.task(id).await?;
-                        self.tasks.insert(id);
-                        return Ok(json!({"type": "subscribed", "task_id": id, "task": task}));
-                    }
-                    self.tasks.remove(&id);
-                    return Ok(json!({"type": "unsubscribed", "task_id": id}));
-                }
-                // `channel` is the prototype's name for `topic`.
-                let topic =
-                    msg.get("topic").or_else(|| msg.get("channel")).and_then(Value::as_str).ok_or_else(|| {
-                        ApiError::invalid("topic", format!("give a task_id, or a topic (or `channel`): {TOPICS}"))
-                    })?;
-                let t = Topic::parse(topic)
-                    .ok_or_else(|| ApiError::invalid("topic", format!("unknown topic {topic:?}; use {TOPICS}")))?;
-                if on {
-                    self.topics.insert(t);
-                } else {
-                    self.topics.remove(&t);
-                }
-                Ok(json!({"type": if on { "subscribed" } else { "unsubscribed" }, "topic": topic, "channel": topic,
-                    "timestamp": prototype::timestamp()}))
+            Request::Subscribe(Target::Task(id)) => {
+                let task = k.task(id).await?;
+                self.tasks.insert(id);
+                Ok(json!({"type": "subscribed", "task_id": id, "task": task}))
             }
-            "cancel_task" => {
-                let id = task_id(msg.get("task_id").unwrap_or(&Value::Null))?;
-                let task = k.cancel(id).await?;
-                Ok(json!({"type": "task", "task": task}))
+            Request::Unsubscribe(Target::Task(id)) => {
+                self.tasks.remove(&id);
+                Ok(json!({"type": "unsubscribed", "task_id": id}))
             }
-            "get_task" => {
-                let id = task_id(msg.get("task_id").unwrap_or(&Value::Null))?;
-                Ok(json!({"type": "task", "task": k.task(id).await?}))
+            Request::Subscribe(Target::Topic(t, name)) => {
+                self.topics.insert(t);
+                Ok(json!({"type": "subscribed", "topic": name, "channel": name, "timestamp": prototype::timestamp()}))
             }
-            "list_tasks" => {
-                let q: ListQuery = serde_json::from_value(msg.get("query").cloned().unwrap_or(json!({})))
-                    .map_err(|e| ApiError::invalid("query", e.to_string()))?;
-                Ok(json!({"type": "task_list", "list": k.tasks(q).await?}))
+            Request::Unsubscribe(Target::Topic(t, name)) => {
+                self.topics.remove(&t);
+                Ok(json!({"type": "unsubscribed", "topic": name, "channel": name, "timestamp": prototype::timestamp()}))
             }
-            "status" => Ok(json!({"type": "status", "status": k.status().await?})),
-            other => Err(ApiError::invalid("type", format!("unknown message type {other:?}; use {TYPES}"))),
+            Request::Cancel(id) => Ok(json!({"type": "task", "task": k.cancel(id).await?})),
+            Request::Get(id) => Ok(json!({"type": "task", "task": k.task(id).await?})),
+            Request::List(q) => Ok(json!({"type": "task_list", "list": k.tasks(q).await?})),
+            Request::Status => Ok(json!({"type": "status", "status": k.status().await?})),
         }
     }
-}
-
-fn task_id(v: &Value) -> Result<TaskId, ApiError> {
-    let s = v.as_str().ok_or_else(|| ApiError::invalid("task_id", format!("must be a task id string, got {v}")))?;
-    s.parse().map_err(|e: koubou_task::id::BadTaskId| ApiError::invalid("task_id", e.to_string()))
 }
 
 /// An event as sent: its JSON with `type` set to the event's name.
