@@ -172,7 +172,10 @@ impl SubmitRequest {
             "wait_secs",
         ];
         if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-            return Err(FieldError::new(k.as_str(), format!("unknown field; known fields: {}", KNOWN.join(", "))));
+            // A key that is the empty string cannot name itself: the body is at fault.
+            let (field, what) =
+                if k.is_empty() { ("body", "a field named \"\" is unknown") } else { (k.as_str(), "unknown field") };
+            return Err(FieldError::new(field, format!("{what}; known fields: {}", KNOWN.join(", "))));
         }
         let prompt = match (obj.get("prompt"), obj.get("content")) {
             (Some(p), _) | (None, Some(p)) => {
@@ -587,6 +590,8 @@ mod tests {
         assert_eq!(field(r#"{"prompt": "x", "options": {"temp": 1}}"#), "options");
         assert_eq!(field(r#"{"prompt": "x", "sync": "yes"}"#), "sync");
         assert_eq!(field(r#"[1]"#), "body");
+        // Found by the task_json fuzz target: an empty key was named as the field "".
+        assert_eq!(field(r#"{"": "x", "prompt": "x"}"#), "body");
     }
 
     #[test]
