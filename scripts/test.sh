@@ -31,6 +31,7 @@ ensure_bg mcp-inspector ensure-mcp-inspector.sh
 ensure_bg claude ensure-claude-code.sh
 ensure_bg chromium ensure-chromium.sh
 ensure_bg node-tools ensure-node-tools.sh
+ensure_bg cargo-fuzz ensure-cargo-fuzz.sh
 
 step "build (workspace, tests included)"
 cargo build --workspace --all-targets --locked
@@ -57,6 +58,7 @@ peer mcp-inspector KOUBOU_MCP_INSPECTOR
 peer claude KOUBOU_CLAUDE_BIN
 peer chromium KOUBOU_CHROMIUM
 peer node-tools KOUBOU_NODE_MODULES
+peer cargo-fuzz KOUBOU_CARGO_FUZZ
 export KOUBOU_ARTIFACTS="${KOUBOU_ARTIFACTS:-$PWD/artifacts}"
 
 # Formatting and lints (clippy denies every warning), before the suite.
@@ -71,4 +73,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast "$@"
 fi
+# A short, bounded run of every fuzz target from the corpus in fuzz/corpus (scripts/fuzz.sh).
+step "fuzz (${KOUBOU_FUZZ_SECS:-20}s per target)"
+scripts/fuzz.sh "${KOUBOU_FUZZ_SECS:-20}"
 step "done"
