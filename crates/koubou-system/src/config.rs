@@ -154,6 +154,28 @@ impl Home {
     pub fn logs_dir(&self) -> PathBuf {
         self.dir.join("logs")
     }
+
+    /// Creates the home and its `db/` and `logs/`, each readable by this user only (0700): they
+    /// hold every prompt, answer and log line. A directory that exists already keeps its mode;
+    /// when other users can enter the home, the answer is a warning for the caller to show.
+    pub fn prepare(&self) -> std::io::Result<Option<String>> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let existed = self.dir.is_dir();
+        let mut private = std::fs::DirBuilder::new();
+        private.recursive(true).mode(0o700);
+        for d in [self.dir.clone(), self.dir.join("db"), self.logs_dir()] {
+            private.create(&d)?;
+        }
+        let mode = std::fs::metadata(&self.dir)?.permissions().mode() & 0o777;
+        Ok((existed && mode & 0o077 != 0).then(|| {
+            format!(
+                "{} (mode {mode:o}) can be read by other users of this machine, and it holds every prompt and \
+                 answer: chmod 700 {}",
+                self.dir.display(),
+                self.dir.display()
+            )
+        }))
+    }
 }
 
 impl Config {
@@ -276,6 +298,23 @@ pub fn is_loopback(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_home_is_private_and_an_open_one_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home { dir: tmp.path().join("a").join(".koubou") };
+        assert_eq!(home.prepare().unwrap(), None);
+        for d in [home.dir.clone(), home.dir.join("db"), home.logs_dir()] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        // An existing home keeps its mode, and the warning says how to close it.
+        std::fs::set_permissions(&home.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let warning = home.prepare().unwrap().expect("a warning");
+        assert!(warning.contains("mode 755") && warning.contains("chmod 700"), "{warning}");
+        assert_eq!(mode(&home.dir), 0o755);
+    }
 
     #[test]
     fn template_documents_the_defaults() {

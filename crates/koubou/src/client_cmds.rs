@@ -338,6 +338,9 @@ pub struct RunArgs {
 /// Starts an in-process system (no ports), submits, streams the answer, shuts down.
 pub async fn run(ctx: &Ctx, mut a: RunArgs) -> anyhow::Result<()> {
     logging::init_quiet();
+    if let Some(w) = ctx.prepare_home()? {
+        tracing::warn!("{w}");
+    }
     crate::supervise_children(None)?;
     let cfg = ctx.config()?;
     crate::models::prepare(&cfg).await?;

@@ -118,6 +118,13 @@ impl Ctx {
         Ok(Config::load(&self.config_path)?)
     }
 
+    /// Creates the home readable by this user only (`Home::prepare`); the answer is a warning to
+    /// log when an existing home is open to other users.
+    pub fn prepare_home(&self) -> anyhow::Result<Option<String>> {
+        use anyhow::Context;
+        self.home.prepare().with_context(|| format!("creating {}", self.home.dir.display()))
+    }
+
     /// A client for the running server.
     pub fn client(&self) -> anyhow::Result<koubou_client::Client> {
         let cfg = self.config()?;

@@ -164,7 +164,11 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
+    let open_home = ctx.prepare_home()?;
     let _log = logging::init(Some(&ctx.home.logs_dir()), "koubou.log");
+    if let Some(w) = open_home {
+        tracing::warn!("{w}");
+    }
     let lock = lock_home(ctx).await?;
     crate::supervise_children(Some(std::os::fd::AsRawFd::as_raw_fd(&lock)))?;
     let mut cfg = ctx.config()?;
@@ -255,6 +259,9 @@ pub async fn mcp(ctx: &Ctx, embedded: bool) -> anyhow::Result<()> {
     logging::init_quiet();
     let cfg = ctx.config()?;
     if embedded {
+        if let Some(w) = ctx.prepare_home()? {
+            tracing::warn!("{w}");
+        }
         crate::supervise_children(None)?;
         crate::models::prepare(&cfg).await?;
         let opts = StartOptions { node: format!("mcp-{}", std::process::id()), workers: true };

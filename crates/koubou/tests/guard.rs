@@ -703,3 +703,39 @@ async fn a_client_over_the_rate_limit_gets_429_and_nothing_runs() {
     assert_eq!(total, Some(created as u64));
     healthy(&s.url).await;
 }
+
+/// Other users of the machine cannot read the prompts on disk: a home `koubou serve` creates is
+/// 0700, its `db/` and `logs/` too; started in a home others can enter, it says so and how to
+/// close it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_home_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let (_fake, fake_addr) = FakeLlm::start(Duration::from_millis(10)).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg_dir = tmp.path().join("cfg");
+    home_with_fake(&cfg_dir, fake_addr, "");
+    let config = cfg_dir.join("koubou.toml");
+    let config = config.to_str().unwrap();
+
+    std::fs::create_dir(tmp.path().join("fresh")).unwrap();
+    let fresh = tmp.path().join("fresh").join(".koubou");
+    let s = Serve::start(&fresh, &["--config", config]);
+    healthy(&s.url).await;
+    for d in [fresh.clone(), fresh.join("db"), fresh.join("logs")] {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+    }
+    assert!(fresh.join("db").join("koubou.db").is_file());
+    let log = std::fs::read_to_string(&s.stderr_log).unwrap();
+    assert!(!log.contains("chmod 700"), "a private home needs no warning: {log}");
+    drop(s);
+
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = Serve::start(&open, &["--config", config]);
+    healthy(&s.url).await;
+    let log = std::fs::read_to_string(&s.stderr_log).unwrap();
+    assert!(log.contains("mode 755") && log.contains(&format!("chmod 700 {}", open.display())), "{log}");
+    assert_eq!(mode(&open), 0o755, "an existing home keeps the mode its owner gave it");
+}

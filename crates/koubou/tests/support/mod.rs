@@ -52,7 +52,9 @@ impl Serve {
 
     /// [`Serve::start`] with extra environment variables.
     pub fn start_with_env(home: &Path, extra: &[&str], env: &[(&str, &str)]) -> Serve {
-        let log = home.join(format!(
+        // In the home, or beside it when serve is to create the home.
+        let log_dir = if home.is_dir() { home } else { home.parent().expect("a home with a parent") };
+        let log = log_dir.join(format!(
             "serve-stderr-{}.log",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
