@@ -67,10 +67,7 @@ async function main() {
 
     // The tag filter narrows the board to the tagged task.
     await page.fill('#tag-filter', 'poetry');
-    await page.waitForFunction(() => {
-      const cards = [...document.querySelectorAll('.card')];
-      return cards.length > 0 && cards.every((c) => c.title.includes('lathe'));
-    }, null, { timeout: 5000 });
+    await onlyCardsWith(page, 'lathe');
     await page.fill('#tag-filter', '');
     step('tag filter narrows the board');
 
@@ -95,10 +92,7 @@ async function main() {
 
     // Search narrows the board.
     await page.fill('#q', 'lathe');
-    await page.waitForFunction(() => {
-      const cards = [...document.querySelectorAll('.card')];
-      return cards.length > 0 && cards.every((c) => c.title.includes('lathe'));
-    }, null, { timeout: 5000 });
+    await onlyCardsWith(page, 'lathe');
     await page.fill('#q', '');
     step('search filters the board');
 
@@ -132,5 +126,13 @@ async function main() {
 }
 
 function step(s) { console.log('ok -', s); }
+
+// Waits until the board shows cards, every one of them about `word`.
+function onlyCardsWith(page, word) {
+  return page.waitForFunction((w) => {
+    const cards = [...document.querySelectorAll('.card')];
+    return cards.length > 0 && cards.every((c) => c.title.includes(w));
+  }, word, { timeout: 5000 });
+}
 
 main().catch((e) => { console.error('FAILED:', e.message); process.exit(1); });
