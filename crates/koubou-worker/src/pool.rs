@@ -103,8 +103,7 @@ impl Pool {
         let capacities: BTreeMap<String, usize> = router
             .types()
             .values()
-            .flat_map(|r| std::iter::once(r.backend.as_str()).chain(r.fallback.iter().map(String::as_str)))
-            .filter_map(|name| router.backend(name).ok())
+            .filter_map(|r| router.backend(&r.backend).ok())
             .map(|b| (b.name().to_owned(), b.capacity().max(1)))
             .collect();
         let capacity = capacities.values().sum::<usize>().max(1);
