@@ -32,8 +32,12 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// An example binary of this crate (`cargo test` builds them beside the test binaries).
 fn example(name: &str) -> PathBuf {
+    // With a build dir shared between checkouts (CARGO_BUILD_BUILD_DIR), the examples beside
+    // this test binary are those of whichever checkout built last; the target dir holds ours.
+    let own = std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("debug/examples").join(name));
     let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("examples").join(name);
+    let beside = exe.parent().unwrap().parent().unwrap().join("examples").join(name);
+    let p = own.filter(|p| p.exists()).unwrap_or(beside);
     assert!(p.exists(), "{} missing: run `cargo build -p koubou-mcp --examples`", p.display());
     p
 }
