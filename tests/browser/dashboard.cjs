@@ -52,12 +52,24 @@ async function main() {
     await page.fill('#f-prompt', 'Write a haiku about a lathe');
     await page.selectOption('#f-type', 'code');
     await page.fill('#f-priority', '8');
+    await page.fill('#f-tags', 'Confidential, poetry');
     await page.click('#f-submit');
     await page.waitForSelector('#col-done .card[data-status="completed"]:has-text("haiku about a lathe")', { timeout: 30000 });
     await page.waitForFunction(() => document.querySelector('#d-answer').textContent.includes('finished the piece'), null, { timeout: 10000 });
     const status = await page.textContent('#d-status');
     if (status !== 'completed') throw new Error(`detail shows ${status}`);
-    step('submitted task completed on the board, answer streamed into the detail');
+    // Where it ran and its tags, in the detail; local or remote, in the backends table.
+    await page.waitForSelector('#d-meta:has-text("(local)")', { timeout: 5000 });
+    await page.waitForSelector('#d-meta:has-text("confidential, poetry")', { timeout: 5000 });
+    await page.waitForSelector('#backends td:has-text("local")', { timeout: 10000 });
+    step('submitted task completed on the board, answer streamed into the detail, where it ran shown');
+    await page.fill('#f-tags', '');
+
+    // The tag filter narrows the board to the tagged task.
+    await page.fill('#tag-filter', 'poetry');
+    await onlyCardsWith(page, 'lathe');
+    await page.fill('#tag-filter', '');
+    step('tag filter narrows the board');
 
     // Submit a slow one, see it running, cancel it.
     await page.fill('#f-prompt', 'slow: carve a temple gate');
@@ -80,10 +92,7 @@ async function main() {
 
     // Search narrows the board.
     await page.fill('#q', 'lathe');
-    await page.waitForFunction(() => {
-      const cards = [...document.querySelectorAll('.card')];
-      return cards.length > 0 && cards.every((c) => c.title.includes('lathe'));
-    }, null, { timeout: 5000 });
+    await onlyCardsWith(page, 'lathe');
     await page.fill('#q', '');
     step('search filters the board');
 
@@ -117,5 +126,13 @@ async function main() {
 }
 
 function step(s) { console.log('ok -', s); }
+
+// Waits until the board shows cards, every one of them about `word`.
+function onlyCardsWith(page, word) {
+  return page.waitForFunction((w) => {
+    const cards = [...document.querySelectorAll('.card')];
+    return cards.length > 0 && cards.every((c) => c.title.includes(w));
+  }, word, { timeout: 5000 });
+}
 
 main().catch((e) => { console.error('FAILED:', e.message); process.exit(1); });

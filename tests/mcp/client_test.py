@@ -7,7 +7,7 @@ not write. Run by crates/koubou-mcp/tests/real_clients.rs; usable by hand:
     $PY tests/mcp/client_test.py --mode 2026-07-28 --files-dir DIR --http http://127.0.0.1:8765/mcp
 
 The server must run tasks with tests/mcp/fake_llm.py on ONE worker (pool max_workers = 1), with
-[mcp] allowed_paths = [DIR], max_wait_secs = 6, progress_every_secs = 1.
+[mcp] allowed_paths = [DIR], max_wait_secs = 6, progress_every_secs = 1, max_result_chars = 1000.
 Prints one line per check and ends with "N passed, N failed"; exits 1 on any failure.
 """
 
@@ -92,7 +92,8 @@ async def main(args):
         s = sc(r)
         check(not r.is_error and s.get("status") == "completed", "delegate_task with wait returns the answer", s)
         check("echo: hello world" in (s.get("result") or ""), "answer in structuredContent.result", s)
-        check("echo: hello world" in text(r), "answer in text content", text(r))
+        check("echo: hello world" not in text(r) and "structuredContent.result" in text(r),
+              "the text block points to the answer instead of repeating it", text(r))
         done_id = s.get("task_id")
 
         # Context files from the allowed folder reach the craftsman.
@@ -170,6 +171,19 @@ async def main(args):
             check(r.is_error and word in text(r), f"{name} {arguments} is a tool error naming {word!r}", text(r))
         r = await call(client, "get_task", {"task_id": done_id})
         check(sc(r).get("status") == "completed", "still serving after errors")
+
+        # A long answer is cut at [mcp] max_result_chars (1000 here) and read on with get_task's offset.
+        long = "SHOWPROMPT " + "".join(chr(ord("a") + i % 26) for i in range(2400))
+        r = await call(client, "delegate_task", {"prompt": long, "wait_seconds": 5})
+        s = sc(r)
+        check(s.get("status") == "completed" and len(s.get("result", "")) == 1000 and "offset=1000" in s.get("next", ""),
+              "a long answer is cut with the offset to read on", {k: v for k, v in s.items() if k != "result"})
+        whole, offset = s.get("result", ""), 1000
+        while s.get("next") and offset < 10000:
+            s = sc(await call(client, "get_task", {"task_id": s["task_id"], "offset": offset}))
+            whole += s.get("result", "")
+            offset += len(s.get("result", "")) or 10000
+        check(long in whole, "get_task with offset reads the rest", len(whole))
 
         r = await call(client, "list_tasks", {"limit": 50})
         ids = {t["task_id"] for t in sc(r).get("tasks", [])}

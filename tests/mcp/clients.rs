@@ -55,6 +55,7 @@ max_attempts = 1
 
 [mcp]
 max_wait_secs = 6
+max_result_chars = 1000
 progress_every_secs = 1
 allowed_paths = [{files:?}]
 
@@ -110,12 +111,11 @@ pub fn python_sdk(py: &Path, home: &Home, mode: &str, transport: &[&str], env: &
     assert!(out.status.success() && stdout.contains(" passed, 0 failed"), "the Python SDK checks failed (above)");
 }
 
-/// `claude -p hi --mcp-config …`: its first line lists the tools it would give its model.
-pub fn claude_lists_tools(bin: &Path, config: Value, what: &str) {
-    let scratch = tempfile::tempdir().unwrap();
+/// Claude Code, offline and with a throwaway home: no telemetry, no updates, no login.
+fn claude(bin: &Path, scratch: &Path) -> Command {
     let mut cmd = Command::new(bin);
-    cmd.env("HOME", scratch.path())
-        .env("CLAUDE_CONFIG_DIR", scratch.path().join(".claude"))
+    cmd.env("HOME", scratch)
+        .env("CLAUDE_CONFIG_DIR", scratch.join(".claude"))
         .env("DISABLE_TELEMETRY", "1")
         .env("DISABLE_AUTOUPDATER", "1")
         .env("DISABLE_UPDATES", "1")
@@ -124,10 +124,17 @@ pub fn claude_lists_tools(bin: &Path, config: Value, what: &str) {
         .env("DISABLE_GROWTHBOOK", "1")
         .env("CLAUDE_CODE_DISABLE_FEATURE_FLAGS", "1")
         .env("MCP_TIMEOUT", "15000")
-        .current_dir(scratch.path())
-        .args(["-p", "hi", "--strict-mcp-config", "--output-format", "stream-json", "--verbose", "--mcp-config"])
-        .arg(config.to_string())
+        .current_dir(scratch)
         .stdin(Stdio::null());
+    cmd
+}
+
+/// `claude -p hi --mcp-config …`: its first line lists the tools it would give its model.
+pub fn claude_lists_tools(bin: &Path, config: Value, what: &str) {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut cmd = claude(bin, scratch.path());
+    cmd.args(["-p", "hi", "--strict-mcp-config", "--output-format", "stream-json", "--verbose", "--mcp-config"])
+        .arg(config.to_string());
     let out = run(&mut cmd, what);
     let first = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_owned();
     let init: Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{what}: first line not JSON ({e})"));
@@ -137,4 +144,44 @@ pub fn claude_lists_tools(bin: &Path, config: Value, what: &str) {
     }
     let server = init["mcp_servers"].as_array().unwrap().iter().find(|s| s["name"] == "koubou").unwrap();
     assert_eq!(server["status"], "connected", "{what}");
+}
+
+/// One real turn of Claude Code against `tests/mcp/fake_anthropic.py`: the fake model calls
+/// `mcp__koubou__{tool}` with `args`; returns the `tool_result` block Claude Code then sends
+/// the model — exactly what the model reads of the tool's result.
+pub fn claude_tool_result(bin: &Path, config: Value, tool: &str, args: Value, what: &str) -> Value {
+    use std::io::BufRead;
+    let scratch = tempfile::tempdir().unwrap();
+    let log = scratch.path().join("messages.jsonl");
+    let name = format!("mcp__koubou__{tool}");
+    let mut fake = Command::new("python3")
+        .arg(repo().join("tests/mcp/fake_anthropic.py"))
+        .arg(&log)
+        .arg(&name)
+        .arg(args.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs tests/mcp/fake_anthropic.py");
+    let mut line = String::new();
+    std::io::BufReader::new(fake.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("fake said {line:?}")).to_owned();
+    let mut cmd = claude(bin, scratch.path());
+    // Tool search would defer MCP tools behind a search step; a one-call turn needs them listed.
+    cmd.env("ANTHROPIC_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("ANTHROPIC_API_KEY", "sk-ant-offline-test")
+        .env("ENABLE_TOOL_SEARCH", "false")
+        .args(["-p", "use the tool", "--strict-mcp-config", "--output-format", "stream-json", "--verbose"])
+        .args(["--allowedTools", &name, "--mcp-config"])
+        .arg(config.to_string());
+    let out = run(&mut cmd, what);
+    let _ = fake.kill();
+    let _ = fake.wait();
+    assert!(out.status.success(), "{what}: claude failed");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .flat_map(|r| r["body"]["messages"].as_array().cloned().unwrap_or_default())
+        .flat_map(|m| m["content"].as_array().cloned().unwrap_or_default())
+        .find(|c| c["type"] == "tool_result" && c["tool_use_id"] == "toolu_koubou_1")
+        .unwrap_or_else(|| panic!("{what}: Claude Code sent no tool_result; requests:\n{text}"))
 }

@@ -1,4 +1,5 @@
-//! Backend and routing configuration: `[backends.NAME]` and `[types.NAME]` tables of `koubou.toml`.
+//! Backend and routing configuration: `[backends.NAME]`, `[types.NAME]` and `[pricing]` of
+//! `koubou.toml`.
 
 use std::{collections::BTreeMap, path::PathBuf};
 
@@ -12,8 +13,133 @@ use crate::http::ClientOptions;
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackendsConfig {
-    pub backends: BTreeMap<String, BackendConfig>,
+    pub backends: BTreeMap<String, BackendTable>,
     pub types: BTreeMap<String, TypeRoute>,
+    pub pricing: PricingConfig,
+}
+
+/// One `[backends.NAME]` table: what any backend may set, beside its provider's own settings
+/// (`kind` and the rest).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendTable {
+    // Read first: each takes its own keys out of the table, so the provider's table (which
+    // refuses unknown keys) sees only its own. (Neither may itself flatten anything: serde
+    // reads a struct with a flattened field as a map, which takes nothing out.)
+    #[serde(flatten)]
+    pub settings: BackendSettings,
+    #[serde(flatten)]
+    pub prices: Prices,
+    #[serde(flatten)]
+    pub provider: BackendConfig,
+}
+
+impl From<BackendConfig> for BackendTable {
+    fn from(provider: BackendConfig) -> Self {
+        BackendTable { settings: BackendSettings::default(), prices: Prices::default(), provider }
+    }
+}
+
+impl BackendTable {
+    /// Whether prompts sent to this backend leave the machine: `remote` when set, else what
+    /// the provider says ([`BackendConfig::remote_by_default`]).
+    pub fn is_remote(&self) -> bool {
+        self.settings.remote.unwrap_or_else(|| self.provider.remote_by_default())
+    }
+}
+
+/// Settings every backend has, whatever its kind.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct BackendSettings {
+    /// Whether prompts sent here leave this machine. Unset: judged from the provider (a URL
+    /// whose host is not loopback, or the Codex CLI, which talks to OpenAI's cloud, is remote).
+    /// A type reaches a remote backend only with `allow_remote = true`, and a confidential task
+    /// never does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<bool>,
+}
+
+/// What a backend charges, per million tokens (in the currency of your price list; the docs
+/// assume US dollars). Unset prices count as free.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Prices {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_input_per_mtok: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_output_per_mtok: Option<f64>,
+    /// Prompt tokens the provider served from its cache (unset: the input price).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_cached_input_per_mtok: Option<f64>,
+}
+
+impl Prices {
+    /// True when any price is set.
+    pub fn is_set(&self) -> bool {
+        self.price_input_per_mtok.is_some()
+            || self.price_output_per_mtok.is_some()
+            || self.price_cached_input_per_mtok.is_some()
+    }
+
+    /// What `usage` costs at these prices.
+    pub fn cost(&self, usage: &koubou_task::Usage) -> f64 {
+        let input = self.price_input_per_mtok.unwrap_or(0.0);
+        let cached = self.price_cached_input_per_mtok.unwrap_or(input);
+        let read = usage.cache_read_tokens.unwrap_or(0);
+        let fresh = usage.prompt_tokens.saturating_sub(read);
+        let cached_tokens = read.min(usage.prompt_tokens);
+        (fresh as f64 * input
+            + cached_tokens as f64 * cached
+            + usage.completion_tokens as f64 * self.price_output_per_mtok.unwrap_or(0.0))
+            / 1e6
+    }
+
+    /// Refuses negative or non-finite prices, naming the key.
+    pub fn check(&self, table: &str) -> Result<(), String> {
+        for (key, v) in [
+            ("price_input_per_mtok", self.price_input_per_mtok),
+            ("price_output_per_mtok", self.price_output_per_mtok),
+            ("price_cached_input_per_mtok", self.price_cached_input_per_mtok),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err(format!("{table}: {key} must be a number >= 0, got {v}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[pricing]`: the reference price that values what local backends served — "what the local
+/// craftsmen spared a paid API": tokens served by local backends × these prices. An estimate:
+/// it assumes the paid API would have needed as many tokens, for the same work.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PricingConfig {
+    /// A `[backends.NAME]` whose prices are the reference (e.g. the paid API you would
+    /// otherwise use). Explicit prices below win over it, field by field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    // The keys of `Prices`, repeated rather than flattened: serde cannot refuse unknown keys in
+    // a table with a flattened part, and a typo here should be an error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_input_per_mtok: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_output_per_mtok: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_cached_input_per_mtok: Option<f64>,
+}
+
+impl PricingConfig {
+    /// The explicit prices of `[pricing]`.
+    pub fn prices(&self) -> Prices {
+        Prices {
+            price_input_per_mtok: self.price_input_per_mtok,
+            price_output_per_mtok: self.price_output_per_mtok,
+            price_cached_input_per_mtok: self.price_cached_input_per_mtok,
+        }
+    }
 }
 
 /// One `[backends.NAME]` table; `kind` picks the provider.
@@ -56,6 +182,43 @@ impl BackendConfig {
             | BackendConfig::Exec(_)
             | BackendConfig::Embedded(_)
             | BackendConfig::Echo(_) => None,
+        }
+    }
+
+    /// Whether this provider sends prompts off the machine, judged from its settings alone: an
+    /// HTTP provider whose host is not loopback; the Codex CLI (it sends the task to OpenAI's
+    /// cloud unless told otherwise: set `remote = false` for a local model). Every kind must be
+    /// listed here, so a new provider cannot be taken for local by omission.
+    pub fn remote_by_default(&self) -> bool {
+        match self {
+            BackendConfig::Ollama(c) => leaves(&crate::ollama::resolve_url(c.url.as_deref()), &c.proxy),
+            BackendConfig::Openai(c) => leaves(&c.base_url, &c.proxy),
+            BackendConfig::Anthropic(c) => leaves(&c.base_url, &c.proxy),
+            BackendConfig::Codex(_) => true,
+            BackendConfig::Exec(_) | BackendConfig::Embedded(_) | BackendConfig::Echo(_) => false,
+        }
+    }
+}
+
+/// Whether requests to `url` leave the machine: its host is not loopback, or they go through
+/// an explicit proxy that is not (an explicit `proxy` is used even for loopback hosts; the
+/// environment's proxies never are).
+fn leaves(url: &str, proxy: &Option<String>) -> bool {
+    let via_proxy = proxy.as_deref().is_some_and(|p| !p.trim().eq_ignore_ascii_case("none") && !url_is_loopback(p));
+    !url_is_loopback(url) || via_proxy
+}
+
+/// True when `url`'s host is a loopback address or `localhost`; false for anything else,
+/// including a URL that does not parse (a backend is taken for local only when it surely is).
+pub fn url_is_loopback(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url.trim()) else { return false };
+    let Some(host) = u.host_str() else { return false };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            let d = host.trim_end_matches('.').to_ascii_lowercase();
+            d == "localhost" || d.ends_with(".localhost")
         }
     }
 }
@@ -370,15 +533,44 @@ pub struct TypeRoute {
     pub system_prompt: Option<String>,
     /// Wall-clock budget per attempt, unless the task sets `timeout_secs`.
     pub timeout_secs: u64,
-    /// Backend to use when the first one is unreachable or lacks the model.
-    pub fallback: Option<String>,
-    /// Model on the fallback backend; unset means that backend's default.
+    /// Backends to try, in order, when the one before cannot serve (unreachable, rate-limited
+    /// or overloaded, timed out, lacking the model; never on a request it refused as bad).
+    /// One name or a list.
+    #[serde(deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<String>,
+    /// Model on the first fallback backend; unset means that backend's default (the others
+    /// always use their default).
     pub fallback_model: Option<String>,
     /// Default sampling options for this type (a task's own options win field by field).
     pub options: GenOptions,
     /// Ollama's context window for this type's tasks, in tokens (overrides the backend's
     /// `num_ctx`; other backends ignore it).
     pub num_ctx: Option<u32>,
+    /// Lets tasks of this type reach remote backends (a host beyond loopback, or a backend with
+    /// `remote = true`). Without it, a route or fallback to a remote backend is refused at
+    /// start, and so is a task pinning one with `backend`.
+    pub allow_remote: bool,
+    /// Every task of this type is confidential: it runs only on local backends, whatever the
+    /// routing (as a task tagged `confidential`).
+    pub confidential: bool,
+    /// Answers must be JSON (checked; providers are asked for JSON).
+    pub json: bool,
+    /// Answers must be JSON valid against this JSON Schema (implies `json`).
+    pub schema: Option<serde_json::Value>,
+}
+
+/// `"name"` or `["a", "b"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 impl Default for TypeRoute {
@@ -388,10 +580,14 @@ impl Default for TypeRoute {
             model: None,
             system_prompt: None,
             timeout_secs: 300,
-            fallback: None,
+            fallback: vec![],
             fallback_model: None,
             options: GenOptions::default(),
             num_ctx: None,
+            allow_remote: false,
+            confidential: false,
+            json: false,
+            schema: None,
         }
     }
 }
@@ -417,8 +613,102 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(c.backends["local"].kind(), "ollama");
+        assert_eq!(c.backends["local"].provider.kind(), "ollama");
         assert_eq!(c.types["code"].timeout_secs, 120);
+        assert_eq!(c.types["code"].fallback, ["gpt"]);
         assert!(toml::from_str::<BackendsConfig>("[backends.x]\nkind='ollama'\nbogus=1").is_err());
+    }
+
+    #[test]
+    fn shared_backend_settings_sit_beside_the_provider_keys() {
+        let c: BackendsConfig = toml::from_str(
+            r#"
+            [backends.paid]
+            kind = "openai"
+            base_url = "http://127.0.0.1:9000/v1"
+            concurrency = 2
+            remote = true
+            price_input_per_mtok = 3
+            price_output_per_mtok = 15.5
+            [backends.lan]
+            kind = "ollama"
+            url = "http://192.168.1.20:11434"
+            [backends.lan2]
+            kind = "ollama"
+            url = "http://192.168.1.21:11434"
+            remote = false
+            [types.code]
+            backend = "lan"
+            fallback = ["lan2", "paid"]
+            allow_remote = true
+            schema = { type = "object", required = ["a"] }
+            [pricing]
+            reference = "paid"
+            "#,
+        )
+        .unwrap();
+        let paid = &c.backends["paid"];
+        assert_eq!(paid.settings.remote, Some(true));
+        assert_eq!(paid.prices.price_input_per_mtok, Some(3.0));
+        assert_eq!(paid.prices.price_output_per_mtok, Some(15.5));
+        assert!(matches!(&paid.provider, BackendConfig::Openai(o) if o.concurrency == 2));
+        assert!(paid.is_remote(), "explicit remote = true on a loopback URL");
+        assert!(c.backends["lan"].is_remote(), "a LAN host is not loopback");
+        assert!(!c.backends["lan2"].is_remote(), "remote = false wins");
+        assert_eq!(c.types["code"].fallback, ["lan2", "paid"]);
+        assert_eq!(c.types["code"].schema.as_ref().unwrap()["required"][0], "a");
+        assert_eq!(c.pricing.reference.as_deref(), Some("paid"));
+        // Typos are still caught, in the shared keys' table too.
+        let e = toml::from_str::<BackendsConfig>("[backends.x]\nkind='echo'\nremot=true").unwrap_err();
+        assert!(e.to_string().contains("remot"), "{e}");
+        let e = toml::from_str::<BackendsConfig>("[backends.x]\nkind='echo'\nremote='yes'").unwrap_err();
+        assert!(e.to_string().contains("remote") || e.to_string().contains("bool"), "{e}");
+    }
+
+    #[test]
+    fn remote_is_judged_from_the_host() {
+        for (url, local) in [
+            ("http://127.0.0.1:8080/v1", true),
+            ("http://127.9.9.9/v1", true),
+            ("http://[::1]:8080/v1", true),
+            ("http://localhost:1234", true),
+            ("http://LOCALHOST.:1234", true),
+            ("https://api.openai.com/v1", false),
+            ("http://10.0.0.5:8080/v1", false),
+            ("http://[fe80::1]:80", false),
+            ("not a url", false),
+        ] {
+            assert_eq!(url_is_loopback(url), local, "{url}");
+        }
+        let via = |proxy: Option<&str>| {
+            BackendConfig::Openai(OpenAiConfig { proxy: proxy.map(str::to_owned), ..OpenAiConfig::default() })
+                .remote_by_default()
+        };
+        assert!(!via(None) && !via(Some("none")) && !via(Some("http://127.0.0.1:3128")));
+        assert!(via(Some("http://proxy.example:3128")), "an explicit proxy is used even for loopback hosts");
+        let codex = BackendConfig::Codex(CodexConfig::default());
+        assert!(codex.remote_by_default());
+        assert!(!BackendConfig::Echo(EchoConfig::default()).remote_by_default());
+    }
+
+    #[test]
+    fn cost_from_usage_and_prices() {
+        let p = Prices {
+            price_input_per_mtok: Some(2.0),
+            price_output_per_mtok: Some(10.0),
+            price_cached_input_per_mtok: Some(0.5),
+        };
+        let u = koubou_task::Usage { cache_read_tokens: Some(200_000), ..koubou_task::Usage::new(1_000_000, 500_000) };
+        // 800k fresh × 2 + 200k cached × 0.5 + 500k × 10, per million.
+        assert!((p.cost(&u) - (1.6 + 0.1 + 5.0)).abs() < 1e-9);
+        let no_cache_price = Prices { price_cached_input_per_mtok: None, ..p };
+        assert!((no_cache_price.cost(&u) - (2.0 + 5.0)).abs() < 1e-9);
+        assert_eq!(Prices::default().cost(&u), 0.0);
+        assert!(
+            Prices { price_input_per_mtok: Some(-1.0), ..Prices::default() }
+                .check("t")
+                .unwrap_err()
+                .contains("price_input_per_mtok")
+        );
     }
 }

@@ -3,11 +3,16 @@
 //! # Layout
 //! - [`Backend`]: the one trait every provider implements (stream tokens, report usage, say
 //!   whether it is up, say how many generations it serves at once).
-//! - [`config`]: `BackendConfig` (one `[backends.NAME]` table) and `TypeRoute` (one `[types.NAME]`).
-//! - [`router`]: `Router`, which picks backend + model + timeout per task type and falls back
-//!   when the first choice is unreachable.
+//! - [`config`]: `BackendTable` (one `[backends.NAME]` table: the provider's `BackendConfig`
+//!   plus what every backend may set — `remote`, prices), `TypeRoute` (one `[types.NAME]`) and
+//!   `PricingConfig` (`[pricing]`).
+//! - [`router`]: `Router`, which picks backend + model + timeout per task type, walks the type's
+//!   fallback chain when a backend is unreachable, rate-limited or too slow, keeps confidential
+//!   work on local backends, checks structured answers and counts tokens and cost per backend.
 //! - [`cooldown`]: `Cooldowns`, which keeps a rate-limited backend quiet until it said it would
 //!   take requests again.
+//! - [`format`]: structured output — the check of an answer against the [`ResponseFormat`] a
+//!   task asks for (JSON, JSON Schema).
 //! - Providers: [`ollama`] (`/api/chat`), [`openai`] (`/v1/chat/completions`, SSE, with dialect
 //!   options for hosted APIs), [`anthropic`] (`/v1/messages`, SSE), [`exec`] (a configured
 //!   program: task JSON on stdin, answer on stdout) and [`codex`] (`codex exec`). The embedded
@@ -25,6 +30,7 @@ pub mod config;
 pub mod cooldown;
 pub mod echo;
 pub mod exec;
+pub mod format;
 pub mod http;
 pub mod ollama;
 pub mod openai;
@@ -37,11 +43,13 @@ pub mod supervise;
 use std::time::Duration;
 
 use async_trait::async_trait;
-pub use config::{BackendConfig, BackendsConfig, EmbeddedConfig, TypeRoute};
+pub use config::{
+    BackendConfig, BackendSettings, BackendTable, BackendsConfig, EmbeddedConfig, Prices, PricingConfig, TypeRoute,
+};
 pub use koubou_task::{GenOptions, Usage};
 pub use process::{AUTH_TOKEN_ENV, withhold_env};
 pub use providers::build;
-pub use router::{Plan, RouteError, Router};
+pub use router::{Meter, MeterReading, Plan, Profile, RouteError, Router, Served, Spared, Step};
 use serde::Serialize;
 pub use tokio_util::sync::CancellationToken;
 
@@ -62,15 +70,18 @@ pub struct GenerateRequest {
     /// The context window to ask for, in tokens, for backends that take one per request
     /// (Ollama's `num_ctx`); `None` leaves the backend's own setting.
     pub num_ctx: Option<u32>,
-    /// Constrain the answer to JSON, or to JSON matching a schema (`None`: free text).
+    /// The shape the answer must have (`None`: free text): providers that can constrain
+    /// generation are asked to (Ollama's `format`, OpenAI's `response_format`, the embedded
+    /// engine's grammar); the router checks the answer either way.
     pub response_format: Option<ResponseFormat>,
 }
 
-/// A structured-output request: the answer must be JSON (`Json`), or JSON valid against a JSON
-/// Schema (`Schema`). The embedded engine enforces it with a grammar while sampling.
+/// Structured output a task asks for (`json = true`, or a JSON Schema).
 #[derive(Clone, Debug, PartialEq)]
 pub enum ResponseFormat {
+    /// Any JSON value.
     Json,
+    /// JSON valid against this JSON Schema (an object).
     Schema(serde_json::Value),
 }
 
@@ -186,6 +197,10 @@ pub enum BackendError {
     /// The answer grew past `limits.max_result_bytes`; the backend was stopped.
     #[error("{backend}: output too large: more than {limit} bytes (limits.max_result_bytes)")]
     TooLarge { backend: String, limit: usize },
+    /// The answer is not the structured output the task asked for (not JSON, or not valid
+    /// against its schema). Another attempt may do better.
+    #[error("{backend} answered, but not with the JSON asked for: {detail}")]
+    BadOutput { backend: String, detail: String },
     #[error("cancelled")]
     Cancelled,
     /// The configuration cannot work (bad URL, missing program, missing key).
@@ -203,7 +218,25 @@ impl BackendError {
                 | BackendError::Failed { .. }
                 | BackendError::Truncated { .. }
                 | BackendError::Timeout { .. }
+                | BackendError::BadOutput { .. }
         )
+    }
+
+    /// The backend that failed (none for a cancel).
+    pub fn backend(&self) -> Option<&str> {
+        match self {
+            BackendError::Unreachable { backend, .. }
+            | BackendError::ModelMissing { backend, .. }
+            | BackendError::Rejected { backend, .. }
+            | BackendError::RateLimited { backend, .. }
+            | BackendError::Failed { backend, .. }
+            | BackendError::Truncated { backend, .. }
+            | BackendError::Timeout { backend, .. }
+            | BackendError::TooLarge { backend, .. }
+            | BackendError::BadOutput { backend, .. }
+            | BackendError::Config { backend, .. } => Some(backend),
+            BackendError::Cancelled => None,
+        }
     }
 
     /// The wait the provider asked for before another request.
@@ -214,14 +247,17 @@ impl BackendError {
         }
     }
 
-    /// Worth trying the fallback backend right away.
-    pub fn wants_fallback(&self) -> bool {
+    /// Worth trying the next backend of the type's fallback chain right away: this backend
+    /// cannot serve now (unreachable, rate-limited or overloaded, too slow, without the model,
+    /// misconfigured). Never for a request the provider refused as bad, nor a cancel.
+    pub fn falls_back(&self) -> bool {
         matches!(
             self,
             BackendError::Unreachable { .. }
+                | BackendError::RateLimited { .. }
+                | BackendError::Timeout { .. }
                 | BackendError::ModelMissing { .. }
                 | BackendError::Config { .. }
-                | BackendError::RateLimited { .. }
         )
     }
 }

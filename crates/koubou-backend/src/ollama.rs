@@ -15,7 +15,9 @@ use serde_json::{Map, Value, json};
 use crate::config::{OllamaConfig, client_options};
 use crate::http::{self, Body, HEALTH_TIMEOUT};
 use crate::sse::LineSplitter;
-use crate::{Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, TokenSink, Usage};
+use crate::{
+    Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, ResponseFormat, TokenSink, Usage,
+};
 
 /// Where Ollama listens when nothing says otherwise.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:11434";
@@ -159,6 +161,11 @@ impl OllamaBackend {
         if let Some(k) = &self.keep_alive {
             body["keep_alive"] = json!(k);
         }
+        match &req.response_format {
+            Some(ResponseFormat::Json) => body["format"] = json!("json"),
+            Some(ResponseFormat::Schema(s)) => body["format"] = s.clone(),
+            None => {}
+        }
         body
     }
 
@@ -176,6 +183,9 @@ impl OllamaBackend {
             };
         }
         match status {
+            // Ollama answers 503 "server busy" when its queue (OLLAMA_MAX_QUEUE) is full, without
+            // Retry-After: overloaded, so the router cools it down and moves down the chain.
+            503 => BackendError::RateLimited { backend: self.name.clone(), status, retry_after: None, detail: msg },
             400..=499 => BackendError::Rejected { backend: self.name.clone(), status, detail: msg },
             _ => BackendError::Failed { backend: self.name.clone(), detail: format!("HTTP {status}: {msg}") },
         }

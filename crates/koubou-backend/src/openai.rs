@@ -17,7 +17,9 @@ use serde_json::{Map, Value, json};
 use crate::config::{OpenAiConfig, client_options};
 use crate::http::{self, Body, HEALTH_TIMEOUT};
 use crate::sse::SseParser;
-use crate::{Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, TokenSink, Usage};
+use crate::{
+    Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, ResponseFormat, TokenSink, Usage,
+};
 
 /// A server speaking OpenAI's chat-completions API.
 pub struct OpenAiBackend {
@@ -96,6 +98,17 @@ impl OpenAiBackend {
         }
         if !o.stop.is_empty() {
             body["stop"] = json!(o.stop);
+        }
+        match &req.response_format {
+            Some(ResponseFormat::Json) => body["response_format"] = json!({"type": "json_object"}),
+            // Not `strict`: OpenAI's strict mode refuses (400) any schema that does not close
+            // every object (`additionalProperties: false`, every property required). The router
+            // checks the answer against the schema whatever the server did.
+            Some(ResponseFormat::Schema(s)) => {
+                body["response_format"] =
+                    json!({"type": "json_schema", "json_schema": {"name": crate::format::schema_name(s), "schema": s}});
+            }
+            None => {}
         }
         body
     }

@@ -122,7 +122,7 @@ async fn program_not_found_is_a_clear_config_error() {
         BackendError::Config { detail, .. } => assert!(detail.contains("not found"), "{detail}"),
         other => panic!("expected Config, got {other}"),
     }
-    assert!(e.wants_fallback());
+    assert!(e.falls_back());
     assert!(!b.health().await.up);
     assert!(exec(&["python3"]).health().await.up);
     assert!(ExecBackend::new("e", &ExecConfig::default()).is_err(), "empty argv is refused");

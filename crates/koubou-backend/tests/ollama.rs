@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use koubou_backend::config::OllamaConfig;
 use koubou_backend::ollama::{self, OllamaBackend, PullProgress};
-use koubou_backend::{Backend, BackendError, CancellationToken, GenOptions};
+use koubou_backend::{Backend, BackendError, CancellationToken, GenOptions, ResponseFormat};
 use serde_json::json;
 use support::*;
 
@@ -98,7 +98,7 @@ async fn missing_model_says_how_to_pull_it() {
         }
         other => panic!("expected ModelMissing, got {other}"),
     }
-    assert!(e.wants_fallback());
+    assert!(e.falls_back());
 }
 
 #[tokio::test]
@@ -245,4 +245,26 @@ async fn num_ctx_per_backend_and_per_request_and_a_warning_when_the_prompt_fills
     bigger.num_ctx = Some(32768);
     b.generate(bigger, &Collect::default(), CancellationToken::new()).await.unwrap();
     assert_eq!(srv.requests_to("/api/chat")[2].json()["options"]["num_ctx"], 32768, "the type's num_ctx wins");
+}
+
+#[tokio::test]
+async fn structured_output_is_sent_as_format() {
+    let srv = FakeServer::start(vec![("/api/chat", vec![ollama_chat("m", &["{}"], true)])]).await;
+    let b = backend(&srv.url());
+    let schema = json!({"type": "object", "required": ["a"]});
+    for format in [None, Some(ResponseFormat::Json), Some(ResponseFormat::Schema(schema.clone()))] {
+        let mut req = request("m", "p");
+        req.response_format = format;
+        b.generate(req, &Collect::default(), CancellationToken::new()).await.unwrap();
+    }
+    let sent: Vec<_> = srv.requests_to("/api/chat").iter().map(|r| r.json().get("format").cloned()).collect();
+    assert_eq!(sent, [None, Some(json!("json")), Some(schema)]);
+}
+
+#[tokio::test]
+async fn a_busy_server_is_rate_limited_and_falls_back() {
+    let srv = FakeServer::start(vec![("/api/chat", vec![Reply::Json(503, json!({"error": "server busy"}))])]).await;
+    let e = backend(&srv.url()).generate(request("m", "p"), &Collect::default(), CancellationToken::new()).await;
+    let e = e.unwrap_err();
+    assert!(matches!(&e, BackendError::RateLimited { status: 503, retry_after: None, .. }) && e.falls_back(), "{e}");
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use koubou_backend::config::OpenAiConfig;
 use koubou_backend::openai::OpenAiBackend;
-use koubou_backend::{Backend, BackendError, CancellationToken, GenOptions};
+use koubou_backend::{Backend, BackendError, CancellationToken, GenOptions, ResponseFormat};
 use serde_json::json;
 use support::*;
 
@@ -126,6 +126,7 @@ async fn error_statuses_map_to_typed_errors() {
         matches!(&r, Err(BackendError::RateLimited { status: 429, retry_after: None, detail, .. }) if detail.contains("Rate limit")),
         "{r:?}"
     );
+    assert!(r.unwrap_err().falls_back(), "a rate limit moves to the next backend of the chain");
     let (r, _) = run(&srv, None).await;
     assert!(
         matches!(&r, Err(BackendError::Failed { detail, .. }) if detail.contains("Internal Server Error")),
@@ -156,7 +157,7 @@ async fn refused_is_unreachable() {
         .await
         .unwrap_err();
     assert!(matches!(e, BackendError::Unreachable { .. }), "{e}");
-    assert!(e.wants_fallback());
+    assert!(e.falls_back());
     assert!(!backend(&url, None).health().await.up);
 }
 
@@ -304,4 +305,26 @@ async fn rate_limits_are_typed_with_their_hint() {
     assert!(matches!(r, Err(BackendError::RateLimited { status: 503, retry_after: Some(d), .. }) if d.is_zero()));
     let (r, _) = run(&srv, None).await;
     assert!(matches!(&r, Err(BackendError::Failed { .. })), "a 503 that asks for no wait is a plain failure: {r:?}");
+}
+
+#[tokio::test]
+async fn structured_output_is_sent_as_response_format() {
+    let answer = openai_stream(&["{}"], Some("stop"), Some((1, 1)), true, false);
+    let srv = FakeServer::start(vec![(CHAT, vec![answer])]).await;
+    let b = backend(&srv.url(), None);
+    let schema = json!({"title": "Reply", "type": "object", "properties": {"a": {"type": "string"}}});
+    for format in [None, Some(ResponseFormat::Json), Some(ResponseFormat::Schema(schema.clone()))] {
+        let mut req = request("m", "p");
+        req.response_format = format;
+        b.generate(req, &Collect::default(), CancellationToken::new()).await.unwrap();
+    }
+    let sent: Vec<_> = srv.requests_to(CHAT).iter().map(|r| r.json()["response_format"].clone()).collect();
+    assert_eq!(
+        sent,
+        [
+            serde_json::Value::Null,
+            json!({"type": "json_object"}),
+            json!({"type": "json_schema", "json_schema": {"name": "Reply", "schema": schema}}),
+        ]
+    );
 }

@@ -50,7 +50,7 @@ async fn https_with_an_unknown_ca_fails_naming_ca_file_and_streams_once_it_is_se
         }
         other => panic!("expected a configuration error naming ca_file, got {other:?}"),
     }
-    assert!(!e.is_retryable() && e.wants_fallback());
+    assert!(!e.is_retryable() && e.falls_back());
     let h = untrusting.health().await;
     assert!(!h.up && h.detail.contains("ca_file"), "{}", h.detail);
     assert!(srv.requests().is_empty(), "nothing was sent over an unverified connection");

@@ -94,6 +94,13 @@ fn submit_body(req: &SubmitRequest) -> Value {
     if !t.metadata.is_empty() {
         put("metadata", Value::Object(t.metadata.clone()));
     }
+    if !t.tags.is_empty() {
+        put("tags", serde_json::json!(t.tags));
+    }
+    if t.json {
+        put("json", Value::Bool(true));
+    }
+    put("schema", serde_json::json!(t.schema));
     if req.sync {
         put("sync", Value::Bool(true));
     }

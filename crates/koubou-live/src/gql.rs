@@ -205,6 +205,26 @@ impl Task {
     async fn model(&self) -> Option<&str> {
         self.0.model.as_deref()
     }
+    /// Whether the backend that served it is remote (the prompt left the machine).
+    async fn remote(&self) -> Option<bool> {
+        self.0.remote
+    }
+    /// What the answer cost at the serving backend's prices (null when it has none).
+    async fn cost(&self) -> Option<f64> {
+        self.0.cost
+    }
+    /// Labels; `confidential` keeps the task on local backends.
+    async fn tags(&self) -> &[String] {
+        &self.0.tags
+    }
+    /// The answer must be JSON.
+    async fn json(&self) -> bool {
+        self.0.json
+    }
+    /// The JSON Schema the answer must match, as JSON text.
+    async fn schema_json(&self) -> Option<String> {
+        self.0.schema.as_ref().map(Value::to_string)
+    }
     async fn usage(&self) -> Option<Usage> {
         self.0
             .usage
@@ -299,6 +319,12 @@ pub struct TaskInput {
     pub model: Option<String>,
     pub backend: Option<String>,
     pub idempotency_key: Option<String>,
+    /// Labels; `confidential` keeps the task on local backends.
+    pub tags: Option<Vec<String>>,
+    /// The answer must be JSON.
+    pub json: Option<bool>,
+    /// A JSON Schema (as JSON text) the answer must match.
+    pub schema_json: Option<String>,
 }
 
 /// What a worker is doing.
@@ -388,6 +414,12 @@ pub struct Workers {
 pub struct Backend {
     pub name: String,
     pub kind: String,
+    /// Prompts sent there leave this machine.
+    pub remote: bool,
+    /// Tokens it processed since start (prompt and completion).
+    pub tokens: i64,
+    /// What its tokens cost since start, at its prices.
+    pub cost: f64,
     pub up: bool,
     pub detail: String,
     pub default_model: String,
@@ -502,6 +534,7 @@ async fn page(
     ctx: &Context<'_>,
     statuses: Vec<TaskStatus>,
     kind: Option<String>,
+    tag: Option<String>,
     search: Option<String>,
     limit: i32,
     before: Option<String>,
@@ -511,7 +544,7 @@ async fn page(
         .transpose()?;
     let status = (!statuses.is_empty())
         .then(|| statuses.into_iter().map(|s| koubou_task::TaskStatus::from(s).as_str()).collect::<Vec<_>>().join(","));
-    let q = ListQuery { status, kind, q: search, limit: Some(usize::try_from(limit).unwrap_or(0)), before };
+    let q = ListQuery { status, kind, tag, q: search, limit: Some(usize::try_from(limit).unwrap_or(0)), before };
     k(ctx).tasks(q).await.map_err(gql_err)
 }
 
@@ -562,6 +595,7 @@ impl Query {
         #[graphql(desc = "The prototype's filter; its `status` adds to `status`.")] filter: Option<TaskFilter>,
         #[graphql(desc = "Only these statuses (default: all).")] status: Option<Vec<TaskStatus>>,
         #[graphql(name = "type", desc = "Only this task type.")] kind: Option<String>,
+        #[graphql(desc = "Only tasks with this tag.")] tag: Option<String>,
         #[graphql(desc = "Substring of the prompt.")] search: Option<String>,
         #[graphql(default = 50, desc = "How many, 1-1000.")] limit: Option<i32>,
         #[graphql(default = 0, desc = "Skip this many first; `offset + limit` at most 1000.")] offset: Option<i32>,
@@ -576,21 +610,23 @@ impl Query {
         if offset + limit > 1000 {
             return Err(gql_err(ApiError::invalid("offset", "offset + limit must be at most 1000; use taskPage")));
         }
-        let l = page(ctx, statuses, kind.or(f.kind), search.or(f.search), offset + limit, None).await?;
+        let l = page(ctx, statuses, kind.or(f.kind), tag, search.or(f.search), offset + limit, None).await?;
         Ok(l.tasks.into_iter().skip(offset as usize).map(Task).collect())
     }
 
     /// A page of tasks, newest first, with the total and a cursor to the next page.
+    #[allow(clippy::too_many_arguments)]
     async fn task_page(
         &self,
         ctx: &Context<'_>,
         #[graphql(desc = "Only these statuses (default: all).")] status: Option<Vec<TaskStatus>>,
         #[graphql(name = "type", desc = "Only this task type.")] kind: Option<String>,
+        #[graphql(desc = "Only tasks with this tag.")] tag: Option<String>,
         #[graphql(desc = "Substring of the prompt.")] search: Option<String>,
         #[graphql(default = 50, desc = "Page size, 1-1000.")] limit: i32,
         #[graphql(desc = "`nextCursor` of the previous page.")] before: Option<String>,
     ) -> async_graphql::Result<TaskPage> {
-        let l = page(ctx, status.unwrap_or_default(), kind, search, limit, before).await?;
+        let l = page(ctx, status.unwrap_or_default(), kind, tag, search, limit, before).await?;
         Ok(TaskPage {
             tasks: l.tasks.into_iter().map(Task).collect(),
             total: l.total as i64,
@@ -605,7 +641,7 @@ impl Query {
         #[graphql(default = 10, desc = "How many, 1-1000.")] limit: Option<i32>,
     ) -> async_graphql::Result<Vec<Task>> {
         let statuses = vec![TaskStatus::Pending, TaskStatus::Retrying];
-        let l = page(ctx, statuses, None, None, limit.unwrap_or(10), None).await?;
+        let l = page(ctx, statuses, None, None, None, limit.unwrap_or(10), None).await?;
         Ok(l.tasks.into_iter().map(Task).collect())
     }
 
@@ -669,6 +705,9 @@ impl Query {
                 .map(|b| Backend {
                     name: b.name,
                     kind: b.kind,
+                    remote: b.remote,
+                    tokens: (b.served.prompt_tokens + b.served.completion_tokens) as i64,
+                    cost: b.served.cost,
                     up: b.up,
                     detail: b.detail,
                     default_model: b.default_model,
@@ -699,8 +738,12 @@ impl Mutation {
         model: Option<String>,
         backend: Option<String>,
         #[graphql(name = "idempotencyKey")] idempotency_key: Option<String>,
+        #[graphql(desc = "Labels; `confidential` keeps the task on local backends.")] tags: Option<Vec<String>>,
+        #[graphql(desc = "The answer must be JSON.")] json: Option<bool>,
+        #[graphql(name = "schemaJson", desc = "A JSON Schema (as JSON text) the answer must match.")]
+        schema_json: Option<String>,
     ) -> async_graphql::Result<SubmitResult> {
-        let args = [&kind, &prompt, &system, &model, &backend, &idempotency_key];
+        let args = [&kind, &prompt, &system, &model, &backend, &idempotency_key, &schema_json];
         let (t, prefix) = match input {
             None if prompt.is_none() => {
                 return Err(gql_err(ApiError::invalid("prompt", "is required (or give `input`)")));
@@ -714,10 +757,13 @@ impl Mutation {
                     model,
                     backend,
                     idempotency_key,
+                    tags,
+                    json,
+                    schema_json,
                 },
                 "",
             ),
-            Some(_) if priority.is_some() || args.iter().any(|v| v.is_some()) => {
+            Some(_) if priority.is_some() || tags.is_some() || json.is_some() || args.iter().any(|v| v.is_some()) => {
                 return Err(gql_err(ApiError::invalid(
                     "input",
                     "give either `input` or the other arguments, not both",
@@ -742,9 +788,21 @@ impl Mutation {
         if let Some(p) = t.priority {
             body.insert("priority".into(), p.into());
         }
+        if let Some(tags) = t.tags {
+            body.insert("tags".into(), tags.into());
+        }
+        if let Some(j) = t.json {
+            body.insert("json".into(), j.into());
+        }
+        if let Some(text) = t.schema_json {
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| gql_err(ApiError::invalid(&format!("{prefix}schemaJson"), format!("is not JSON: {e}"))))?;
+            body.insert("schema".into(), v);
+        }
         body.insert("metadata".into(), serde_json::json!({"source": "graphql"}));
         let field_name = |f: &str| match f {
             "idempotency_key" => format!("{prefix}idempotencyKey"),
+            "schema" => format!("{prefix}schemaJson"),
             f => format!("{prefix}{f}"),
         };
         let req = SubmitRequest::from_json(&Value::Object(body)).map_err(|mut e| {
@@ -752,7 +810,14 @@ impl Mutation {
             gql_err(ApiError::Invalid(e))
         })?;
         let k = k(ctx);
-        let r = k.submit(req).await.map_err(gql_err)?;
+        // The router names submission fields too (`schema`, `tags`, `backend`).
+        let r = k.submit(req).await.map_err(|e| match e {
+            ApiError::Invalid(mut f) => {
+                f.field = field_name(&f.field);
+                gql_err(ApiError::Invalid(f))
+            }
+            e => gql_err(e),
+        })?;
         let task = k.task(r.task_id).await.map_err(gql_err)?;
         let message = if r.created { "task queued" } else { "an earlier task with this idempotency key" };
         Ok(SubmitResult {

@@ -455,7 +455,7 @@ mod tests {
         assert!(h.detail.contains("koubou models pull"), "{}", h.detail);
         let err = rt.block_on(b.generate(request(), &koubou_backend::Discard, CancellationToken::new())).unwrap_err();
         assert!(matches!(err, BackendError::ModelMissing { .. }), "{err}");
-        assert!(err.wants_fallback());
+        assert!(err.falls_back());
         // The default model may be missing: it is pulled on first use, and health says so.
         let b = EmbeddedBackend::new("e", &EmbeddedConfig::default(), &store).unwrap();
         assert_eq!(b.capacity(), 4);

@@ -99,6 +99,11 @@ impl KoubouMcp {
         self.cfg.max_wait_secs.max(1)
     }
 
+    /// The task as a tool result, its answer shown from `offset`.
+    fn task_view(&self, v: &TaskView, offset: usize) -> Value {
+        view::task(v, self.max_wait(), view::Window { offset, max: self.cfg.max_result_chars.max(1) })
+    }
+
     /// Runs one tool; every failure is a tool result with `isError`.
     pub async fn call(
         &self,
@@ -126,7 +131,10 @@ impl KoubouMcp {
         args: Option<&serde_json::Map<String, Value>>,
         ctx: Option<&RequestContext<RoleServer>>,
     ) -> Outcome {
-        let a = tools::Args::new(args, &["prompt", "type", "priority", "model", "files", "wait_seconds"])?;
+        let a = tools::Args::new(
+            args,
+            &["prompt", "type", "priority", "model", "backend", "tags", "json", "schema", "files", "wait_seconds"],
+        )?;
         let prompt =
             a.opt_str("prompt")?.ok_or_else(|| FieldError::new("prompt", "is required (the task's instructions)"))?;
         if prompt.trim().is_empty() {
@@ -136,7 +144,7 @@ impl KoubouMcp {
         let files = context::read(&self.cfg, self.files_default, &a.opt_str_list("files")?)?;
         let mut body = serde_json::Map::new();
         body.insert("prompt".into(), json!(context::compose(prompt, &files)));
-        for k in ["type", "priority", "model"] {
+        for k in ["type", "priority", "model", "backend", "tags", "json", "schema"] {
             if let Some(v) = a.raw(k) {
                 body.insert(k.into(), v.clone());
             }
@@ -153,7 +161,7 @@ impl KoubouMcp {
         } else {
             self.api.task(resp.task_id).await?
         };
-        let mut out = view::task(&v, self.max_wait());
+        let mut out = self.task_view(&v, 0);
         if !resp.created {
             out["note"] = json!("an identical earlier task was returned");
         }
@@ -161,9 +169,11 @@ impl KoubouMcp {
     }
 
     async fn get(&self, args: Option<&serde_json::Map<String, Value>>) -> Outcome {
-        let id = tools::Args::new(args, &["task_id"])?.task_id()?;
+        let a = tools::Args::new(args, &["task_id", "offset"])?;
+        let id = a.task_id()?;
+        let offset = a.opt_int("offset", 0, u32::MAX as u64)?.unwrap_or(0) as usize;
         let v = self.api.task(id).await?;
-        Ok(view::task_result(view::task(&v, self.max_wait())))
+        Ok(view::task_result(self.task_view(&v, offset)))
     }
 
     async fn wait_for(
@@ -175,13 +185,14 @@ impl KoubouMcp {
         let id = a.task_id()?;
         let secs = a.opt_int("timeout_seconds", 1, self.max_wait())?.unwrap_or(self.max_wait());
         let v = self.wait_with_progress(id, Duration::from_secs(secs), ctx).await?;
-        Ok(view::task_result(view::task(&v, self.max_wait())))
+        Ok(view::task_result(self.task_view(&v, 0)))
     }
 
     async fn list(&self, args: Option<&serde_json::Map<String, Value>>) -> Outcome {
-        let a = tools::Args::new(args, &["status", "limit"])?;
+        let a = tools::Args::new(args, &["status", "tag", "limit"])?;
         let q = ListQuery {
             status: a.opt_str("status")?.map(str::to_owned),
+            tag: a.opt_str("tag")?.map(str::to_owned),
             limit: Some(a.opt_int("limit", 1, 100)?.unwrap_or(20) as usize),
             ..ListQuery::default()
         };
@@ -191,7 +202,7 @@ impl KoubouMcp {
     async fn cancel(&self, args: Option<&serde_json::Map<String, Value>>) -> Outcome {
         let id = tools::Args::new(args, &["task_id"])?.task_id()?;
         let v = self.api.cancel(id).await?;
-        Ok(view::task_result(view::task(&v, self.max_wait())))
+        Ok(view::task_result(self.task_view(&v, 0)))
     }
 
     async fn status(&self, args: Option<&serde_json::Map<String, Value>>) -> Outcome {

@@ -54,6 +54,10 @@ pub fn list(cfg: &McpConfig) -> Vec<Tool> {
                     "type": {"type": "string", "description": "Task type: general (default), code, or one listed by system_status"},
                     "priority": {"type": "integer", "minimum": 1, "maximum": 10, "description": "Higher runs first (default 5)"},
                     "model": {"type": "string", "description": "Override the type's model"},
+                    "backend": {"type": "string", "description": "Pin a backend listed by system_status"},
+                    "tags": {"type": "array", "items": {"type": "string"}, "description": "Labels; confidential keeps the task on local backends"},
+                    "json": {"type": "boolean", "description": "The answer must be JSON"},
+                    "schema": {"type": "object", "description": "JSON Schema the answer must match"},
                     "files": {"type": "array", "items": {"type": "string"}, "description": "Absolute paths of text files to attach"},
                     "wait_seconds": {"type": "integer", "minimum": 0, "maximum": max, "description": "Wait this long for the answer (default 0)"}
                 },
@@ -63,10 +67,13 @@ pub fn list(cfg: &McpConfig) -> Vec<Tool> {
         Tool::new(
             GET_TASK,
             "A task's status and answer: result when completed, partial answer while running, queue position and \
-             estimated start while pending.",
+             estimated start while pending. A long answer comes in pieces: pass the offset the result gives.",
             schema(json!({
                 "type": "object",
-                "properties": {"task_id": task_id_prop()},
+                "properties": {
+                    "task_id": task_id_prop(),
+                    "offset": {"type": "integer", "minimum": 0, "description": "Answer characters to skip (default 0)"}
+                },
                 "required": ["task_id"]
             })),
         ),
@@ -92,6 +99,7 @@ pub fn list(cfg: &McpConfig) -> Vec<Tool> {
                 "type": "object",
                 "properties": {
                     "status": {"type": "string", "description": "e.g. active, completed, failed (comma-separated)"},
+                    "tag": {"type": "string", "description": "Only tasks with this tag"},
                     "limit": {"type": "integer", "minimum": 1, "maximum": 100, "description": "Default 20"}
                 }
             })),
@@ -185,7 +193,7 @@ mod tests {
             assert!(t.description.as_ref().unwrap().len() < 400, "{} description too long", t.name);
         }
         let size = serde_json::to_string(&tools).unwrap().len();
-        assert!(size < 4000, "tools/list grew to {size} bytes");
+        assert!(size < 4500, "tools/list grew to {size} bytes");
         assert!(serde_json::to_string(&tools[0]).unwrap().contains("max 25"));
     }
 

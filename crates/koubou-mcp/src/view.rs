@@ -1,14 +1,40 @@
-//! What tool results look like: a structured object (`structuredContent`) and a text rendering
-//! of it for the model (`content`), which puts the answer itself in plain text rather than
-//! inside escaped JSON.
+//! What tool results look like.
+//!
+//! The answer travels once, in `structuredContent` (a JSON object): that is what Claude Code
+//! hands its model when a result has one — it passes `JSON.stringify(structuredContent)` and
+//! drops the text blocks (measured with Claude Code 2.1.328:
+//! `claude_code_reads_the_answer_once` in `tests/real_clients.rs`). The text block, which the
+//! protocol requires, is a one-line summary for clients that show text: status, where it ran,
+//! and how long the answer is, never the answer again.
+//!
+//! A long answer (or partial answer, or error) is cut at `[mcp] max_result_chars`; the result
+//! says so and how to read on (`get_task` with `offset`).
 
 use koubou_system::api::{HealthView, SystemStatus, TaskList, TaskView, WorkersView};
 use koubou_task::TaskStatus;
 use rmcp::model::{CallToolResult, ContentBlock};
 use serde_json::{Map, Value, json};
 
+/// Which part of a long answer to show.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Window {
+    /// Characters to skip.
+    pub offset: usize,
+    /// Most characters shown.
+    pub max: usize,
+}
+
+/// `text` from `offset`, at most `max` characters, and the number of characters in all.
+fn cut(text: &str, w: Window) -> (&str, usize) {
+    let total = text.chars().count();
+    let byte = |n: usize| text.char_indices().nth(n).map_or(text.len(), |(i, _)| i);
+    let start = byte(w.offset.min(total));
+    let end = byte(w.offset.saturating_add(w.max).min(total));
+    (&text[start..end], total)
+}
+
 /// A task as the tools show it: no echo of the prompt, nulls left out, and a `next` hint.
-pub(crate) fn task(v: &TaskView, max_wait: u64) -> Value {
+pub(crate) fn task(v: &TaskView, max_wait: u64, w: Window) -> Value {
     let mut m = Map::new();
     let mut put = |k: &str, val: Value| {
         if !val.is_null() {
@@ -19,20 +45,47 @@ pub(crate) fn task(v: &TaskView, max_wait: u64) -> Value {
     put("status", json!(v.status));
     put("type", json!(v.kind));
     put("priority", json!(v.priority));
-    put("result", json!(v.answer()));
-    put("partial", json!(v.partial));
-    put("error", json!(v.error));
+    let mut next: Vec<String> = next(v.status, max_wait).into_iter().collect();
+    // The answer (or the answer so far), cut to the window.
+    for (key, text) in [("result", v.answer()), ("partial", v.partial.as_deref())] {
+        let Some(text) = text else { continue };
+        let (shown, total) = cut(text, w);
+        put(key, json!(shown));
+        if w.offset > 0 {
+            put("offset", json!(w.offset.min(total)));
+        }
+        let end = w.offset.min(total) + shown.chars().count();
+        if end < total {
+            put(&format!("{key}_chars"), json!(total));
+            next.push(format!(
+                "the {} is cut at character {end} of {total}: call get_task with this task_id and offset={end} for \
+                 the rest",
+                if key == "result" { "answer" } else { "partial answer" }
+            ));
+        }
+    }
+    if let Some(e) = &v.error {
+        let (shown, total) = cut(e, Window { offset: 0, ..w });
+        put("error", json!(if shown.len() < e.len() { format!("{shown}… ({total} characters)") } else { e.clone() }));
+    }
     put("queue_position", json!(v.queue_position));
     put("estimated_start_secs", json!(v.estimated_start_secs));
     put("retry_at", json!(v.retry_at));
     put("backend", json!(v.backend));
     put("model", json!(v.model));
+    put("remote", json!(v.remote));
     put("attempts", json!(v.attempts));
     put("usage", json!(v.usage));
+    put("cost", json!(v.cost));
+    if !v.tags.is_empty() {
+        put("tags", json!(v.tags));
+    }
     put("duration_ms", json!(v.duration_ms));
     put("created_at", json!(v.created_at));
     put("finished_at", json!(v.finished_at));
-    put("next", json!(next(v.status, max_wait)));
+    if !next.is_empty() {
+        put("next", json!(next.join("; ")));
+    }
     Value::Object(m)
 }
 
@@ -46,7 +99,8 @@ fn next(status: TaskStatus, max_wait: u64) -> Option<String> {
     }
 }
 
-/// Text for the model: one line of status, then the answer (or error) as is.
+/// The text block: one status line and the hint, saying where the answer is instead of
+/// repeating it.
 pub(crate) fn task_text(v: &Value) -> String {
     let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default();
     let mut head = format!("task {} {}", s("task_id"), s("status"));
@@ -57,20 +111,28 @@ pub(crate) fn task_text(v: &Value) -> String {
         head += &format!(", starts in ~{e} s");
     }
     if !s("model").is_empty() {
-        head += &format!(" (model {}", s("model"));
+        let place = match v.get("remote").and_then(Value::as_bool) {
+            Some(true) => ", remote",
+            Some(false) => ", local",
+            None => "",
+        };
+        head += &format!(" ({}/{}{place}", s("backend"), s("model"));
         if let Some(d) = v.get("duration_ms").and_then(Value::as_u64) {
             head += &format!(", {:.1} s", d as f64 / 1000.0);
         }
         head += ")";
     }
+    for (k, label) in [("result", "the answer"), ("partial", "the answer so far")] {
+        if let Some(text) = v.get(k).and_then(Value::as_str) {
+            head += &format!("; {label}: {} characters in structuredContent.{k}", text.chars().count());
+        }
+    }
     let mut out = head;
     if !s("next").is_empty() {
         out += &format!("\n{}", s("next"));
     }
-    for (k, label) in [("result", "result"), ("partial", "partial answer so far"), ("error", "error")] {
-        if !s(k).is_empty() {
-            out += &format!("\n--- {label} ---\n{}", s(k));
-        }
+    if !s("error").is_empty() {
+        out += &format!("\nerror: {}", s("error"));
     }
     out
 }
@@ -106,6 +168,9 @@ pub(crate) fn list(l: &TaskList) -> CallToolResult {
             if let Some(f) = &t.finished_at {
                 o["finished_at"] = json!(f);
             }
+            if !t.tags.is_empty() {
+                o["tags"] = json!(t.tags);
+            }
             o
         })
         .collect();
@@ -126,7 +191,10 @@ pub(crate) fn system(h: &HealthView, w: &WorkersView, s: &SystemStatus) -> CallT
     let backends: Vec<Value> = h
         .backends
         .iter()
-        .map(|b| json!({"name": b.name, "kind": b.kind, "up": b.up, "detail": b.detail, "model": b.default_model, "capacity": b.capacity}))
+        .map(|b| {
+            json!({"name": b.name, "kind": b.kind, "remote": b.remote, "up": b.up, "detail": b.detail,
+                   "model": b.default_model, "capacity": b.capacity, "served": b.served})
+        })
         .collect();
     let v = json!({
         "status": h.status,
@@ -138,6 +206,7 @@ pub(crate) fn system(h: &HealthView, w: &WorkersView, s: &SystemStatus) -> CallT
         "throughput_per_sec": s.throughput_per_sec,
         "tokens_per_sec": s.tokens_per_sec,
         "uptime_secs": s.uptime_secs,
+        "spared": h.spared,
     });
     let q = &h.queue;
     let mut text = format!(
@@ -157,10 +226,11 @@ pub(crate) fn system(h: &HealthView, w: &WorkersView, s: &SystemStatus) -> CallT
     );
     for b in &h.backends {
         text += &format!(
-            "\nbackend {} ({}, {}): {} — {}",
+            "\nbackend {} ({}, {}, {}): {} — {}",
             b.name,
             b.kind,
             b.default_model,
+            if b.remote { "remote" } else { "local" },
             if b.up { "up" } else { "DOWN" },
             b.detail
         );
@@ -174,6 +244,43 @@ pub(crate) fn system(h: &HealthView, w: &WorkersView, s: &SystemStatus) -> CallT
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(result: Option<&str>, status: TaskStatus) -> TaskView {
+        let mut t = koubou_task::Task::from_new(
+            koubou_task::TaskId::new(),
+            koubou_task::NewTask::new(koubou_task::TaskKind::general(), "p"),
+            3,
+            0,
+        );
+        t.status = status;
+        t.result = result.map(str::to_owned);
+        TaskView::from_task(t)
+    }
+
+    #[test]
+    fn the_answer_appears_once_and_long_ones_are_cut() {
+        let answer = format!("{}{}", "日".repeat(1500), "x".repeat(1500));
+        let w = Window { offset: 0, max: 1000 };
+        let v = task(&view(Some(&answer), TaskStatus::Completed), 25, w);
+        assert_eq!(v["result"].as_str().unwrap().chars().count(), 1000);
+        assert_eq!(v["result_chars"], 3000);
+        assert!(v["next"].as_str().unwrap().contains("offset=1000"), "{v}");
+        let text = task_text(&v);
+        assert!(!text.contains("日日日"), "the text block does not repeat the answer: {text}");
+        assert!(text.contains("1000 characters in structuredContent.result") && text.contains("offset=1000"), "{text}");
+        // Reading on: the last piece has no hint.
+        let v = task(&view(Some(&answer), TaskStatus::Completed), 25, Window { offset: 2500, max: 1000 });
+        assert_eq!(v["result"], "x".repeat(500));
+        assert_eq!(v["offset"], 2500);
+        assert!(v.get("next").is_none() && v.get("result_chars").is_none(), "{v}");
+        // Past the end: an empty piece, not an error.
+        let v = task(&view(Some("short"), TaskStatus::Completed), 25, Window { offset: 99, max: 1000 });
+        assert_eq!((v["result"].as_str(), v["offset"].as_u64()), (Some(""), Some(5)));
+        // Short answers are whole.
+        let v = task(&view(Some("short"), TaskStatus::Completed), 25, w);
+        assert_eq!(v["result"], "short");
+        assert!(v.get("next").is_none());
+    }
 
     #[test]
     fn preview_cuts_on_chars() {

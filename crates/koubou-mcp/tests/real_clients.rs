@@ -25,15 +25,19 @@ use serde_json::Value;
 
 #[path = "../../../tests/mcp/clients.rs"]
 mod clients;
-use clients::{Home, TOOLS, claude_lists_tools, peer, python_sdk, run};
+use clients::{Home, TOOLS, claude_lists_tools, claude_tool_result, peer, python_sdk, run};
 
 /// The tests measure timings (bounded waits): run them one at a time on this small machine.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// An example binary of this crate (`cargo test` builds them beside the test binaries).
 fn example(name: &str) -> PathBuf {
+    // With a build dir shared between checkouts (CARGO_BUILD_BUILD_DIR), the examples beside
+    // this test binary are those of whichever checkout built last; the target dir holds ours.
+    let own = std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("debug/examples").join(name));
     let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("examples").join(name);
+    let beside = exe.parent().unwrap().parent().unwrap().join("examples").join(name);
+    let p = own.filter(|p| p.exists()).unwrap_or(beside);
     assert!(p.exists(), "{} missing: run `cargo build -p koubou-mcp --examples`", p.display());
     p
 }
@@ -131,7 +135,10 @@ fn inspector_checks(bin: &Path, home: &Home, target: &[&str], name: &str) {
     assert!(out.status.success());
     assert_eq!(v["result"]["isError"], false);
     assert_eq!(v["result"]["structuredContent"]["status"], "completed");
-    assert!(v["result"]["content"][0]["text"].as_str().unwrap().contains("echo: hello inspector"));
+    assert!(v["result"]["structuredContent"]["result"].as_str().unwrap().contains("echo: hello inspector"));
+    // Once: the text block says where the answer is instead of repeating it.
+    let text = v["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(!text.contains("echo: hello inspector") && text.contains("structuredContent.result"), "{text}");
     // A bad argument: the tool says what is wrong (exit 5 is the Inspector's "tool returned isError").
     let (out, v) = call(r#"{"prompt":"x","priority":42}"#, &format!("Inspector {name} bad priority"));
     assert_eq!(out.status.code(), Some(5), "{v}");
@@ -171,4 +178,28 @@ fn claude_code_lists_the_tools_over_stdio_and_http() {
     let http = HttpServer::start(&home);
     let cfg = serde_json::json!({"mcpServers": {"koubou": {"type": "http", "url": http.url}}});
     claude_lists_tools(&bin, cfg, "Claude Code, http");
+}
+
+/// What Claude Code's model reads of a tool result: Claude Code 2.1.328 hands it
+/// `JSON.stringify(structuredContent)` when a result has one (and drops the text blocks), so
+/// the answer must be there, once.
+#[test]
+fn claude_code_reads_the_answer_once() {
+    let Some(bin) = peer("KOUBOU_CLAUDE_BIN", "ensure-claude-code.sh") else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let home = Home::new();
+    let stdio = serde_json::json!({"mcpServers": {"koubou": {
+        "command": example("mcp_embedded"), "args": [], "env": {"KOUBOU_HOME": home.path()}
+    }}});
+    let args = serde_json::json!({"prompt": "hello from the master", "wait_seconds": 5});
+    let block = claude_tool_result(&bin, stdio, "delegate_task", args, "Claude Code, a delegate_task turn");
+    let content = match &block["content"] {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    assert_eq!(content.matches("echo: hello from the master").count(), 1, "the model reads the answer once: {block}");
+    let read: Value =
+        serde_json::from_str(&content).unwrap_or_else(|e| panic!("not the structured result ({e}): {block}"));
+    assert_eq!(read["status"], "completed", "{read}");
+    assert!(read["task_id"].is_string());
 }

@@ -20,6 +20,8 @@ fn done() -> Completion {
         model: "m".into(),
         usage: Usage::default(),
         warnings: vec![],
+        remote: false,
+        cost: None,
     }
 }
 

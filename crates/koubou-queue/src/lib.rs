@@ -134,6 +134,8 @@ pub enum LeaseStatus {
 pub struct Progress<'a> {
     pub backend: Option<&'a str>,
     pub model: Option<&'a str>,
+    /// Whether that backend is remote.
+    pub remote: Option<bool>,
     pub partial: Option<&'a str>,
 }
 
@@ -146,6 +148,10 @@ pub struct Completion {
     pub usage: Usage,
     /// What the owner should know about the answer (shown with the task).
     pub warnings: Vec<String>,
+    /// The serving backend is remote: the prompt left the machine.
+    pub remote: bool,
+    /// At the serving backend's prices, when it has any.
+    pub cost: Option<f64>,
 }
 
 /// A failed attempt.
@@ -156,6 +162,7 @@ pub struct Failure {
     pub retryable: bool,
     pub backend: Option<String>,
     pub model: Option<String>,
+    pub remote: Option<bool>,
     /// Output produced before the failure, kept for the record.
     pub partial: Option<String>,
     /// The wait the backend asked for (a rate limit's `Retry-After`): the retry comes no sooner
@@ -168,6 +175,8 @@ pub struct Failure {
 pub struct TaskQuery {
     pub statuses: Vec<TaskStatus>,
     pub kind: Option<TaskKind>,
+    /// Only tasks carrying this tag.
+    pub tag: Option<String>,
     /// Substring of the prompt (case-insensitive for ASCII).
     pub search: Option<String>,
     /// Only tasks older than this cursor (from a previous page's `next_cursor`).

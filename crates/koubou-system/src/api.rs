@@ -8,6 +8,7 @@ use std::{pin::Pin, time::Duration};
 
 use async_trait::async_trait;
 use futures::Stream;
+use koubou_backend::{MeterReading, Prices, Spared};
 use koubou_task::{
     Event, FieldError, GenOptions, Millis, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, Usage, rfc3339,
 };
@@ -168,6 +169,9 @@ impl SubmitRequest {
             "idempotency_key",
             "options",
             "metadata",
+            "tags",
+            "json",
+            "schema",
             "sync",
             "wait_secs",
         ];
@@ -209,6 +213,20 @@ impl SubmitRequest {
             task.metadata =
                 v.as_object().cloned().ok_or_else(|| FieldError::new("metadata", "must be a JSON object"))?;
         }
+        if let Some(v) = present(obj, "tags") {
+            task.tags = tags(v)?;
+        }
+        task.json = match present(obj, "json") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(FieldError::new("json", format!("must be true or false, got {v}"))),
+        };
+        if let Some(v) = present(obj, "schema") {
+            if !v.is_object() {
+                return Err(FieldError::new("schema", format!("must be a JSON Schema object, got {v}")));
+            }
+            task.schema = Some(v.clone());
+        }
         let sync = match present(obj, "sync") {
             None => false,
             Some(Value::Bool(b)) => *b,
@@ -216,6 +234,24 @@ impl SubmitRequest {
         };
         Ok(SubmitRequest { task, sync, wait_secs: opt_u64(obj, "wait_secs")? })
     }
+}
+
+/// `tags`: an array of strings (or one string), lower-cased, trimmed and without repeats.
+pub fn tags(v: &Value) -> Result<Vec<String>, FieldError> {
+    let bad = || FieldError::new("tags", format!("must be an array of strings, got {v}"));
+    let items: Vec<&str> = match v {
+        Value::Array(items) => items.iter().map(|i| i.as_str().ok_or_else(bad)).collect::<Result<_, _>>()?,
+        Value::String(s) => vec![s.as_str()],
+        _ => return Err(bad()),
+    };
+    let mut out: Vec<String> = Vec::with_capacity(items.len());
+    for t in items {
+        let t = t.trim().to_lowercase();
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    Ok(out)
 }
 
 fn present<'a>(obj: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
@@ -307,7 +343,13 @@ pub struct TaskView {
     pub partial: Option<String>,
     pub backend: Option<String>,
     pub model: Option<String>,
+    /// Whether the backend that served (or serves) it is remote: the prompt left the machine.
+    #[serde(default)]
+    pub remote: Option<bool>,
     pub usage: Option<Usage>,
+    /// What the answer cost at the serving backend's prices (none when it has no prices).
+    #[serde(default)]
+    pub cost: Option<f64>,
     pub worker_id: Option<String>,
     pub attempts: u32,
     pub max_attempts: u32,
@@ -328,6 +370,14 @@ pub struct TaskView {
     /// fit the model's context window).
     #[serde(default)]
     pub warnings: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The answer must be JSON.
+    #[serde(default)]
+    pub json: bool,
+    /// The JSON Schema the answer must match.
+    #[serde(default)]
+    pub schema: Option<Value>,
 }
 
 impl TaskView {
@@ -351,7 +401,9 @@ impl TaskView {
             partial: t.partial,
             backend: t.backend,
             model: t.model,
+            remote: t.remote,
             usage: t.usage,
+            cost: t.cost,
             worker_id: t.worker_id.map(|w| w.0),
             attempts: t.attempts,
             max_attempts: t.max_attempts,
@@ -366,6 +418,9 @@ impl TaskView {
             options: t.options,
             metadata: t.metadata,
             warnings: t.warnings,
+            tags: t.tags,
+            json: t.json,
+            schema: t.schema,
         }
     }
 }
@@ -378,6 +433,9 @@ pub struct ListQuery {
     pub status: Option<String>,
     #[serde(rename = "type")]
     pub kind: Option<String>,
+    /// Only tasks carrying this tag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
     /// Substring of the prompt.
     pub q: Option<String>,
     /// Page size, 1–1000 (default 50).
@@ -435,6 +493,15 @@ pub struct WorkersView {
 pub struct BackendView {
     pub name: String,
     pub kind: String,
+    /// Prompts sent there leave this machine.
+    #[serde(default)]
+    pub remote: bool,
+    /// Its prices per million tokens (unset ones are free).
+    #[serde(default)]
+    pub prices: Prices,
+    /// What it served since start: answers, tokens and their cost.
+    #[serde(default)]
+    pub served: MeterReading,
     pub up: bool,
     pub detail: String,
     pub default_model: String,
@@ -471,8 +538,12 @@ pub struct HealthView {
     pub queue: QueueView,
     pub workers: usize,
     pub backends: Vec<BackendView>,
-    /// Task type → `backend/model` that serves it.
+    /// Task type → `backend/model` that serves it (with `[remote]`, its fallbacks, and
+    /// `[confidential]` when the type is).
     pub routes: std::collections::BTreeMap<String, String>,
+    /// What the local backends spared a paid API since start, when `[pricing]` is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spared: Option<Spared>,
 }
 
 /// `GET /health`'s `status` when every backend a task type uses first is up.
@@ -592,6 +663,19 @@ mod tests {
         assert_eq!(field(r#"[1]"#), "body");
         // Found by the task_json fuzz target: an empty key was named as the field "".
         assert_eq!(field(r#"{"": "x", "prompt": "x"}"#), "body");
+        assert_eq!(field(r#"{"prompt": "x", "tags": [1]}"#), "tags");
+        assert_eq!(field(r#"{"prompt": "x", "json": "yes"}"#), "json");
+        assert_eq!(field(r#"{"prompt": "x", "schema": "object"}"#), "schema");
+    }
+
+    #[test]
+    fn tags_json_and_schema_parse() {
+        let r = parse(r#"{"prompt": "x", "tags": [" Confidential", "team:a", "confidential"], "json": true}"#).unwrap();
+        assert_eq!(r.task.tags, ["confidential", "team:a"]);
+        assert!(r.task.json);
+        let r = parse(r#"{"prompt": "x", "tags": "gpu", "schema": {"type": "object"}}"#).unwrap();
+        assert_eq!(r.task.tags, ["gpu"]);
+        assert_eq!(r.task.schema.unwrap()["type"], "object");
     }
 
     #[test]

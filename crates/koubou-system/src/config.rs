@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use koubou_backend::{BackendConfig, TypeRoute};
+use koubou_backend::{BackendTable, PricingConfig, TypeRoute};
 use koubou_queue::SqliteConfig;
 use koubou_task::Limits;
 use koubou_worker::PoolConfig;
@@ -38,9 +38,11 @@ pub struct Config {
     pub mcp: McpConfig,
     /// `[backends.NAME]`; empty means "choose automatically" (Ollama if it answers, else the
     /// embedded model).
-    pub backends: BTreeMap<String, BackendConfig>,
+    pub backends: BTreeMap<String, BackendTable>,
     /// `[types.NAME]`; `general` and `code` are added if missing.
     pub types: BTreeMap<String, TypeRoute>,
+    /// `[pricing]`: the reference prices that value what local backends served.
+    pub pricing: PricingConfig,
 }
 
 /// `[server]`: where the faces listen.
@@ -116,6 +118,11 @@ impl ServerConfig {
 pub struct McpConfig {
     /// Longest any tool call blocks, in seconds (MCP clients time out; keep it well under a minute).
     pub max_wait_secs: u64,
+    /// Longest answer (or partial answer, or error) a tool result carries, in characters; the
+    /// rest is read with `get_task` and an `offset`. Claude Code refuses tool results over
+    /// 25,000 tokens by default: 16,000 characters stay under it even for text that costs a
+    /// token per character (CJK), with room for the rest of the result.
+    pub max_result_chars: usize,
     /// How often a waiting tool call sends a progress notification, in seconds.
     pub progress_every_secs: u64,
     /// Folders whose files `delegate_task` may attach as context (empty: the working directory
@@ -127,7 +134,13 @@ pub struct McpConfig {
 
 impl Default for McpConfig {
     fn default() -> Self {
-        McpConfig { max_wait_secs: 25, progress_every_secs: 5, allowed_paths: vec![], max_context_bytes: 256 << 10 }
+        McpConfig {
+            max_wait_secs: 25,
+            max_result_chars: 16_000,
+            progress_every_secs: 5,
+            allowed_paths: vec![],
+            max_context_bytes: 256 << 10,
+        }
     }
 }
 
@@ -248,6 +261,12 @@ impl Config {
             )));
         }
         self.validate_transport()?;
+        if self.mcp.max_result_chars < 1000 {
+            return Err(ConfigError::Invalid(format!(
+                "mcp: max_result_chars must be at least 1000, got {}",
+                self.mcp.max_result_chars
+            )));
+        }
         if !is_loopback(&self.server.host) && self.server.auth_token.as_deref().is_none_or(str::is_empty) {
             return Err(ConfigError::Invalid(format!(
                 "refusing to listen on {} without an auth token: set server.auth_token (or KOUBOU_AUTH_TOKEN), \
@@ -358,7 +377,7 @@ mod tests {
         for text in &examples {
             let cfg = Config::parse(text, "template example").unwrap_or_else(|e| panic!("{e}\n{text}"));
             for (name, backend) in &cfg.backends {
-                if let Err(e) = koubou_backend::build(name, backend) {
+                if let Err(e) = koubou_backend::build(name, &backend.provider) {
                     panic!("[backends.{name}] does not build: {e}\n{text}");
                 }
             }

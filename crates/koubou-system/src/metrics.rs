@@ -18,6 +18,55 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
     let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", h.count, h.sum, h.count);
 }
 
+/// A label value, escaped as the exposition format wants.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Tokens, answers and cost per backend, and what the local ones spared a paid API.
+fn backend_usage(o: &mut String, router: &koubou_backend::Router) {
+    let rows: Vec<_> =
+        router.backends().map(|b| (label(b.name()), router.is_remote(b.name()), router.reading(b.name()))).collect();
+    let _ = writeln!(
+        o,
+        "# HELP koubou_backend_tokens_total Tokens each backend processed since start (remote: prompts left the \
+         machine).\n# TYPE koubou_backend_tokens_total counter"
+    );
+    for (name, remote, m) in &rows {
+        for (kind, n) in [("prompt", m.prompt_tokens), ("completion", m.completion_tokens), ("cached", m.cached_tokens)]
+        {
+            let _ = writeln!(
+                o,
+                "koubou_backend_tokens_total{{backend=\"{name}\",remote=\"{remote}\",kind=\"{kind}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP koubou_backend_answers_total Generations each backend completed since start.\n\
+         # TYPE koubou_backend_answers_total counter"
+    );
+    for (name, remote, m) in &rows {
+        let _ = writeln!(o, "koubou_backend_answers_total{{backend=\"{name}\",remote=\"{remote}\"}} {}", m.answers);
+    }
+    let _ = writeln!(
+        o,
+        "# HELP koubou_backend_cost_total What each backend's tokens cost at its configured prices since start \
+         (the currency of the prices).\n# TYPE koubou_backend_cost_total counter"
+    );
+    for (name, remote, m) in &rows {
+        let _ = writeln!(o, "koubou_backend_cost_total{{backend=\"{name}\",remote=\"{remote}\"}} {}", m.cost);
+    }
+    if let Some(s) = router.spared() {
+        let _ = writeln!(
+            o,
+            "# HELP koubou_spared_cost_total Tokens served by local backends since start, valued at the [pricing] \
+             reference prices: what a paid API would have charged for them.\n# TYPE koubou_spared_cost_total counter"
+        );
+        let _ = writeln!(o, "koubou_spared_cost_total {}", s.cost);
+    }
+}
+
 pub async fn render(k: &Koubou) -> Result<String, ApiError> {
     let counts = k.counts().await?;
     let c = k.live().counters();
@@ -67,8 +116,9 @@ pub async fn render(k: &Koubou) -> Result<String, ApiError> {
     let mut health: Vec<_> = k.backend_health().into_iter().collect();
     health.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, h) in health {
-        let _ = writeln!(o, "koubou_backend_up{{backend=\"{name}\"}} {}", u8::from(h.up));
+        let _ = writeln!(o, "koubou_backend_up{{backend=\"{}\"}} {}", label(&name), u8::from(h.up));
     }
+    backend_usage(&mut o, k.router());
     let _ = writeln!(
         o,
         "# HELP koubou_resident_memory_bytes Resident memory of the koubou process.\n# TYPE koubou_resident_memory_bytes gauge"

@@ -8,7 +8,7 @@ use std::{
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use koubou_backend::{Backend, BackendConfig, Health, Router, TypeRoute};
+use koubou_backend::{Backend, BackendConfig, BackendTable, Health, Profile, Router, TypeRoute};
 use koubou_queue::{QueueError, SqliteQueue, TaskQuery, TaskQueue};
 use koubou_task::{Event, EventBus, EventKind, TaskId, TaskKind, TaskStatus, now_millis};
 use koubou_worker::{Pool, memory};
@@ -73,7 +73,12 @@ pub struct Koubou {
 }
 
 /// Builds one configured backend. The embedded kind comes from `koubou-llama` when compiled in.
-fn build_backend(name: &str, cfg: &BackendConfig) -> Result<Arc<dyn Backend>, StartError> {
+fn build_backend(name: &str, table: &BackendTable) -> Result<(Arc<dyn Backend>, Profile), StartError> {
+    let profile = Profile { remote: table.is_remote(), prices: table.prices };
+    Ok((build_provider(name, &table.provider)?, profile))
+}
+
+fn build_provider(name: &str, cfg: &BackendConfig) -> Result<Arc<dyn Backend>, StartError> {
     let err = |detail: String| StartError::Backend { name: name.to_owned(), detail };
     if let Some(b) = koubou_backend::build(name, cfg).map_err(|e| err(e.to_string()))? {
         return Ok(b);
@@ -90,15 +95,26 @@ fn build_backend(name: &str, cfg: &BackendConfig) -> Result<Arc<dyn Backend>, St
 }
 
 /// With no `[backends]` configured: Ollama when it answers, else the embedded model (when
-/// compiled in), with the other as fallback.
-async fn default_backends() -> (BTreeMap<String, BackendConfig>, &'static str, Option<&'static str>) {
+/// compiled in), with the other as fallback. An Ollama that `OLLAMA_HOST` puts on another
+/// machine is never chosen automatically (prompts would leave this machine without anyone
+/// having said so): configure it, with `allow_remote`, to use it.
+async fn default_backends() -> (BTreeMap<String, BackendTable>, &'static str, Option<&'static str>) {
     let mut backends = BTreeMap::new();
-    backends.insert("ollama".to_owned(), BackendConfig::Ollama(Default::default()));
+    let ollama_cfg = BackendConfig::Ollama(Default::default());
     let embedded = cfg!(feature = "embedded");
     if embedded {
-        backends.insert("embedded".to_owned(), BackendConfig::Embedded(Default::default()));
+        backends.insert("embedded".to_owned(), BackendConfig::Embedded(Default::default()).into());
+        if ollama_cfg.remote_by_default() {
+            tracing::warn!(
+                url = %koubou_backend::ollama::resolve_url(None),
+                "OLLAMA_HOST is another machine: not used automatically; configure [backends] with \
+                 allow_remote = true in [types] to send tasks there"
+            );
+            return (backends, "embedded", None);
+        }
     }
-    let ollama = koubou_backend::build("ollama", &backends["ollama"]).ok().flatten();
+    let ollama = koubou_backend::build("ollama", &ollama_cfg).ok().flatten();
+    backends.insert("ollama".to_owned(), ollama_cfg.into());
     let ollama_up = match ollama {
         Some(b) => tokio::time::timeout(Duration::from_secs(2), b.health()).await.is_ok_and(|h| h.up),
         None => false,
@@ -129,7 +145,7 @@ impl Koubou {
             for kind in [TaskKind::GENERAL, TaskKind::CODE] {
                 cfg.types.entry(kind.to_owned()).or_insert_with(|| TypeRoute {
                     backend: primary.to_owned(),
-                    fallback: fallback.map(str::to_owned),
+                    fallback: fallback.map(str::to_owned).into_iter().collect(),
                     ..TypeRoute::default()
                 });
             }
@@ -141,9 +157,12 @@ impl Koubou {
                 .or_insert_with(|| TypeRoute { backend: first.clone(), ..TypeRoute::default() });
         }
         // Child processes (codex) never see the keys other backends read.
-        koubou_backend::withhold_env(cfg.backends.values().filter_map(|b| b.key_env().map(str::to_owned)));
+        koubou_backend::withhold_env(cfg.backends.values().filter_map(|b| b.provider.key_env().map(str::to_owned)));
         let backends = cfg.backends.iter().map(|(n, c)| build_backend(n, c)).collect::<Result<Vec<_>, _>>()?;
-        let router = Arc::new(Router::new(backends, cfg.types.clone())?.with_max_output(cfg.limits.max_result_bytes));
+        let router = Arc::new(
+            Router::with_profiles(backends, cfg.types.clone(), &cfg.pricing)?
+                .with_max_output(cfg.limits.max_result_bytes),
+        );
         let queue: Arc<dyn TaskQueue> = Arc::new(queue);
         let pool =
             opts.workers.then(|| Pool::start(cfg.pool.clone(), &opts.node, queue.clone(), router.clone(), bus.clone()));
@@ -310,10 +329,7 @@ impl Api for Koubou {
     async fn submit(&self, req: SubmitRequest) -> Result<SubmitResponse, ApiError> {
         let SubmitRequest { task, sync, wait_secs } = req;
         self.inner.cfg.limits.check(&task).map_err(ApiError::Invalid)?;
-        self.inner.router.check(task.kind.as_str(), task.backend.as_deref()).map_err(|e| match e {
-            koubou_backend::RouteError::UnknownKind { .. } => ApiError::invalid("type", e.to_string()),
-            koubou_backend::RouteError::UnknownBackend { .. } => ApiError::invalid("backend", e.to_string()),
-        })?;
+        self.inner.router.check(&task).map_err(|e| ApiError::invalid(e.field(), e.to_string()))?;
         let (kind, priority) = (task.kind.clone(), task.priority);
         let limit = self.inner.cfg.limits.max_pending;
         let submitted = self.inner.queue.submit_bounded(task, Some(limit)).await.map_err(|e| match e {
@@ -384,7 +400,14 @@ impl Api for Koubou {
         let page = self
             .inner
             .queue
-            .list(TaskQuery { statuses, kind, search: q.q, before: q.before, limit })
+            .list(TaskQuery {
+                statuses,
+                kind,
+                tag: q.tag.map(|t| t.trim().to_lowercase()),
+                search: q.q,
+                before: q.before,
+                limit,
+            })
             .await
             .map_err(queue_error)?;
         Ok(TaskList {
@@ -448,6 +471,9 @@ impl Api for Koubou {
                 BackendView {
                     name: b.name().to_owned(),
                     kind: b.kind().to_owned(),
+                    remote: router.is_remote(b.name()),
+                    prices: router.prices(b.name()).unwrap_or_default(),
+                    served: router.reading(b.name()),
                     up: h.up,
                     detail: h.detail,
                     default_model: b.default_model().to_owned(),
@@ -472,8 +498,14 @@ impl Api for Koubou {
             .map(|(k, r)| {
                 let model =
                     r.model.clone().or_else(|| router.backend(&r.backend).ok().map(|b| b.default_model().to_owned()));
-                let fb = r.fallback.as_ref().map(|f| format!(" (fallback {f})")).unwrap_or_default();
-                (k.clone(), format!("{}/{}{fb}", r.backend, model.unwrap_or_default()))
+                let fb = if r.fallback.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (fallback {})", r.fallback.join(", "))
+                };
+                let remote = if router.is_remote(&r.backend) { " [remote]" } else { "" };
+                let conf = if r.confidential { " [confidential]" } else { "" };
+                (k.clone(), format!("{}/{}{remote}{fb}{conf}", r.backend, model.unwrap_or_default()))
             })
             .collect();
         let served: Vec<&str> = router.types().values().map(|r| r.backend.as_str()).collect();
@@ -494,6 +526,7 @@ impl Api for Koubou {
             workers: self.inner.pool.as_ref().map_or(0, |p| p.workers().len()),
             backends,
             routes,
+            spared: router.spared(),
         })
     }
 

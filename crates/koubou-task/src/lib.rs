@@ -18,7 +18,7 @@ pub mod validate;
 pub use event::{Event, EventBus, EventKind, Tap};
 pub use id::{TaskId, WorkerId};
 pub use kind::{Priority, TaskKind};
-pub use task::{GenOptions, NewTask, Task, TaskStatus, Usage};
+pub use task::{CONFIDENTIAL, GenOptions, NewTask, Task, TaskStatus, Usage};
 pub use validate::{FieldError, Limits};
 
 /// Milliseconds since the Unix epoch: the one clock format stored and sent.

@@ -139,7 +139,19 @@ pub struct NewTask {
     pub options: GenOptions,
     #[serde(default)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Labels (lower case). `confidential` keeps the task on local backends.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The answer must be JSON.
+    #[serde(default)]
+    pub json: bool,
+    /// The answer must be JSON valid against this JSON Schema (implies `json`).
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
 }
+
+/// The tag that keeps a task on local backends.
+pub const CONFIDENTIAL: &str = "confidential";
 
 impl NewTask {
     pub fn new(kind: TaskKind, prompt: impl Into<String>) -> Self {
@@ -155,6 +167,9 @@ impl NewTask {
             idempotency_key: None,
             options: GenOptions::default(),
             metadata: Default::default(),
+            tags: vec![],
+            json: false,
+            schema: None,
         }
     }
 }
@@ -197,9 +212,26 @@ pub struct Task {
     /// window), as the backend said.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub json: bool,
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// Whether the backend that served (or is serving) it is remote: the prompt left the machine.
+    #[serde(default)]
+    pub remote: Option<bool>,
+    /// What the answer cost at the serving backend's prices (unset when it has none).
+    #[serde(default)]
+    pub cost: Option<f64>,
 }
 
 impl Task {
+    /// Tagged `confidential` (its type may also make it so; the router knows that).
+    pub fn has_confidential_tag(&self) -> bool {
+        self.tags.iter().any(|t| t.eq_ignore_ascii_case(CONFIDENTIAL))
+    }
+
     /// A fresh pending task made from a submission.
     pub fn from_new(id: TaskId, new: NewTask, default_max_attempts: u32, now: Millis) -> Task {
         Task {
@@ -230,6 +262,11 @@ impl Task {
             options: new.options,
             metadata: new.metadata,
             warnings: Vec::new(),
+            tags: new.tags,
+            json: new.json || new.schema.is_some(),
+            schema: new.schema,
+            remote: None,
+            cost: None,
         }
     }
 

@@ -27,7 +27,7 @@ pub struct Limits {
     pub max_attempts_cap: u32,
     /// Longest `timeout_secs` a client may ask for.
     pub max_timeout_secs: u64,
-    /// Largest metadata object, serialized, in bytes.
+    /// Largest metadata object, serialized, in bytes (also the bound on a `schema`).
     pub max_metadata_bytes: usize,
     /// Most tasks waiting to run (pending or retrying); a submission beyond it is refused (429
     /// with `Retry-After`) and nothing already accepted is dropped.
@@ -54,6 +54,26 @@ pub struct Limits {
     pub rate_limit_per_sec: u32,
     /// Requests one client IP may make at once before the rate applies.
     pub rate_limit_burst: u32,
+}
+
+/// Most tags on one task.
+pub const MAX_TAGS: usize = 16;
+/// Longest tag, in bytes.
+pub const MAX_TAG_BYTES: usize = 64;
+
+/// Checks one tag: 1 to 64 bytes of `a-z`, `0-9`, `.`, `_`, `:`, `-`, starting with a letter or
+/// digit (faces lower-case what clients send before checking).
+pub fn check_tag(tag: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | ':' | '-');
+    if tag.is_empty() || tag.len() > MAX_TAG_BYTES {
+        return Err(format!("each tag must be 1 to {MAX_TAG_BYTES} bytes, got {tag:?}"));
+    }
+    if !tag.starts_with(|c: char| c.is_ascii_alphanumeric()) || !tag.chars().all(ok_char) {
+        return Err(format!(
+            "{tag:?} is not a tag: use lower-case letters, digits and . _ : - (starting with a letter or digit)"
+        ));
+    }
+    Ok(())
 }
 
 impl Default for Limits {
@@ -154,6 +174,24 @@ impl Limits {
         if o.stop.len() > 16 || o.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
             return Err(FieldError::new("options.stop", "at most 16 strings of 1 to 256 bytes"));
         }
+        if t.tags.len() > MAX_TAGS {
+            return Err(FieldError::new("tags", format!("at most {MAX_TAGS} tags, got {}", t.tags.len())));
+        }
+        for tag in &t.tags {
+            check_tag(tag).map_err(|m| FieldError::new("tags", m))?;
+        }
+        if let Some(s) = &t.schema {
+            let n = serde_json::to_vec(s).map_or(0, |v| v.len());
+            if n > self.max_metadata_bytes {
+                return Err(FieldError::new(
+                    "schema",
+                    format!(
+                        "is {n} bytes serialized; the limit is {} (limits.max_metadata_bytes)",
+                        self.max_metadata_bytes
+                    ),
+                ));
+            }
+        }
         if !t.metadata.is_empty() {
             let n = serde_json::to_vec(&t.metadata).map_or(0, |v| v.len());
             if n > self.max_metadata_bytes {
@@ -199,5 +237,14 @@ mod tests {
         let e = l.check(&t).unwrap_err();
         assert_eq!(e.field, "model");
         assert!(e.message.contains("must not start with '-'"), "{e}");
+        t.model = None;
+        t.tags = vec!["confidential".into(), "team:a-1".into()];
+        assert!(l.check(&t).is_ok());
+        for bad in ["", "Upper", "-x", "a b", "ü"] {
+            t.tags = vec![bad.into()];
+            assert_eq!(l.check(&t).unwrap_err().field, "tags", "{bad:?}");
+        }
+        t.tags = (0..17).map(|i| format!("t{i}")).collect();
+        assert!(l.check(&t).unwrap_err().message.contains("at most 16"));
     }
 }

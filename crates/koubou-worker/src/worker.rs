@@ -171,6 +171,7 @@ async fn process<'a>(shared: &'a Shared, claimed: Claimed, abort: &CancellationT
                 retryable: false,
                 backend: None,
                 model: None,
+                remote: None,
                 partial: None,
                 retry_after: None,
             };
@@ -178,8 +179,9 @@ async fn process<'a>(shared: &'a Shared, claimed: Claimed, abort: &CancellationT
             return (false, None);
         }
     };
-    let backend = plan.backend.name().to_owned();
-    let model = plan.model.clone();
+    let backend = plan.first().backend.name().to_owned();
+    let model = plan.first().model.clone();
+    let remote = plan.first().remote;
     let partial = Arc::new(Mutex::new(String::new()));
     let sink = {
         let (partial, bus) = (partial.clone(), shared.bus.clone());
@@ -199,7 +201,8 @@ async fn process<'a>(shared: &'a Shared, claimed: Claimed, abort: &CancellationT
                 _ = abort.cancelled() => { run_cancel.cancel(); std::future::pending::<()>().await; }
             }
             let text = partial.lock().clone();
-            let progress = Progress { backend: Some(&backend), model: Some(&model), partial: Some(&text) };
+            let progress =
+                Progress { backend: Some(&backend), model: Some(&model), remote: Some(remote), partial: Some(&text) };
             match shared.queue.heartbeat(&lease, shared.lease, progress).await {
                 Ok(LeaseStatus::Held) => {}
                 Ok(LeaseStatus::Cancelled | LeaseStatus::Lost) => run_cancel.cancel(),
@@ -240,6 +243,8 @@ async fn process<'a>(shared: &'a Shared, claimed: Claimed, abort: &CancellationT
                 model: served.model,
                 usage: served.generation.usage,
                 warnings: served.generation.warnings,
+                remote: served.remote,
+                cost: served.cost,
             };
             tracing::info!(
                 ms = began.elapsed().as_millis() as u64,
@@ -260,11 +265,17 @@ async fn process<'a>(shared: &'a Shared, claimed: Claimed, abort: &CancellationT
         }
         Err(e) => {
             tracing::warn!(task = %id, backend = %backend, error = %e, "attempt failed");
+            // The backend the chain ended on, which may be a fallback of the first.
+            let (backend, model, remote) = match e.backend().filter(|b| *b != backend) {
+                Some(other) => (other.to_owned(), None, shared.router.is_remote(other)),
+                None => (backend, Some(model), remote),
+            };
             let f = Failure {
                 error: e.to_string(),
                 retryable: e.is_retryable(),
                 backend: Some(backend),
-                model: Some(model),
+                model,
+                remote: Some(remote),
                 partial: (!partial.is_empty()).then_some(partial),
                 retry_after: e.retry_after(),
             };

@@ -97,8 +97,11 @@ fn setup(
     let types = types
         .iter()
         .map(|(kind, backend, fallback)| {
-            let route =
-                TypeRoute { backend: (*backend).into(), fallback: fallback.map(str::to_owned), ..TypeRoute::default() };
+            let route = TypeRoute {
+                backend: (*backend).into(),
+                fallback: fallback.map(str::to_owned).into_iter().collect(),
+                ..TypeRoute::default()
+            };
             (kind.to_string(), route)
         })
         .collect::<BTreeMap<_, _>>();

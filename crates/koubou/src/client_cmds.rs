@@ -66,6 +66,15 @@ pub struct SubmitArgs {
     seed: Option<u64>,
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// A tag (repeatable). `confidential` keeps the task on local backends.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// The answer must be JSON (checked; a bad answer fails the attempt and is retried).
+    #[arg(long)]
+    json_answer: bool,
+    /// The answer must match this JSON Schema: a file, or the schema itself as JSON.
+    #[arg(long)]
+    schema: Option<String>,
     /// Wait for the answer, streaming it as it is generated.
     #[arg(long, short = 'w')]
     wait: bool,
@@ -91,6 +100,18 @@ impl SubmitArgs {
         task.model = self.model.clone();
         task.backend = self.backend.clone();
         task.idempotency_key = self.idempotency_key.clone();
+        task.tags = koubou_system::api::tags(&serde_json::json!(self.tags))?;
+        task.json = self.json_answer;
+        if let Some(s) = &self.schema {
+            let text = if s.trim_start().starts_with('{') {
+                s.clone()
+            } else {
+                std::fs::read_to_string(s).with_context(|| format!("reading the schema file {s}"))?
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ApiError::invalid("schema", format!("is not JSON: {e}")))?;
+            task.schema = Some(v);
+        }
         task.options = GenOptions {
             max_tokens: self.max_tokens,
             temperature: self.temperature,
@@ -181,10 +202,17 @@ fn print_task(v: &TaskView) {
     };
     opt("queue position", v.queue_position.map(|p| p.to_string()));
     opt("starts in ~", v.estimated_start_secs.map(|s| format!("{s} s")));
-    opt("backend", v.backend.clone().map(|b| format!("{b} / {}", v.model.clone().unwrap_or_default())));
+    let place = match v.remote {
+        Some(true) => " (remote)",
+        Some(false) => " (local)",
+        None => "",
+    };
+    opt("backend", v.backend.clone().map(|b| format!("{b} / {}{place}", v.model.clone().unwrap_or_default())));
+    opt("tags", (!v.tags.is_empty()).then(|| v.tags.join(", ")));
     opt("worker", v.worker_id.clone());
     opt("finished", v.finished_at.clone());
     opt("tokens", v.usage.map(|u| format!("{} prompt + {} completion", u.prompt_tokens, u.completion_tokens)));
+    opt("cost", v.cost.map(|c| format!("{c:.6}")));
     opt("error", v.error.clone());
     for (k, val) in rows {
         println!("{k:>15}  {val}");
@@ -215,6 +243,9 @@ pub struct TasksArgs {
     /// Only tasks whose prompt contains this.
     #[arg(long)]
     search: Option<String>,
+    /// Only tasks with this tag.
+    #[arg(long)]
+    tag: Option<String>,
     #[arg(long, default_value_t = 20)]
     limit: usize,
     /// Cursor printed at the end of the previous page.
@@ -224,7 +255,8 @@ pub struct TasksArgs {
 
 pub async fn tasks(ctx: &Ctx, a: TasksArgs) -> anyhow::Result<()> {
     logging::init_quiet();
-    let q = ListQuery { status: a.status, kind: a.kind, q: a.search, limit: Some(a.limit), before: a.before };
+    let q =
+        ListQuery { status: a.status, kind: a.kind, tag: a.tag, q: a.search, limit: Some(a.limit), before: a.before };
     let page = ctx.client()?.tasks(q).await?;
     if ctx.json {
         return output::json(&page);
@@ -311,6 +343,7 @@ pub async fn health(ctx: &Ctx) -> anyhow::Result<()> {
             vec![
                 b.name.clone(),
                 b.kind.clone(),
+                if b.remote { "remote".into() } else { "local".into() },
                 if b.up { "up".into() } else { "DOWN".into() },
                 b.default_model.clone(),
                 b.serves.join(","),
@@ -318,13 +351,22 @@ pub async fn health(ctx: &Ctx) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    output::table(&["BACKEND", "KIND", "STATE", "MODEL", "SERVES", "DETAIL"], &rows);
+    output::table(&["BACKEND", "KIND", "WHERE", "STATE", "MODEL", "SERVES", "DETAIL"], &rows);
     // The table cuts details short; a backend that is down says in full why.
     for b in h.backends.iter().filter(|b| !b.up) {
         println!("  {} is down: {}", b.name, b.detail);
     }
     for (kind, route) in &h.routes {
         println!("  type {kind:<12} → {route}");
+    }
+    if let Some(s) = &h.spared {
+        println!(
+            "local backends spared ≈ {:.4} at {} prices ({} prompt + {} completion tokens since start)",
+            s.cost,
+            s.reference.as_deref().unwrap_or("[pricing]"),
+            s.prompt_tokens,
+            s.completion_tokens
+        );
     }
     Ok(())
 }

@@ -126,7 +126,7 @@ pub async fn prepare(cfg: &Config) -> anyhow::Result<()> {
     {
         let wants_default = cfg.backends.is_empty()
             || cfg.backends.values().any(
-                |b| matches!(b, BackendConfig::Embedded(e) if koubou_llama::ModelStore::is_default_name(&e.model)),
+                |b| matches!(&b.provider, BackendConfig::Embedded(e) if koubou_llama::ModelStore::is_default_name(&e.model)),
             );
         if wants_default {
             let store = embedded::store()?;

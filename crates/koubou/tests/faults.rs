@@ -102,6 +102,7 @@ env = {{ FROM_CONFIG = "yes" }}
 kind = "codex"
 program = "{}"
 workdir = "{}"
+remote = false
 [backends.paid]
 kind = "openai"
 base_url = "http://127.0.0.1:9/v1"

@@ -58,6 +58,9 @@ function ago(iso) {
   return new Date(iso).toLocaleDateString();
 }
 
+const money = (v) => (v >= 0.01 || v === 0 ? v.toFixed(2) : v.toPrecision(2));
+const count = (n) => (n >= 1e6 ? `${(n / 1e6).toFixed(1)}M` : n >= 1e3 ? `${(n / 1e3).toFixed(1)}k` : String(n));
+
 const colOf = (status) =>
   status === 'running' ? 'running' : status === 'pending' || status === 'retrying' ? 'pending' : 'done';
 
@@ -67,7 +70,9 @@ function query(col, before, limit) {
   const p = new URLSearchParams({ status: COLUMNS[col](), limit: String(limit) });
   const q = $('q').value.trim();
   const type = $('type-filter').value;
+  const tag = $('tag-filter').value.trim();
   if (q) p.set('q', q);
+  if (tag) p.set('tag', tag);
   if (type) p.set('type', type);
   if (before != null) p.set('before', String(before));
   return '/tasks?' + p;
@@ -159,8 +164,11 @@ function showTask(t) {
   $('d-answer').classList.toggle('streaming', t.status === 'running');
   $('d-error').textContent = t.error || '';
   $('d-cancel').hidden = !['pending', 'retrying', 'running'].includes(t.status);
+  const where = t.remote == null ? '' : t.remote ? ' (remote)' : ' (local)';
   const meta = [
-    ['type', t.type], ['priority', t.priority], ['backend', t.backend && `${t.backend} / ${t.model || ''}`],
+    ['type', t.type], ['priority', t.priority], ['backend', t.backend && `${t.backend} / ${t.model || ''}${where}`],
+    ['tags', t.tags && t.tags.length ? t.tags.join(', ') : null],
+    ['cost', t.cost != null ? money(t.cost) : null],
     ['worker', t.worker_id], ['attempts', `${t.attempts} / ${t.max_attempts}`],
     ['queue position', t.queue_position], ['created', t.created_at && new Date(t.created_at).toLocaleString()],
     ['duration', t.duration_ms != null ? `${(t.duration_ms / 1000).toFixed(2)} s` : null],
@@ -186,6 +194,9 @@ $('submit-form').addEventListener('submit', async (ev) => {
     prompt: $('f-prompt').value,
     priority: Number($('f-priority').value),
   };
+  const tags = $('f-tags').value.split(',').map((t) => t.trim()).filter(Boolean);
+  if (tags.length) payload.tags = tags;
+  if ($('f-json').checked) payload.json = true;
   $('f-submit').disabled = true;
   try {
     let r;
@@ -221,10 +232,23 @@ const refreshWorkers = debounce(loadWorkers, 500);
 async function loadHealth() {
   try {
     const h = await api('/health');
-    $('backends').replaceChildren(...h.backends.map((b) => el('tr', {},
-      el('td', {}, b.name), el('td', {}, b.kind),
-      el('td', { class: b.up ? 'up' : 'down', title: b.detail }, b.up ? 'up' : 'down — ' + b.detail),
-      el('td', {}, b.default_model), el('td', {}, b.serves.join(', ')))));
+    $('backends').replaceChildren(...h.backends.map((b) => {
+      const s = b.served || {};
+      return el('tr', {},
+        el('td', {}, b.name), el('td', {}, b.kind),
+        el('td', { class: b.remote ? 'remote' : '' }, b.remote ? 'remote' : 'local'),
+        el('td', { class: b.up ? 'up' : 'down', title: b.detail }, b.up ? 'up' : 'down — ' + b.detail),
+        el('td', {}, b.default_model), el('td', {}, b.serves.join(', ')),
+        el('td', { title: `${s.prompt_tokens || 0} prompt + ${s.completion_tokens || 0} completion` },
+          count((s.prompt_tokens || 0) + (s.completion_tokens || 0))),
+        el('td', {}, s.cost ? money(s.cost) : '–'));
+    }));
+    const sp = h.spared;
+    $('spared').hidden = !sp;
+    if (sp) {
+      $('spared').textContent = `Local craftsmen spared ≈ ${money(sp.cost)} at ${sp.reference || '[pricing]'} prices ` +
+        `(${count(sp.prompt_tokens + sp.completion_tokens)} tokens since start).`;
+    }
   } catch (e) { console.warn(e); }
 }
 
@@ -350,6 +374,7 @@ function connect(delay = 500) {
 
 $('q').addEventListener('input', debounce(refreshAll, 300));
 $('type-filter').addEventListener('change', refreshAll);
+$('tag-filter').addEventListener('input', debounce(refreshAll, 300));
 $('done-filter').addEventListener('change', () => loadColumn('done'));
 document.querySelectorAll('[data-more]').forEach((b) => b.addEventListener('click', () => loadColumn(b.dataset.more, true)));
 window.addEventListener('resize', debounce(() => Object.values(charts).forEach((c) => c.draw()), 200));

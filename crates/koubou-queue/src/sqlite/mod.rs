@@ -415,8 +415,13 @@ impl TaskQueue for SqliteQueue {
     async fn heartbeat(&self, lease: &Lease, ttl: Duration, progress: Progress<'_>) -> Result<LeaseStatus, QueueError> {
         let lease = lease.clone();
         let own = |s: Option<&str>| s.map(str::to_owned);
-        let (b, m, p) = (own(progress.backend), own(progress.model), own(progress.partial));
-        self.write(move |ctx| ops::heartbeat(ctx, &lease, ttl, b, m, p)).await
+        let p = ops::OwnedProgress {
+            backend: own(progress.backend),
+            model: own(progress.model),
+            remote: progress.remote,
+            partial: own(progress.partial),
+        };
+        self.write(move |ctx| ops::heartbeat(ctx, &lease, ttl, p)).await
     }
 
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<Task, QueueError> {

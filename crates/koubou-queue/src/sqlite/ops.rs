@@ -48,8 +48,9 @@ pub fn submit(ctx: &mut Ctx<'_>, new: NewTask, max_queued: Option<u64>) -> Resul
     ctx.conn
         .prepare_cached(
             "INSERT INTO tasks (id, kind, prompt, system, priority, status, requested_model, requested_backend, \
-             max_attempts, timeout_secs, created_at, available_at, idempotency_key, options, metadata) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12, ?13)",
+             max_attempts, timeout_secs, created_at, available_at, idempotency_key, options, metadata, tags, json, \
+             schema) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )?
         .execute(params![
             task.id.to_string(),
@@ -65,6 +66,9 @@ pub fn submit(ctx: &mut Ctx<'_>, new: NewTask, max_queued: Option<u64>) -> Resul
             task.idempotency_key,
             (!task.options.is_default()).then(|| json(&task.options)).flatten(),
             (!task.metadata.is_empty()).then(|| json(&task.metadata)).flatten(),
+            (!task.tags.is_empty()).then(|| json(&task.tags)).flatten(),
+            task.json,
+            task.schema.as_ref().and_then(json),
         ])?;
     ctx.events.push(EventKind::TaskCreated { task_id: task.id, kind: task.kind.clone(), priority: task.priority });
     ctx.wake += 1;
@@ -204,29 +208,31 @@ fn lost_error(conn: &Connection, lease: &Lease) -> QueueError {
     }
 }
 
-pub fn heartbeat(
-    ctx: &mut Ctx<'_>,
-    lease: &Lease,
-    ttl: Duration,
-    backend: Option<String>,
-    model: Option<String>,
-    partial: Option<String>,
-) -> Result<LeaseStatus, QueueError> {
+/// What a heartbeat records, owned (it crosses to the writer thread).
+pub struct OwnedProgress {
+    pub backend: Option<String>,
+    pub model: Option<String>,
+    pub remote: Option<bool>,
+    pub partial: Option<String>,
+}
+
+pub fn heartbeat(ctx: &mut Ctx<'_>, lease: &Lease, ttl: Duration, p: OwnedProgress) -> Result<LeaseStatus, QueueError> {
     let until = ctx.now + ttl.as_millis() as Millis;
     let n = ctx
         .conn
         .prepare_cached(&format!(
             "UPDATE tasks SET lease_until = ?4, backend = COALESCE(?5, backend), model = COALESCE(?6, model), \
-             partial = COALESCE(?7, partial) WHERE {FENCE}"
+             partial = COALESCE(?7, partial), remote = COALESCE(?8, remote) WHERE {FENCE}"
         ))?
         .execute(params![
             lease.task_id.to_string(),
             lease.worker_id.0,
             lease.attempt,
             until,
-            backend,
-            model,
-            partial
+            p.backend,
+            p.model,
+            p.partial,
+            p.remote,
         ])?;
     if n == 1 {
         return Ok(LeaseStatus::Held);
@@ -240,7 +246,7 @@ pub fn complete(ctx: &mut Ctx<'_>, lease: &Lease, done: Completion) -> Result<Ta
         .prepare_cached(&format!(
             "UPDATE tasks SET status = 'completed', result = ?4, backend = ?5, model = ?6, prompt_tokens = ?7, \
              completion_tokens = ?8, finished_at = ?9, lease_until = NULL, partial = NULL, error = NULL, \
-             cache_read_tokens = ?10, cache_write_tokens = ?11, warnings = ?12 \
+             cache_read_tokens = ?10, cache_write_tokens = ?11, warnings = ?12, remote = ?13, cost = ?14 \
              WHERE {FENCE} RETURNING {COLUMNS}"
         ))?
         .query_row(
@@ -257,6 +263,8 @@ pub fn complete(ctx: &mut Ctx<'_>, lease: &Lease, done: Completion) -> Result<Ta
                 done.usage.cache_read_tokens.map(|v| v as i64),
                 done.usage.cache_write_tokens.map(|v| v as i64),
                 (!done.warnings.is_empty()).then(|| json(&done.warnings)).flatten(),
+                done.remote,
+                done.cost,
             ],
             task_from_row,
         )
@@ -284,7 +292,7 @@ pub fn fail(ctx: &mut Ctx<'_>, lease: &Lease, failure: Failure) -> Result<Task, 
         .prepare_cached(&format!(
             "UPDATE tasks SET status = ?4, error = ?5, backend = COALESCE(?6, backend), model = COALESCE(?7, model), \
              partial = ?8, available_at = COALESCE(?9, available_at), lease_until = NULL, \
-             finished_at = CASE WHEN ?9 IS NULL THEN ?10 ELSE NULL END \
+             finished_at = CASE WHEN ?9 IS NULL THEN ?10 ELSE NULL END, remote = COALESCE(?11, remote) \
              WHERE {FENCE} RETURNING {COLUMNS}"
         ))?
         .query_row(
@@ -299,6 +307,7 @@ pub fn fail(ctx: &mut Ctx<'_>, lease: &Lease, failure: Failure) -> Result<Task, 
                 failure.partial,
                 retry_at,
                 ctx.now,
+                failure.remote,
             ],
             task_from_row,
         )
@@ -422,6 +431,10 @@ pub fn list(conn: &Connection, q: &TaskQuery) -> Result<TaskPage, QueueError> {
     }
     if let Some(k) = &q.kind {
         clauses.push(format!("kind = {}", arg(&mut args, Value::from(k.as_str().to_owned()))));
+    }
+    if let Some(t) = q.tag.as_deref().filter(|t| !t.is_empty()) {
+        let mark = arg(&mut args, Value::from(t.to_owned()));
+        clauses.push(format!("EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE json_each.value = {mark})"));
     }
     if let Some(s) = q.search.as_deref().filter(|s| !s.is_empty()) {
         let escaped = s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");

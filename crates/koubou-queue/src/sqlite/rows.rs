@@ -8,7 +8,8 @@ use rusqlite::Row;
 pub const COLUMNS: &str = "id, kind, prompt, system, priority, status, requested_model, requested_backend, \
      attempts, max_attempts, timeout_secs, result, error, partial, backend, model, prompt_tokens, \
      completion_tokens, worker_id, created_at, started_at, finished_at, available_at, lease_until, \
-     idempotency_key, options, metadata, seq, cache_read_tokens, cache_write_tokens, warnings";
+     idempotency_key, options, metadata, seq, cache_read_tokens, cache_write_tokens, warnings, tags, json, schema, \
+     remote, cost";
 
 fn bad(col: usize, msg: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, msg.into())
@@ -25,6 +26,8 @@ pub fn task_from_row(r: &Row<'_>) -> rusqlite::Result<Task> {
     let cache_read: Option<i64> = r.get(28)?;
     let cache_write: Option<i64> = r.get(29)?;
     let warnings: Option<String> = r.get(30)?;
+    let tags: Option<String> = r.get(31)?;
+    let schema: Option<String> = r.get(33)?;
     Ok(Task {
         id: id.parse().map_err(|e: koubou_task::id::BadTaskId| bad(0, e.to_string()))?,
         kind: TaskKind::parse(&kind).map_err(|e| bad(1, e))?,
@@ -69,6 +72,14 @@ pub fn task_from_row(r: &Row<'_>) -> rusqlite::Result<Task> {
             Some(s) => serde_json::from_str(&s).map_err(|e| bad(30, e.to_string()))?,
             None => Vec::new(),
         },
+        tags: match tags {
+            Some(s) => serde_json::from_str(&s).map_err(|e| bad(31, e.to_string()))?,
+            None => Vec::new(),
+        },
+        json: r.get(32)?,
+        schema: schema.map(|s| serde_json::from_str(&s)).transpose().map_err(|e| bad(33, e.to_string()))?,
+        remote: r.get(34)?,
+        cost: r.get(35)?,
     })
 }
 

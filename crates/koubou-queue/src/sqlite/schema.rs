@@ -53,6 +53,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE tasks ADD COLUMN cache_write_tokens INTEGER;
     ALTER TABLE tasks ADD COLUMN warnings           TEXT;
     "#,
+    // 3: tags, structured output, and where a task ran (local or remote) and what it cost.
+    r#"
+    ALTER TABLE tasks ADD COLUMN tags          TEXT;    -- JSON array of strings; NULL when none
+    ALTER TABLE tasks ADD COLUMN json          INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN schema        TEXT;    -- JSON Schema the answer must match
+    ALTER TABLE tasks ADD COLUMN remote        INTEGER; -- 1 when the serving backend is remote
+    ALTER TABLE tasks ADD COLUMN cost          REAL;
+    "#,
 ];
 
 /// Migration 1 alone, to build old files in tests.
@@ -63,6 +71,11 @@ pub const MIGRATION_1_FOR_TESTS: &str = MIGRATIONS[0];
 pub const VERSION: i64 = MIGRATIONS.len() as i64;
 
 pub fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
+    migrate_to(conn, VERSION)
+}
+
+/// Applies the migrations up to `version` (tests use it to make a file of an older release).
+pub(crate) fn migrate_to(conn: &mut Connection, version: i64) -> Result<(), QueueError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let have: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if have > VERSION {
@@ -70,7 +83,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
             "the database is at schema version {have}, newer than this koubou ({VERSION}); upgrade koubou"
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(have as usize) {
+    for (i, sql) in MIGRATIONS.iter().enumerate().take(version as usize).skip(have as usize) {
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
         tracing::info!(version = i + 1, "applied queue schema migration");

@@ -42,11 +42,21 @@ fn done(text: &str) -> Completion {
         model: "m".into(),
         usage: Usage::new(3, 5),
         warnings: vec![],
+        remote: false,
+        cost: None,
     }
 }
 
 fn failure(retryable: bool) -> Failure {
-    Failure { error: "boom".into(), retryable, backend: None, model: None, partial: None, retry_after: None }
+    Failure {
+        error: "boom".into(),
+        retryable,
+        backend: None,
+        model: None,
+        remote: None,
+        partial: None,
+        retry_after: None,
+    }
 }
 
 #[tokio::test]
@@ -218,6 +228,7 @@ fn a_version_1_file_migrates_and_keeps_its_tasks() {
     assert_eq!(v, schema::VERSION);
     let t = conn.query_row(&format!("SELECT {} FROM tasks", rows::COLUMNS), [], rows::task_from_row).unwrap();
     assert_eq!((t.usage, t.warnings.len(), t.result.as_deref()), (Some(Usage::new(4, 2)), 0, Some("r")));
+    assert!(t.tags.is_empty() && !t.json && t.schema.is_none() && t.remote.is_none() && t.cost.is_none());
 }
 
 #[tokio::test]
@@ -269,11 +280,11 @@ async fn heartbeat_renews_and_records_progress() {
     q.submit(new("x", 5)).await.unwrap();
     let c = q.claim(&w(1), None, Duration::from_millis(200)).await.unwrap().unwrap();
     let claimed_until = q.get(c.task.id).await.unwrap().unwrap().lease_until.unwrap();
-    let p = Progress { backend: Some("ollama"), model: Some("gemma2:2b"), partial: Some("Hel") };
+    let p = Progress { backend: Some("ollama"), model: Some("gemma2:2b"), remote: Some(false), partial: Some("Hel") };
     let before = koubou_task::now_millis();
     assert_eq!(q.heartbeat(&c.lease, LEASE, p).await.unwrap(), LeaseStatus::Held);
     let t = q.get(c.task.id).await.unwrap().unwrap();
-    assert_eq!((t.partial.as_deref(), t.backend.as_deref()), (Some("Hel"), Some("ollama")));
+    assert_eq!((t.partial.as_deref(), t.backend.as_deref(), t.remote), (Some("Hel"), Some("ollama"), Some(false)));
     assert!(t.lease_until.unwrap() >= before + LEASE.as_millis() as i64, "renewed for the whole ttl");
     // Past the lease it was claimed with, the renewed one still holds.
     until("the first lease to run out", async || (koubou_task::now_millis() > claimed_until + 50).then_some(())).await;
@@ -554,4 +565,53 @@ fn batch_errors_are_named_after_their_cause() {
     assert!(matches!(begin, QueueError::Begin(_)) && begin.to_string().starts_with("could not start"), "{begin}");
     let commit = batch_error(io2, QueueError::Commit);
     assert!(matches!(commit, QueueError::Commit(_)) && commit.to_string().contains("nothing was stored"), "{commit}");
+}
+
+#[tokio::test]
+async fn tags_format_and_where_it_ran_are_stored_and_filtered() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let mut a = new("a", 5);
+    a.tags = vec!["confidential".into(), "team:a".into()];
+    a.schema = Some(serde_json::json!({"type": "object"}));
+    let a = q.submit(a).await.unwrap().task;
+    assert!(a.json, "a schema implies json");
+    let mut b = new("b", 5);
+    b.tags = vec!["team:b".into()];
+    b.json = true;
+    q.submit(b).await.unwrap();
+    q.submit(new("c", 5)).await.unwrap();
+    let tagged = |tag: &str| {
+        let q = &q;
+        let tag = tag.to_owned();
+        async move {
+            let page = q.list(TaskQuery { limit: 10, tag: Some(tag), ..Default::default() }).await.unwrap();
+            page.tasks.into_iter().map(|t| t.prompt).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(tagged("confidential").await, ["a"]);
+    assert_eq!(tagged("team:b").await, ["b"]);
+    assert!(tagged("team").await.is_empty(), "whole tags only");
+    let got = q.get(a.id).await.unwrap().unwrap();
+    assert_eq!(got.tags, ["confidential", "team:a"]);
+    assert_eq!(got.schema, Some(serde_json::json!({"type": "object"})));
+    assert_eq!((got.remote, got.cost), (None, None));
+
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let paid = Completion {
+        remote: true,
+        cost: Some(0.0105),
+        usage: Usage { cache_read_tokens: Some(200), ..Usage::new(1000, 500) },
+        ..done("ok")
+    };
+    let t = q.complete(&c.lease, paid).await.unwrap();
+    assert_eq!((t.remote, t.cost), (Some(true), Some(0.0105)));
+    assert_eq!(t.usage.unwrap().cache_read_tokens, Some(200));
+    drop(q);
+    let again = open(&dir).get(t.id).await.unwrap().unwrap();
+    assert_eq!(
+        (again.tags.len(), again.json, again.remote, again.cost),
+        (2, true, Some(true), Some(0.0105)),
+        "kept across a reopen"
+    );
 }
