@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 use crate::{Millis, Priority, TaskId, TaskKind, TaskStatus, Usage, WorkerId, now_millis};
 
 /// One thing that happened, with when.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// Milliseconds since the Unix epoch.
     pub at: Millis,
@@ -22,7 +22,7 @@ pub struct Event {
 }
 
 /// What happened. Serialized with an `event` tag, e.g. `{"event":"task_token","task_id":…}`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
     TaskCreated {
@@ -51,15 +51,18 @@ pub enum EventKind {
     /// tokens) has it.
     TaskCompleted {
         task_id: TaskId,
+        #[schema(required = true)]
         usage: Option<Usage>,
         latency_ms: Millis,
         #[serde(default)]
+        #[schema(required = true)]
         result: String,
     },
     /// An attempt failed; `retry_at` is set when the task will be tried again.
     TaskFailed {
         task_id: TaskId,
         error: String,
+        #[schema(required = true)]
         retry_at: Option<Millis>,
         status: TaskStatus,
     },
@@ -79,6 +82,7 @@ pub enum EventKind {
     WorkerState {
         worker_id: WorkerId,
         state: String,
+        #[schema(required = true)]
         task_id: Option<TaskId>,
     },
     BackendHealth {
