@@ -30,8 +30,9 @@ pub(crate) enum ServerTrouble {
     #[allow(dead_code)]
     Internal(ErrorBody),
     /// Not now: the server is shutting down (`unavailable`), the disk holding the queue is full
-    /// (`disk_full`) or another program holds the database (`database_locked`); the last two
-    /// with `Retry-After`.
+    /// (`disk_full`), another program holds the database (`database_locked`), or the port has
+    /// `server.max_connections` open (`too_many_connections`); all but the first with
+    /// `Retry-After`.
     #[response(status = 503, headers(("Retry-After" = u64, description = "Seconds to wait before sending the request again.")))]
     #[allow(dead_code)]
     Unavailable(ErrorBody),
@@ -107,6 +108,12 @@ const REFUSALS: &[(&str, &str, &str, bool)] = &[
         "429",
         "RateLimited",
         "`rate_limited`: more requests from this client than `limits.rate_limit_per_sec` allows.",
+        true,
+    ),
+    (
+        "503",
+        "TooManyConnections",
+        "`too_many_connections`: the port already has `server.max_connections` connections open.",
         true,
     ),
 ];

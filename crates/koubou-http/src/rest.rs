@@ -168,6 +168,7 @@ pub(crate) async fn list(State(k): State<Arc<Koubou>>, q: Result<Query<ListQuery
 #[into_params(parameter_in = Query)]
 pub(crate) struct LimitOnly {
     /// Most tasks to list, 1–1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 

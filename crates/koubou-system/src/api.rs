@@ -407,7 +407,7 @@ pub struct TaskView {
     /// While queued: a rough estimate of seconds until it starts (from recent throughput).
     #[schema(required = true)]
     pub estimated_start_secs: Option<f64>,
-    #[schema(required = true)]
+    #[schema(required = true, value_type = Option<i64>)]
     pub duration_ms: Option<Millis>,
     #[schema(required = true)]
     pub idempotency_key: Option<String>,
@@ -472,6 +472,7 @@ pub struct ListQuery {
     /// Substring of the prompt.
     pub q: Option<String>,
     /// Page size, 1–1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// Cursor from the previous page's `next_cursor`.
     pub before: Option<i64>,

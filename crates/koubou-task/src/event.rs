@@ -16,6 +16,7 @@ use crate::{Millis, Priority, TaskId, TaskKind, TaskStatus, Usage, WorkerId, now
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// Milliseconds since the Unix epoch.
+    #[schema(value_type = i64)]
     pub at: Millis,
     #[serde(flatten)]
     pub kind: EventKind,
@@ -53,6 +54,7 @@ pub enum EventKind {
         task_id: TaskId,
         #[schema(required = true)]
         usage: Option<Usage>,
+        #[schema(value_type = i64)]
         latency_ms: Millis,
         #[serde(default)]
         #[schema(required = true)]
@@ -62,7 +64,7 @@ pub enum EventKind {
     TaskFailed {
         task_id: TaskId,
         error: String,
-        #[schema(required = true)]
+        #[schema(required = true, value_type = Option<i64>)]
         retry_at: Option<Millis>,
         status: TaskStatus,
     },
