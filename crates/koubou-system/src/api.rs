@@ -250,10 +250,11 @@ impl SubmitRequest {
             let known = SUBMIT_FIELDS.join(", ");
             return Err(FieldError::new(k.as_str(), format!("unknown field; known fields: {known}")));
         }
-        let prompt = match (obj.get("prompt"), obj.get("content")) {
-            (Some(p), _) | (None, Some(p)) => {
-                str_field(p, if obj.contains_key("prompt") { "prompt" } else { "content" })?
-            }
+        // Both are read, so a wrong `content` beside a `prompt` is refused too; `prompt` wins.
+        let content = obj.get("content").map(|c| str_field(c, "content")).transpose()?;
+        let prompt = match (obj.get("prompt"), content) {
+            (Some(p), _) => str_field(p, "prompt")?,
+            (None, Some(c)) => c,
             (None, None) => return Err(FieldError::new("prompt", "is required (the text of the task)")),
         };
         let kind = match obj.get("type") {
@@ -466,8 +467,11 @@ impl TaskView {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Comma-separated statuses; `active` means pending, retrying and running.
+    #[param(pattern = r"^\s*((pending|running|retrying|completed|failed|cancelled|active)\s*)?(,\s*((pending|running|retrying|completed|failed|cancelled|active)\s*)?)*$")]
     pub status: Option<String>,
+    /// Only tasks of this type.
     #[serde(rename = "type")]
+    #[param(pattern = "^[a-z0-9_-]{1,64}$")]
     pub kind: Option<String>,
     /// Substring of the prompt.
     pub q: Option<String>,
@@ -690,6 +694,8 @@ mod tests {
         assert_eq!(field(r#"{"prompt": "x", "priorty": 3}"#), "priorty");
         assert_eq!(field(r#"{"prompt": "x", "options": {"temp": 1}}"#), "options");
         assert_eq!(field(r#"{"prompt": "x", "sync": "yes"}"#), "sync");
+        assert_eq!(field(r#"{"prompt": "x", "content": 5}"#), "content");
+        assert_eq!(field(r#"{"prompt": null, "content": "x"}"#), "prompt");
         assert_eq!(field(r#"[1]"#), "body");
     }
 

@@ -1,7 +1,7 @@
 //! The REST API against its own OpenAPI document, by a client we did not write: schemathesis
 //! reads `GET /openapi.json` from the real `koubou serve` and sends what the document allows (and
-//! what it forbids), with every check on (no 5xx; status codes, headers, content types and
-//! bodies as documented; invalid input refused, valid input taken; 405 for undocumented methods).
+//! what it forbids), with every check but one on (no 5xx; status codes, headers, content types
+//! and bodies as documented; invalid input refused; 405 for undocumented methods).
 //! Afterwards the server must still be healthy. The served document must be `docs/openapi.json`.
 //!
 //! Needs schemathesis (`export KOUBOU_SCHEMATHESIS="$(scripts/ensure-schemathesis.sh)"`). Unset,
@@ -71,7 +71,11 @@ fn schemathesis_finds_nothing_and_the_server_stays_healthy() {
     let out = Command::new(&st)
         .arg("run")
         .arg(format!("{}/openapi.json", s.url))
-        .args(["--checks", "all", "--max-examples", "30", "--max-time", "100", "--request-timeout", "10"])
+        // Every check but one: `positive_data_acceptance` wants a 2xx for anything the document
+        // allows, but which task types and backends exist, and the caps on `max_attempts` and
+        // `timeout_secs`, are the server's configuration, not the API's (a documented 400).
+        .args(["--checks", "all", "--exclude-checks", "positive_data_acceptance"])
+        .args(["--max-examples", "30", "--max-time", "100", "--request-timeout", "10"])
         .args(["--workers", "2", "--seed", "20261205", "--no-color", "--suppress-health-check", "all"])
         .args(["--report", "json", "--report-json-path"])
         .arg(&report)
