@@ -88,12 +88,7 @@ fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
 
 /// What the guard and the body limit answer, before any handler, on every route.
 const REFUSALS: &[(&str, &str, &str, bool)] = &[
-    (
-        "400",
-        "BadBody",
-        "`invalid_request`: the request body could not be read (`field`: `body`).",
-        false,
-    ),
+    ("400", "BadBody", "`invalid_request`: the request body could not be read (`field`: `body`).", false),
     ("401", "Unauthorized", "`unauthorized`: `server.auth_token` is set and the request has no valid token.", false),
     (
         "403",

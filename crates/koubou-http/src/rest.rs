@@ -14,8 +14,10 @@ use axum::{
 use futures::StreamExt;
 use koubou_system::{
     Api, ApiError, Koubou,
-    api::{ErrorBody, HealthView, ListQuery, SubmitBody, SubmitRequest, SubmitResponse, SystemStatus, TaskList, TaskView,
-        WorkersView},
+    api::{
+        ErrorBody, HealthView, ListQuery, SubmitBody, SubmitRequest, SubmitResponse, SystemStatus, TaskList, TaskView,
+        WorkersView,
+    },
 };
 use koubou_task::TaskId;
 use serde::{Deserialize, Serialize};
@@ -159,7 +161,10 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, HttpError> {
         (status = 400, description = "A query parameter is wrong (`field` names it).", body = ErrorBody),
         ServerTrouble,
     ))]
-pub(crate) async fn list(State(k): State<Arc<Koubou>>, q: Result<Query<ListQuery>, QueryRejection>) -> Res<impl IntoResponse> {
+pub(crate) async fn list(
+    State(k): State<Arc<Koubou>>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Res<impl IntoResponse> {
     Ok(Json(k.tasks(query(q)?).await?))
 }
 
@@ -177,11 +182,11 @@ macro_rules! legacy_list {
     ($name:ident, $path:literal, $statuses:literal, $what:literal) => {
         #[doc = concat!("The prototype's list of ", $what, " tasks (`", $statuses, "`): a bare array, newest first.")]
         #[utoipa::path(get, path = $path, tag = "prototype", params(LimitOnly),
-            responses(
-                (status = 200, description = "The tasks.", body = Vec<TaskView>),
-                (status = 400, description = "`limit` is wrong.", body = ErrorBody),
-                ServerTrouble,
-            ))]
+                    responses(
+                        (status = 200, description = "The tasks.", body = Vec<TaskView>),
+                        (status = 400, description = "`limit` is wrong.", body = ErrorBody),
+                        ServerTrouble,
+                    ))]
         pub(crate) async fn $name(s: State<Arc<Koubou>>, q: Result<Query<LimitOnly>, QueryRejection>) -> Res<Response> {
             legacy(s, q, $statuses).await
         }
@@ -272,6 +277,17 @@ pub(crate) async fn metrics(State(k): State<Arc<Koubou>>) -> Res<impl IntoRespon
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text))
 }
 
+/// One server-sent event of `GET /task/{id}/events` (keep-alive comments aside).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct TaskEventMessage {
+    /// The event's kind: its `Event`'s `event` (`task_token`, `task_completed`, …), or `error`.
+    event: String,
+    /// One `Event` as JSON (an `ErrorBody` for `error`).
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
 /// Server-sent events for one task: its tokens and state changes, ending when it ends.
 ///
 /// Each event's name is its kind (`task_token`, `task_completed`, …) and its data one `Event`
@@ -280,7 +296,7 @@ pub(crate) async fn metrics(State(k): State<Arc<Koubou>>) -> Res<impl IntoRespon
 #[utoipa::path(get, path = "/task/{id}/events", tag = "tasks",
     params(("id" = String, Path, description = "The task's id (a UUID); anything else names no task (404).")),
     responses(
-        (status = 200, description = "The stream, until the task ends.", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The stream, until the task ends.", content_type = "text/event-stream", body = TaskEventMessage),
         (status = 404, description = "No such task.", body = ErrorBody),
         ServerTrouble,
     ))]

@@ -36,10 +36,14 @@ fn every_route_is_documented_and_nothing_else() {
     let documented: BTreeSet<String> = doc()["paths"].as_object().unwrap().keys().cloned().collect();
     let served: BTreeSet<String> = koubou_http::rest::paths().into_iter().map(str::to_owned).collect();
     for p in served.difference(&documented) {
-        panic!("route {p} is served but not in the OpenAPI document: give its handler a #[utoipa::path] and list it in openapi::Doc's paths (or, for an alias, in STATUS_ALIASES)");
+        panic!(
+            "route {p} is served but not in the OpenAPI document: give its handler a #[utoipa::path] and list it in openapi::Doc's paths (or, for an alias, in STATUS_ALIASES)"
+        );
     }
     for p in documented.difference(&served) {
-        panic!("the OpenAPI document has {p}, which the router does not serve: remove it or add the route to rest::routes");
+        panic!(
+            "the OpenAPI document has {p}, which the router does not serve: remove it or add the route to rest::routes"
+        );
     }
 }
 
@@ -61,8 +65,7 @@ fn every_operation_documents_the_guard_and_json_errors() {
                     None => r,
                 };
                 assert_eq!(
-                    r["content"]["application/json"]["schema"]["$ref"],
-                    "#/components/schemas/ErrorBody",
+                    r["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/ErrorBody",
                     "{method} {path} {status} is not the JSON error"
                 );
             }
@@ -127,10 +130,7 @@ fn response_schemas_require_exactly_what_is_always_sent() {
             "failed_tasks": 0, "cancelled_tasks": 0, "throughput_per_sec": 0.0, "tokens_per_sec": 0.0,
             "uptime_secs": 0, "rss_bytes": 0}),
     );
-    required_is_what_is_always_sent::<koubou_task::Usage>(
-        "Usage",
-        json!({"prompt_tokens": 1, "completion_tokens": 1}),
-    );
+    required_is_what_is_always_sent::<koubou_task::Usage>("Usage", json!({"prompt_tokens": 1, "completion_tokens": 1}));
     required_is_what_is_always_sent::<ErrorBody>("ErrorBody", json!({"error": {"code": "c", "message": "m"}}));
     required_is_what_is_always_sent::<koubou_system::api::ErrorDetail>(
         "ErrorDetail",

@@ -467,7 +467,9 @@ impl TaskView {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Comma-separated statuses; `active` means pending, retrying and running.
-    #[param(pattern = r"^\s*((pending|running|retrying|completed|failed|cancelled|active)\s*)?(,\s*((pending|running|retrying|completed|failed|cancelled|active)\s*)?)*$")]
+    #[param(
+        pattern = r"^\s*((pending|running|retrying|completed|failed|cancelled|active)\s*)?(,\s*((pending|running|retrying|completed|failed|cancelled|active)\s*)?)*$"
+    )]
     pub status: Option<String>,
     /// Only tasks of this type.
     #[serde(rename = "type")]
@@ -703,7 +705,7 @@ mod tests {
     fn properties<T: utoipa::PartialSchema>() -> Vec<String> {
         match T::schema() {
             utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(o)) => o.properties.keys().cloned().collect(),
-            other => panic!("not an object schema: {other:?}"),
+            _ => panic!("not an object schema"),
         }
     }
 
@@ -725,7 +727,8 @@ mod tests {
             );
         }
         // Unknown fields are refused, so the schema says so.
-        let utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(o)) = <SubmitBody as utoipa::PartialSchema>::schema()
+        let utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(o)) =
+            <SubmitBody as utoipa::PartialSchema>::schema()
         else {
             unreachable!()
         };

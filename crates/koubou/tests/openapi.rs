@@ -76,7 +76,7 @@ fn schemathesis_finds_nothing_and_the_server_stays_healthy() {
         // `timeout_secs`, are the server's configuration, not the API's (a documented 400).
         .args(["--checks", "all", "--exclude-checks", "positive_data_acceptance"])
         .args(["--max-examples", "30", "--max-time", "100", "--request-timeout", "10"])
-        .args(["--workers", "2", "--seed", "20261205", "--no-color", "--suppress-health-check", "all"])
+        .args(["--workers", "1", "--seed", "20261205", "--no-color", "--suppress-health-check", "all"])
         .args(["--report", "json", "--report-json-path"])
         .arg(&report)
         .env("SCHEMATHESIS_HOOKS", "")
