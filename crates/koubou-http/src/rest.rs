@@ -177,16 +177,23 @@ pub(crate) struct LimitOnly {
     limit: Option<usize>,
 }
 
+/// What the prototype's lists answer besides the guard's refusals and [`ServerTrouble`].
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum LegacyListAnswers {
+    /// The tasks.
+    #[response(status = 200)]
+    Tasks(Vec<TaskView>),
+    /// `limit` is wrong.
+    #[response(status = 400)]
+    BadLimit(ErrorBody),
+}
+
 /// The prototype's lists: a bare array, newest first.
 macro_rules! legacy_list {
     ($name:ident, $path:literal, $statuses:literal, $what:literal) => {
         #[doc = concat!("The prototype's list of ", $what, " tasks (`", $statuses, "`): a bare array, newest first.")]
-        #[utoipa::path(get, path = $path, tag = "prototype", params(LimitOnly),
-                    responses(
-                        (status = 200, description = "The tasks.", body = Vec<TaskView>),
-                        (status = 400, description = "`limit` is wrong.", body = ErrorBody),
-                        ServerTrouble,
-                    ))]
+        #[utoipa::path(get, path = $path, tag = "prototype", params(LimitOnly), responses(LegacyListAnswers, ServerTrouble))]
         pub(crate) async fn $name(s: State<Arc<Koubou>>, q: Result<Query<LimitOnly>, QueryRejection>) -> Res<Response> {
             legacy(s, q, $statuses).await
         }

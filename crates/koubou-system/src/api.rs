@@ -276,6 +276,10 @@ impl SubmitRequest {
         task.max_attempts = opt_u64(obj, "max_attempts")?.map(|n| n.min(u32::MAX as u64) as u32);
         task.timeout_secs = opt_u64(obj, "timeout_secs")?;
         if let Some(v) = present(obj, "options") {
+            // serde would read a struct from an array too (`[]` as every default): an object only.
+            if !v.is_object() {
+                return Err(FieldError::new("options", format!("must be a JSON object, got {v}")));
+            }
             task.options = serde_json::from_value::<GenOptions>(v.clone())
                 .map_err(|e| FieldError::new("options", format!("{e}")))?;
         }
@@ -697,6 +701,7 @@ mod tests {
         assert_eq!(field(r#"{"prompt": "x", "options": {"temp": 1}}"#), "options");
         assert_eq!(field(r#"{"prompt": "x", "sync": "yes"}"#), "sync");
         assert_eq!(field(r#"{"prompt": "x", "content": 5}"#), "content");
+        assert_eq!(field(r#"{"prompt": "x", "options": []}"#), "options");
         assert_eq!(field(r#"{"prompt": null, "content": "x"}"#), "prompt");
         assert_eq!(field(r#"[1]"#), "body");
     }
