@@ -2,7 +2,7 @@
 # The whole test suite, on a fresh machine or a warm one: installs what the tests need (build
 # tools, the default model, and the real peers Koubou is tested against: Codex CLI, a
 # llama-cpp-python server, the MCP Python SDK and Inspector, Claude Code, Chromium with
-# playwright-core), then runs every test of the workspace with cargo-nextest.
+# playwright-core, schemathesis), then runs every test of the workspace with cargo-nextest.
 #
 # Everything heavy is cached outside the clone, under $KOUBOU_CACHE (default ~/.cache/koubou):
 # the cargo target dir, the model, the npm and pip installs.
@@ -23,7 +23,7 @@ ensure_bg() { # name script
     ( "scripts/$2" > "$logs/$1.path" 2> "$logs/$1.log" && echo ok > "$logs/$1.status" || echo failed > "$logs/$1.status" ) &
 }
 rm -f "$logs"/*.status
-step "real peers (background): codex, llama-cpp-python, mcp python sdk, mcp inspector, claude code, chromium + playwright"
+step "real peers (background): codex, llama-cpp-python, mcp python sdk, mcp inspector, claude code, chromium + playwright, schemathesis"
 ensure_bg codex ensure-codex.sh
 ensure_bg llama-cpp-python ensure-llama-cpp-python.sh
 ensure_bg mcp-python ensure-mcp-python.sh
@@ -32,6 +32,7 @@ ensure_bg claude ensure-claude-code.sh
 ensure_bg chromium ensure-chromium.sh
 ensure_bg node-tools ensure-node-tools.sh
 ensure_bg cargo-fuzz ensure-cargo-fuzz.sh
+ensure_bg schemathesis ensure-schemathesis.sh
 
 step "build (workspace, tests included)"
 cargo build --workspace --all-targets --locked
@@ -59,6 +60,7 @@ peer claude KOUBOU_CLAUDE_BIN
 peer chromium KOUBOU_CHROMIUM
 peer node-tools KOUBOU_NODE_MODULES
 peer cargo-fuzz KOUBOU_CARGO_FUZZ
+peer schemathesis KOUBOU_SCHEMATHESIS
 export KOUBOU_ARTIFACTS="${KOUBOU_ARTIFACTS:-$PWD/artifacts}"
 
 # Formatting and lints (clippy denies every warning), before the suite.

@@ -61,7 +61,7 @@ pub struct BackendSettings {
 
 /// What a backend charges, per million tokens (in the currency of your price list; the docs
 /// assume US dollars). Unset prices count as free.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(default)]
 pub struct Prices {
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -90,16 +90,21 @@ pub struct Profile {
 }
 
 /// Tokens and cost a backend served since start.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(default)]
 pub struct MeterReading {
     /// Generations it completed (including answers a structured-output check then refused).
+    #[schema(required = true)]
     pub answers: u64,
+    #[schema(required = true)]
     pub prompt_tokens: u64,
+    #[schema(required = true)]
     pub completion_tokens: u64,
     /// Of the prompt tokens, those read from the provider's prompt cache.
+    #[schema(required = true)]
     pub cached_tokens: u64,
     /// At its configured prices (0 when it has none).
+    #[schema(required = true)]
     pub cost: f64,
 }
 
@@ -129,9 +134,10 @@ impl Meter {
 }
 
 /// What the local backends spared a paid API: their tokens at the reference prices.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Spared {
     /// The `[pricing] reference` backend, if one is named.
+    #[schema(required = true)]
     pub reference: Option<String>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,

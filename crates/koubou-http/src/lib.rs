@@ -9,6 +9,8 @@
 //! - [`body`]: request bodies — size limit and read deadline — for every port.
 //! - [`listener`]: serving a port with a header-read timeout and a connection cap.
 //! - [`error`]: every error leaves as JSON `{"error": {"code", "message", "field"?}}`.
+//! - [`openapi`]: the REST API's OpenAPI 3.1 document (`GET /openapi.json`, `docs/openapi.json`),
+//!   made from the handlers and the types they send.
 //!
 //! Architecture invariant: handlers call `Koubou`'s [`koubou_system::Api`] and nothing else;
 //! nothing reaches a handler that the guard and the body limit have not let through.
@@ -18,6 +20,7 @@ pub mod body;
 pub mod error;
 pub mod guard;
 pub mod listener;
+pub mod openapi;
 pub mod rate;
 pub mod rest;
 

@@ -14,6 +14,7 @@ use koubou_task::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
 
 /// What went wrong, sorted by whose fault it is (each maps to one HTTP status).
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -104,14 +105,11 @@ impl ApiError {
     /// The JSON error body every face sends: `{"error": {"code", "message", "field"?,
     /// "retry_after_secs"?}}`.
     pub fn body(&self) -> Value {
-        let mut e = serde_json::json!({ "code": self.code(), "message": self.to_string() });
-        if let ApiError::Invalid(f) = self {
-            e["field"] = Value::String(f.field.clone());
-        }
-        if let Some(s) = self.retry_after() {
-            e["retry_after_secs"] = s.into();
-        }
-        serde_json::json!({ "error": e })
+        let field = match self {
+            ApiError::Invalid(f) => Some(f.field.clone()),
+            _ => None,
+        };
+        ErrorBody::new(self.code(), self.to_string(), field, self.retry_after()).to_value()
     }
 
     /// Rebuilds an error from a status and body written by [`ApiError::body`].
@@ -137,6 +135,119 @@ impl ApiError {
     }
 }
 
+/// The fields [`SubmitRequest::from_json`] reads; any other is refused. [`SubmitBody`] is their
+/// schema, and a test holds the two equal.
+pub const SUBMIT_FIELDS: &[&str] = &[
+    "type",
+    "prompt",
+    "content",
+    "priority",
+    "system",
+    "model",
+    "backend",
+    "max_attempts",
+    "timeout_secs",
+    "idempotency_key",
+    "options",
+    "metadata",
+    "tags",
+    "json",
+    "schema",
+    "sync",
+    "wait_secs",
+];
+
+/// The JSON body [`SubmitRequest::from_json`] reads (`POST /task/delegate`), as its schema in the
+/// REST API's OpenAPI document: never built, it only describes. `prompt` or its alias `content`
+/// is required (`prompt` wins when both are sent); `null` is the same as an absent field, except
+/// for `prompt` and `content`; any other field is refused.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct SubmitBody {
+    /// The task's type (default `general`); it must be configured on the server.
+    #[serde(rename = "type")]
+    kind: Option<TaskKind>,
+    /// The text of the task.
+    #[serde(default)]
+    prompt: String,
+    /// The prototype's name for `prompt`.
+    #[serde(default)]
+    content: String,
+    /// Default 5.
+    priority: Option<Priority>,
+    /// A system prompt (else the one configured for the type).
+    system: Option<String>,
+    /// Pins the model (else the router's choice for the type).
+    model: Option<String>,
+    /// Pins the backend (else the router's choice for the type).
+    backend: Option<String>,
+    /// At most `limits.max_attempts_cap` (0 counts as 1).
+    max_attempts: Option<u64>,
+    /// At most `limits.max_timeout_secs`.
+    timeout_secs: Option<u64>,
+    /// A second submission with the same key returns the first task instead of a new one.
+    idempotency_key: Option<String>,
+    options: Option<GenOptions>,
+    /// Free JSON kept with the task (at most `limits.max_metadata_bytes` serialized).
+    metadata: Option<Map<String, Value>>,
+    /// Labels, lower-cased and de-duplicated (at most 16); `confidential` keeps the task off
+    /// remote backends whatever the routing. One string is one tag.
+    tags: Option<SubmitTags>,
+    /// Ask for a JSON answer; one that does not parse fails the attempt.
+    json: Option<bool>,
+    /// A JSON Schema the answer must follow (implies `json`).
+    #[schema(value_type = Option<Object>)]
+    schema: Option<Value>,
+    /// Wait for the result and answer with it (bounded by `server.sync_wait_secs`).
+    sync: Option<bool>,
+    /// How long to wait when `sync` (default and bound: `server.sync_wait_secs`).
+    wait_secs: Option<u64>,
+}
+
+/// `tags` in [`SubmitBody`]: one tag, or a list of them.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum SubmitTags {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Every error every face sends, whatever its status: `{"error": {"code", "message", "field"?,
+/// "retry_after_secs"?}}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong ([`ErrorBody`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable: `invalid_request`, `not_found`, `conflict`, `queue_full`, …
+    pub code: String,
+    /// For people: what is wrong and what to do about it.
+    pub message: String,
+    /// The request field (or header: `Host`, `Origin`, `Authorization`, `Content-Type`; or the
+    /// setting, for a limit) at fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// With 429 and some 503s: seconds to wait before sending the request again (also sent as
+    /// the `Retry-After` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ErrorBody {
+    pub fn new(code: &str, message: String, field: Option<String>, retry_after_secs: Option<u64>) -> Self {
+        ErrorBody { error: ErrorDetail { code: code.to_owned(), message, field, retry_after_secs } }
+    }
+
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
 /// A submission as every face receives it (the seed's `POST /task/delegate` body).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SubmitRequest {
@@ -156,35 +267,18 @@ impl SubmitRequest {
     /// `content` is accepted as an alias of `prompt` (the prototype's clients send it).
     pub fn from_json(v: &Value) -> Result<SubmitRequest, FieldError> {
         let obj = v.as_object().ok_or_else(|| FieldError::new("body", "must be a JSON object"))?;
-        const KNOWN: &[&str] = &[
-            "type",
-            "prompt",
-            "content",
-            "priority",
-            "system",
-            "model",
-            "backend",
-            "max_attempts",
-            "timeout_secs",
-            "idempotency_key",
-            "options",
-            "metadata",
-            "tags",
-            "json",
-            "schema",
-            "sync",
-            "wait_secs",
-        ];
-        if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        if let Some(k) = obj.keys().find(|k| !SUBMIT_FIELDS.contains(&k.as_str())) {
+            let known = SUBMIT_FIELDS.join(", ");
             // A key that is the empty string cannot name itself: the body is at fault.
             let (field, what) =
                 if k.is_empty() { ("body", "a field named \"\" is unknown") } else { (k.as_str(), "unknown field") };
-            return Err(FieldError::new(field, format!("{what}; known fields: {}", KNOWN.join(", "))));
+            return Err(FieldError::new(field, format!("{what}; known fields: {known}")));
         }
-        let prompt = match (obj.get("prompt"), obj.get("content")) {
-            (Some(p), _) | (None, Some(p)) => {
-                str_field(p, if obj.contains_key("prompt") { "prompt" } else { "content" })?
-            }
+        // Both are read, so a wrong `content` beside a `prompt` is refused too; `prompt` wins.
+        let content = obj.get("content").map(|c| str_field(c, "content")).transpose()?;
+        let prompt = match (obj.get("prompt"), content) {
+            (Some(p), _) => str_field(p, "prompt")?,
+            (None, Some(c)) => c,
             (None, None) => return Err(FieldError::new("prompt", "is required (the text of the task)")),
         };
         let kind = match obj.get("type") {
@@ -206,6 +300,10 @@ impl SubmitRequest {
         task.max_attempts = opt_u64(obj, "max_attempts")?.map(|n| n.min(u32::MAX as u64) as u32);
         task.timeout_secs = opt_u64(obj, "timeout_secs")?;
         if let Some(v) = present(obj, "options") {
+            // serde would read a struct from an array too (`[]` as every default): an object only.
+            if !v.is_object() {
+                return Err(FieldError::new("options", format!("must be a JSON object, got {v}")));
+            }
             task.options = serde_json::from_value::<GenOptions>(v.clone())
                 .map_err(|e| FieldError::new("options", format!("{e}")))?;
         }
@@ -277,7 +375,7 @@ fn opt_u64(obj: &Map<String, Value>, k: &str) -> Result<Option<u64>, FieldError>
 pub const DELEGATED: &str = "delegated";
 
 /// The answer to a submission.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct SubmitResponse {
     pub task_id: TaskId,
     /// [`DELEGATED`] without `sync`; with `sync`, the task's status when the wait ended.
@@ -295,13 +393,14 @@ pub struct SubmitResponse {
 }
 
 /// A finished task's outcome, in the prototype's shape (`result` in its answers).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct TaskResult {
     /// True when the task completed.
     pub success: bool,
     /// The answer; for a failed or cancelled task, what was generated before it stopped.
     pub output: String,
     /// Why it failed or was cancelled; null when it succeeded.
+    #[schema(required = true)]
     pub error: Option<String>,
 }
 
@@ -327,7 +426,7 @@ impl TaskResult {
 }
 
 /// A task as faces show it (`GET /task/{id}/status`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct TaskView {
     pub task_id: TaskId,
     #[serde(rename = "type")]
@@ -335,48 +434,69 @@ pub struct TaskView {
     pub status: TaskStatus,
     pub priority: Priority,
     pub prompt: String,
+    #[schema(required = true)]
     pub system: Option<String>,
     /// Once finished: `{success, output, error}`; `output` is the answer.
+    #[schema(required = true)]
     pub result: Option<TaskResult>,
+    #[schema(required = true)]
     pub error: Option<String>,
     /// While running: the answer so far.
+    #[schema(required = true)]
     pub partial: Option<String>,
+    #[schema(required = true)]
     pub backend: Option<String>,
+    #[schema(required = true)]
     pub model: Option<String>,
     /// Whether the backend that served (or serves) it is remote: the prompt left the machine.
     #[serde(default)]
+    #[schema(required = true)]
     pub remote: Option<bool>,
+    #[schema(required = true)]
     pub usage: Option<Usage>,
     /// What the answer cost at the serving backend's prices (none when it has no prices).
     #[serde(default)]
+    #[schema(required = true)]
     pub cost: Option<f64>,
+    #[schema(required = true)]
     pub worker_id: Option<String>,
     pub attempts: u32,
     pub max_attempts: u32,
     pub created_at: String,
+    #[schema(required = true)]
     pub started_at: Option<String>,
+    #[schema(required = true)]
     pub finished_at: Option<String>,
     /// While retrying: when the next attempt may start.
+    #[schema(required = true)]
     pub retry_at: Option<String>,
     /// While queued: tasks that will start before this one.
+    #[schema(required = true)]
     pub queue_position: Option<u64>,
     /// While queued: a rough estimate of seconds until it starts (from recent throughput).
+    #[schema(required = true)]
     pub estimated_start_secs: Option<f64>,
+    #[schema(required = true, value_type = Option<i64>)]
     pub duration_ms: Option<Millis>,
+    #[schema(required = true)]
     pub idempotency_key: Option<String>,
     pub options: GenOptions,
     pub metadata: Map<String, Value>,
     /// What the backend said the owner should know about the answer (e.g. the prompt did not
     /// fit the model's context window).
     #[serde(default)]
+    #[schema(required = true)]
     pub warnings: Vec<String>,
     #[serde(default)]
+    #[schema(required = true)]
     pub tags: Vec<String>,
     /// The answer must be JSON.
     #[serde(default)]
+    #[schema(required = true)]
     pub json: bool,
     /// The JSON Schema the answer must match.
     #[serde(default)]
+    #[schema(required = true, value_type = Option<Object>)]
     pub schema: Option<Value>,
 }
 
@@ -426,12 +546,18 @@ impl TaskView {
 }
 
 /// `GET /tasks` filters.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, IntoParams)]
 #[serde(default)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Comma-separated statuses; `active` means pending, retrying and running.
+    #[param(
+        pattern = r"^\s*((pending|running|retrying|completed|failed|cancelled|active)\s*)?(,\s*((pending|running|retrying|completed|failed|cancelled|active)\s*)?)*$"
+    )]
     pub status: Option<String>,
+    /// Only tasks of this type.
     #[serde(rename = "type")]
+    #[param(pattern = "^[a-z0-9_-]{1,64}$")]
     pub kind: Option<String>,
     /// Only tasks carrying this tag.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -439,39 +565,44 @@ pub struct ListQuery {
     /// Substring of the prompt.
     pub q: Option<String>,
     /// Page size, 1–1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// Cursor from the previous page's `next_cursor`.
     pub before: Option<i64>,
 }
 
 /// One page of `GET /tasks`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct TaskList {
     pub tasks: Vec<TaskView>,
     pub total: u64,
+    #[schema(required = true)]
     pub next_cursor: Option<i64>,
 }
 
 /// A worker as `GET /workers/status` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct WorkerView {
     pub worker_id: String,
     /// `idle`, `busy` or `stopping`.
     pub state: String,
     /// Same as `state` (the prototype's name for it).
     #[serde(default)]
+    #[schema(required = true)]
     pub status: String,
+    #[schema(required = true)]
     pub current_task: Option<TaskId>,
     pub tasks_done: u64,
     pub tasks_failed: u64,
     pub started_at: String,
     /// When the worker last reported: its last change of state (started, claimed, finished).
     #[serde(default)]
+    #[schema(required = true)]
     pub last_heartbeat: String,
 }
 
 /// `GET /workers/status`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct WorkersView {
     pub active: usize,
     pub busy: usize,
@@ -481,26 +612,31 @@ pub struct WorkersView {
     pub backend_capacity: usize,
     /// `max_workers` as configured; `max_workers` above is what runs (capped by capacity).
     #[serde(default)]
+    #[schema(required = true)]
     pub configured_max_workers: usize,
     /// Why the pool runs fewer workers than asked, if it does (backend capacity, free memory).
     #[serde(default)]
+    #[schema(required = true)]
     pub warnings: Vec<String>,
     pub workers: Vec<WorkerView>,
 }
 
 /// One backend's health, and the task types it serves.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct BackendView {
     pub name: String,
     pub kind: String,
     /// Prompts sent there leave this machine.
     #[serde(default)]
+    #[schema(required = true)]
     pub remote: bool,
     /// Its prices per million tokens (unset ones are free).
     #[serde(default)]
+    #[schema(required = true)]
     pub prices: Prices,
     /// What it served since start: answers, tokens and their cost.
     #[serde(default)]
+    #[schema(required = true)]
     pub served: MeterReading,
     pub up: bool,
     pub detail: String,
@@ -511,11 +647,12 @@ pub struct BackendView {
     pub serves: Vec<String>,
     /// Set while the backend is cooling down after a rate limit: no task is sent to it until then.
     #[serde(default)]
+    #[schema(required = true)]
     pub cooldown: Option<CooldownView>,
 }
 
 /// A backend's cool-down after it answered "slow down".
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct CooldownView {
     /// When it ends (RFC 3339).
     pub until: String,
@@ -524,15 +661,17 @@ pub struct CooldownView {
 }
 
 /// `GET /health`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct HealthView {
     /// [`HEALTHY`], or [`DEGRADED`] when a backend that some task type uses first is down.
     pub status: String,
     /// `koubou`.
     #[serde(default)]
+    #[schema(required = true)]
     pub server: String,
     /// When this answer was made (RFC 3339).
     #[serde(default)]
+    #[schema(required = true)]
     pub timestamp: String,
     pub version: String,
     pub queue: QueueView,
@@ -552,7 +691,7 @@ pub const HEALTHY: &str = "healthy";
 pub const DEGRADED: &str = "degraded";
 
 /// Counts by status.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct QueueView {
     pub pending: u64,
     pub running: u64,
@@ -563,7 +702,7 @@ pub struct QueueView {
 }
 
 /// The seed's `systemStatus`, plus a little more.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct SystemStatus {
     pub active_workers: usize,
     pub busy_workers: usize,
@@ -660,6 +799,9 @@ mod tests {
         assert_eq!(field(r#"{"prompt": "x", "priorty": 3}"#), "priorty");
         assert_eq!(field(r#"{"prompt": "x", "options": {"temp": 1}}"#), "options");
         assert_eq!(field(r#"{"prompt": "x", "sync": "yes"}"#), "sync");
+        assert_eq!(field(r#"{"prompt": "x", "content": 5}"#), "content");
+        assert_eq!(field(r#"{"prompt": "x", "options": []}"#), "options");
+        assert_eq!(field(r#"{"prompt": null, "content": "x"}"#), "prompt");
         assert_eq!(field(r#"[1]"#), "body");
         // Found by the task_json fuzz target: an empty key was named as the field "".
         assert_eq!(field(r#"{"": "x", "prompt": "x"}"#), "body");
@@ -676,6 +818,41 @@ mod tests {
         let r = parse(r#"{"prompt": "x", "tags": "gpu", "schema": {"type": "object"}}"#).unwrap();
         assert_eq!(r.task.tags, ["gpu"]);
         assert_eq!(r.task.schema.unwrap()["type"], "object");
+    }
+
+    /// The properties of a derived object schema.
+    fn properties<T: utoipa::PartialSchema>() -> Vec<String> {
+        match T::schema() {
+            utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(o)) => o.properties.keys().cloned().collect(),
+            _ => panic!("not an object schema"),
+        }
+    }
+
+    #[test]
+    fn the_submit_schema_has_exactly_the_fields_read() {
+        let schema = properties::<SubmitBody>();
+        for f in SUBMIT_FIELDS {
+            assert!(
+                schema.contains(&f.to_string()),
+                "SubmitRequest::from_json reads {f:?} but SubmitBody (its OpenAPI schema) has no such field: \
+                 add `{f}` to SubmitBody with its type and a doc comment, then regenerate docs/openapi.json"
+            );
+        }
+        for f in &schema {
+            assert!(
+                SUBMIT_FIELDS.contains(&f.as_str()),
+                "SubmitBody (the OpenAPI schema of POST /task/delegate) has {f:?}, which \
+                 SubmitRequest::from_json refuses: add it to SUBMIT_FIELDS and read it, or remove it"
+            );
+        }
+        // Unknown fields are refused, so the schema says so.
+        let utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(o)) =
+            <SubmitBody as utoipa::PartialSchema>::schema()
+        else {
+            unreachable!()
+        };
+        let extra = serde_json::to_value(&o.additional_properties).unwrap();
+        assert_eq!(extra, serde_json::json!(false), "SubmitBody must say additionalProperties: false");
     }
 
     #[test]

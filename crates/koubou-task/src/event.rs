@@ -13,16 +13,17 @@ use tokio::sync::broadcast;
 use crate::{Millis, Priority, TaskId, TaskKind, TaskStatus, Usage, WorkerId, now_millis};
 
 /// One thing that happened, with when.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// Milliseconds since the Unix epoch.
+    #[schema(value_type = i64)]
     pub at: Millis,
     #[serde(flatten)]
     pub kind: EventKind,
 }
 
 /// What happened. Serialized with an `event` tag, e.g. `{"event":"task_token","task_id":…}`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
     TaskCreated {
@@ -51,15 +52,19 @@ pub enum EventKind {
     /// tokens) has it.
     TaskCompleted {
         task_id: TaskId,
+        #[schema(required = true)]
         usage: Option<Usage>,
+        #[schema(value_type = i64)]
         latency_ms: Millis,
         #[serde(default)]
+        #[schema(required = true)]
         result: String,
     },
     /// An attempt failed; `retry_at` is set when the task will be tried again.
     TaskFailed {
         task_id: TaskId,
         error: String,
+        #[schema(required = true, value_type = Option<i64>)]
         retry_at: Option<Millis>,
         status: TaskStatus,
     },
@@ -79,6 +84,7 @@ pub enum EventKind {
     WorkerState {
         worker_id: WorkerId,
         state: String,
+        #[schema(required = true)]
         task_id: Option<TaskId>,
     },
     BackendHealth {

@@ -6,12 +6,14 @@
 //! - [`task`]: `Task` (the stored record), `NewTask` (what a client submits), `TaskStatus`, `Usage`.
 //! - [`event`]: `Event`, the one message type of the event bus, and `EventBus` itself.
 //! - [`validate`]: the rules a submitted task must pass, shared by every face.
+//! - [`schema`]: JSON Schemas of the newtypes, for the REST API's OpenAPI document.
 //!
 //! Architecture invariant: this crate does no I/O, knows no database, no HTTP and no LLM.
 
 pub mod event;
 pub mod id;
 pub mod kind;
+pub mod schema;
 pub mod task;
 pub mod validate;
 

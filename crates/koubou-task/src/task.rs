@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Millis, Priority, TaskId, TaskKind, WorkerId};
 
 /// Where a task is in its life.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskStatus {
     Pending,
@@ -69,7 +69,7 @@ impl fmt::Display for TaskStatus {
 }
 
 /// Tokens used by one generation, as the backend reported or counted them.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
     /// Every prompt token the model read, cached or not.
     pub prompt_tokens: u64,
@@ -92,7 +92,7 @@ impl Usage {
 }
 
 /// Sampling and length settings a task may carry; unset fields take the backend's defaults.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
