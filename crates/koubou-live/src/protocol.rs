@@ -56,7 +56,7 @@ pub enum Request {
     /// The prototype's statistics (`stats`).
     GetStats,
     /// `submit_task` with its `payload` (the REST body's fields; never `sync` over a socket).
-    Submit(SubmitRequest),
+    Submit(Box<SubmitRequest>),
     Subscribe(Target),
     Unsubscribe(Target),
     Cancel(TaskId),
@@ -110,7 +110,7 @@ fn request(msg: &Value) -> Result<Request, ApiError> {
             })?;
             // A WebSocket client hears the result as events; never block the connection.
             req.sync = false;
-            Request::Submit(req)
+            Request::Submit(Box::new(req))
         }
         "subscribe" => Request::Subscribe(target(msg)?),
         "unsubscribe" => Request::Unsubscribe(target(msg)?),

@@ -274,7 +274,7 @@ impl Conn {
             }
             Request::GetStats => prototype::stats(k).await,
             Request::Submit(req) => {
-                let resp = k.submit(req).await?;
+                let resp = k.submit(*req).await?;
                 self.tasks.insert(resp.task_id);
                 Ok(
                     json!({"type": "task_submitted", "task_id": resp.task_id, "status": resp.task_status, "created": resp.created}),
