@@ -12,6 +12,13 @@ export KOUBOU_CACHE="${KOUBOU_CACHE:-$HOME/.cache/koubou}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KOUBOU_CACHE/target}"
 mkdir -p "$KOUBOU_CACHE/logs"
 logs="$KOUBOU_CACHE/logs"
+# Builds of several checkouts pile up in the shared target dir; a full disk fails the build
+# half-way. Below 15 GiB free, start the target dir afresh (a cold build, ~20 min on 2 cores).
+free_kib=$(df -Pk "$KOUBOU_CACHE" | awk 'NR == 2 { print $4 }')
+if ((free_kib < 15 * 1024 * 1024)) && [[ -d "$CARGO_TARGET_DIR" ]]; then
+    echo "test.sh: $((free_kib / 1024 / 1024)) GiB free under $KOUBOU_CACHE; removing $CARGO_TARGET_DIR" >&2
+    rm -rf "$CARGO_TARGET_DIR"
+fi
 started=$(date +%s)
 step() { echo "== [$(( $(date +%s) - started ))s] $*"; }
 
