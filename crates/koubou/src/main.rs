@@ -134,6 +134,22 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
+/// Before anything else runs (llama.cpp's C++ static constructors included, which a build for
+/// another CPU may already have compiled with instructions this one lacks): a build made with
+/// `target-cpu=native` on another machine says so and exits instead of dying with SIGILL.
+#[cfg(all(feature = "embedded", target_os = "linux", target_arch = "x86_64"))]
+#[used]
+#[unsafe(link_section = ".init_array.00200")]
+static CHECK_CPU: extern "C" fn() = {
+    extern "C" fn check_cpu() {
+        if let Err(e) = koubou_llama::cpu::check() {
+            eprintln!("koubou: {e}");
+            std::process::exit(10);
+        }
+    }
+    check_cpu
+};
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ctx = Ctx {
