@@ -15,8 +15,10 @@ cargo_fuzz="${KOUBOU_CARGO_FUZZ:-$(scripts/ensure-cargo-fuzz.sh)}"
 # cargo-fuzz passes -Z flags (sanitizer, coverage); this lets the stable toolchain take them,
 # for these builds only.
 export RUSTC_BOOTSTRAP=1
-# cargo-fuzz sets RUSTFLAGS itself, which overrides .cargo/config.toml: these builds are for plain
-# x86-64, so a cached one runs on any CPU. Their own target dir keeps them apart from the others.
+# cargo-fuzz sets RUSTFLAGS itself, which overrides .cargo/config.toml, and appends the caller's:
+# dropping those (test.sh exports `-C target-cpu=native`) keeps these builds plain x86-64, so a
+# cached one runs on any CPU. Their own target dir keeps them apart from the others.
+unset RUSTFLAGS
 target_dir="$KOUBOU_CACHE/fuzz-target"
 targets=("$@")
 ((${#targets[@]})) || mapfile -t targets < <("$cargo_fuzz" fuzz list)

@@ -8,5 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 prompt="${1:-Explain Python decorators in two sentences.}"
 scripts/setup-system.sh
+# Built for this CPU (AVX-512 where it has it), in target/native-<cpu signature>: see
+# scripts/build-env.sh. KOUBOU_BUILD=portable builds target/portable instead.
+source scripts/build-env.sh "${CARGO_TARGET_DIR:-target}"
 cargo build --release --locked -p koubou >&2
-exec "${CARGO_TARGET_DIR:-target}/release/koubou" run --type general "$prompt"
+exec "$CARGO_TARGET_DIR/release/koubou" run --type general "$prompt"

@@ -5,11 +5,14 @@
 # playwright-core, schemathesis), then runs every test of the workspace with cargo-nextest.
 #
 # Everything heavy is cached outside the clone, under $KOUBOU_CACHE (default ~/.cache/koubou):
-# the cargo target dir, the model, the npm and pip installs.
+# the cargo target dir, the model, the npm and pip installs. The build is for this CPU, in a
+# target dir named after it (scripts/build-env.sh: $CARGO_TARGET_DIR or $KOUBOU_CACHE/target,
+# then native-<cpu signature>); KOUBOU_BUILD=portable tests the x86-64-v3 build instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KOUBOU_CACHE="${KOUBOU_CACHE:-$HOME/.cache/koubou}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KOUBOU_CACHE/target}"
+source scripts/build-env.sh "${CARGO_TARGET_DIR:-$KOUBOU_CACHE/target}"
+echo "target dir: $CARGO_TARGET_DIR"
 mkdir -p "$KOUBOU_CACHE/logs"
 logs="$KOUBOU_CACHE/logs"
 # Builds of several checkouts pile up in the shared target dir; a full disk fails the build

@@ -461,8 +461,9 @@ impl Default for ExecConfig {
 pub struct EmbeddedConfig {
     /// A model name known to `koubou models list`, or a path to a `.gguf` file.
     pub model: String,
-    /// CPU threads for generating one sequence; unset picks a default that degrades gently
-    /// under load (1 on a machine with 2 cores).
+    /// CPU threads for generating one sequence; unset means every core on a machine with 1–2
+    /// cores, else all but one (at most 8). With `share_cores` they are used only while other
+    /// processes leave those cores idle, else the decode runs on one thread.
     pub threads: Option<usize>,
     /// CPU threads for batched work (prompt processing, several sequences at once); unset means
     /// every core (at most 8). With `share_cores` they are used only while other processes

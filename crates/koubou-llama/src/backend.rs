@@ -24,18 +24,19 @@ pub const DEFAULT_TOP_P: f32 = 0.95;
 /// Most tokens in one decode call.
 pub const DEFAULT_BATCH: u32 = 512;
 
-/// Threads used when the configuration sets none. See the crate docs ("Threads"): one thread
-/// degrades gently when another process wants a core; more threads only pay off on an otherwise
-/// idle machine with cores to spare.
+/// Threads for one generating sequence when the configuration sets none. See the crate docs
+/// ("Threads"): with `share_cores` they are used only while other processes leave the cores
+/// idle, and the decode runs on one thread the moment another process takes one.
 pub fn default_threads() -> usize {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     default_threads_for(cores)
 }
 
-/// The default for a machine with `cores` logical CPUs: all but one core for machines with more
-/// than 2 (leaving one for the rest of the process and the OS), capped at 8, and 1 on 1–2 cores.
+/// The default for a machine with `cores` logical CPUs: every core on 1–2 cores; on more, all
+/// but one (left for the rest of the process and the OS, and as slack so one busy core elsewhere
+/// does not send the decode to one thread), capped at 8.
 pub fn default_threads_for(cores: usize) -> usize {
-    if cores <= 2 { 1 } else { (cores - 1).min(8) }
+    if cores <= 2 { cores.max(1) } else { (cores - 1).min(8) }
 }
 
 /// Threads for batched work when the configuration sets none: every core, at most 8 (used only
@@ -295,7 +296,7 @@ impl Backend for EmbeddedBackend {
         if let Some(info) = self.model_info() {
             return Health::up(
                 format!(
-                    "embedded llama.cpp: {} loaded ({} M params, {} MiB, weights {}, kv cache {}; {} threads, {} for batches{}, {} sequences x {} tokens)",
+                    "embedded llama.cpp: {} loaded ({} M params, {} MiB, weights {}, kv cache {}; {} threads for one sequence, {} for batches{}, {} sequences x {} tokens)",
                     info.file_name,
                     info.n_params / 1_000_000,
                     info.size_bytes >> 20,
@@ -303,7 +304,7 @@ impl Backend for EmbeddedBackend {
                     info.kv_cache.as_str(),
                     info.threads,
                     info.batch_threads,
-                    if self.cfg.share_cores { " while cores are free" } else { "" },
+                    if self.cfg.share_cores { ", each while the cores are free" } else { "" },
                     info.parallel,
                     info.context
                 ),
@@ -425,8 +426,10 @@ mod tests {
 
     #[test]
     fn thread_default() {
+        assert_eq!(default_threads_for(0), 1);
         assert_eq!(default_threads_for(1), 1);
-        assert_eq!(default_threads_for(2), 1);
+        assert_eq!(default_threads_for(2), 2, "a lone sequence uses both cores of a 2-core machine");
+        assert_eq!(default_threads_for(3), 2);
         assert_eq!(default_threads_for(4), 3);
         assert_eq!(default_threads_for(64), 8);
     }

@@ -1,19 +1,29 @@
 //! Sharing the CPU with other processes: before each decode, the engine asks [`CoreShare`]
 //! whether the threads it wants are free, and runs the decode on one thread when they are not.
+//! This holds for every decode, a lone generating sequence's included: on an otherwise idle
+//! machine it uses every core it was given, and the moment another process takes one, one.
 //!
 //! Why: llama.cpp's threads meet at a barrier after every operation of the graph (hundreds per
 //! token). When another process keeps a core busy, one of them is always waiting for a
 //! descheduled partner, and a decode that takes 4 ms on two idle cores takes tens of ms — slower
 //! than one thread alone. Measured on 2 cores with a competing `yes`: 4 sequences batched on 2
 //! threads fell from ~245 to ~55-65 tokens/s (whatever the OpenMP spin count), while one thread
-//! kept ~150.
+//! kept ~150; one sequence on 2 threads fell to 4–14 tokens/s, on one thread it kept ~73.
 //!
-//! How: every [`SAMPLE_EVERY`] the share reads `/proc/stat` (CPU time of the whole machine) and
-//! `/proc/self/stat` (this process's), and keeps how many cores *other* processes used over the
-//! last interval. A decode may use `n` threads when `others + n <= cores + 0.5`; otherwise it
-//! runs on one. The switch is OpenMP's `max-active-levels` ICV (0 = every parallel region runs
-//! with a team of one; ggml reads the team size OpenMP gives it), so nothing in llama.cpp's
-//! context has to change between decodes.
+//! How: every [`SAMPLE_EVERY`] the share takes a [`Reading`] — `/proc/stat` (CPU time of the
+//! whole machine) and `/proc/self/stat` (this process's) — and keeps how many cores *other*
+//! processes used over the last interval. A decode may use `n` threads when
+//! `others + n <= cores + 0.5`; otherwise it runs on one. While the decode runs on `n` threads
+//! and another process becomes runnable, the kernel gives that process about a third of the two
+//! cores (0.67 > 0.5): the next reading narrows. While it runs on one thread, the other process
+//! has a whole core to itself (1.0): the share stays narrow until it stops. The switch is
+//! OpenMP's `max-active-levels` ICV (0 = every parallel region runs with a team of one; ggml
+//! reads the team size OpenMP gives it), so nothing in llama.cpp's context has to change between
+//! decodes. (A team between one and `n` would need `llama_set_n_threads`, which llama-cpp-2
+//! does not expose.)
+//!
+//! Where readings come from is a seam: [`CoreShare::with_source`] takes any function, so the
+//! decision is tested on synthetic readings, without the real machine's `/proc`.
 
 use std::{
     ffi::c_int,
@@ -28,22 +38,35 @@ unsafe extern "C" {
     fn omp_set_max_active_levels(levels: c_int);
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Sample {
-    at: Instant,
-    /// Busy and total jiffies of the whole machine (all CPUs).
-    busy: u64,
-    total: u64,
-    /// This process's CPU time, in jiffies.
-    own: u64,
+/// CPU time counters at one moment, in jiffies (any unit works, as long as it is the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reading {
+    /// Busy time of the whole machine, all CPUs together.
+    pub busy: u64,
+    /// Busy plus idle time of the whole machine.
+    pub total: u64,
+    /// This process's CPU time.
+    pub own: u64,
+}
+
+/// A source of readings: [`proc_reading`] on the real machine.
+pub type Source = Box<dyn FnMut() -> Option<Reading> + Send>;
+
+/// The threads a decode that wants `threads` may use, when other processes kept `others` of
+/// `cores` busy: all of them if they fit beside the others (half a core of slack), else one.
+/// More threads than cores are compared as `cores` (they cannot all run at once anyway).
+pub fn allowed_threads(threads: usize, cores: f64, others: f64) -> usize {
+    let fits = (threads as f64).min(cores);
+    if threads <= 1 || others + fits <= cores + 0.5 { threads.max(1) } else { 1 }
 }
 
 /// Decides whether a decode may run on several threads.
-#[derive(Debug)]
 pub struct CoreShare {
     cores: f64,
     enabled: bool,
-    last: Option<Sample>,
+    every: Duration,
+    source: Source,
+    last: Option<(Instant, Reading)>,
     /// Cores other processes kept busy over the last interval.
     others: f64,
     /// Whether OpenMP currently runs parallel regions with more than one thread.
@@ -51,15 +74,42 @@ pub struct CoreShare {
     /// Decodes that wanted several threads: how many got them, how many ran on one.
     pub shared: u64,
     pub narrowed: u64,
-    /// Where samples come from: `/proc` (tests feed synthetic ones).
-    read: fn(Instant) -> Option<Sample>,
+}
+
+impl std::fmt::Debug for CoreShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoreShare")
+            .field("cores", &self.cores)
+            .field("enabled", &self.enabled)
+            .field("others", &self.others)
+            .field("shared", &self.shared)
+            .field("narrowed", &self.narrowed)
+            .finish()
+    }
 }
 
 impl CoreShare {
+    /// On the real machine: every logical CPU, `/proc` sampled every [`SAMPLE_EVERY`].
     /// `enabled = false` never restricts (the configured thread counts always apply).
     pub fn new(enabled: bool) -> CoreShare {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        CoreShare { cores, enabled, last: None, others: 0.0, parallel: true, shared: 0, narrowed: 0, read: read_sample }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        CoreShare::with_source(enabled, cores, SAMPLE_EVERY, Box::new(proc_reading))
+    }
+
+    /// With `cores` CPUs and readings from `source`, taken at most once per `every`
+    /// (`Duration::ZERO`: at every decode).
+    pub fn with_source(enabled: bool, cores: usize, every: Duration, source: Source) -> CoreShare {
+        CoreShare {
+            cores: cores.max(1) as f64,
+            enabled,
+            every,
+            source,
+            last: None,
+            others: 0.0,
+            parallel: true,
+            shared: 0,
+            narrowed: 0,
+        }
     }
 
     /// Cores other processes used over the last sampled interval.
@@ -70,10 +120,7 @@ impl CoreShare {
     /// Call before a decode that llama.cpp will run on `threads` threads. Returns whether it
     /// may (else OpenMP has been told to run it on one).
     pub fn before_decode(&mut self, threads: usize) -> bool {
-        let want = threads > 1 && (!self.enabled || self.free_for(threads));
-        if threads > 1 {
-            if want { self.shared += 1 } else { self.narrowed += 1 }
-        }
+        let want = self.threads_for(threads) > 1;
         if want != self.parallel {
             // SAFETY: sets a libgomp global; called from the engine thread between decodes,
             // never while a parallel region is running.
@@ -83,18 +130,33 @@ impl CoreShare {
         want
     }
 
-    fn free_for(&mut self, threads: usize) -> bool {
-        self.refresh();
-        self.others + threads as f64 <= self.cores + 0.5
+    /// The threads a decode that wants `threads` may use now (`threads`, or 1), counted in
+    /// [`CoreShare::shared`] / [`CoreShare::narrowed`]. Takes a reading when one is due.
+    pub fn threads_for(&mut self, threads: usize) -> usize {
+        if threads <= 1 {
+            return 1;
+        }
+        let n = if self.enabled {
+            self.refresh();
+            allowed_threads(threads, self.cores, self.others)
+        } else {
+            threads
+        };
+        if n > 1 {
+            self.shared += 1
+        } else {
+            self.narrowed += 1
+        }
+        n
     }
 
     fn refresh(&mut self) {
         let now = Instant::now();
-        if self.last.is_some_and(|l| now.duration_since(l.at) < SAMPLE_EVERY) {
+        if self.last.is_some_and(|(at, _)| now.duration_since(at) < self.every) {
             return;
         }
-        let Some(s) = (self.read)(now) else { return };
-        if let Some(l) = self.last {
+        let Some(s) = (self.source)() else { return };
+        if let Some((_, l)) = self.last {
             let total = s.total.saturating_sub(l.total) as f64;
             if total > 0.0 {
                 let busy = s.busy.saturating_sub(l.busy) as f64;
@@ -102,15 +164,16 @@ impl CoreShare {
                 self.others = ((busy - own).max(0.0) / total * self.cores).clamp(0.0, self.cores);
             }
         }
-        self.last = Some(s);
+        self.last = Some((now, s));
     }
 }
 
-fn read_sample(at: Instant) -> Option<Sample> {
+/// A reading of the real machine: `/proc/stat` and `/proc/self/stat`.
+pub fn proc_reading() -> Option<Reading> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let own = std::fs::read_to_string("/proc/self/stat").ok()?;
     let (busy, total) = parse_cpu_line(stat.lines().next()?)?;
-    Some(Sample { at, busy, total, own: parse_own_jiffies(&own)? })
+    Some(Reading { busy, total, own: parse_own_jiffies(&own)? })
 }
 
 /// `cpu  user nice system idle iowait irq softirq steal guest guest_nice` → (busy, total).
@@ -143,6 +206,89 @@ fn parse_own_jiffies(stat: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// Readings of a 2-core machine, 10 jiffies per core per interval: each step says how many
+    /// cores other processes and this one kept busy over it.
+    fn two_cores(steps: &[(f64, f64)]) -> Source {
+        let mut at = Reading { busy: 1_000, total: 10_000, own: 50 };
+        let mut readings = vec![at];
+        for &(others, own) in steps {
+            at.total += 20;
+            at.busy += ((others + own) * 10.0).round() as u64;
+            at.own += (own * 10.0).round() as u64;
+            readings.push(at);
+        }
+        let mut it = readings.into_iter();
+        Box::new(move || it.next())
+    }
+
+    #[test]
+    fn the_rule_gives_every_core_while_others_leave_them_idle() {
+        // 2 cores: idle, a little background work, and another process sharing them.
+        assert_eq!(allowed_threads(2, 2.0, 0.0), 2);
+        assert_eq!(allowed_threads(2, 2.0, 0.4), 2);
+        assert_eq!(allowed_threads(2, 2.0, 0.67), 1, "a competitor given a third of two cores");
+        assert_eq!(allowed_threads(2, 2.0, 1.0), 1, "a competitor holding a whole core");
+        assert_eq!(allowed_threads(1, 2.0, 0.0), 1);
+        assert_eq!(allowed_threads(0, 2.0, 0.0), 1);
+        // More threads than cores are judged as every core.
+        assert_eq!(allowed_threads(4, 2.0, 0.0), 4);
+        assert_eq!(allowed_threads(4, 2.0, 1.0), 1);
+        // 8 cores, one busy elsewhere: 7 threads fit, 8 do not.
+        assert_eq!(allowed_threads(7, 8.0, 1.0), 7);
+        assert_eq!(allowed_threads(8, 8.0, 1.0), 1);
+    }
+
+    #[test]
+    fn a_lone_sequence_narrows_when_another_process_takes_a_core_and_widens_after() {
+        let steps = [
+            (0.0, 2.0),   // idle machine, our two threads busy
+            (0.05, 1.95), // a little background noise
+            (0.67, 1.33), // a competitor starts: the kernel gives it a third of the cores
+            (1.0, 1.0),   // we run one thread; it holds a whole core
+            (1.0, 1.0),
+            (0.0, 1.0), // it stopped
+            (0.0, 2.0),
+        ];
+        let mut share = CoreShare::with_source(true, 2, Duration::ZERO, two_cores(&steps));
+        // The first decode has one reading, no interval yet: nothing says the cores are taken.
+        let got: Vec<usize> = (0..=steps.len()).map(|_| share.threads_for(2)).collect();
+        assert_eq!(got, [2, 2, 2, 1, 1, 1, 2, 2]);
+        assert_eq!((share.shared, share.narrowed), (5, 3));
+        // One token at a time on one thread is never counted: it asked for nothing more.
+        assert_eq!(share.threads_for(1), 1);
+        assert_eq!((share.shared, share.narrowed), (5, 3));
+    }
+
+    #[test]
+    fn without_readings_the_last_decision_stands_and_disabled_never_narrows() {
+        let mut share = CoreShare::with_source(true, 2, Duration::ZERO, two_cores(&[(1.0, 1.0)]));
+        assert_eq!(share.threads_for(2), 2);
+        assert_eq!(share.threads_for(2), 1);
+        assert!((share.others() - 1.0).abs() < 1e-9, "{}", share.others());
+        // The source has run dry (an unreadable /proc): still narrow, as last measured.
+        assert_eq!(share.threads_for(2), 1);
+        assert_eq!(share.threads_for(2), 1);
+
+        let mut off = CoreShare::with_source(false, 2, Duration::ZERO, two_cores(&[(2.0, 0.0), (2.0, 0.0)]));
+        assert_eq!((off.threads_for(2), off.threads_for(2), off.threads_for(2)), (2, 2, 2));
+        assert_eq!(off.others(), 0.0, "a disabled share does not even read");
+    }
+
+    #[test]
+    fn readings_are_taken_at_most_once_per_interval() {
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = calls.clone();
+        let source: Source = Box::new(move || {
+            let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) as u64;
+            Some(Reading { busy: 20 * n, total: 20 * n, own: 0 })
+        });
+        let mut share = CoreShare::with_source(true, 2, Duration::from_secs(3600), source);
+        for _ in 0..100 {
+            share.threads_for(2);
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn parses_proc_stat() {
         let (busy, total) = parse_cpu_line("cpu  100 5 50 1000 20 1 2 3 0 0").unwrap();
@@ -166,56 +312,6 @@ mod tests {
         assert!(s.before_decode(2));
         assert!(!s.before_decode(1));
         assert!(s.before_decode(2));
-    }
-
-    thread_local! {
-        /// Synthetic `(busy, total, own)` jiffies for [`fed`], one per sample.
-        static FEED: std::cell::RefCell<std::collections::VecDeque<(u64, u64, u64)>> = Default::default();
-    }
-
-    /// The next synthetic reading, stamped one interval back so that every decode takes one.
-    fn fed(now: Instant) -> Option<Sample> {
-        let (busy, total, own) = FEED.with(|f| f.borrow_mut().pop_front())?;
-        Some(Sample { at: now.checked_sub(SAMPLE_EVERY)?, busy, total, own })
-    }
-
-    /// A share on 2 cores that reads `readings` instead of `/proc`.
-    fn share_fed(readings: &[(u64, u64, u64)]) -> CoreShare {
-        FEED.with(|f| *f.borrow_mut() = readings.iter().copied().collect());
-        let mut s = CoreShare::new(true);
-        s.cores = 2.0; // as on the 2-core machines this was measured on, whatever runs the test
-        s.read = fed;
-        s
-    }
-
-    #[test]
-    fn batches_go_to_one_thread_while_another_process_spins_and_back_after() {
-        // Each interval the machine counts 20 jiffies (2 cores × 10).
-        let mut s = share_fed(&[
-            (0, 0, 0),    // the first sample: nothing to compare yet
-            (10, 20, 0),  // another process keeps one core busy
-            (20, 40, 0),  // still
-            (20, 60, 0),  // it is gone: both cores idle
-            (40, 80, 20), // only this process works: its own use never counts against it
-        ]);
-        assert!(s.before_decode(2), "no interval measured yet");
-        assert!(!s.before_decode(2), "2 threads allowed while others used {:.2} of 2 cores", s.others());
-        assert_eq!(s.others(), 1.0);
-        assert!(!s.before_decode(2));
-        assert!(s.before_decode(2), "2 threads never came back; others {:.2}", s.others());
-        assert!(s.before_decode(2), "its own threads counted as another process: {:.2}", s.others());
-        assert_eq!((s.shared, s.narrowed), (3, 2));
-        // With no new reading the last decision stands.
-        assert!(s.before_decode(2));
-    }
-
-    #[test]
-    fn half_a_core_taken_still_leaves_room_for_two_threads() {
-        // others + threads <= cores + 0.5: a process using half a core does not narrow a batch.
-        let mut s = share_fed(&[(0, 0, 0), (5, 20, 0), (16, 40, 0)]);
-        s.before_decode(2);
-        assert!(s.before_decode(2), "others {:.2}", s.others());
-        assert!(!s.before_decode(2), "others {:.2}", s.others());
     }
 
     #[test]

@@ -349,6 +349,16 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
     let fail = |e: String| {
         let _ = ready.send(Err(EngineError::Load(e)));
     };
+    // A build made for another CPU would die with SIGILL inside llama.cpp: say so instead.
+    let exts = crate::cpu::extensions();
+    if let Err(e) = crate::cpu::check() {
+        return fail(e.to_string());
+    }
+    if crate::cpu::unused(&exts).is_empty() {
+        tracing::debug!("koubou-llama: {}", crate::cpu::describe(&exts));
+    } else {
+        tracing::info!("koubou-llama: {}", crate::cpu::describe(&exts));
+    }
     let mut backend = match LlamaBackend::init() {
         Ok(b) => b,
         Err(e) => return fail(format!("llama.cpp backend: {e}")),

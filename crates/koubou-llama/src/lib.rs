@@ -31,10 +31,13 @@
 //!
 //!   Where the aggregate speed-up comes from: not from reading the weights once per step (this
 //!   model's 90 MB stream from memory far faster than one core multiplies them), but from the
-//!   second core. One thread decodes one sequence as fast as two nearly do; several sequences
-//!   batched together split over every core ([`cores`]).
-//! - [`cores`]: [`cores::CoreShare`] decides before each decode whether the batch threads may
-//!   run: only while other processes leave those cores idle, else the decode runs on one thread.
+//!   second core; several sequences batched together split over every core ([`cores`]).
+//! - [`cores`]: [`cores::CoreShare`] decides before each decode — one sequence's token or a
+//!   batch — whether its threads may run: only while other processes leave those cores idle,
+//!   else the decode runs on one thread.
+//! - [`cpu`]: which instruction sets the build uses and whether this CPU has them (a build made
+//!   for another CPU is refused with a message instead of dying with SIGILL), and ggml's own
+//!   report ([`cpu::system_info`]).
 //! - [`transcode`]: re-encodes a model once into a weight format llama.cpp batches better on this
 //!   CPU (`weights = "q8_0"`, or `"auto"` for Q4_1 files), with llama.cpp's own quantizer; the
 //!   copy lives in the store's `copies/` directory and is what the engine loads.
@@ -66,10 +69,13 @@
 //! | 1 thread | 2 threads while free (`share_cores`) | yes | 75 | 99 (batches fall back to 1 thread) |
 //! | 2 threads | 2 threads | no | 121 | 188 |
 //!
-//! So the defaults ([`default_threads`], [`backend::default_batch_threads`], `share_cores`):
-//! one thread for a single generating sequence (two gain ~50% on an idle machine but collapse
-//! when another process takes a core, and leave none for Koubou's own server), every core for
-//! prompts and batched sequences while the machine is otherwise idle, one thread when it is not.
+//! That table is from when one sequence always ran on one thread: two threads gained ~60% on
+//! an idle machine but collapsed to 4–14 tok/s when another process took a core. Now every
+//! decode goes through [`cores::CoreShare`], so the defaults ([`default_threads`],
+//! [`backend::default_batch_threads`], `share_cores`) give one sequence, prompts and batches
+//! every core (on 1–2 cores; all but one on more) while the machine is otherwise idle, and one
+//! thread the moment another process takes a core: the 2-thread speed when it is free, the
+//! 1-thread row under load. Figures through the whole system: `docs/benchmarks.md`.
 //!
 //! # Logs
 //! llama.cpp's own log output is silenced unless `LOG_LEVEL=DEBUG`.
@@ -77,6 +83,7 @@
 pub mod backend;
 pub mod check;
 pub mod cores;
+pub mod cpu;
 pub mod engine;
 pub use koubou_gguf as gguf;
 pub mod models;

@@ -8,7 +8,12 @@
 //!    server inside this bench process — against calling that same server directly.
 //! 3. The server's peak RSS (`VmHWM` of the child).
 //!
-//! `--embedded` measures the embedded model instead; `--pool` how fast the pool scales up: from
+//! `--embedded` instead measures the embedded model through the whole system (queue → worker →
+//! engine → SSE): one task's generation rate and first token, four tasks at once; `--with-load`
+//! again while a `yes` process keeps a core busy; `--compare PY` runs llama-cpp-python's OpenAI
+//! server (a child, streamed over HTTP) on the same GGUF and prompt beside it, at its default
+//! threads and at koubou's, each run interleaved with koubou's.
+//! `--pool` measures how fast the pool scales up: from
 //! one worker, `--pool-tasks` tasks at once against a loopback OpenAI-compatible backend of
 //! capacity `--pool-capacity` that takes `--pool-task-ms` per task, with `max_workers` equal to
 //! that capacity, compared with the ideal (every slot busy from the first moment).
@@ -67,8 +72,9 @@ pub struct BenchArgs {
     /// busy (`yes`, bounded by `timeout`).
     #[arg(long)]
     with_load: bool,
-    /// With --embedded: a python with llama-cpp-python, to run llama.cpp itself on the same GGUF,
-    /// prompt and thread count in the same run (scripts/ensure-llama-cpp-python.sh prints one).
+    /// With --embedded: a python with llama-cpp-python[server] (scripts/ensure-llama-cpp-python.sh
+    /// prints one): its OpenAI server is run on the same GGUF and prompt, at its default threads
+    /// and at koubou's thread count, streamed over HTTP, interleaved with koubou's runs.
     #[arg(long)]
     compare: Option<String>,
     /// With --embedded: runs per figure (the median is printed).
@@ -323,53 +329,134 @@ const EMBEDDED_SYSTEM: &str =
 const EMBEDDED_PROMPT: &str = "Explain step by step how a bicycle works: describe the frame, the wheels, the chain and \
 the gears, the brakes, and how the rider keeps balance while moving. Then give three practical tips for keeping a \
 bicycle in good condition through the winter.";
+/// Greedy tokens asked for per task.
+const EMBEDDED_TOKENS: u32 = 128;
 
-/// One task's timings, from its SSE stream.
-struct Run {
-    first_token: Duration,
-    gen_secs: f64,
-    tokens: u64,
-    prompt_tokens: u64,
-    /// When each `task_token` event arrived.
-    stamps: Vec<Instant>,
+/// What serves a streamed generation: Koubou's task API (queue → worker → engine → SSE), or an
+/// OpenAI-compatible server (llama-cpp-python's) streamed as any client would call it.
+enum Target {
+    Koubou { url: String },
+    OpenAi { url: String },
 }
 
-async fn one_embedded_task(http: &reqwest::Client, url: &str, tokens: u32) -> anyhow::Result<(Instant, Instant, Run)> {
-    let body = serde_json::json!({"prompt": EMBEDDED_PROMPT, "system": EMBEDDED_SYSTEM,
-        "options": {"temperature": 0, "max_tokens": tokens}});
-    let t0 = Instant::now();
-    let v: serde_json::Value = http.post(format!("{url}/task/delegate")).json(&body).send().await?.json().await?;
-    let id = v["task_id"].as_str().context("no task_id")?.to_owned();
-    let mut stream = http.get(format!("{url}/task/{id}/events")).send().await?.bytes_stream();
-    let (mut first, mut last) = (None, t0);
-    let mut stamps = Vec::new();
+/// One streamed generation, as the client saw it.
+struct Stream {
+    submitted: Instant,
+    /// When each generated token's text arrived.
+    stamps: Vec<Instant>,
+    /// Generated tokens (Koubou's usage; one content chunk per token from the OpenAI server).
+    tokens: u64,
+    prompt_tokens: Option<u64>,
+}
+
+impl Stream {
+    fn first(&self) -> Instant {
+        self.stamps.first().copied().unwrap_or(self.submitted)
+    }
+
+    fn last(&self) -> Instant {
+        self.stamps.last().copied().unwrap_or(self.submitted)
+    }
+
+    /// Generation tokens/s, from the first token to the last (prompt processing excluded).
+    fn gen_rate(&self) -> f64 {
+        self.tokens.saturating_sub(1) as f64 / (self.last() - self.first()).as_secs_f64().max(1e-9)
+    }
+}
+
+/// Reads a `text/event-stream` body, calling `event` with each event's text as it arrives.
+async fn read_events(resp: reqwest::Response, mut event: impl FnMut(&str, Instant)) -> anyhow::Result<()> {
+    let mut stream = resp.error_for_status()?.bytes_stream();
     let mut buf = String::new();
     while let Some(chunk) = stream.next().await {
         buf.push_str(&String::from_utf8_lossy(&chunk?));
         let now = Instant::now();
         while let Some(end) = buf.find("\n\n") {
             let ev: String = buf.drain(..end + 2).collect();
-            if ev.contains("event: task_token") {
-                first.get_or_insert(now);
-                last = now;
-                stamps.push(now);
-            }
+            event(&ev, now);
         }
     }
+    Ok(())
+}
+
+impl Target {
+    async fn generate(&self, http: &reqwest::Client, tokens: u32) -> anyhow::Result<Stream> {
+        match self {
+            Target::Koubou { url } => koubou_task(http, url, tokens).await,
+            Target::OpenAi { url } => openai_stream(http, url, tokens).await,
+        }
+    }
+}
+
+async fn koubou_task(http: &reqwest::Client, url: &str, tokens: u32) -> anyhow::Result<Stream> {
+    let body = serde_json::json!({"prompt": EMBEDDED_PROMPT, "system": EMBEDDED_SYSTEM,
+        "options": {"temperature": 0, "max_tokens": tokens}});
+    let submitted = Instant::now();
+    let v: serde_json::Value = http.post(format!("{url}/task/delegate")).json(&body).send().await?.json().await?;
+    let id = v["task_id"].as_str().context("no task_id")?.to_owned();
+    let mut stamps = Vec::new();
+    let events = http.get(format!("{url}/task/{id}/events")).send().await?;
+    read_events(events, |ev, at| {
+        if ev.contains("event: task_token") {
+            stamps.push(at);
+        }
+    })
+    .await?;
     let t: serde_json::Value = http.get(format!("{url}/task/{id}/status")).send().await?.json().await?;
     if t["status"] != "completed" {
         bail!("embedded task did not complete: {t}");
     }
-    let first = first.context("no token streamed")?;
-    let tokens = t["usage"]["completion_tokens"].as_u64().unwrap_or(0);
-    let run = Run {
-        first_token: first - t0,
-        gen_secs: (last - first).as_secs_f64(),
-        tokens,
-        prompt_tokens: t["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+    if stamps.is_empty() {
+        bail!("no token streamed");
+    }
+    Ok(Stream {
+        submitted,
         stamps,
-    };
-    Ok((first, last, run))
+        tokens: t["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+        prompt_tokens: t["usage"]["prompt_tokens"].as_u64(),
+    })
+}
+
+fn openai_body(tokens: u32, stream: bool) -> serde_json::Value {
+    serde_json::json!({"model": "bench", "stream": stream, "temperature": 0, "max_tokens": tokens,
+        "messages": [{"role": "system", "content": EMBEDDED_SYSTEM}, {"role": "user", "content": EMBEDDED_PROMPT}]})
+}
+
+async fn openai_stream(http: &reqwest::Client, url: &str, tokens: u32) -> anyhow::Result<Stream> {
+    let submitted = Instant::now();
+    let resp = http.post(format!("{url}/v1/chat/completions")).json(&openai_body(tokens, true)).send().await?;
+    let (mut stamps, mut finish, mut done, mut bad) = (Vec::new(), None, false, None);
+    read_events(resp, |ev, at| {
+        for data in ev.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim) {
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            match serde_json::from_str::<serde_json::Value>(data) {
+                Ok(v) => {
+                    let choice = &v["choices"][0];
+                    if choice["delta"]["content"].is_string() {
+                        stamps.push(at);
+                    }
+                    if let Some(f) = choice["finish_reason"].as_str() {
+                        finish = Some(f.to_owned());
+                    }
+                }
+                Err(e) => bad = Some(format!("{e}: {data}")),
+            }
+        }
+    })
+    .await?;
+    if let Some(b) = bad {
+        bail!("the OpenAI server streamed something that is not JSON: {b}");
+    }
+    // A stream cut short ends without [DONE] or without a finish_reason (see
+    // ../shared/reference/openai-server.md): a failure, not an answer.
+    if !done || finish.is_none() || stamps.is_empty() {
+        bail!("the OpenAI server's stream ended early ({} tokens, [DONE] {done}, finish {finish:?})", stamps.len());
+    }
+    let tokens = stamps.len() as u64;
+    Ok(Stream { submitted, stamps, tokens, prompt_tokens: None })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -377,50 +464,104 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// One condition (idle, or with a competing load): prints its figures, returns one task's
-/// generation tokens/s.
-async fn embedded_round(a: &BenchArgs, http: &reqwest::Client, url: &str, label: &str) -> anyhow::Result<f64> {
-    const TOKENS: u32 = 128;
-    let mut rates = Vec::new();
-    let mut first = Vec::new();
-    let mut runs = Vec::new();
-    for _ in 0..a.runs.max(1) {
-        let (_, _, r) = one_embedded_task(http, url, TOKENS).await?;
-        rates.push((r.tokens.saturating_sub(1)) as f64 / r.gen_secs.max(1e-9));
-        first.push(r.first_token.as_secs_f64());
-        runs.push(r);
+/// What one target did in one condition (medians over the runs).
+#[derive(Default)]
+struct Figures {
+    /// One task: generation tokens/s, first-token seconds, tokens generated.
+    rates: Vec<f64>,
+    first: Vec<f64>,
+    tokens: u64,
+    prompt_tokens: Option<u64>,
+    /// Four tasks at once: generation tokens/s from when all four generate to the last token;
+    /// and every generated token over the time from submission to the last token.
+    agg: Vec<f64>,
+    wall: Vec<f64>,
+}
+
+impl Figures {
+    async fn one(&mut self, target: &Target, http: &reqwest::Client) -> anyhow::Result<()> {
+        let r = target.generate(http, EMBEDDED_TOKENS).await?;
+        self.rates.push(r.gen_rate());
+        self.first.push((r.first() - r.submitted).as_secs_f64());
+        self.tokens = r.tokens;
+        self.prompt_tokens = self.prompt_tokens.or(r.prompt_tokens);
+        Ok(())
     }
-    let gen1 = median(rates);
-    let first1 = median(first);
-    let r = &runs[0];
-    println!(
-        "[{label}] 1 task through koubou (queue → worker → engine → SSE): {} prompt tokens, {} generated; \
-         generation {gen1:.1} tok/s, first token {:.0} ms (includes prompt processing ≈ {:.0} prompt tok/s); median of {}",
-        r.prompt_tokens,
-        r.tokens,
-        first1 * 1e3,
-        r.prompt_tokens as f64 / first1,
-        a.runs.max(1)
-    );
-    let mut agg = Vec::new();
-    for _ in 0..a.runs.max(1) {
-        let all = futures::future::try_join_all((0..4).map(|_| one_embedded_task(http, url, TOKENS))).await?;
+
+    async fn four(&mut self, target: &Target, http: &reqwest::Client) -> anyhow::Result<()> {
+        let all = futures::future::try_join_all((0..4).map(|_| target.generate(http, EMBEDDED_TOKENS))).await?;
         // Generation only, as for one task (whose rate runs from its first token to its last):
         // from the moment all four are generating (the last first token; before it, prompts are
-        // still being processed) to the last token, counting the tokens streamed in between.
-        let start = all.iter().map(|(f, _, _)| *f).max().context("no runs")?;
-        let end = all.iter().map(|(_, l, _)| *l).max().context("no runs")?;
-        let tokens = all.iter().flat_map(|(_, _, r)| &r.stamps).filter(|&&t| t > start).count();
-        agg.push(tokens as f64 / (end - start).as_secs_f64().max(1e-9));
+        // still being processed) to the last token, counting the tokens streamed in between. A
+        // server that runs one request at a time never has four generating: this is then the
+        // last one's rate.
+        let start = all.iter().map(Stream::first).max().context("no runs")?;
+        let end = all.iter().map(Stream::last).max().context("no runs")?;
+        let tokens = all.iter().flat_map(|r| &r.stamps).filter(|&&t| t > start).count();
+        self.agg.push(tokens as f64 / (end - start).as_secs_f64().max(1e-9));
+        let submitted = all.iter().map(|r| r.submitted).min().context("no runs")?;
+        let every: u64 = all.iter().map(|r| r.tokens).sum();
+        self.wall.push(every as f64 / (end - submitted).as_secs_f64().max(1e-9));
+        Ok(())
     }
-    let agg = median(agg);
-    println!(
-        "[{label}] 4 tasks at once: aggregate generation {agg:.1} tok/s ({:.2}x one task), from when all four \
-         generate to the last token; median of {}",
-        agg / gen1,
-        a.runs.max(1)
-    );
-    Ok(gen1)
+
+    fn gen1(&self) -> f64 {
+        median(self.rates.clone())
+    }
+
+    fn print(&self, label: &str, name: &str) {
+        let (gen1, first1, agg, wall) =
+            (self.gen1(), median(self.first.clone()), median(self.agg.clone()), median(self.wall.clone()));
+        let prompt = self.prompt_tokens.map(|p| format!("{p} prompt tokens, ")).unwrap_or_default();
+        println!(
+            "[{label}] {name}: 1 task: {prompt}{} generated; generation {gen1:.1} tok/s, first token {:.0} ms \
+             (includes prompt processing); median of {}",
+            self.tokens,
+            first1 * 1e3,
+            self.rates.len()
+        );
+        println!(
+            "[{label}] {name}: 4 tasks at once: {agg:.1} tok/s from when all four generate to the last token \
+             ({:.2}x one task); {wall:.1} tok/s counting from submission (prompts included); median of {}",
+            agg / gen1,
+            self.agg.len()
+        );
+    }
+}
+
+/// One condition (idle, or with a competing load): the runs of every target interleaved (one
+/// task on each in turn, then four tasks on each in turn), so a change in the machine's other
+/// work falls on all of them alike.
+async fn embedded_round(
+    a: &BenchArgs,
+    http: &reqwest::Client,
+    targets: &[(String, Target)],
+    label: &str,
+) -> anyhow::Result<Vec<Figures>> {
+    let mut figs: Vec<Figures> = targets.iter().map(|_| Figures::default()).collect();
+    for _ in 0..a.runs.max(1) {
+        for ((_, t), f) in targets.iter().zip(&mut figs) {
+            f.one(t, http).await?;
+        }
+    }
+    for _ in 0..a.runs.max(1) {
+        for ((_, t), f) in targets.iter().zip(&mut figs) {
+            f.four(t, http).await?;
+        }
+    }
+    for ((name, _), f) in targets.iter().zip(&figs) {
+        f.print(label, name);
+    }
+    let koubou = figs[0].gen1();
+    for ((name, _), f) in targets.iter().zip(&figs).skip(1) {
+        println!(
+            "[{label}] koubou / {name}: one task {:.0}%, four tasks {:.0}% (from when all generate), {:.0}% (from submission)",
+            koubou / f.gen1() * 100.0,
+            median(figs[0].agg.clone()) / median(f.agg.clone()) * 100.0,
+            median(figs[0].wall.clone()) / median(f.wall.clone()) * 100.0,
+        );
+    }
+    Ok(figs)
 }
 
 /// A process that keeps one core busy until dropped (`timeout` bounds it if we die first).
@@ -448,6 +589,66 @@ impl Drop for CpuLoad {
     }
 }
 
+/// llama-cpp-python's OpenAI server, a child process on a free loopback port.
+struct OpenAiServer {
+    _child: tokio::process::Child,
+    url: String,
+}
+
+/// Starts `PY -m llama_cpp.server` on `model`, with `threads` = (n_threads, n_threads_batch) or
+/// its own defaults, and waits until it serves.
+async fn start_llama_cpp_server(
+    py: &str,
+    model: &std::path::Path,
+    threads: Option<usize>,
+    http: &reqwest::Client,
+) -> anyhow::Result<OpenAiServer> {
+    let port = free_port()?;
+    let mut cmd = tokio::process::Command::new(py);
+    cmd.args(["-m", "llama_cpp.server", "--model"])
+        .arg(model)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--verbose", "false"])
+        // Four tasks at once queue instead of cutting each other short (its default would).
+        .args(["--interrupt_requests", "false"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(t) = threads {
+        cmd.args(["--n_threads", &t.to_string(), "--n_threads_batch", &t.to_string()]);
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {py} -m llama_cpp.server"))?;
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..1200 {
+        if let Some(status) = child.try_wait()? {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = e.read_to_string(&mut err).await;
+            }
+            bail!("llama_cpp.server exited ({status}) before serving: {err}");
+        }
+        if http.get(format!("{url}/v1/models")).send().await.is_ok_and(|r| r.status().is_success()) {
+            // Warm up (and learn the prompt's length from a non-streamed answer's usage).
+            let v: serde_json::Value = http
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&openai_body(16, false))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            if v["usage"]["prompt_tokens"].as_u64().is_none() {
+                bail!("llama_cpp.server answered oddly: {v}");
+            }
+            drop(child.stderr.take()); // nothing reads it from here on
+            return Ok(OpenAiServer { _child: child, url });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("llama_cpp.server did not serve within 60 s")
+}
+
 async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
     let mut settings = String::new();
     if let Some(t) = a.threads {
@@ -469,9 +670,20 @@ async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
         "[pool]\nmin_workers = 4\nmax_workers = 4\n[backends.embedded]\nkind = \"embedded\"\nparallel = 4\n{settings}\
          [types.general]\nbackend = \"embedded\"\ntimeout_secs = 600\n"
     );
+    println!(
+        "koubou bench --embedded: {} cores; load average {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let server = start_server(&config).await?;
     let http = reqwest::Client::new();
-    one_embedded_task(&http, &server.url, 16).await?; // load the model, warm caches
+    let koubou = Target::Koubou { url: server.url.clone() };
+    koubou.generate(&http, 16).await?; // load the model, warm caches
     // Backend health is re-checked every 15 s; wait for the one that describes the loaded model.
     for _ in 0..40 {
         let health: serde_json::Value = http.get(format!("{}/health", server.url)).send().await?.json().await?;
@@ -481,71 +693,64 @@ async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let idle = embedded_round(a, &http, &server.url, "idle").await?;
-    let loaded = if a.with_load {
-        let _load = CpuLoad::start()?;
-        Some(embedded_round(a, &http, &server.url, "one core busy").await?)
-    } else {
-        None
-    };
-    match peak_rss_kb(server.child.id()) {
-        Some(kb) => println!("server peak RSS: {:.1} MiB", kb as f64 / 1024.0),
-        None => println!("server peak RSS: unknown"),
-    }
-    drop(server);
+    println!("koubou's llama.cpp: {}", build_info());
+
+    // The references: llama-cpp-python's server on the same GGUF (and on the copy koubou serves,
+    // when it re-encodes), at its default threads and at koubou's thread count.
+    let mut targets = vec![("koubou".to_string(), koubou)];
+    let mut reference_servers = Vec::new();
     if let Some(py) = &a.compare {
-        let (original, served, t) = engine_files(a)?;
+        let (original, served, threads) = engine_files(a)?;
+        if let Ok(info) = std::process::Command::new(py)
+            .args(["-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"])
+            .output()
+        {
+            println!("llama-cpp-python's llama.cpp: {}", String::from_utf8_lossy(&info.stdout).trim());
+        }
         let mut files = vec![("the same GGUF", original.clone())];
         if served != original {
             files.push(("the copy koubou serves", served));
         }
         for (what, model) in files {
-            for (label, koubou, load) in [("idle", Some(idle), false), ("one core busy", loaded, true)] {
-                let Some(k) = koubou else { continue };
-                let g = llama_cpp_python(py, &model, t, a.runs.max(1), load).await?;
-                println!(
-                    "[{label}] llama.cpp itself (llama-cpp-python, {t} thread(s), {what}: {}, same prompt): generation {g:.1} tok/s; koubou / llama.cpp: {:.0}%",
-                    model.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
-                    k / g * 100.0
-                );
+            let name = model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            for t in [None, Some(threads)] {
+                let s = start_llama_cpp_server(py, &model, t, &http).await?;
+                let how = match t {
+                    None => "its default threads".to_string(),
+                    Some(t) => format!("--n_threads {t} --n_threads_batch {t}"),
+                };
+                targets.push((
+                    format!("llama-cpp-python server ({how}; {what}: {name})"),
+                    Target::OpenAi { url: s.url.clone() },
+                ));
+                reference_servers.push(s);
             }
         }
+    }
+
+    embedded_round(a, &http, &targets, "idle").await?;
+    if a.with_load {
+        let _load = CpuLoad::start()?;
+        embedded_round(a, &http, &targets, "one core busy").await?;
+    }
+    match peak_rss_kb(server.child.id()) {
+        Some(kb) => println!("koubou server peak RSS: {:.1} MiB", kb as f64 / 1024.0),
+        None => println!("koubou server peak RSS: unknown"),
     }
     Ok(())
 }
 
-/// Runs scripts/bench-llama-cpp-python.py; returns its generation tokens/s.
-async fn llama_cpp_python(
-    py: &str,
-    model: &std::path::Path,
-    threads: usize,
-    runs: usize,
-    load: bool,
-) -> anyhow::Result<f64> {
-    const TOKENS: u32 = 128;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench-llama-cpp-python.py");
-    let mut cmd = tokio::process::Command::new(py);
-    cmd.arg(&script).arg("--model").arg(model).args([
-        "--threads",
-        &threads.to_string(),
-        "--tokens",
-        &TOKENS.to_string(),
-        "--runs",
-        &runs.to_string(),
-    ]);
-    if load {
-        cmd.arg("--load");
-    }
-    let out = cmd.output().await.context("running llama-cpp-python")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("llama-cpp-python failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
-    }
-    text.split("gen ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse::<f64>().ok())
-        .with_context(|| format!("no generation figure in {text:?}"))
+/// ggml's account of the CPU features compiled into this binary, and whether it is a build for
+/// this CPU.
+#[cfg(feature = "embedded")]
+fn build_info() -> String {
+    let exts = koubou_llama::cpu::extensions();
+    format!("{}; {}", koubou_llama::cpu::system_info(), koubou_llama::cpu::describe(&exts))
+}
+
+#[cfg(not(feature = "embedded"))]
+fn build_info() -> String {
+    "not built in".into()
 }
 
 fn toml_str(s: &str) -> String {
@@ -563,7 +768,7 @@ fn find_string<'a>(v: &'a serde_json::Value, needle: &str) -> Option<&'a str> {
 }
 
 /// The GGUF the embedded backend is configured with, the file it serves (a re-encoded copy, with
-/// `weights = "auto"` and a Q4_1 model), and its single-sequence thread count: what llama.cpp
+/// `weights = "auto"` and a Q4_1 model), and its thread count for one sequence: what llama.cpp
 /// itself is run on.
 #[cfg(feature = "embedded")]
 fn engine_files(a: &BenchArgs) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, usize)> {

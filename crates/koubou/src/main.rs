@@ -168,6 +168,22 @@ pub fn supervise_children(hold: Option<std::os::fd::RawFd>) -> anyhow::Result<()
         .context("setting up the supervision of child processes")
 }
 
+/// Before anything else runs (llama.cpp's C++ static constructors included, which a build for
+/// another CPU may already have compiled with instructions this one lacks): a build made with
+/// `target-cpu=native` on another machine says so and exits instead of dying with SIGILL.
+#[cfg(all(feature = "embedded", target_os = "linux", target_arch = "x86_64"))]
+#[used]
+#[unsafe(link_section = ".init_array.00200")]
+static CHECK_CPU: extern "C" fn() = {
+    extern "C" fn check_cpu() {
+        if let Err(e) = koubou_llama::cpu::check() {
+            eprintln!("koubou: {e}");
+            std::process::exit(10);
+        }
+    }
+    check_cpu
+};
+
 fn main() -> ExitCode {
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|a| a == koubou_backend::supervise::SUPERVISE_ARG) {
