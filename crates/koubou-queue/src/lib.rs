@@ -54,6 +54,13 @@ pub enum QueueError {
     /// The write transaction could not be committed: nothing of this write was stored.
     #[error("could not commit to the queue ({0}); nothing was stored")]
     Commit(String),
+    /// With `durability = "full"`: the disk failed to store committed writes (fsync failed).
+    /// Nothing since the last good sync is promised, so the queue refuses all work until
+    /// Koubou restarts and SQLite recovers from what the disk holds.
+    #[error(
+        "the disk failed to store the queue's writes ({0}); nothing since the last sync is promised: restart Koubou"
+    )]
+    Sync(String),
     #[error("database error: {0}")]
     Db(rusqlite::Error),
     #[error("cannot open the queue at {path}: {detail}")]
@@ -78,6 +85,7 @@ impl QueueError {
             QueueError::Begin(m) => QueueError::Begin(m.clone()),
             QueueError::Commit(m) => QueueError::Commit(m.clone()),
             QueueError::Closed => QueueError::Closed,
+            QueueError::Sync(m) => QueueError::Sync(m.clone()),
             other => QueueError::Commit(format!("SQLite rolled the transaction back after: {other}")),
         }
     }

@@ -4,6 +4,9 @@
 //! in its channel, runs them in one transaction (each in its own savepoint, so one failing job
 //! does not undo the others), commits once, and only then answers the callers and publishes
 //! their events: group commit, so durability costs one sync per batch rather than per task.
+//! With `durability = "full"` the sync is pipelined: the writer commits without waiting for the
+//! disk and a second thread fsyncs behind it, holding back answers, events and reads until the
+//! write they reveal is on disk ([`sync`]).
 //! Reads run on a small pool of separate connections and never wait for the writer.
 //!
 //! When a batch cannot be stored — `BEGIN` fails, SQLite rolls the transaction back by itself
@@ -15,6 +18,7 @@
 mod ops;
 mod rows;
 mod schema;
+mod sync;
 
 use std::{
     collections::HashMap,
@@ -49,8 +53,10 @@ pub enum Durability {
     /// sync (SQLite syncs the WAL at checkpoints).
     #[default]
     Normal,
-    /// `synchronous=FULL`: every commit is fsynced before any caller of its batch is answered,
-    /// so an answered write survives power loss too. One fsync per batch (group commit).
+    /// Every write is fsynced before anything reveals it — the answer to a submit or a cancel,
+    /// an event, a read — so whatever a client was told survives power loss too. One fsync per
+    /// group of batches, run beside the writer (see the `sync` module); only the queue's own
+    /// workers hear of their claims and outcomes before the fsync.
     Full,
 }
 
@@ -113,7 +119,21 @@ pub(crate) struct Ctx<'c> {
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Reply = Box<dyn FnOnce(Result<(), &QueueError>) + Send>;
-type Job = Box<dyn FnOnce(&mut Ctx<'_>) -> Reply + Send>;
+
+/// Who hears of a write, which decides when it is answered with `durability = "full"`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    /// A caller outside the queue (submit, cancel): answered once the write is on disk.
+    Durable,
+    /// The queue's own workers (claims, heartbeats, outcomes): answered at commit. Nothing
+    /// outside this process learns of the write before it is on disk (events and reads wait).
+    Commit,
+}
+
+struct Job {
+    ack: Ack,
+    run: Box<dyn FnOnce(&mut Ctx<'_>) -> Reply + Send>,
+}
 
 struct Shared {
     cfg: SqliteConfig,
@@ -129,6 +149,8 @@ struct Shared {
     /// Bounds concurrent reads to the pool's size, so a burst reuses connections instead of
     /// opening new ones.
     read_slots: tokio::sync::Semaphore,
+    /// With `durability = "full"`: commit numbers and the sync thread's progress.
+    durable: Option<sync::Durable>,
 }
 
 /// The SQLite task queue. Cheap to clone.
@@ -138,7 +160,7 @@ pub struct SqliteQueue {
     jobs: mpsc::Sender<Job>,
 }
 
-fn open_conn(path: &PathBuf, cfg: &SqliteConfig, write: bool) -> Result<Connection, QueueError> {
+fn open_conn(path: &PathBuf, write: bool) -> Result<Connection, QueueError> {
     let flags = if write {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
@@ -156,11 +178,9 @@ fn open_conn(path: &PathBuf, cfg: &SqliteConfig, write: bool) -> Result<Connecti
                 detail: format!("cannot use WAL (got {mode})"),
             });
         }
-        let sync = match cfg.durability {
-            Durability::Normal => "NORMAL",
-            Durability::Full => "FULL",
-        };
-        conn.pragma_update(None, "synchronous", sync)?;
+        // NORMAL for both: commits reach the WAL file at once (safe against a kill); with "full"
+        // the sync thread fsyncs the WAL before anything reveals a write.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
     }
     Ok(conn)
 }
@@ -168,16 +188,27 @@ fn open_conn(path: &PathBuf, cfg: &SqliteConfig, write: bool) -> Result<Connecti
 impl SqliteQueue {
     /// Opens (creating and migrating as needed) the queue at `path`.
     pub fn open(path: impl Into<PathBuf>, cfg: SqliteConfig, bus: EventBus) -> Result<SqliteQueue, QueueError> {
-        let path = path.into();
+        SqliteQueue::open_with(path.into(), cfg, bus, None)
+    }
+
+    /// [`SqliteQueue::open`], with `durability = "full"` syncing through `syncer` instead of an
+    /// fsync of the WAL file.
+    pub(crate) fn open_with(
+        path: PathBuf,
+        cfg: SqliteConfig,
+        bus: EventBus,
+        syncer: Option<sync::Syncer>,
+    ) -> Result<SqliteQueue, QueueError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| QueueError::Open { path: dir.display().to_string(), detail: e.to_string() })?;
         }
-        let mut conn = open_conn(&path, &cfg, true)?;
+        let mut conn = open_conn(&path, true)?;
         schema::migrate(&mut conn)?;
         let first_due = ops::next_due_from_table(&conn)?;
         let queued = ops::queued_from_table(&conn)?;
         let cfg_readers = cfg.readers.max(1);
+        let durable = (cfg.durability == Durability::Full).then(sync::Durable::new);
         let shared = Arc::new(Shared {
             cfg,
             path,
@@ -188,13 +219,33 @@ impl SqliteQueue {
             queued: AtomicU64::new(queued),
             readers: Mutex::new(Vec::new()),
             read_slots: tokio::sync::Semaphore::new(cfg_readers),
+            durable,
         });
+        let spawn_error =
+            |e: std::io::Error| QueueError::Open { path: shared.path.display().to_string(), detail: e.to_string() };
+        let synced = match shared.durable {
+            Some(_) => {
+                let (tx, rx) = mpsc::channel::<sync::Pending>();
+                let s = shared.clone();
+                let syncer = syncer.unwrap_or_else(|| {
+                    let mut wal = s.path.clone().into_os_string();
+                    wal.push("-wal");
+                    sync::wal_syncer(wal.into())
+                });
+                std::thread::Builder::new()
+                    .name("koubou-sqlite-sync".into())
+                    .spawn(move || sync::run(rx, s.durable.as_ref().expect("full"), &s.bus, syncer))
+                    .map_err(spawn_error)?;
+                Some(tx)
+            }
+            None => None,
+        };
         let (jobs, rx) = mpsc::channel::<Job>();
         let s = shared.clone();
         std::thread::Builder::new()
             .name("koubou-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, s))
-            .map_err(|e| QueueError::Open { path: shared.path.display().to_string(), detail: e.to_string() })?;
+            .spawn(move || writer_loop(conn, rx, s, synced))
+            .map_err(spawn_error)?;
         Ok(SqliteQueue { shared, jobs })
     }
 
@@ -206,13 +257,15 @@ impl SqliteQueue {
         &self.shared.bus
     }
 
-    /// Runs `f` on the writer thread inside the current batch's transaction; answers after commit.
+    /// Runs `f` on the writer thread inside the current batch's transaction; answers after commit
+    /// (with `durability = "full"` and [`Ack::Durable`], after the fsync).
     async fn write<T: Send + 'static>(
         &self,
+        ack: Ack,
         f: impl FnOnce(&mut Ctx<'_>) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, QueueError> {
         let (tx, rx) = oneshot::channel::<Result<T, QueueError>>();
-        let job: Job = Box::new(move |ctx| {
+        let run = Box::new(move |ctx: &mut Ctx<'_>| -> Reply {
             // No transaction open: BEGIN failed, or SQLite rolled it back under an earlier job.
             // Running `f` now would write outside the batch, so it is answered with the batch's
             // error instead.
@@ -249,8 +302,17 @@ impl SqliteQueue {
                 });
             })
         });
-        self.jobs.send(job).map_err(|_| QueueError::Closed)?;
+        self.jobs.send(Job { ack, run }).map_err(|_| QueueError::Closed)?;
         rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// With `durability = "full"`, holds a read's answer until every write it may have seen is
+    /// on disk.
+    async fn settled<T>(&self, read: Result<T, QueueError>) -> Result<T, QueueError> {
+        match (&self.shared.durable, read) {
+            (Some(d), Ok(v)) => d.settled().await.map(|()| v),
+            (_, r) => r,
+        }
     }
 
     /// Runs `f` on a read connection from the pool, on the calling thread: for lookups by key
@@ -259,11 +321,11 @@ impl SqliteQueue {
         let _slot = self.shared.read_slots.acquire().await.map_err(|_| QueueError::Closed)?;
         let conn = match self.shared.readers.lock().pop() {
             Some(c) => c,
-            None => open_conn(&self.shared.path, &self.shared.cfg, false)?,
+            None => open_conn(&self.shared.path, false)?,
         };
         let r = f(&conn);
         self.shared.readers.lock().push(conn);
-        r
+        self.settled(r).await
     }
 
     /// Runs `f` on a read connection from the pool, on a blocking thread (scans, counts).
@@ -273,10 +335,10 @@ impl SqliteQueue {
     ) -> Result<T, QueueError> {
         let _slot = self.shared.read_slots.acquire().await.map_err(|_| QueueError::Closed)?;
         let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || {
+        let r = tokio::task::spawn_blocking(move || {
             let conn = match shared.readers.lock().pop() {
                 Some(c) => c,
-                None => open_conn(&shared.path, &shared.cfg, false)?,
+                None => open_conn(&shared.path, false)?,
             };
             let r = f(&conn);
             let mut pool = shared.readers.lock();
@@ -286,20 +348,21 @@ impl SqliteQueue {
             r
         })
         .await
-        .map_err(|e| QueueError::Corrupt(format!("reader panicked: {e}")))?
+        .map_err(|e| QueueError::Corrupt(format!("reader panicked: {e}")))?;
+        self.settled(r).await
     }
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
+    synced: Option<mpsc::Sender<sync::Pending>>,
+) {
     let max_batch = shared.cfg.max_batch.max(1);
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
+        batch.extend(rx.try_iter().take(max_batch - 1));
         let mut ctx = Ctx {
             conn: &conn,
             now: now_millis(),
@@ -315,9 +378,14 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
             aborted: None,
         };
         // A failed BEGIN leaves the connection in autocommit mode, so every job below sees no
-        // transaction and is answered with `begun`'s error without running.
-        let begun = conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| batch_error(e, QueueError::Begin));
-        let replies: Vec<Reply> = batch.into_iter().map(|job| job(&mut ctx)).collect();
+        // transaction and is answered with `begun`'s error without running. After a failed
+        // fsync nothing more is written.
+        let begun = match shared.durable.as_ref().and_then(sync::Durable::failure) {
+            Some(e) => Err(e),
+            None => conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| batch_error(e, QueueError::Begin)),
+        };
+        let replies: Vec<(Ack, Reply)> = batch.into_iter().map(|job| (job.ack, (job.run)(&mut ctx))).collect();
+        let seq = shared.durable.as_ref().map(sync::Durable::begin_commit);
         let committed = begun.and_then(|()| match ctx.aborted.take() {
             Some(e) => Err(e),
             None => conn.execute_batch("COMMIT").map_err(|e| {
@@ -325,12 +393,39 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                 batch_error(e, QueueError::Commit)
             }),
         });
+        let result = committed.as_ref().map(|_| ());
         match &committed {
-            Ok(()) => publish(&shared, &mut ctx),
+            Ok(()) => publish_state(&shared, &mut ctx),
             Err(e) => tracing::error!(error = %e, "a queue write failed; nothing of it was stored"),
         }
-        for r in replies {
-            r(committed.as_ref().map(|_| ()));
+        match (seq, &synced) {
+            (Some(seq), Some(syncer)) => {
+                // Workers hear now; events and outside callers once the sync thread has
+                // fsynced this commit. A failed batch is answered at once (nothing of it is
+                // visible); the sync thread still counts it, for the readers waiting on it.
+                let mut later = Vec::new();
+                for (ack, reply) in replies {
+                    match ack {
+                        Ack::Durable if committed.is_ok() => later.push(reply),
+                        _ => reply(result),
+                    }
+                }
+                let events = if committed.is_ok() { std::mem::take(&mut ctx.events) } else { Vec::new() };
+                let pending = sync::Pending { seq, committed: committed.is_ok(), events, replies: later };
+                if let Err(mpsc::SendError(p)) = syncer.send(pending) {
+                    for reply in p.replies {
+                        reply(Err(&QueueError::Closed));
+                    }
+                }
+            }
+            _ => {
+                for e in ctx.events.drain(..) {
+                    shared.bus.publish(e);
+                }
+                for (_, reply) in replies {
+                    reply(result);
+                }
+            }
         }
     }
 }
@@ -344,8 +439,9 @@ fn batch_error(e: rusqlite::Error, step: fn(String) -> QueueError) -> QueueError
     }
 }
 
-/// After a commit: fires cancels, registers claims, publishes events and wakes workers.
-fn publish(shared: &Shared, ctx: &mut Ctx<'_>) {
+/// After a commit: fires cancels, registers claims and wakes workers (the events are the
+/// caller's to publish, at once or after the fsync).
+fn publish_state(shared: &Shared, ctx: &mut Ctx<'_>) {
     let base = ctx.due_recomputed.unwrap_or(ctx.next_due);
     shared.next_due.store(base.min(ctx.due), Ordering::Release);
     shared.queued.store(ctx.queued.max(0) as u64, Ordering::Release);
@@ -361,12 +457,9 @@ fn publish(shared: &Shared, ctx: &mut Ctx<'_>) {
         for (id, token) in ctx.claimed.drain(..) {
             running.insert(id, token);
         }
-    }
-    for e in ctx.events.drain(..) {
-        if let Some(id) = e.task_id().filter(|_| e.is_terminal()) {
-            shared.running.lock().remove(&id);
+        for id in ctx.events.iter().filter(|e| e.is_terminal()).filter_map(|e| e.task_id()) {
+            running.remove(&id);
         }
-        shared.bus.publish(e);
     }
     // One worker per new claimable task, not all of them: no thundering herd of claims that
     // find nothing.
@@ -378,7 +471,7 @@ fn publish(shared: &Shared, ctx: &mut Ctx<'_>) {
 #[async_trait]
 impl TaskQueue for SqliteQueue {
     async fn submit_bounded(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
-        self.write(move |ctx| ops::submit(ctx, new, max_queued)).await
+        self.write(Ack::Durable, move |ctx| ops::submit(ctx, new, max_queued)).await
     }
 
     fn queued(&self) -> u64 {
@@ -409,7 +502,7 @@ impl TaskQueue for SqliteQueue {
     ) -> Result<Option<Claimed>, QueueError> {
         let worker = worker.clone();
         let kinds = kinds.map(<[TaskKind]>::to_vec);
-        self.write(move |ctx| ops::claim(ctx, &worker, kinds.as_deref(), lease)).await
+        self.write(Ack::Commit, move |ctx| ops::claim(ctx, &worker, kinds.as_deref(), lease)).await
     }
 
     async fn heartbeat(&self, lease: &Lease, ttl: Duration, progress: Progress<'_>) -> Result<LeaseStatus, QueueError> {
@@ -421,31 +514,31 @@ impl TaskQueue for SqliteQueue {
             remote: progress.remote,
             partial: own(progress.partial),
         };
-        self.write(move |ctx| ops::heartbeat(ctx, &lease, ttl, p)).await
+        self.write(Ack::Commit, move |ctx| ops::heartbeat(ctx, &lease, ttl, p)).await
     }
 
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<Task, QueueError> {
         let lease = lease.clone();
-        self.write(move |ctx| ops::complete(ctx, &lease, done)).await
+        self.write(Ack::Commit, move |ctx| ops::complete(ctx, &lease, done)).await
     }
 
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<Task, QueueError> {
         let lease = lease.clone();
-        self.write(move |ctx| ops::fail(ctx, &lease, failure)).await
+        self.write(Ack::Commit, move |ctx| ops::fail(ctx, &lease, failure)).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), QueueError> {
         let lease = lease.clone();
-        self.write(move |ctx| ops::release(ctx, &lease)).await
+        self.write(Ack::Commit, move |ctx| ops::release(ctx, &lease)).await
     }
 
     async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
-        self.write(move |ctx| ops::cancel(ctx, id)).await
+        self.write(Ack::Durable, move |ctx| ops::cancel(ctx, id)).await
     }
 
     async fn recover_node(&self, node: &str) -> Result<u64, QueueError> {
         let node = node.to_owned();
-        self.write(move |ctx| ops::recover_node(ctx, &node)).await
+        self.write(Ack::Durable, move |ctx| ops::recover_node(ctx, &node)).await
     }
 
     fn wakeup(&self) -> &Notify {
@@ -458,5 +551,14 @@ impl TaskQueue for SqliteQueue {
     }
 }
 
+/// The queue's semantics, once per durability level.
 #[cfg(test)]
-mod tests;
+mod tests {
+    const DURABILITY: super::Durability = super::Durability::Normal;
+    include!("tests.rs");
+}
+#[cfg(test)]
+mod tests_full {
+    const DURABILITY: super::Durability = super::Durability::Full;
+    include!("tests.rs");
+}

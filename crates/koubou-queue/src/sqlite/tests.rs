@@ -1,4 +1,4 @@
-//! Queue semantics on a real SQLite file.
+// Queue semantics on a real SQLite file, included once per durability level (`DURABILITY`).
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -9,7 +9,11 @@ use super::*;
 use crate::{Completion, Failure, LeaseStatus, Progress, TaskQuery, TaskQueue, backoff::Backoff, claim_wait};
 
 fn open(dir: &tempfile::TempDir) -> SqliteQueue {
-    let cfg = SqliteConfig { retry: Backoff { base_ms: 40, max_ms: 40, jitter: 0.0 }, ..SqliteConfig::default() };
+    let cfg = SqliteConfig {
+        retry: Backoff { base_ms: 40, max_ms: 40, jitter: 0.0 },
+        durability: DURABILITY,
+        ..SqliteConfig::default()
+    };
     SqliteQueue::open(dir.path().join("q.db"), cfg, EventBus::default()).unwrap()
 }
 
@@ -168,7 +172,11 @@ async fn retry_with_backoff_then_fail() {
 #[tokio::test]
 async fn a_retry_after_hint_delays_the_retry_past_the_backoff_up_to_its_cap() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = SqliteConfig { retry: Backoff { base_ms: 40, max_ms: 60_000, jitter: 0.0 }, ..SqliteConfig::default() };
+    let cfg = SqliteConfig {
+        retry: Backoff { base_ms: 40, max_ms: 60_000, jitter: 0.0 },
+        durability: DURABILITY,
+        ..SqliteConfig::default()
+    };
     let q = SqliteQueue::open(dir.path().join("q.db"), cfg, EventBus::default()).unwrap();
     let hinted = |secs| Failure { retry_after: Some(Duration::from_secs(secs)), ..failure(true) };
     q.submit(new("x", 5)).await.unwrap();
@@ -533,8 +541,8 @@ async fn a_full_disk_is_disk_full_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let q = open(&dir);
     let kept = q.submit(new("kept", 5)).await.unwrap().task.id;
-    let pages: i64 = q.write(|ctx| Ok(ctx.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?)).await.unwrap();
-    q.write(move |ctx| Ok(ctx.conn.pragma_update(None, "max_page_count", pages)?)).await.unwrap();
+    let pages: i64 = q.write(Ack::Durable, |ctx| Ok(ctx.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?)).await.unwrap();
+    q.write(Ack::Durable, move |ctx| Ok(ctx.conn.pragma_update(None, "max_page_count", pages)?)).await.unwrap();
     let mut rx = q.bus().subscribe();
     let big = "x".repeat(64 << 10);
     let tries: Vec<_> = (0..8).map(|_| q.submit(new(&big, 5))).collect();
@@ -545,7 +553,7 @@ async fn a_full_disk_is_disk_full_and_loses_nothing_acknowledged() {
     assert_eq!(q.counts().await.unwrap().total(), 1);
     assert_eq!(q.queued(), 1);
 
-    q.write(|ctx| Ok(ctx.conn.pragma_update(None, "max_page_count", 1_073_741_823i64)?)).await.unwrap();
+    q.write(Ack::Durable, |ctx| Ok(ctx.conn.pragma_update(None, "max_page_count", 1_073_741_823i64)?)).await.unwrap();
     q.submit(new(&big, 5)).await.unwrap();
     assert_eq!(q.get(kept).await.unwrap().unwrap().prompt, "kept");
     assert_eq!(q.counts().await.unwrap().pending, 2);
