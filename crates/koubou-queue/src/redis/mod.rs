@@ -400,11 +400,7 @@ impl Shared {
             // stop the old holder, not the new one.
             let mut running = self.running.lock();
             for (id, attempt) in stops {
-                if running.get(&id).is_some_and(|(a, _)| *a == attempt)
-                    && let Some((_, token)) = running.remove(&id)
-                {
-                    token.cancel();
-                }
+                stop_claim(&mut running, id, attempt);
             }
             if let Some((id, attempt, token)) = claimed {
                 running.insert(id, (attempt, token));
@@ -435,14 +431,19 @@ impl Shared {
         }
     }
 
-    /// Forgets (and fires) a claim's token once the claim is known to be over.
+    /// Fires and forgets a claim's token once the claim is known to be over.
     fn drop_claim(&self, lease: &Lease) {
-        let mut running = self.running.lock();
-        if running.get(&lease.task_id).is_some_and(|(a, _)| *a == lease.attempt)
-            && let Some((_, token)) = running.remove(&lease.task_id)
-        {
-            token.cancel();
-        }
+        stop_claim(&mut self.running.lock(), lease.task_id, lease.attempt);
+    }
+}
+
+/// Fires and forgets the token of task `id`'s claim if it holds `attempt` (a newer claim of the
+/// same task keeps its own).
+fn stop_claim(running: &mut HashMap<TaskId, (u32, CancellationToken)>, id: TaskId, attempt: u32) {
+    if running.get(&id).is_some_and(|(a, _)| *a == attempt)
+        && let Some((_, token)) = running.remove(&id)
+    {
+        token.cancel();
     }
 }
 
