@@ -283,3 +283,30 @@ async fn any_text_survives_the_scripts() {
         }
     }
 }
+
+/// A task deleted behind the queue's back (by hand, say) leaves entries in the claim order and
+/// the leases; claims drop them instead of failing or handing out a half task.
+#[tokio::test]
+async fn a_task_deleted_behind_the_queues_back_does_not_jam_claims() {
+    let ns = fixture();
+    let q = open(&ns).await;
+    let gone = q.submit(new("gone", 9)).await.unwrap().task;
+    let kept = q.submit(new("kept", 5)).await.unwrap().task;
+    q.submit(new("running", 1)).await.unwrap();
+    let mut conn = ::redis::Client::open(ns.server.url.as_str()).unwrap().get_connection().unwrap();
+    let del = |conn: &mut ::redis::Connection, id: TaskId| {
+        let _: () = ::redis::cmd("DEL").arg(format!("{{koubou:{}}}:task:{id}", ns.name)).query(conn).unwrap();
+    };
+    del(&mut conn, gone.id);
+    let c = q.claim(&w(1), Some(&[TaskKind::general()]), LEASE).await.unwrap().unwrap();
+    assert_eq!(c.task.id, kept.id);
+    q.complete(&c.lease, done("ok")).await.unwrap();
+    let short = q.claim(&w(2), None, Duration::from_millis(20)).await.unwrap().unwrap();
+    del(&mut conn, short.task.id);
+    until("the stale lease to be dropped", async || {
+        assert!(q.claim(&w(3), None, LEASE).await.unwrap().is_none());
+        q.next_due().await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert_eq!(q.get(gone.id).await.unwrap(), None);
+}

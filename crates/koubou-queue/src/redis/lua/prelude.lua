@@ -139,12 +139,18 @@ local function housekeeping()
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', DELAYED, '-inf', NOW, 'LIMIT', 0, 100)) do
     local key = task_key(id)
     redis.call('ZREM', DELAYED, id)
-    set_status(id, key, 'retrying', 'pending')
-    enqueue(id, key)
+    if redis.call('EXISTS', key) == 1 then
+      set_status(id, key, 'retrying', 'pending')
+      enqueue(id, key)
+    end
   end
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', NOW, 'LIMIT', 0, 100)) do
-    local worker = redis.call('HGET', task_key(id), 'worker') or '?'
-    requeue_lost(id, 'lease expired (worker ' .. worker .. ' stopped answering)')
+    local worker = redis.call('HGET', task_key(id), 'worker')
+    if worker then
+      requeue_lost(id, 'lease expired (worker ' .. worker .. ' stopped answering)')
+    else
+      redis.call('ZREM', LEASES, id)
+    end
   end
   trim()
 end
