@@ -5,6 +5,8 @@
 //!   lease, heartbeat, complete / fail / release, cancel, count.
 //! - [`sqlite`]: `SqliteQueue`, the embedded default (one file, WAL, group commit on one writer
 //!   thread, readers on their own connections).
+//! - [`redis`](crate::redis) (feature `redis`, on by default): `RedisQueue`, the shared queue of a
+//!   distributed Koubou (sorted sets and one Lua script per operation, under one hash tag).
 //! - [`wait`]: `claim_wait`, which parks an idle worker until a task arrives or something falls
 //!   due (a retry's backoff, a lease's expiry) — woken by the queue, never by a polling timer.
 //! - [`backoff`]: the retry schedule.
@@ -18,11 +20,15 @@
 //! - Events are published on the bus only after the change they describe has committed.
 
 pub mod backoff;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod sqlite;
 pub mod wait;
 
 use std::time::Duration;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisConfig, RedisQueue};
 use async_trait::async_trait;
 use koubou_task::{Millis, NewTask, Task, TaskId, TaskKind, TaskStatus, Usage, WorkerId};
 use serde::Serialize;
@@ -30,8 +36,8 @@ pub use sqlite::{SqliteConfig, SqliteQueue};
 use tokio_util::sync::CancellationToken;
 pub use wait::claim_wait;
 
-/// Errors of the queue layer. `NotFound`, `Conflict` and `Full` are the caller's; `DiskFull` and
-/// `Locked` pass (try again later, nothing was written); the rest are ours.
+/// Errors of the queue layer. `NotFound`, `Conflict` and `Full` are the caller's; `DiskFull`,
+/// `Locked` and `Unavailable` pass (try again later); the rest are ours.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("task {0} not found")]
@@ -63,6 +69,14 @@ pub enum QueueError {
     Sync(String),
     #[error("database error: {0}")]
     Db(rusqlite::Error),
+    /// The queue's Redis server cannot be reached or cannot take the write now (connection
+    /// lost or refused, no answer in time, loading, out of memory). Nothing was written unless
+    /// the connection broke after the server ran the write; the same call may succeed later.
+    #[error("the queue's Redis server is unavailable ({0}); try again later")]
+    Unavailable(String),
+    /// Redis refused a queue operation for another reason (a script error, a wrong key type).
+    #[error("Redis error: {0}")]
+    Redis(String),
     #[error("cannot open the queue at {path}: {detail}")]
     Open { path: String, detail: String },
     #[error("the queue is shut down")]
@@ -72,9 +86,10 @@ pub enum QueueError {
 }
 
 impl QueueError {
-    /// A passing condition (full disk, locked database): the same write may succeed later.
+    /// A passing condition (full disk, locked database, unreachable Redis): the same write may
+    /// succeed later.
     pub fn is_transient(&self) -> bool {
-        matches!(self, QueueError::DiskFull(_) | QueueError::Locked(_))
+        matches!(self, QueueError::DiskFull(_) | QueueError::Locked(_) | QueueError::Unavailable(_))
     }
 
     /// The same failure, for answering another caller (a batch's failure reaches every job in it).

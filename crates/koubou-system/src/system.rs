@@ -282,7 +282,7 @@ pub(crate) fn queue_error(e: QueueError) -> ApiError {
     match e {
         QueueError::NotFound(id) => ApiError::NotFound(id.to_string()),
         QueueError::Conflict { .. } => ApiError::Conflict(e.to_string()),
-        QueueError::Closed | QueueError::Sync(_) => ApiError::Unavailable(e.to_string()),
+        QueueError::Closed | QueueError::Sync(_) | QueueError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
         QueueError::Full { .. } => try_later(&e, Busy::QueueFull, FULL_RETRY_SECS, ""),
         QueueError::DiskFull(_) => {
             try_later(&e, Busy::DiskFull, 10, "free space on the disk holding the database, then ")
