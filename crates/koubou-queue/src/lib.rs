@@ -262,6 +262,13 @@ pub trait TaskQueue: Send + Sync + 'static {
     /// retrying) the task is refused with [`QueueError::Full`] and nothing is stored. A task
     /// returned for its idempotency key is never refused.
     async fn submit_bounded(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError>;
+    /// Like [`submit_bounded`](Self::submit_bounded), for a caller that reveals the task only
+    /// through later reads or events (which a store with delayed durability holds until the
+    /// write is on disk) — e.g. a submission that answers with the task's outcome. Such a store
+    /// may answer it at commit instead of after the sync.
+    async fn submit_then_watch(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
+        self.submit_bounded(new, max_queued).await
+    }
     /// Tasks waiting to run (pending or retrying), as of the last commit.
     fn queued(&self) -> u64;
     async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError>;

@@ -125,8 +125,9 @@ type Reply = Box<dyn FnOnce(Result<(), &QueueError>) + Send>;
 enum Ack {
     /// A caller outside the queue (submit, cancel): answered once the write is on disk.
     Durable,
-    /// The queue's own workers (claims, heartbeats, outcomes): answered at commit. Nothing
-    /// outside this process learns of the write before it is on disk (events and reads wait).
+    /// The queue's own workers (claims, heartbeats, outcomes), and a submitter that reveals
+    /// the task only through later reads and events: answered at commit. Nothing outside this
+    /// process learns of the write before it is on disk (events and reads wait).
     Commit,
 }
 
@@ -472,6 +473,10 @@ fn publish_state(shared: &Shared, ctx: &mut Ctx<'_>) {
 impl TaskQueue for SqliteQueue {
     async fn submit_bounded(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
         self.write(Ack::Durable, move |ctx| ops::submit(ctx, new, max_queued)).await
+    }
+
+    async fn submit_then_watch(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
+        self.write(Ack::Commit, move |ctx| ops::submit(ctx, new, max_queued)).await
     }
 
     fn queued(&self) -> u64 {
