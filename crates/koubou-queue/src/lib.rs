@@ -7,6 +7,8 @@
 //!   thread, readers on their own connections).
 //! - [`redis`](crate::redis) (feature `redis`, on by default): `RedisQueue`, the shared queue of a
 //!   distributed Koubou (sorted sets and one Lua script per operation, under one hash tag).
+//! - [`outbox`]: `Outbox`, what a dispatcher outside the store needs from it (claim a given task,
+//!   the claimable tasks no confirmed delivery covers); both stores implement it.
 //! - [`wait`]: `claim_wait`, which parks an idle worker until a task arrives or something falls
 //!   due (a retry's backoff, a lease's expiry) — woken by the queue, never by a polling timer.
 //! - [`backoff`]: the retry schedule.
@@ -20,6 +22,7 @@
 //! - Events are published on the bus only after the change they describe has committed.
 
 pub mod backoff;
+pub mod outbox;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod sqlite;
@@ -31,6 +34,7 @@ use std::time::Duration;
 pub use self::redis::{RedisConfig, RedisQueue};
 use async_trait::async_trait;
 use koubou_task::{Millis, NewTask, Task, TaskId, TaskKind, TaskStatus, Usage, WorkerId};
+pub use outbox::{Outbox, Undispatched};
 use serde::Serialize;
 pub use sqlite::{SqliteConfig, SqliteQueue};
 use tokio_util::sync::CancellationToken;

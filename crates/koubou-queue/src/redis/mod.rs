@@ -11,6 +11,8 @@
 //! - `s:<status>`: every task by status, scored by `seq` (counts, lists); `all`: every task by
 //!   `seq`; `finished`: finished tasks by when, for keeping only `keep_finished` of them for
 //!   `keep_finished_secs`; `idem`: idempotency key → task id; `seq`, `version`: counters.
+//! - `outbox`: the claimable tasks no confirmed delivery of an outside dispatcher (RabbitMQ)
+//!   covers, in claim order; a task's `claims` field counts its claims ([`crate::outbox`]).
 //! - `events`: the channel each script publishes what it did on ([`record::Message`]).
 //!
 //! Every operation that writes is one Lua script ([`scripts`]), so it is atomic; scripts take
@@ -45,7 +47,9 @@ use ::redis::{
 };
 use async_trait::async_trait;
 use futures::StreamExt;
-use koubou_task::{EventBus, EventKind, Millis, NewTask, Task, TaskId, TaskKind, TaskStatus, WorkerId, now_millis};
+use koubou_task::{
+    EventBus, EventKind, Millis, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, WorkerId, now_millis,
+};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -57,7 +61,9 @@ use self::{
 };
 use crate::{
     Claimed, Completion, Failure, Lease, LeaseStatus, Progress, QueueError, QueuePosition, StatusCounts, Submitted,
-    TaskPage, TaskQuery, TaskQueue, backoff::Backoff,
+    TaskPage, TaskQuery, TaskQueue,
+    backoff::Backoff,
+    outbox::{Outbox, Undispatched},
 };
 
 /// `[queue]` with a `redis://` URL.
@@ -369,7 +375,9 @@ impl Shared {
         let events = msg.events()?;
         // A claim's own `TaskClaimed` comes last, after its housekeeping's events.
         let claimed = match events.last() {
-            Some(EventKind::TaskClaimed { task_id, attempt, .. }) if op == Op::Claim && code == "ok" => {
+            Some(EventKind::TaskClaimed { task_id, attempt, .. })
+                if matches!(op, Op::Claim | Op::ClaimId) && code == "ok" =>
+            {
                 Some((*task_id, *attempt, CancellationToken::new()))
             }
             _ => None,
@@ -787,5 +795,58 @@ impl TaskQueue for RedisQueue {
         let redis_now = time.0 * 1000 + time.1 / 1000;
         let due = retry.iter().chain(&lease).map(|(_, at)| *at as Millis).min();
         Ok(due.map(|at| now_millis() + (at - redis_now)))
+    }
+}
+
+#[async_trait]
+impl Outbox for RedisQueue {
+    async fn claim_id(&self, id: TaskId, worker: &WorkerId, lease: Duration) -> Result<Option<Claimed>, QueueError> {
+        let args = vec![id.to_string(), worker.0.clone(), lease.as_millis().to_string()];
+        let answer = self.write(Op::ClaimId, args).await?;
+        match (answer.code.as_str(), &answer.token) {
+            ("none", _) => Ok(None),
+            ("ok", Some(cancel)) => {
+                let task = answer.task()?;
+                let lease = Lease { task_id: task.id, worker_id: worker.clone(), attempt: task.attempts };
+                Ok(Some(Claimed { task, lease, cancel: cancel.clone() }))
+            }
+            _ => Err(unexpected(&answer)),
+        }
+    }
+
+    async fn undispatched(&self, limit: usize) -> Result<Vec<Undispatched>, QueueError> {
+        let answer = self.write(Op::Outbox, vec![limit.max(1).to_string()]).await?;
+        if answer.code != "ok" {
+            return Err(unexpected(&answer));
+        }
+        answer
+            .extra
+            .chunks_exact(4)
+            .map(|t| {
+                let bad = |what: &str| QueueError::Corrupt(format!("outbox entry {}: bad {what}", t[0]));
+                Ok(Undispatched {
+                    id: t[0].parse().map_err(|_| bad("id"))?,
+                    kind: TaskKind::parse(&t[1]).map_err(|_| bad("kind"))?,
+                    priority: t[2]
+                        .parse::<i64>()
+                        .ok()
+                        .and_then(|p| Priority::new(p).ok())
+                        .ok_or_else(|| bad("priority"))?,
+                    claims: t[3].parse().map_err(|_| bad("claim count"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_dispatched(&self, marks: Vec<(TaskId, u64)>) -> Result<(), QueueError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        let args = marks.into_iter().flat_map(|(id, claims)| [id.to_string(), claims.to_string()]).collect();
+        let answer = self.write(Op::Mark, args).await?;
+        if answer.code != "ok" {
+            return Err(unexpected(&answer));
+        }
+        Ok(())
     }
 }

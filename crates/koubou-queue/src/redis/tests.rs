@@ -8,6 +8,7 @@ use super::{
 };
 
 include!("../suite.rs");
+include!("../outbox_suite.rs");
 
 fn fixture() -> Namespace {
     Namespace::new()
