@@ -9,6 +9,8 @@
 //!   distributed Koubou (sorted sets and one Lua script per operation, under one hash tag).
 //! - [`outbox`]: `Outbox`, what a dispatcher outside the store needs from it (claim a given task,
 //!   the claimable tasks no confirmed delivery covers); both stores implement it.
+//! - [`amqp`](crate::amqp) (feature `amqp`, on by default): `AmqpDispatch`, RabbitMQ as the
+//!   dispatcher over a store (publisher confirms, `basic.get`, an outbox sweep).
 //! - [`wait`]: `claim_wait`, which parks an idle worker until a task arrives or something falls
 //!   due (a retry's backoff, a lease's expiry) — woken by the queue, never by a polling timer.
 //! - [`backoff`]: the retry schedule.
@@ -21,11 +23,15 @@
 //!   running task whose worker vanished goes back to the queue when its lease runs out.
 //! - Events are published on the bus only after the change they describe has committed.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod backoff;
 pub mod outbox;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod sqlite;
+#[cfg(test)]
+mod test_tls;
 pub mod wait;
 
 use std::time::Duration;
