@@ -1,5 +1,6 @@
 //! A throwaway certificate authority for tests of TLS (`rediss://`, `amqps://`): a CA and a
-//! server certificate it signed for `127.0.0.1` and `localhost`, as a rustls acceptor.
+//! server certificate it signed for `127.0.0.1` and `localhost`, as PEM files and as a rustls
+//! acceptor.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -9,6 +10,9 @@ use rustls::pki_types::PrivateKeyDer;
 pub struct TestCa {
     /// The CA certificate (what `ca_file` points at).
     pub ca_file: PathBuf,
+    /// The server's certificate and key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
     server: Arc<rustls::ServerConfig>,
     _dir: tempfile::TempDir,
 }
@@ -25,8 +29,11 @@ impl TestCa {
         leaf_params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
         let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let ca_file = dir.path().join("ca.pem");
+        let (ca_file, cert_file, key_file) =
+            (dir.path().join("ca.pem"), dir.path().join("server.pem"), dir.path().join("server.key"));
         std::fs::write(&ca_file, ca.pem()).unwrap();
+        std::fs::write(&cert_file, leaf.pem()).unwrap();
+        std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
         let key = PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
         let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
@@ -34,7 +41,7 @@ impl TestCa {
             .with_no_client_auth()
             .with_single_cert(vec![leaf.der().clone()], key)
             .unwrap();
-        TestCa { ca_file, server: Arc::new(server), _dir: dir }
+        TestCa { ca_file, cert_file, key_file, server: Arc::new(server), _dir: dir }
     }
 
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {

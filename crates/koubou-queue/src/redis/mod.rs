@@ -42,7 +42,7 @@ use std::{
 };
 
 use ::redis::{
-    AsyncCommands, Client, RedisError, RetryMethod,
+    AsyncCommands, Client, IntoConnectionInfo, RedisError, RetryMethod,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use async_trait::async_trait;
@@ -66,12 +66,19 @@ use crate::{
     outbox::{Outbox, Undispatched},
 };
 
-/// `[queue]` with a `redis://` URL.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// `[queue]` with a `redis://` or `rediss://` URL.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port/db` (`rediss://`, TLS, is not built in).
+    /// `redis://[user:password@]host:port/db`, or `rediss://…` for TLS.
     pub url: String,
+    /// The ACL user to log in as (replaces the URL's).
+    pub username: Option<String>,
+    /// Take the password from this environment variable (it replaces the URL's).
+    pub password_env: Option<String>,
+    /// With `rediss://`: PEM file of the CA certificates the server's certificate is checked
+    /// against, instead of the system's.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Queues with the same namespace on the same server are one queue.
     pub namespace: String,
     /// Attempts a task gets unless it asks for another number.
@@ -92,6 +99,9 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379/0".into(),
+            username: None,
+            password_env: None,
+            ca_file: None,
             namespace: "default".into(),
             max_attempts: 3,
             retry: Backoff::default(),
@@ -100,6 +110,67 @@ impl Default for RedisConfig {
             timeout_ms: 10_000,
             assume_noeviction: false,
         }
+    }
+}
+
+/// The URL shows without its password.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("username", &self.username)
+            .field("password_env", &self.password_env)
+            .field("ca_file", &self.ca_file)
+            .field("namespace", &self.namespace)
+            .field("max_attempts", &self.max_attempts)
+            .field("retry", &self.retry)
+            .field("keep_finished", &self.keep_finished)
+            .field("keep_finished_secs", &self.keep_finished_secs)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("assume_noeviction", &self.assume_noeviction)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// The client for this config: the URL, with the user, the password from the environment
+    /// and the CA file applied. Errors never show the password.
+    fn client(&self) -> Result<(Client, Option<String>), String> {
+        let mut info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|_| "not a Redis URL (redis://[user:password@]host:port/db or rediss://…)".to_owned())?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &self.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(var) = &self.password_env {
+            let password =
+                std::env::var(var).map_err(|_| format!("password_env names {var}, which is not set (or not UTF-8)"))?;
+            settings = settings.set_password(password);
+        }
+        let secret = settings.password().filter(|p| !p.is_empty()).map(str::to_owned);
+        info = info.set_redis_settings(settings);
+        let tls = matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. });
+        let client = match &self.ca_file {
+            Some(path) if tls => {
+                let pem = std::fs::read(path).map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+                Client::build_with_tls(info, ::redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+            }
+            Some(_) => return Err("ca_file is set but the URL is not rediss://".into()),
+            None => Client::open(info),
+        };
+        let client = client.map_err(|e| scrub(format!("cannot use this URL: {e}"), secret.as_deref()))?;
+        Ok((client, secret))
+    }
+}
+
+/// `text` with every occurrence of `secret` replaced by `***`.
+fn scrub(text: String, secret: Option<&str>) -> String {
+    match secret {
+        Some(s) if text.contains(s) => text.replace(s, "***"),
+        _ => text,
     }
 }
 
@@ -207,7 +278,8 @@ impl RedisQueue {
         if cfg.namespace.is_empty() || cfg.namespace.contains(['{', '}']) {
             return Err(refuse(format!("namespace {:?} must be non-empty, without '{{' or '}}'", cfg.namespace)));
         }
-        let client = Client::open(cfg.url.as_str()).map_err(|e| refuse(format!("not a Redis URL: {e}")))?;
+        let (client, secret) = cfg.client().map_err(refuse)?;
+        let refuse = |detail: String| refuse(scrub(detail, secret.as_deref()));
         let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
