@@ -79,10 +79,11 @@ pub enum QueueError {
     Sync(String),
     #[error("database error: {0}")]
     Db(rusqlite::Error),
-    /// The queue's Redis server cannot be reached or cannot take the write now (connection
-    /// lost or refused, no answer in time, loading, out of memory). Nothing was written unless
-    /// the connection broke after the server ran the write; the same call may succeed later.
-    #[error("the queue's Redis server is unavailable ({0}); try again later")]
+    /// The queue's Redis server, or the RabbitMQ broker dispatching it, cannot be reached or
+    /// cannot take the operation now (connection lost or refused, no answer in time, loading,
+    /// out of memory). Nothing was written unless the connection broke after the server ran
+    /// the write; the same call may succeed later.
+    #[error("the queue's Redis or RabbitMQ server is unavailable ({0}); try again later")]
     Unavailable(String),
     /// Redis refused a queue operation for another reason (a script error, a wrong key type).
     #[error("Redis error: {0}")]

@@ -17,8 +17,8 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connect, Connection, ConnectionProperties, Consumer, ExchangeKind,
     message::Delivery,
     options::{
-        BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-        QueueBindOptions, QueueDeclareOptions,
+        BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+        ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
     },
     tcp::OwnedTLSConfig,
     types::{AMQPValue, FieldTable},
@@ -32,6 +32,8 @@ use crate::{QueueError, outbox::Undispatched};
 
 /// AMQP's persistent delivery mode: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
+/// After a failed connection attempt, how long callers fail at once before the next attempt.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
 /// One connection and its channels.
 pub(crate) struct Link {
@@ -50,16 +52,33 @@ impl Link {
 }
 
 /// A delivery taken with `basic.get`, and the link it came on (its ack goes back there).
+/// Dropped without an answer (the claim was abandoned), it is handed back to the queue.
 pub(crate) struct Taken {
-    pub link: Arc<Link>,
-    pub delivery: Delivery,
+    link: Arc<Link>,
+    delivery: Option<Delivery>,
 }
 
 impl Taken {
     /// The task the delivery names, and its kind.
     pub fn task(&self) -> Option<(TaskId, Option<&str>)> {
-        let id = std::str::from_utf8(&self.delivery.data).ok()?.parse().ok()?;
-        Some((id, self.delivery.properties.kind().as_ref().map(|k| k.as_str())))
+        let d = self.delivery.as_ref()?;
+        let id = std::str::from_utf8(&d.data).ok()?.parse().ok()?;
+        Some((id, d.properties.kind().as_ref().map(|k| k.as_str())))
+    }
+
+    /// The payload, for messages about a delivery that names no task.
+    pub fn data(&self) -> String {
+        self.delivery.as_ref().map(|d| String::from_utf8_lossy(&d.data).into_owned()).unwrap_or_default()
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(d) = self.delivery.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move { d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await });
+        }
     }
 }
 
@@ -71,6 +90,9 @@ pub(crate) struct Broker {
     link: Mutex<Option<Arc<Link>>>,
     /// One connection attempt at a time.
     connecting: tokio::sync::Mutex<()>,
+    /// When the last attempt failed, and why: for a moment after, callers fail at once
+    /// instead of each waiting for a connection timeout of their own.
+    refused: Mutex<Option<(Instant, String)>>,
     /// Each new link's wake-up consumer, for the keeper.
     consumers: mpsc::UnboundedSender<(Arc<Link>, Consumer)>,
     /// Fires when a delivery may be waiting (a publish here or elsewhere, a new connection).
@@ -87,6 +109,7 @@ impl Broker {
             timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
             link: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            refused: Mutex::new(None),
             consumers,
             wakeup: Notify::new(),
         };
@@ -147,11 +170,24 @@ impl Broker {
         if let Some(l) = self.link.lock().as_ref().filter(|l| l.alive()) {
             return Ok(l.clone());
         }
-        let (link, consumer) = match tokio::time::timeout(self.timeout, self.connect()).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(self.fail("cannot connect", e)),
-            Err(_) => return Err(self.fail("cannot connect", format_args!("no answer in {:?}", self.timeout))),
+        if let Some((at, why)) = self.refused.lock().as_ref()
+            && at.elapsed() < RECONNECT_PAUSE
+        {
+            return Err(QueueError::Unavailable(why.clone()));
+        }
+        let connected = match tokio::time::timeout(self.timeout, self.connect()).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(self.fail("cannot connect", e)),
+            Err(_) => Err(self.fail("cannot connect", format_args!("no answer in {:?}", self.timeout))),
         };
+        let (link, consumer) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                *self.refused.lock() = Some((Instant::now(), e.to_string()));
+                return Err(e);
+            }
+        };
+        *self.refused.lock() = None;
         let link = Arc::new(link);
         if let Some(old) = self.link.lock().replace(link.clone()) {
             tokio::spawn(async move { old.conn.close(200, "koubou: replaced".into()).await });
@@ -300,21 +336,22 @@ impl Broker {
             let get = link.get.basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: false });
             self.within(&link, "basic.get", get).await?
         };
-        Ok(got.map(|m| Taken { link, delivery: m.delivery }))
+        Ok(got.map(|m| Taken { link, delivery: Some(m.delivery) }))
     }
 
     /// Acknowledges a delivery: it leaves the queue. If the link broke meanwhile the broker
     /// hands it out again, to be dropped then.
-    pub async fn ack(&self, taken: Taken) {
-        let ack = taken.delivery.acker.ack(Default::default());
-        if let Err(e) = self.within(&taken.link, "ack", ack).await {
+    pub async fn ack(&self, mut taken: Taken) {
+        let Some(d) = taken.delivery.take() else { return };
+        if let Err(e) = self.within(&taken.link, "ack", d.acker.ack(Default::default())).await {
             tracing::debug!(error = %e, "an ack did not reach the broker; the delivery comes back and is dropped then");
         }
     }
 
     /// Hands a delivery back to the queue, at its place.
-    pub async fn requeue(&self, taken: Taken) {
-        let nack = taken.delivery.acker.nack(lapin::options::BasicNackOptions { requeue: true, multiple: false });
+    pub async fn requeue(&self, mut taken: Taken) {
+        let Some(d) = taken.delivery.take() else { return };
+        let nack = d.acker.nack(BasicNackOptions { requeue: true, multiple: false });
         if let Err(e) = self.within(&taken.link, "nack", nack).await {
             tracing::debug!(error = %e, "a nack did not reach the broker; the link's close requeues the delivery");
         }

@@ -92,6 +92,25 @@ struct Inner<S> {
 
 type Publishing = Arc<Mutex<HashSet<TaskId>>>;
 
+/// A task in the publishing set until dropped (even if the submit is abandoned half-way).
+struct InFlight<'a> {
+    set: &'a Publishing,
+    id: TaskId,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(set: &'a Publishing, id: TaskId) -> InFlight<'a> {
+        set.lock().insert(id);
+        InFlight { set, id }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.id);
+    }
+}
+
 /// Asking the sweep to run, and hearing it has.
 struct Sweep {
     kick: Notify,
@@ -159,11 +178,9 @@ impl<S: Outbox> AmqpDispatch<S> {
     /// Publishes one task just stored and records its delivery; a failure leaves it to the sweep.
     async fn dispatch(&self, task: &Task) {
         let u = Undispatched { id: task.id, kind: task.kind.clone(), priority: task.priority, claims: 0 };
-        self.inner.publishing.lock().insert(task.id);
+        let _mine = InFlight::new(&self.inner.publishing, task.id);
         let (confirmed, error) = self.inner.broker.publish(std::slice::from_ref(&u)).await;
-        let marked = self.inner.store.mark_dispatched(confirmed).await;
-        self.inner.publishing.lock().remove(&task.id);
-        if let Err(e) = marked {
+        if let Err(e) = self.inner.store.mark_dispatched(confirmed).await {
             tracing::warn!(task = %task.id, error = %e, "could not record a delivery; the sweep publishes the task again");
         }
         if let Some(e) = error {
@@ -291,7 +308,7 @@ impl<S: Outbox> TaskQueue for AmqpDispatch<S> {
                 Err(e) => break Err(e),
             };
             let Some((id, kind)) = taken.task() else {
-                tracing::warn!(data = ?String::from_utf8_lossy(&taken.delivery.data), "dropped a delivery that names no task");
+                tracing::warn!(data = ?taken.data(), "dropped a delivery that names no task");
                 broker.ack(taken).await;
                 continue;
             };

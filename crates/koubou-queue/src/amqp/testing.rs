@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -85,6 +85,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
     cut: Arc<parking_lot::Mutex<CancellationToken>>,
+    /// Connections being relayed.
+    active: Arc<AtomicUsize>,
     _stop: tokio_util::sync::DropGuard,
 }
 
@@ -99,7 +101,8 @@ impl Proxy {
         let open = Arc::new(AtomicBool::new(true));
         let cut = Arc::new(parking_lot::Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
-        let (o, c, s) = (open.clone(), cut.clone(), stop.clone());
+        let active = Arc::new(AtomicUsize::new(0));
+        let (o, c, s, a) = (open.clone(), cut.clone(), stop.clone(), active.clone());
         tokio::spawn(async move {
             loop {
                 let (client, _) = tokio::select! {
@@ -110,7 +113,9 @@ impl Proxy {
                     continue; // dropped: refused
                 }
                 let (cut, tls, stop) = (c.lock().clone(), tls.clone(), s.clone());
+                let relaying = Relaying::new(a.clone());
                 tokio::spawn(async move {
+                    let _relaying = relaying;
                     let Ok(server) = TcpStream::connect(target).await else { return };
                     match tls {
                         Some(acceptor) => {
@@ -122,14 +127,20 @@ impl Proxy {
                 });
             }
         });
-        Proxy { addr, open, cut, _stop: stop.drop_guard() }
+        Proxy { addr, open, cut, active, _stop: stop.drop_guard() }
     }
 
-    /// Closes every connection through the proxy and refuses new ones.
-    pub fn cut(&self) {
+    /// Closes every connection through the proxy and refuses new ones; returns once every
+    /// relay has stopped (nothing more gets through).
+    pub async fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
         let old = std::mem::replace(&mut *self.cut.lock(), CancellationToken::new());
         old.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.active.load(Ordering::SeqCst) > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the proxy's relays did not stop");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     pub fn resume(&self) {
@@ -141,6 +152,22 @@ impl Proxy {
         let uri: lapin::uri::AMQPUri = broker_url().parse().unwrap();
         let u = &uri.authority.userinfo;
         format!("{scheme}://{}:{}@localhost:{}/%2f", u.username, u.password, self.addr.port())
+    }
+}
+
+/// Counts a relay while it lives.
+struct Relaying(Arc<AtomicUsize>);
+
+impl Relaying {
+    fn new(n: Arc<AtomicUsize>) -> Relaying {
+        n.fetch_add(1, Ordering::SeqCst);
+        Relaying(n)
+    }
+}
+
+impl Drop for Relaying {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
