@@ -30,7 +30,8 @@ pub mod outbox;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod sqlite;
-#[cfg(test)]
+#[cfg(all(test, any(feature = "redis", feature = "amqp")))]
+#[cfg_attr(not(all(feature = "redis", feature = "amqp")), allow(dead_code))]
 mod test_tls;
 pub mod wait;
 

@@ -325,3 +325,50 @@ async fn amqps_with_a_private_ca() {
     let e = AmqpDispatch::open(store(&fixture(), Backoff::default()), untrusted).await.err().expect("untrusted");
     assert!(matches!(e, QueueError::Open { .. }), "{e:?}");
 }
+
+/// Two nodes, each its own Redis queue instance and dispatcher on one Redis namespace and one
+/// broker queue: tasks submitted on one are claimed by the other's parked workers, woken
+/// through the wake-up exchange (well before the 30 s a parked worker sleeps unwoken), each
+/// exactly once.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_submit_on_one_redis_node_wakes_the_workers_of_another() {
+    let ns = crate::redis::testing::Namespace::new();
+    let amqp = Namespace::new();
+    let node = |_| async {
+        let store = Arc::new(crate::RedisQueue::open(ns.config(), EventBus::default()).await.unwrap());
+        Arc::new(AmqpDispatch::open(store, amqp.config()).await.unwrap())
+    };
+    let (a, b) = (node(1).await, node(2).await);
+    const N: usize = 100;
+    let claimed = Arc::new(AtomicUsize::new(0));
+    let all_claimed = CancellationToken::new();
+    let claimers: Vec<_> = (0..4)
+        .map(|n| {
+            let (b, claimed, all_claimed) = (b.clone(), claimed.clone(), all_claimed.clone());
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                while let Some(c) = claim_wait(&*b, &w(n), None, LEASE, &all_claimed).await.unwrap() {
+                    mine.push(c.task.id);
+                    b.complete(&c.lease, done("ok")).await.unwrap();
+                    if claimed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == N {
+                        all_claimed.cancel();
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    for i in 0..N {
+        a.submit(new(&i.to_string(), (i % 10) as i64 + 1)).await.unwrap();
+    }
+    let mut seen = HashSet::new();
+    for h in claimers {
+        let ids = tokio::time::timeout(Duration::from_secs(20), h).await.expect("woken by the other node").unwrap();
+        for id in ids {
+            assert!(seen.insert(id), "task {id} claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), N);
+    assert_eq!(a.counts().await.unwrap().completed, N as u64);
+}
