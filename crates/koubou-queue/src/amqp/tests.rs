@@ -297,15 +297,43 @@ async fn the_broker_orders_claims_by_priority() {
     assert_eq!(got, want.into_iter().map(|(_, _, id)| id).collect::<Vec<_>>());
 }
 
-/// Wrong credentials: the error says so and never shows the password.
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Wrong credentials: the error says so and never shows the password, nor does any log line,
+/// down to the AMQP client's traces.
 #[tokio::test]
 async fn a_refused_login_never_shows_the_password() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber =
+        tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(move || writer.clone()).finish();
+    let _ = tracing::subscriber::set_global_default(subscriber);
     let f = fixture();
-    let cfg = AmqpConfig { url: "amqp://guest:Wr0ng-s3cret@127.0.0.1:5672/%2f".into(), ..f.ns.config() };
-    let e = AmqpDispatch::open(store(&f, Backoff::default()), cfg).await.err().expect("refused");
-    let text = format!("{e} {e:?}");
-    assert!(!text.contains("Wr0ng-s3cret"), "{text}");
-    assert!(text.contains("guest:***@127.0.0.1"), "{text}");
+    let url = broker_url_with_password("Wr0ng-s3cret");
+    let e = AmqpDispatch::open(store(&f, Backoff::default()), AmqpConfig { url, ..f.ns.config() }).await.err();
+    let text = format!("{e:?} {}", e.as_ref().map(ToString::to_string).unwrap_or_default());
+    assert!(matches!(e, Some(QueueError::Open { .. })), "{text}");
+    assert!(!text.contains("Wr0ng-s3cret") && text.contains(":***@"), "{text}");
+    let logs = String::from_utf8_lossy(&logs.0.lock()).into_owned();
+    assert!(logs.contains("Connecting"), "the client's traces were captured: {logs}");
+    assert!(!logs.contains("Wr0ng-s3cret"), "{logs}");
+}
+
+/// The test broker's URL with another password.
+fn broker_url_with_password(password: &str) -> String {
+    redact_url(&super::testing::broker_url()).replace("***", password)
 }
 
 /// `amqps://`: TLS to the broker (here a TLS end in front of it), checked against `ca_file`;
