@@ -7,6 +7,10 @@
 //!   thread, readers on their own connections).
 //! - [`redis`](crate::redis) (feature `redis`, on by default): `RedisQueue`, the shared queue of a
 //!   distributed Koubou (sorted sets and one Lua script per operation, under one hash tag).
+//! - [`outbox`]: `Outbox`, what a dispatcher outside the store needs from it (claim a given task,
+//!   the claimable tasks no confirmed delivery covers); both stores implement it.
+//! - [`amqp`](crate::amqp) (feature `amqp`, on by default): `AmqpDispatch`, RabbitMQ as the
+//!   dispatcher over a store (publisher confirms, `basic.get`, an outbox sweep).
 //! - [`wait`]: `claim_wait`, which parks an idle worker until a task arrives or something falls
 //!   due (a retry's backoff, a lease's expiry) — woken by the queue, never by a polling timer.
 //! - [`backoff`]: the retry schedule.
@@ -19,10 +23,16 @@
 //!   running task whose worker vanished goes back to the queue when its lease runs out.
 //! - Events are published on the bus only after the change they describe has committed.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod backoff;
+pub mod outbox;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod sqlite;
+#[cfg(all(test, any(feature = "redis", feature = "amqp")))]
+#[cfg_attr(not(all(feature = "redis", feature = "amqp")), allow(dead_code))]
+mod test_tls;
 pub mod wait;
 
 use std::time::Duration;
@@ -31,6 +41,7 @@ use std::time::Duration;
 pub use self::redis::{RedisConfig, RedisQueue};
 use async_trait::async_trait;
 use koubou_task::{Millis, NewTask, Task, TaskId, TaskKind, TaskStatus, Usage, WorkerId};
+pub use outbox::{Outbox, Undispatched};
 use serde::Serialize;
 pub use sqlite::{SqliteConfig, SqliteQueue};
 use tokio_util::sync::CancellationToken;
@@ -69,10 +80,11 @@ pub enum QueueError {
     Sync(String),
     #[error("database error: {0}")]
     Db(rusqlite::Error),
-    /// The queue's Redis server cannot be reached or cannot take the write now (connection
-    /// lost or refused, no answer in time, loading, out of memory). Nothing was written unless
-    /// the connection broke after the server ran the write; the same call may succeed later.
-    #[error("the queue's Redis server is unavailable ({0}); try again later")]
+    /// The queue's Redis server, or the RabbitMQ broker dispatching it, cannot be reached or
+    /// cannot take the operation now (connection lost or refused, no answer in time, loading,
+    /// out of memory). Nothing was written unless the connection broke after the server ran
+    /// the write; the same call may succeed later.
+    #[error("the queue's Redis or RabbitMQ server is unavailable ({0}); try again later")]
     Unavailable(String),
     /// Redis refused a queue operation for another reason (a script error, a wrong key type).
     #[error("Redis error: {0}")]

@@ -11,6 +11,8 @@
 //! - `s:<status>`: every task by status, scored by `seq` (counts, lists); `all`: every task by
 //!   `seq`; `finished`: finished tasks by when, for keeping only `keep_finished` of them for
 //!   `keep_finished_secs`; `idem`: idempotency key → task id; `seq`, `version`: counters.
+//! - `outbox`: the claimable tasks no confirmed delivery of an outside dispatcher (RabbitMQ)
+//!   covers, in claim order; a task's `claims` field counts its claims ([`crate::outbox`]).
 //! - `events`: the channel each script publishes what it did on ([`record::Message`]).
 //!
 //! Every operation that writes is one Lua script ([`scripts`]), so it is atomic; scripts take
@@ -40,12 +42,14 @@ use std::{
 };
 
 use ::redis::{
-    AsyncCommands, Client, RedisError, RetryMethod,
+    AsyncCommands, Client, IntoConnectionInfo, RedisError, RetryMethod,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use async_trait::async_trait;
 use futures::StreamExt;
-use koubou_task::{EventBus, EventKind, Millis, NewTask, Task, TaskId, TaskKind, TaskStatus, WorkerId, now_millis};
+use koubou_task::{
+    EventBus, EventKind, Millis, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, WorkerId, now_millis,
+};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -57,15 +61,24 @@ use self::{
 };
 use crate::{
     Claimed, Completion, Failure, Lease, LeaseStatus, Progress, QueueError, QueuePosition, StatusCounts, Submitted,
-    TaskPage, TaskQuery, TaskQueue, backoff::Backoff,
+    TaskPage, TaskQuery, TaskQueue,
+    backoff::Backoff,
+    outbox::{Outbox, Undispatched},
 };
 
-/// `[queue]` with a `redis://` URL.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// `[queue]` with a `redis://` or `rediss://` URL.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port/db` (`rediss://`, TLS, is not built in).
+    /// `redis://[user:password@]host:port/db`, or `rediss://…` for TLS.
     pub url: String,
+    /// The ACL user to log in as (replaces the URL's).
+    pub username: Option<String>,
+    /// Take the password from this environment variable (it replaces the URL's).
+    pub password_env: Option<String>,
+    /// With `rediss://`: PEM file of the CA certificates the server's certificate is checked
+    /// against, instead of the system's.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Queues with the same namespace on the same server are one queue.
     pub namespace: String,
     /// Attempts a task gets unless it asks for another number.
@@ -86,6 +99,9 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379/0".into(),
+            username: None,
+            password_env: None,
+            ca_file: None,
             namespace: "default".into(),
             max_attempts: 3,
             retry: Backoff::default(),
@@ -94,6 +110,67 @@ impl Default for RedisConfig {
             timeout_ms: 10_000,
             assume_noeviction: false,
         }
+    }
+}
+
+/// The URL shows without its password.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("username", &self.username)
+            .field("password_env", &self.password_env)
+            .field("ca_file", &self.ca_file)
+            .field("namespace", &self.namespace)
+            .field("max_attempts", &self.max_attempts)
+            .field("retry", &self.retry)
+            .field("keep_finished", &self.keep_finished)
+            .field("keep_finished_secs", &self.keep_finished_secs)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("assume_noeviction", &self.assume_noeviction)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// The client for this config: the URL, with the user, the password from the environment
+    /// and the CA file applied. Errors never show the password.
+    fn client(&self) -> Result<(Client, Option<String>), String> {
+        let mut info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|_| "not a Redis URL (redis://[user:password@]host:port/db or rediss://…)".to_owned())?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &self.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(var) = &self.password_env {
+            let password =
+                std::env::var(var).map_err(|_| format!("password_env names {var}, which is not set (or not UTF-8)"))?;
+            settings = settings.set_password(password);
+        }
+        let secret = settings.password().filter(|p| !p.is_empty()).map(str::to_owned);
+        info = info.set_redis_settings(settings);
+        let tls = matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. });
+        let client = match &self.ca_file {
+            Some(path) if tls => {
+                let pem = std::fs::read(path).map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+                Client::build_with_tls(info, ::redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+            }
+            Some(_) => return Err("ca_file is set but the URL is not rediss://".into()),
+            None => Client::open(info),
+        };
+        let client = client.map_err(|e| scrub(format!("cannot use this URL: {e}"), secret.as_deref()))?;
+        Ok((client, secret))
+    }
+}
+
+/// `text` with every occurrence of `secret` replaced by `***`.
+fn scrub(text: String, secret: Option<&str>) -> String {
+    match secret {
+        Some(s) if text.contains(s) => text.replace(s, "***"),
+        _ => text,
     }
 }
 
@@ -201,7 +278,8 @@ impl RedisQueue {
         if cfg.namespace.is_empty() || cfg.namespace.contains(['{', '}']) {
             return Err(refuse(format!("namespace {:?} must be non-empty, without '{{' or '}}'", cfg.namespace)));
         }
-        let client = Client::open(cfg.url.as_str()).map_err(|e| refuse(format!("not a Redis URL: {e}")))?;
+        let (client, secret) = cfg.client().map_err(refuse)?;
+        let refuse = |detail: String| refuse(scrub(detail, secret.as_deref()));
         let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
@@ -369,7 +447,9 @@ impl Shared {
         let events = msg.events()?;
         // A claim's own `TaskClaimed` comes last, after its housekeeping's events.
         let claimed = match events.last() {
-            Some(EventKind::TaskClaimed { task_id, attempt, .. }) if op == Op::Claim && code == "ok" => {
+            Some(EventKind::TaskClaimed { task_id, attempt, .. })
+                if matches!(op, Op::Claim | Op::ClaimId) && code == "ok" =>
+            {
                 Some((*task_id, *attempt, CancellationToken::new()))
             }
             _ => None,
@@ -787,5 +867,58 @@ impl TaskQueue for RedisQueue {
         let redis_now = time.0 * 1000 + time.1 / 1000;
         let due = retry.iter().chain(&lease).map(|(_, at)| *at as Millis).min();
         Ok(due.map(|at| now_millis() + (at - redis_now)))
+    }
+}
+
+#[async_trait]
+impl Outbox for RedisQueue {
+    async fn claim_id(&self, id: TaskId, worker: &WorkerId, lease: Duration) -> Result<Option<Claimed>, QueueError> {
+        let args = vec![id.to_string(), worker.0.clone(), lease.as_millis().to_string()];
+        let answer = self.write(Op::ClaimId, args).await?;
+        match (answer.code.as_str(), &answer.token) {
+            ("none", _) => Ok(None),
+            ("ok", Some(cancel)) => {
+                let task = answer.task()?;
+                let lease = Lease { task_id: task.id, worker_id: worker.clone(), attempt: task.attempts };
+                Ok(Some(Claimed { task, lease, cancel: cancel.clone() }))
+            }
+            _ => Err(unexpected(&answer)),
+        }
+    }
+
+    async fn undispatched(&self, limit: usize) -> Result<Vec<Undispatched>, QueueError> {
+        let answer = self.write(Op::Outbox, vec![limit.max(1).to_string()]).await?;
+        if answer.code != "ok" {
+            return Err(unexpected(&answer));
+        }
+        answer
+            .extra
+            .chunks_exact(4)
+            .map(|t| {
+                let bad = |what: &str| QueueError::Corrupt(format!("outbox entry {}: bad {what}", t[0]));
+                Ok(Undispatched {
+                    id: t[0].parse().map_err(|_| bad("id"))?,
+                    kind: TaskKind::parse(&t[1]).map_err(|_| bad("kind"))?,
+                    priority: t[2]
+                        .parse::<i64>()
+                        .ok()
+                        .and_then(|p| Priority::new(p).ok())
+                        .ok_or_else(|| bad("priority"))?,
+                    claims: t[3].parse().map_err(|_| bad("claim count"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_dispatched(&self, marks: Vec<(TaskId, u64)>) -> Result<(), QueueError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        let args = marks.into_iter().flat_map(|(id, claims)| [id.to_string(), claims.to_string()]).collect();
+        let answer = self.write(Op::Mark, args).await?;
+        if answer.code != "ok" {
+            return Err(unexpected(&answer));
+        }
+        Ok(())
     }
 }

@@ -46,6 +46,23 @@ impl Server {
 
     /// A private server on `port`, or `None` if it does not come up (the port was taken).
     pub fn start_on(port: u16, dir: &std::path::Path, args: &[&str]) -> Option<Server> {
+        Server::start_as(port, dir, args, "")
+    }
+
+    /// A private server logged into as `userinfo` (`user:password@`, or `""`), on a free port.
+    pub fn start_with_login(args: &[&str], userinfo: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            if let Some(mut server) = Server::start_as(port, dir.path(), args, userinfo) {
+                server._dir = Some(dir);
+                return server;
+            }
+        }
+        panic!("could not start a private redis-server");
+    }
+
+    fn start_as(port: u16, dir: &std::path::Path, args: &[&str], userinfo: &str) -> Option<Server> {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
             .arg("--dir")
@@ -54,7 +71,8 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = cmd.spawn().expect("redis-server is installed (apt-get install redis-server)");
-        let mut server = Server { url: format!("redis://127.0.0.1:{port}/0"), port, child: Some(child), _dir: None };
+        let url = format!("redis://{userinfo}127.0.0.1:{port}/0");
+        let mut server = Server { url, port, child: Some(child), _dir: None };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if answers(&server.url) {

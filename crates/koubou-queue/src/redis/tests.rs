@@ -8,6 +8,7 @@ use super::{
 };
 
 include!("../suite.rs");
+include!("../outbox_suite.rs");
 
 fn fixture() -> Namespace {
     Namespace::new()
@@ -309,4 +310,78 @@ async fn a_task_deleted_behind_the_queues_back_does_not_jam_claims() {
     })
     .await;
     assert_eq!(q.get(gone.id).await.unwrap(), None);
+}
+
+/// An ACL user (the default user off), its password from the environment: the queue logs in
+/// and works; a wrong password is refused, and no message shows it.
+#[tokio::test]
+async fn an_acl_user_with_its_password_from_the_environment() {
+    let server = Arc::new(Server::start_with_login(
+        &["--user", "koubou", "on", ">s3cret-acl", "~*", "&*", "+@all", "--user", "default", "off"],
+        "koubou:s3cret-acl@",
+    ));
+    let ns = Namespace::on(server.clone());
+    let var = format!("KOUBOU_TEST_REDIS_PW_{:x}", fastrand::u64(..));
+    // SAFETY: a variable of this test's own (random) name, read only by this test.
+    unsafe { std::env::set_var(&var, "s3cret-acl") };
+    let base = format!("redis://127.0.0.1:{}/0", server.port);
+    let cfg = RedisConfig {
+        url: base.clone(),
+        username: Some("koubou".into()),
+        password_env: Some(var.clone()),
+        ..ns.config()
+    };
+    let q = RedisQueue::open(cfg.clone(), EventBus::default()).await.unwrap();
+    let t = q.submit(new("authenticated", 5)).await.unwrap().task;
+    assert_eq!(q.claim(&w(1), None, LEASE).await.unwrap().unwrap().task.id, t.id);
+
+    let anonymous = RedisConfig { username: None, password_env: None, ..cfg.clone() };
+    let e = RedisQueue::open(anonymous, EventBus::default()).await.err().expect("the default user is off");
+    assert!(matches!(e, QueueError::Open { .. }), "{e:?}");
+    let wrong = RedisConfig { url: format!("redis://koubou:Wr0ng-pw@127.0.0.1:{}/0", server.port), ..ns.config() };
+    assert!(format!("{wrong:?}").contains("koubou:***@") && !format!("{wrong:?}").contains("Wr0ng-pw"));
+    let e = RedisQueue::open(wrong, EventBus::default()).await.err().expect("a wrong password");
+    let text = format!("{e} {e:?}");
+    assert!(!text.contains("Wr0ng-pw") && text.contains("koubou:***@"), "{text}");
+    let unset = RedisConfig { password_env: Some(format!("{var}_UNSET")), ..cfg };
+    let e = RedisQueue::open(unset, EventBus::default()).await.err().expect("an unset variable").to_string();
+    assert!(e.contains("not set"), "{e}");
+    unsafe { std::env::remove_var(&var) };
+}
+
+/// `rediss://`: TLS to a private redis-server, its certificate checked against `ca_file`;
+/// without that CA (system roots only) the connection is refused.
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    let ca = crate::test_tls::TestCa::new();
+    let tls_port = free_port();
+    let (cert, key, ca_file) =
+        (ca.cert_file.display().to_string(), ca.key_file.display().to_string(), ca.ca_file.display().to_string());
+    let tls_args = [
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca_file,
+        "--tls-auth-clients",
+        "no",
+    ];
+    let server = Arc::new(Server::start(&tls_args));
+    let ns = Namespace::on(server.clone());
+    let url = format!("rediss://127.0.0.1:{tls_port}/0");
+    let cfg = RedisConfig { url: url.clone(), ca_file: Some(ca.ca_file.clone()), ..ns.config() };
+    let q = RedisQueue::open(cfg, EventBus::default()).await.unwrap();
+    let t = q.submit(new("over tls", 5)).await.unwrap().task;
+    assert_eq!(q.claim(&w(1), None, LEASE).await.unwrap().unwrap().task.id, t.id);
+    assert!(!ns.keys().is_empty(), "stored on that server");
+
+    let untrusted = RedisConfig { url, timeout_ms: 3_000, ..ns.config() };
+    let e = RedisQueue::open(untrusted, EventBus::default()).await.err().expect("an unknown CA");
+    assert!(matches!(e, QueueError::Open { .. }), "{e:?}");
+    let plain_ca = RedisConfig { ca_file: Some(ca.ca_file.clone()), ..ns.config() };
+    let e = RedisQueue::open(plain_ca, EventBus::default()).await.err().expect("ca_file without rediss").to_string();
+    assert!(e.contains("not rediss://"), "{e}");
 }

@@ -41,7 +41,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Claimed, Completion, Failure, Lease, LeaseStatus, Progress, QueueError, QueuePosition, StatusCounts, Submitted,
-    TaskPage, TaskQuery, TaskQueue, backoff::Backoff,
+    TaskPage, TaskQuery, TaskQueue,
+    backoff::Backoff,
+    outbox::{Outbox, Undispatched},
 };
 
 /// How hard each commit tries to reach the disk.
@@ -553,6 +555,25 @@ impl TaskQueue for SqliteQueue {
     async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
         let due = self.shared.next_due.load(Ordering::Acquire);
         Ok((due != Millis::MAX).then_some(due))
+    }
+}
+
+#[async_trait]
+impl Outbox for SqliteQueue {
+    async fn claim_id(&self, id: TaskId, worker: &WorkerId, lease: Duration) -> Result<Option<Claimed>, QueueError> {
+        let worker = worker.clone();
+        self.write(Ack::Commit, move |ctx| ops::claim_id(ctx, id, &worker, lease)).await
+    }
+
+    async fn undispatched(&self, limit: usize) -> Result<Vec<Undispatched>, QueueError> {
+        self.write(Ack::Commit, move |ctx| ops::undispatched(ctx, limit)).await
+    }
+
+    async fn mark_dispatched(&self, marks: Vec<(TaskId, u64)>) -> Result<(), QueueError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        self.write(Ack::Commit, move |ctx| ops::mark_dispatched(ctx, &marks)).await
     }
 }
 

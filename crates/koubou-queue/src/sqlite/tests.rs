@@ -4,6 +4,7 @@
 use super::*;
 
 include!("../suite.rs");
+include!("../outbox_suite.rs");
 
 fn fixture() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()

@@ -26,13 +26,4 @@ end
 if not id then
   return reply('none')
 end
-local key = task_key(id)
-dequeue(id, key)
-local attempt = redis.call('HINCRBY', key, 'attempts', 1)
-local lease_until = NOW + lease
-redis.call('HSET', key, 'worker', worker, 'started', int(NOW), 'lease', int(lease_until))
-redis.call('HDEL', key, 'finished')
-set_status(id, key, 'pending', 'running')
-redis.call('ZADD', LEASES, lease_until, id)
-note('claimed', id, worker, int(attempt))
-return reply('ok', redis.call('HGETALL', key))
+return reply('ok', take(id, task_key(id), worker, lease))

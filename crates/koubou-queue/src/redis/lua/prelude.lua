@@ -6,6 +6,9 @@ local P = KEYS[1]
 local ORIGIN, KEEP, KEEP_MS = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local PENDING, DELAYED, LEASES = P .. 'pending', P .. 'delayed', P .. 'leases'
 local FINISHED, ALL, IDEM = P .. 'finished', P .. 'all', P .. 'idem'
+-- The claimable tasks no confirmed delivery of an outside dispatcher covers (RabbitMQ), in
+-- claim order; see outbox.lua.
+local OUTBOX = P .. 'outbox'
 
 -- Redis's clock, never the client's: every node of a distributed queue agrees on it.
 local TIME = redis.call('TIME')
@@ -51,12 +54,14 @@ local function enqueue(id, key)
   local h = redis.call('HMGET', key, 'score', 'kind')
   redis.call('ZADD', PENDING, h[1], id)
   redis.call('ZADD', P .. 'pending:' .. h[2], h[1], id)
+  redis.call('ZADD', OUTBOX, h[1], id)
   wake = wake + 1
 end
 
 local function dequeue(id, key)
   redis.call('ZREM', PENDING, id)
   redis.call('ZREM', P .. 'pending:' .. redis.call('HGET', key, 'kind'), id)
+  redis.call('ZREM', OUTBOX, id)
 end
 
 local function queued()
@@ -115,6 +120,7 @@ local function forget(id)
   end
   redis.call('DEL', key)
   redis.call('ZREM', ALL, id)
+  redis.call('ZREM', OUTBOX, id)
   redis.call('ZREM', FINISHED, id)
 end
 
@@ -153,6 +159,21 @@ local function housekeeping()
     end
   end
   trim()
+end
+
+-- Claims a pending task for `worker` until NOW + `lease` ms; `claims` counts every claim, for
+-- the outbox. Returns the task's fields.
+local function take(id, key, worker, lease)
+  dequeue(id, key)
+  local attempt = redis.call('HINCRBY', key, 'attempts', 1)
+  redis.call('HINCRBY', key, 'claims', 1)
+  local lease_until = NOW + lease
+  redis.call('HSET', key, 'worker', worker, 'started', int(NOW), 'lease', int(lease_until))
+  redis.call('HDEL', key, 'finished')
+  set_status(id, key, 'pending', 'running')
+  redis.call('ZADD', LEASES, lease_until, id)
+  note('claimed', id, worker, int(attempt))
+  return redis.call('HGETALL', key)
 end
 
 -- Every script ends here: {code, message, extra...}. The message (JSON) carries the events,
