@@ -608,6 +608,20 @@ fn lost_conflict(lease: &Lease, answer: &Answer) -> QueueError {
     }
 }
 
+/// What a claim script answered (`claim` or `claim_id`): nothing claimable, or the task now
+/// held by `worker`.
+fn claimed(answer: &Answer, worker: &WorkerId) -> Result<Option<Claimed>, QueueError> {
+    match (answer.code.as_str(), &answer.token) {
+        ("none", _) => Ok(None),
+        ("ok", Some(cancel)) => {
+            let task = answer.task()?;
+            let lease = Lease { task_id: task.id, worker_id: worker.clone(), attempt: task.attempts };
+            Ok(Some(Claimed { task, lease, cancel: cancel.clone() }))
+        }
+        _ => Err(unexpected(answer)),
+    }
+}
+
 fn unexpected(answer: &Answer) -> QueueError {
     QueueError::Corrupt(format!("a queue script answered {:?} {:?}", answer.code, answer.extra.first()))
 }
@@ -746,15 +760,7 @@ impl TaskQueue for RedisQueue {
         let mut args = vec![worker.0.clone(), lease.as_millis().to_string()];
         args.extend(kinds.unwrap_or_default().iter().map(|k| k.as_str().to_owned()));
         let answer = self.write(Op::Claim, args).await?;
-        match (answer.code.as_str(), &answer.token) {
-            ("none", _) => Ok(None),
-            ("ok", Some(cancel)) => {
-                let task = answer.task()?;
-                let lease = Lease { task_id: task.id, worker_id: worker.clone(), attempt: task.attempts };
-                Ok(Some(Claimed { task, lease, cancel: cancel.clone() }))
-            }
-            _ => Err(unexpected(&answer)),
-        }
+        claimed(&answer, worker)
     }
 
     async fn heartbeat(&self, lease: &Lease, ttl: Duration, progress: Progress<'_>) -> Result<LeaseStatus, QueueError> {
@@ -875,15 +881,7 @@ impl Outbox for RedisQueue {
     async fn claim_id(&self, id: TaskId, worker: &WorkerId, lease: Duration) -> Result<Option<Claimed>, QueueError> {
         let args = vec![id.to_string(), worker.0.clone(), lease.as_millis().to_string()];
         let answer = self.write(Op::ClaimId, args).await?;
-        match (answer.code.as_str(), &answer.token) {
-            ("none", _) => Ok(None),
-            ("ok", Some(cancel)) => {
-                let task = answer.task()?;
-                let lease = Lease { task_id: task.id, worker_id: worker.clone(), attempt: task.attempts };
-                Ok(Some(Claimed { task, lease, cancel: cancel.clone() }))
-            }
-            _ => Err(unexpected(&answer)),
-        }
+        claimed(&answer, worker)
     }
 
     async fn undispatched(&self, limit: usize) -> Result<Vec<Undispatched>, QueueError> {
