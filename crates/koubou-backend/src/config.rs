@@ -483,6 +483,11 @@ pub struct EmbeddedConfig {
     /// KV cache element type: `q8_0` (half the memory of `f16`, faster attention on CPU) or
     /// `f16`.
     pub kv_cache: String,
+    /// Keep each sequence slot's KV cache after its task ends, and start a new task in the slot
+    /// whose cached tokens share the longest prefix with its prompt: only the rest of the prompt
+    /// is processed (a shared system prompt, a task asked again). Off: every prompt is processed
+    /// from its first token.
+    pub cache_prompts: bool,
     /// Sequences decoded together in one batch (the backend's capacity).
     pub parallel: usize,
     /// Context length per sequence, in tokens.
@@ -500,6 +505,7 @@ impl Default for EmbeddedConfig {
             share_cores: true,
             weights: "original".into(),
             kv_cache: "q8_0".into(),
+            cache_prompts: true,
             parallel: 4,
             context: 4096,
             max_tokens: 512,

@@ -232,6 +232,8 @@ fn real_main() -> Result<(), String> {
             weights: args.weights,
             kv_cache: args.kv_cache,
             share_cores: args.share_cores,
+            // Every run processes its whole prompt: the prompt rate measured is llama.cpp's.
+            cache_prompts: false,
             copies_dir: None,
         })
         .map_err(|e| e.to_string())?;

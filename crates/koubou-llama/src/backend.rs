@@ -233,6 +233,7 @@ impl EmbeddedBackend {
                         weights,
                         kv_cache,
                         share_cores: cfg.share_cores,
+                        cache_prompts: cfg.cache_prompts,
                         copies_dir: Some(store.copies_dir()),
                     })
                     .map_err(|e| BackendError::Config { backend: name.clone(), detail: e.to_string() })
@@ -392,7 +393,10 @@ impl Backend for EmbeddedBackend {
                     Some(Event::Done(f)) => {
                         return Ok(Generation {
                             text: f.text,
-                            usage: Usage::new(u64::from(f.prompt_tokens), u64::from(f.completion_tokens)),
+                            usage: Usage {
+                                cache_read_tokens: Some(u64::from(f.cached_tokens)),
+                                ..Usage::new(u64::from(f.prompt_tokens), u64::from(f.completion_tokens))
+                            },
                             model: self.cfg.model.clone(),
                             finish_reason: f.finish_reason.as_str().to_string(),
                             warnings: vec![],

@@ -23,6 +23,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::{
     cores::CoreShare,
+    prefix::PromptCache,
     transcode::{self, WeightFormat},
 };
 
@@ -47,6 +48,9 @@ pub struct EngineConfig {
     /// Run a decode on one thread while other processes keep the cores its threads need busy
     /// (see [`crate::cores`]).
     pub share_cores: bool,
+    /// Keep a slot's KV cache when its sequence ends and reuse the longest shared prefix (see
+    /// [`Slots`]).
+    pub cache_prompts: bool,
     /// Where re-encoded copies of models are kept (`None`: beside the model).
     pub copies_dir: Option<PathBuf>,
 }
@@ -193,6 +197,8 @@ impl FinishReason {
 pub struct Finished {
     pub text: String,
     pub prompt_tokens: u32,
+    /// Of `prompt_tokens`, how many were already in the slot's KV cache (not processed again).
+    pub cached_tokens: u32,
     pub completion_tokens: u32,
     pub finish_reason: FinishReason,
 }
@@ -327,6 +333,7 @@ struct Seq {
     /// Position of the next token to feed.
     n_past: u32,
     prompt_tokens: u32,
+    cached_tokens: u32,
     completion_tokens: u32,
     sampler: LlamaSampler,
     /// The grammar sampler, applied before `sampler` (see [`sample_constrained`]).
@@ -428,6 +435,7 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
 
     let mut cores = CoreShare::new(cfg.share_cores);
     let mut slots: Vec<Option<Seq>> = (0..cfg.parallel).map(|_| None).collect();
+    let mut cache = PromptCache::new(cfg.parallel, cfg.cache_prompts);
     let mut waiting: VecDeque<Box<Job>> = VecDeque::new();
     let mut batch = LlamaBatch::new(batch_cap as usize, 1);
     // (slot, batch index) of the sequences whose logits the next decode produces.
@@ -465,21 +473,35 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
             if slot.as_ref().is_some_and(|s| s.job.cancel.is_cancelled() || s.job.events.is_closed()) {
                 let s = slot.take().expect("checked above");
                 let _ = s.job.events.send(Event::Failed(EngineError::Cancelled));
-                let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+                // The cells hold what was fed and decoded: still a reusable prefix.
+                if !cache.enabled() {
+                    clear(&mut ctx, &mut cache, id);
+                }
             }
         }
 
         // 3. Admit waiting jobs into free slots.
-        while !waiting.is_empty() {
-            let Some(id) = slots.iter().position(Option::is_none) else { break };
+        while !waiting.is_empty() && slots.iter().any(Option::is_none) {
             let job = waiting.pop_front().expect("not empty");
             if job.cancel.is_cancelled() || job.events.is_closed() {
                 let _ = job.events.send(Event::Failed(EngineError::Cancelled));
                 continue;
             }
             match admit(job, &model, template.as_ref(), cfg.context) {
-                Ok(seq) => {
-                    let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+                Ok(mut seq) => {
+                    let place = cache.place(&seq.pending, |id| slots[id].is_none()).expect("a slot is free");
+                    let id = place.slot;
+                    // Keep the cells of the shared prefix, remove the rest; a cache that cannot
+                    // remove part of a sequence is cleared whole.
+                    let kept = place.reuse > 0
+                        && ctx.clear_kv_cache_seq(Some(id as u32), Some(place.reuse as u32), None).unwrap_or(false);
+                    if kept {
+                        seq.pending.drain(..place.reuse);
+                        seq.n_past = place.reuse as u32;
+                        seq.cached_tokens = place.reuse as u32;
+                    } else {
+                        clear(&mut ctx, &mut cache, id);
+                    }
                     slots[id] = Some(seq);
                 }
                 Err((job, e)) => {
@@ -512,6 +534,7 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
                         to_sample.push((id, batch.n_tokens() - 1));
                     }
                 }
+                cache.fed(id, &seq.pending[..take]);
                 seq.pending.drain(..take);
                 seq.n_past += take as u32;
                 room -= take;
@@ -529,7 +552,7 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
             for &id in &in_batch {
                 if let Some(s) = slots[id].take() {
                     let _ = s.job.events.send(Event::Failed(EngineError::Decode(detail.clone())));
-                    let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+                    clear(&mut ctx, &mut cache, id);
                 }
             }
             continue;
@@ -545,7 +568,7 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
                     Err(e) => {
                         let s = slots[id].take().expect("present");
                         let _ = s.job.events.send(Event::Failed(EngineError::Decode(e)));
-                        let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+                        clear(&mut ctx, &mut cache, id);
                         continue;
                     }
                 },
@@ -555,7 +578,9 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
                 Step::Finish(reason, flush) => {
                     let s = slots[id].take().expect("present");
                     s.finish(reason, flush);
-                    let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+                    if !cache.enabled() {
+                        clear(&mut ctx, &mut cache, id);
+                    }
                 }
             }
         }
@@ -569,6 +594,12 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
         let _ = j.events.send(Event::Failed(EngineError::Stopped));
     }
     drop(ctx);
+}
+
+/// Clears a slot's KV cells and forgets what they held.
+fn clear(ctx: &mut llama_cpp_2::context::LlamaContext<'_>, cache: &mut PromptCache, id: usize) {
+    let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+    cache.forget(id);
 }
 
 /// ChatML, for models whose GGUF has no (usable) chat template.
@@ -683,6 +714,7 @@ fn admit(
     let max_stop = job.spec.stop.iter().map(String::len).max().unwrap_or(0);
     Ok(Seq {
         prompt_tokens: tokens.len() as u32,
+        cached_tokens: 0,
         pending: tokens,
         n_past: 0,
         completion_tokens: 0,
@@ -783,6 +815,7 @@ impl Seq {
         let done = Finished {
             text: std::mem::take(&mut self.text),
             prompt_tokens: self.prompt_tokens,
+            cached_tokens: self.cached_tokens,
             completion_tokens: self.completion_tokens,
             finish_reason: reason,
         };

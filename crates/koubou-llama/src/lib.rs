@@ -87,6 +87,7 @@ pub mod cpu;
 pub mod engine;
 pub use koubou_gguf as gguf;
 pub mod models;
+pub mod prefix;
 pub mod remote;
 pub mod sysinfo;
 pub mod transcode;
