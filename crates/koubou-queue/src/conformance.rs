@@ -1,0 +1,638 @@
+//! The queue's semantics as one suite that every implementation passes unchanged.
+//!
+//! Each case is a function over a [`Factory`] that opens queues on fresh, empty storage;
+//! [`run_all`] runs them one after another, and [`conformance_suite!`](crate::conformance_suite)
+//! makes one `#[tokio::test]` per case (what `SqliteQueue` runs, at both durability levels). The
+//! life of a task is pinned down by `insta` snapshots of the stored task at each step
+//! (`snapshots/koubou_queue__conformance__lifecycle_*.snap`, ids and times redacted): every
+//! implementation is compared against the same files.
+//!
+//! What a factory must give: a queue whose retry backoff is short (at most ~100 ms) and whose
+//! tasks get 3 attempts unless they ask for another number (the snapshots show `max_attempts`),
+//! publishing its events to the log it is handed.
+//!
+//! Built for this crate's tests and, with the `conformance` feature, for other crates' tests:
+//! ```ignore
+//! struct Redis;
+//! impl koubou_queue::conformance::Factory for Redis {
+//!     type Queue = RedisQueue;
+//!     async fn open(&self, events: Arc<dyn EventLog>) -> RedisQueue { /* a fresh database */ }
+//! }
+//! koubou_queue::conformance_suite!(redis_conformance, Redis);
+//! ```
+
+use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
+
+use futures::{FutureExt, StreamExt};
+use koubou_task::{Cursor, EventBus, EventLog, NewTask, Priority, Task, TaskKind, TaskStatus, Usage, WorkerId};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Capabilities, Completion, Dispatch, Failure, LeaseStatus, Node, Nodes, Progress, QueueError, Release, TaskQuery,
+    TaskQueue, TaskStore,
+};
+
+/// Opens the queues a case runs on.
+pub trait Factory: Send + Sync {
+    type Queue: TaskQueue;
+    /// A queue over fresh, empty storage (nothing another case or an earlier call wrote),
+    /// publishing its events to `events`.
+    fn open(&self, events: Arc<dyn EventLog>) -> impl Future<Output = Self::Queue> + Send;
+}
+
+/// Runs every case, one after another, each on a queue of its own.
+pub async fn run_all<F: Factory>(f: &F) {
+    crate::__conformance_cases!(@run f);
+}
+
+/// One `#[tokio::test]` per conformance case, in a module `$name`, each on queues from the
+/// factory `$factory` (an expression, evaluated once per test, where the macro is called).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($name:ident, $factory:expr) => {
+        $crate::__conformance_cases!(@tests $name, $factory);
+    };
+}
+
+/// The cases, named once for [`run_all`] and [`conformance_suite!`](crate::conformance_suite).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    ($($how:tt)*) => {
+        $crate::__conformance_each!($($how)*;
+            lifecycle_snapshots,
+            priority_then_fifo,
+            claims_filter_by_kind,
+            claims_filter_by_declared_tags,
+            a_task_a_worker_cannot_serve_waits_before_it_is_claimable_again,
+            concurrent_claims_never_double,
+            retry_with_backoff_then_fail,
+            non_retryable_fails_at_once,
+            expired_lease_requeues_and_fences_the_old_worker,
+            lease_expiry_after_last_attempt_fails,
+            heartbeat_renews_and_records_progress,
+            cancel_pending_and_running,
+            release_gives_the_attempt_back,
+            idempotency_key_returns_the_first_task,
+            recover_node_requeues_its_running_tasks,
+            list_filters_and_pages_newest_first,
+            position_counts_who_goes_first,
+            events_tell_the_story,
+            idle_worker_wakes_on_submit,
+            a_full_queue_refuses_and_stores_nothing,
+            tags_format_and_where_it_ran_are_stored_and_filtered
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_each {
+    (@run $f:expr; $($case:ident),*) => {
+        $( $crate::conformance::$case($f).await; )*
+    };
+    (@tests $name:ident, $factory:expr; $($case:ident),*) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    $crate::conformance::$case(&$factory).await;
+                }
+            )*
+        }
+    };
+}
+
+/// The log a case's queue publishes to.
+fn events() -> Arc<dyn EventLog> {
+    Arc::new(EventBus::default())
+}
+
+pub(crate) fn new(prompt: &str, priority: i64) -> NewTask {
+    NewTask { priority: Priority::new(priority).unwrap(), ..NewTask::new(TaskKind::general(), prompt) }
+}
+
+pub(crate) fn w(n: usize) -> WorkerId {
+    WorkerId::new("test", n)
+}
+
+pub(crate) const LEASE: Duration = Duration::from_secs(30);
+
+pub(crate) const ANY: Capabilities = Capabilities { kinds: None, tags: None };
+
+/// Polls `f` until it yields, with a bound generous enough for a loaded machine.
+async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub(crate) fn done(text: &str) -> Completion {
+    Completion {
+        result: text.into(),
+        backend: "b".into(),
+        model: "m".into(),
+        usage: Usage::new(3, 5),
+        warnings: vec![],
+        remote: false,
+        cost: None,
+    }
+}
+
+pub(crate) fn failure(retryable: bool) -> Failure {
+    Failure {
+        error: "boom".into(),
+        retryable,
+        backend: None,
+        model: None,
+        remote: None,
+        partial: None,
+        retry_after: None,
+    }
+}
+
+/// Snapshots the stored task under `step`, its id and times redacted (a time that is unset stays
+/// null: when a time is set is part of the story).
+fn snapshot(step: &str, task: &Task) {
+    let time = || insta::dynamic_redaction(|v, _| if v.is_nil() { v } else { "[time]".into() });
+    insta::with_settings!({ snapshot_suffix => step, prepend_module_to_snapshot => true }, {
+        insta::assert_json_snapshot!("lifecycle", task, {
+            ".id" => "[id]",
+            ".created_at" => time(),
+            ".started_at" => time(),
+            ".finished_at" => time(),
+            ".available_at" => time(),
+            ".lease_until" => time(),
+        });
+    });
+}
+
+/// The whole life of tasks, step by step, as stored: created, claimed, heartbeat (progress
+/// recorded), retrying, completed; failed; cancelled; released by a worker that cannot serve it.
+pub async fn lifecycle_snapshots<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    let mut t = new("lifecycle", 7);
+    t.tags = vec!["team:a".into()];
+    t.metadata.insert("ticket".into(), "K-14".into());
+    let t = q.submit(t).await.unwrap().task;
+    snapshot("created", &q.get(t.id).await.unwrap().unwrap());
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    snapshot("claimed", &q.get(t.id).await.unwrap().unwrap());
+    let p = Progress { backend: Some("ollama"), model: Some("gemma2:2b"), remote: Some(false), partial: Some("Hel") };
+    assert_eq!(q.heartbeat(&c.lease, LEASE, p).await.unwrap(), LeaseStatus::Held);
+    snapshot("heartbeat", &q.get(t.id).await.unwrap().unwrap());
+    let partial = Failure { partial: Some("Hel".into()), backend: Some("ollama".into()), ..failure(true) };
+    q.fail(&c.lease, partial).await.unwrap();
+    snapshot("retrying", &q.get(t.id).await.unwrap().unwrap());
+    let c = q.claim_wait(&w(2), &ANY, LEASE, &CancellationToken::new()).await.unwrap().unwrap();
+    q.complete(&c.lease, done("Hello")).await.unwrap();
+    snapshot("completed", &q.get(t.id).await.unwrap().unwrap());
+
+    let t = q.submit(new("doomed", 5)).await.unwrap().task;
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    q.fail(&c.lease, failure(false)).await.unwrap();
+    snapshot("failed", &q.get(t.id).await.unwrap().unwrap());
+
+    let t = q.submit(new("unwanted", 5)).await.unwrap().task;
+    q.cancel(t.id).await.unwrap();
+    snapshot("cancelled", &q.get(t.id).await.unwrap().unwrap());
+
+    let t = q.submit(new("elsewhere", 5)).await.unwrap().task;
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    let why = Release::CannotServe { reason: "not routable here".into(), wait: LEASE };
+    q.release(&c.lease, why).await.unwrap();
+    snapshot("released", &q.get(t.id).await.unwrap().unwrap());
+}
+
+/// `submit_bounded` refuses once `max_queued` tasks wait (pending or retrying), stores nothing
+/// of a refused task, and never refuses a resubmission of a stored one.
+pub async fn a_full_queue_refuses_and_stores_nothing<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    let limit = Some(3);
+    let mut keyed = new("keyed", 5);
+    keyed.idempotency_key = Some("k".into());
+    let first = q.submit_bounded(keyed.clone(), limit).await.unwrap();
+    q.submit_bounded(new("b", 5), limit).await.unwrap();
+    q.submit_bounded(new("c", 1), limit).await.unwrap();
+    match q.submit_bounded(new("d", 5), limit).await {
+        Err(QueueError::Full { queued: 3, limit: 3 }) => {}
+        other => panic!("expected Full, got {other:?}"),
+    }
+    let again = q.submit_bounded(keyed, limit).await.unwrap();
+    assert!(!again.created && again.task.id == first.task.id, "an idempotent resubmission is never refused");
+    assert_eq!(q.counts().await.unwrap().total(), 3, "the refused task was not stored");
+    // A running task does not wait; a retrying one does.
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    q.submit_bounded(new("d", 5), limit).await.unwrap();
+    q.fail(&c.lease, failure(true)).await.unwrap();
+    assert!(matches!(q.submit_bounded(new("e", 5), Some(4)).await, Err(QueueError::Full { queued: 4, limit: 4 })));
+}
+
+pub async fn priority_then_fifo<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    for (p, prio) in [("a", 5), ("b", 8), ("c", 5), ("d", 10), ("e", 8), ("f", 1)] {
+        q.submit(new(p, prio)).await.unwrap();
+    }
+    let mut order = String::new();
+    while let Some(c) = q.claim(&w(1), &ANY, LEASE).await.unwrap() {
+        order.push_str(&c.task.prompt);
+        assert_eq!(c.task.status, TaskStatus::Running);
+        assert_eq!(c.task.attempts, 1);
+    }
+    assert_eq!(order, "dbeacf");
+}
+
+pub async fn claims_filter_by_kind<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    q.submit(new("g", 5)).await.unwrap();
+    q.submit(NewTask::new(TaskKind::parse("code").unwrap(), "c")).await.unwrap();
+    let code = [TaskKind::parse("code").unwrap()];
+    let c = q.claim(&w(1), &Capabilities::kinds(code.clone()), LEASE).await.unwrap().unwrap();
+    assert_eq!(c.task.prompt, "c");
+    assert!(q.claim(&w(1), &Capabilities::kinds(code.clone()), LEASE).await.unwrap().is_none());
+    assert!(q.claim(&w(1), &Capabilities::kinds([]), LEASE).await.unwrap().is_none());
+}
+
+/// A worker that declares tags claims only tasks whose every tag it declares (untagged ones
+/// always); one that declares none claims any.
+pub async fn claims_filter_by_declared_tags<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    for (prompt, tags) in [("gpu", &["gpu"][..]), ("gpu+team", &["gpu", "team:a"]), ("plain", &[])] {
+        let mut t = new(prompt, 5);
+        t.tags = tags.iter().map(|t| t.to_string()).collect();
+        q.submit(t).await.unwrap();
+    }
+    let gpu = Capabilities { kinds: None, tags: Some(vec!["gpu".into()]) };
+    let mut got = Vec::new();
+    while let Some(c) = q.claim(&w(1), &gpu, LEASE).await.unwrap() {
+        assert!(gpu.serves(&c.task), "{:?}", c.task.tags);
+        got.push(c.task.prompt);
+    }
+    assert_eq!(got, ["gpu", "plain"]);
+    let c = q.claim(&w(2), &ANY, LEASE).await.unwrap().unwrap();
+    assert_eq!(c.task.prompt, "gpu+team");
+}
+
+/// A task handed back because the worker cannot serve it waits (retrying, its reason kept)
+/// before anyone may claim it again, and its attempt does not count.
+pub async fn a_task_a_worker_cannot_serve_waits_before_it_is_claimable_again<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    let t = q.submit(new("x", 5)).await.unwrap().task;
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    let why = Release::CannotServe { reason: "no such backend".into(), wait: Duration::from_millis(40) };
+    q.release(&c.lease, why).await.unwrap();
+    let after = q.get(t.id).await.unwrap().unwrap();
+    assert_eq!(
+        (after.status, after.attempts, after.error.as_deref()),
+        (TaskStatus::Retrying, 0, Some("no such backend"))
+    );
+    assert!(q.claim(&w(2), &ANY, LEASE).await.unwrap().is_none(), "claimable before its wait ended");
+    let again = q.claim_wait(&w(2), &ANY, LEASE, &CancellationToken::new()).await.unwrap().unwrap();
+    assert_eq!((again.task.id, again.task.attempts), (t.id, 1));
+}
+
+/// Many claimers racing over many tasks while many submitters add them: every task is claimed
+/// exactly once.
+pub async fn concurrent_claims_never_double<F: Factory>(f: &F) {
+    let q = Arc::new(f.open(events()).await);
+    const N: usize = 2000;
+    const SUBMITTERS: usize = 16;
+    let claimed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all_claimed = CancellationToken::new();
+    let mut claimers = Vec::new();
+    for n in 0..32 {
+        let (q, claimed, all_claimed) = (q.clone(), claimed.clone(), all_claimed.clone());
+        claimers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            // Parked between claims (never giving up on an empty queue while submitters still
+            // run) until every task has been claimed by someone.
+            while let Some(c) = q.claim_wait(&w(n), &ANY, LEASE, &all_claimed).await.unwrap() {
+                mine.push(c.task.id);
+                q.complete(&c.lease, done("ok")).await.unwrap();
+                if claimed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == N {
+                    all_claimed.cancel();
+                }
+            }
+            mine
+        }));
+    }
+    // Submitters start once the claimers are racing, each sending its share all at once.
+    let submitters: Vec<_> = (0..SUBMITTERS)
+        .map(|s| {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let mine = (s..N).step_by(SUBMITTERS).map(|i| q.submit(new(&i.to_string(), (i % 10) as i64 + 1)));
+                // Polled together: each submit is its own job for the writer's group commit.
+                for r in futures::future::join_all(mine).await {
+                    r.unwrap();
+                }
+            })
+        })
+        .collect();
+    let run = async {
+        for s in submitters {
+            s.await.unwrap();
+        }
+        let mut seen = HashSet::new();
+        for h in claimers {
+            for id in h.await.unwrap() {
+                assert!(seen.insert(id), "task {id} claimed twice");
+            }
+        }
+        seen
+    };
+    let seen = tokio::time::timeout(Duration::from_secs(300), run).await.expect("claimers never saw every task");
+    assert_eq!(seen.len(), N);
+    assert_eq!(q.counts().await.unwrap().completed, N as u64);
+}
+
+pub async fn retry_with_backoff_then_fail<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    let t = q.submit(NewTask { max_attempts: Some(2), ..new("x", 5) }).await.unwrap().task;
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    let after = q.fail(&c.lease, failure(true)).await.unwrap();
+    assert_eq!(after.status, TaskStatus::Retrying);
+    assert!(q.claim(&w(1), &ANY, LEASE).await.unwrap().is_none(), "claimable before its backoff ended");
+    // claim_wait sleeps until the backoff ends, then gets it.
+    let c = q.claim_wait(&w(1), &ANY, LEASE, &CancellationToken::new()).await.unwrap().unwrap();
+    assert_eq!((c.task.id, c.task.attempts), (t.id, 2));
+    let last = q.fail(&c.lease, failure(true)).await.unwrap();
+    assert_eq!(last.status, TaskStatus::Failed);
+    assert_eq!(last.error.as_deref(), Some("boom"));
+    assert!(last.finished_at.is_some());
+}
+
+pub async fn non_retryable_fails_at_once<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    q.submit(new("x", 5)).await.unwrap();
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    assert_eq!(q.fail(&c.lease, failure(false)).await.unwrap().status, TaskStatus::Failed);
+}
+
+pub async fn expired_lease_requeues_and_fences_the_old_worker<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    q.submit(new("x", 5)).await.unwrap();
+    let old = q.claim(&w(1), &ANY, Duration::from_millis(30)).await.unwrap().unwrap();
+    let c = q.claim_wait(&w(2), &ANY, LEASE, &CancellationToken::new()).await.unwrap().unwrap();
+    assert_eq!(c.task.id, old.task.id);
+    assert_eq!(c.task.attempts, 2);
+    assert!(old.cancel.is_cancelled(), "the old worker is told to stop");
+    assert!(matches!(q.complete(&old.lease, done("late")).await, Err(QueueError::Conflict { .. })));
+    assert_eq!(q.heartbeat(&old.lease, LEASE, Progress::default()).await.unwrap(), LeaseStatus::Lost);
+    let t = q.complete(&c.lease, done("on time")).await.unwrap();
+    assert_eq!(t.result.as_deref(), Some("on time"));
+}
+
+pub async fn lease_expiry_after_last_attempt_fails<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    q.submit(NewTask { max_attempts: Some(1), ..new("x", 5) }).await.unwrap();
+    let c = q.claim(&w(1), &ANY, Duration::from_millis(20)).await.unwrap().unwrap();
+    // Claims find the expired lease and fail the task (its only attempt is spent): never hand
+    // it out again, however long the wait for the expiry takes.
+    let t = until("the lease to expire", async || {
+        assert!(q.claim(&w(2), &ANY, LEASE).await.unwrap().is_none(), "a task with no attempts left was handed out");
+        let t = q.get(c.task.id).await.unwrap().unwrap();
+        (t.status == TaskStatus::Failed).then_some(t)
+    })
+    .await;
+    assert!(t.error.unwrap().contains("lease expired"));
+}
+
+pub async fn heartbeat_renews_and_records_progress<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    q.submit(new("x", 5)).await.unwrap();
+    let c = q.claim(&w(1), &ANY, Duration::from_millis(200)).await.unwrap().unwrap();
+    let claimed_until = q.get(c.task.id).await.unwrap().unwrap().lease_until.unwrap();
+    let p = Progress { backend: Some("ollama"), model: Some("gemma2:2b"), remote: Some(false), partial: Some("Hel") };
+    let before = koubou_task::now_millis();
+    assert_eq!(q.heartbeat(&c.lease, LEASE, p).await.unwrap(), LeaseStatus::Held);
+    let t = q.get(c.task.id).await.unwrap().unwrap();
+    assert_eq!((t.partial.as_deref(), t.backend.as_deref(), t.remote), (Some("Hel"), Some("ollama"), Some(false)));
+    assert!(t.lease_until.unwrap() >= before + LEASE.as_millis() as i64, "renewed for the whole ttl");
+    // Past the lease it was claimed with, the renewed one still holds.
+    until("the first lease to run out", async || (koubou_task::now_millis() > claimed_until + 50).then_some(())).await;
+    assert!(q.claim(&w(2), &ANY, LEASE).await.unwrap().is_none(), "renewed lease must not expire");
+}
+
+pub async fn cancel_pending_and_running<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    let a = q.submit(new("a", 9)).await.unwrap().task;
+    let b = q.submit(new("b", 1)).await.unwrap().task;
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    assert_eq!(c.task.id, a.id);
+    assert_eq!(q.cancel(b.id).await.unwrap().status, TaskStatus::Cancelled);
+    assert!(q.claim(&w(2), &ANY, LEASE).await.unwrap().is_none(), "a cancelled task is never claimed");
+    q.cancel(a.id).await.unwrap();
+    assert!(c.cancel.is_cancelled(), "the running worker's token fires");
+    assert_eq!(q.heartbeat(&c.lease, LEASE, Progress::default()).await.unwrap(), LeaseStatus::Cancelled);
+    assert!(matches!(q.complete(&c.lease, done("x")).await, Err(QueueError::Conflict { .. })));
+    assert!(matches!(q.cancel(a.id).await, Err(QueueError::Conflict { status: TaskStatus::Cancelled, .. })));
+    assert!(matches!(q.cancel(koubou_task::TaskId::new()).await, Err(QueueError::NotFound(_))));
+}
+
+pub async fn release_gives_the_attempt_back<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    q.submit(new("a", 5)).await.unwrap();
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    q.release(&c.lease, Release::Stopping).await.unwrap();
+    let again = q.claim(&w(2), &ANY, LEASE).await.unwrap().unwrap();
+    assert_eq!(again.task.attempts, 1);
+}
+
+pub async fn idempotency_key_returns_the_first_task<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    let mut n = new("a", 5);
+    n.idempotency_key = Some("k1".into());
+    let first = q.submit(n.clone()).await.unwrap();
+    let second = q.submit(n).await.unwrap();
+    assert!(first.created && !second.created);
+    assert_eq!(first.task.id, second.task.id);
+    assert_eq!(q.counts().await.unwrap().pending, 1);
+}
+
+pub async fn recover_node_requeues_its_running_tasks<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    q.submit(new("a", 5)).await.unwrap();
+    q.submit(new("b", 5)).await.unwrap();
+    q.claim(&WorkerId::new("serve", 1), &ANY, LEASE).await.unwrap().unwrap();
+    q.claim(&WorkerId::new("other", 1), &ANY, LEASE).await.unwrap().unwrap();
+    assert_eq!(q.recover_node("serve").await.unwrap(), 1);
+    let c = q.counts().await.unwrap();
+    assert_eq!((c.pending, c.running), (1, 1));
+}
+
+pub async fn list_filters_and_pages_newest_first<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    for i in 0..25 {
+        let kind = if i % 2 == 0 { "general" } else { "code" };
+        q.submit(NewTask::new(TaskKind::parse(kind).unwrap(), format!("prompt {i} 100%"))).await.unwrap();
+    }
+    let page = q.list(TaskQuery { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(page.total, 25);
+    assert_eq!(page.tasks[0].prompt, "prompt 24 100%");
+    let page2 = q.list(TaskQuery { limit: 10, before: page.next_cursor, ..Default::default() }).await.unwrap();
+    assert_eq!(page2.tasks[0].prompt, "prompt 14 100%");
+    let page3 = q.list(TaskQuery { limit: 10, before: page2.next_cursor, ..Default::default() }).await.unwrap();
+    assert_eq!((page3.tasks.len(), page3.next_cursor), (5, None));
+    let code = q
+        .list(TaskQuery { limit: 100, kind: Some(TaskKind::parse("code").unwrap()), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(code.total, 12);
+    let found = q.list(TaskQuery { limit: 100, search: Some("t 7 1".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(found.total, 1);
+    let pct = q.list(TaskQuery { limit: 100, search: Some("0%".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(pct.total, 25, "% is matched literally");
+    let pending =
+        q.list(TaskQuery { limit: 5, statuses: vec![TaskStatus::Running], ..Default::default() }).await.unwrap();
+    assert_eq!(pending.total, 0);
+    let made_up =
+        q.list(TaskQuery { limit: 10, before: Some(Cursor::new("no such cursor!")), ..Default::default() }).await;
+    assert!(matches!(made_up, Err(QueueError::BadCursor(_))), "{made_up:?}");
+}
+
+pub async fn position_counts_who_goes_first<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    let a = q.submit(new("a", 5)).await.unwrap().task;
+    let b = q.submit(new("b", 5)).await.unwrap().task;
+    let c = q.submit(new("c", 9)).await.unwrap().task;
+    assert_eq!(q.position(a.id).await.unwrap().unwrap().ahead, 1);
+    assert_eq!(q.position(b.id).await.unwrap().unwrap().ahead, 2);
+    assert_eq!(q.position(c.id).await.unwrap().unwrap().ahead, 0);
+    q.claim(&w(1), &ANY, LEASE).await.unwrap();
+    assert_eq!(q.position(c.id).await.unwrap(), None);
+}
+
+/// Events are published after commit, in order, with the task's story complete.
+pub async fn events_tell_the_story<F: Factory>(f: &F) {
+    let log = events();
+    let q = f.open(log.clone()).await;
+    let mut rx = log.subscribe(None);
+    let t = q.submit(new("a", 5)).await.unwrap().task;
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    q.complete(&c.lease, done("ok")).await.unwrap();
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        let e = rx.next().await.unwrap().unwrap();
+        assert_eq!(e.kind.task_id(), Some(t.id));
+        names.push(e.kind.name());
+    }
+    assert_eq!(names, ["task_created", "task_claimed", "task_completed"]);
+    assert!(rx.next().now_or_never().is_none(), "an event beyond the story: {:?}", rx.next().now_or_never());
+}
+
+/// A parked worker wakes as soon as a task arrives.
+pub async fn idle_worker_wakes_on_submit<F: Factory>(f: &F) {
+    let q = Arc::new(f.open(events()).await);
+    let q2 = q.clone();
+    let waiter = tokio::spawn(async move { q2.claim_wait(&w(1), &ANY, LEASE, &CancellationToken::new()).await });
+    // Give it time to find nothing and park. (Only an absence is asserted: a busy machine can
+    // make the pause too short to reach the park, never make the assertion false.)
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "claim_wait returned with nothing to claim");
+    let t = q.submit(new("wake", 5)).await.unwrap().task;
+    let got = tokio::time::timeout(Duration::from_secs(120), waiter).await.unwrap().unwrap().unwrap().unwrap();
+    assert_eq!(got.task.id, t.id);
+    let stop = CancellationToken::new();
+    stop.cancel();
+    assert!(q.claim_wait(&w(1), &ANY, LEASE, &stop).await.unwrap().is_none());
+}
+
+pub async fn tags_format_and_where_it_ran_are_stored_and_filtered<F: Factory>(f: &F) {
+    let q = f.open(events()).await;
+    let mut a = new("a", 5);
+    a.tags = vec!["confidential".into(), "team:a".into()];
+    a.schema = Some(serde_json::json!({"type": "object"}));
+    let a = q.submit(a).await.unwrap().task;
+    assert!(a.json, "a schema implies json");
+    let mut b = new("b", 5);
+    b.tags = vec!["team:b".into()];
+    b.json = true;
+    q.submit(b).await.unwrap();
+    q.submit(new("c", 5)).await.unwrap();
+    let tagged = |tag: &str| {
+        let q = &q;
+        let tag = tag.to_owned();
+        async move {
+            let page = q.list(TaskQuery { limit: 10, tag: Some(tag), ..Default::default() }).await.unwrap();
+            page.tasks.into_iter().map(|t| t.prompt).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(tagged("confidential").await, ["a"]);
+    assert_eq!(tagged("team:b").await, ["b"]);
+    assert!(tagged("team").await.is_empty(), "whole tags only");
+    let got = q.get(a.id).await.unwrap().unwrap();
+    assert_eq!(got.tags, ["confidential", "team:a"]);
+    assert_eq!(got.schema, Some(serde_json::json!({"type": "object"})));
+    assert_eq!((got.remote, got.cost), (None, None));
+
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    let paid = Completion {
+        remote: true,
+        cost: Some(0.0105),
+        usage: Usage { cache_read_tokens: Some(200), ..Usage::new(1000, 500) },
+        ..done("ok")
+    };
+    let t = q.complete(&c.lease, paid).await.unwrap();
+    assert_eq!((t.remote, t.cost), (Some(true), Some(0.0105)));
+    assert_eq!(t.usage.unwrap().cache_read_tokens, Some(200));
+    let again = q.get(t.id).await.unwrap().unwrap();
+    assert_eq!(
+        (again.tags.len(), again.json, again.remote, again.cost),
+        (2, true, Some(true), Some(0.0105)),
+        "read back as stored"
+    );
+}
+
+/// For a queue that is also the node registry ([`Nodes`]), outside [`run_all`] (call it with
+/// the same factory): a node registers for a TTL; another run of the same node is refused while
+/// that registration lives, unless it names the run it replaces; renewing keeps it alive, a
+/// replaced run can no longer renew; an expired node is handed to exactly one sweeper, whose
+/// job is then to recover its running tasks.
+pub async fn nodes_register_renew_expire<F: Factory>(f: &F)
+where
+    F::Queue: Nodes,
+{
+    let q = f.open(events()).await;
+    let caps = Capabilities { kinds: Some(vec![TaskKind::general()]), tags: Some(vec!["gpu".into()]) };
+    let first = Node::this_process("n1", "0.1.0", caps.clone());
+    q.register(&first, LEASE, None).await.unwrap();
+    let second = Node::this_process("n1", "0.1.0", caps);
+    match q.register(&second, LEASE, None).await {
+        Err(QueueError::NodeTaken(held)) => assert_eq!(held.instance, first.instance),
+        other => panic!("a second run of a live node was not refused: {other:?}"),
+    }
+    assert!(q.renew("n1", first.instance, LEASE).await.unwrap());
+    q.register(&second, LEASE, Some(first.instance)).await.unwrap();
+    assert!(!q.renew("n1", first.instance, LEASE).await.unwrap(), "a replaced run renewed its registration");
+    let listed = q.nodes().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].instance, &listed[0].capabilities), (second.instance, &second.capabilities));
+
+    // A node that stops renewing: its running task is recovered by whoever sweeps it.
+    let t = q.submit(new("orphan", 5)).await.unwrap().task;
+    let ghost = Node::this_process("ghost", "0.1.0", Capabilities::any());
+    q.register(&ghost, Duration::from_millis(30), None).await.unwrap();
+    q.claim(&WorkerId::new("ghost", 1), &ANY, Duration::from_secs(600)).await.unwrap().unwrap();
+    let dead = until("the ghost to expire", async || {
+        let gone = q.expire().await.unwrap();
+        (!gone.is_empty()).then_some(gone)
+    })
+    .await;
+    assert_eq!(dead.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["ghost"]);
+    assert!(q.expire().await.unwrap().is_empty(), "an expired node is handed out once");
+    assert_eq!(q.recover_node("ghost").await.unwrap(), 1);
+    assert_eq!(q.get(t.id).await.unwrap().unwrap().status, TaskStatus::Pending);
+    // A later run of an expired node registers without naming it; a clean stop leaves nothing.
+    let again = Node::this_process("ghost", "0.1.0", Capabilities::any());
+    q.register(&again, LEASE, None).await.unwrap();
+    q.deregister("ghost", again.instance).await.unwrap();
+    assert_eq!(q.nodes().await.unwrap().iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["n1"]);
+}
