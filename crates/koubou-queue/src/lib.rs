@@ -12,6 +12,13 @@
 //! - [`sqlite`]: `SqliteQueue`, the embedded default (one file, WAL, group commit on one writer
 //!   thread, readers on their own connections; idle workers park on it until a task arrives or
 //!   something falls due).
+//! - [`redis`](crate::redis) (feature `redis`, on by default): `RedisQueue`, the shared queue of a
+//!   distributed Koubou (sorted sets and one Lua script per operation, under one hash tag).
+//! - [`outbox`]: `Outbox`, what a dispatcher outside the store needs from it (claim a given task,
+//!   the claimable tasks no confirmed delivery covers, when something next falls due); both
+//!   stores implement it.
+//! - [`amqp`](crate::amqp) (feature `amqp`, on by default): `AmqpDispatch`, RabbitMQ as the
+//!   [`Dispatch`] over a store (publisher confirms, `basic.get`, an outbox sweep).
 //! - [`backoff`]: the retry schedule.
 //! - `conformance` (tests, and the `conformance` feature): the queue's semantics as one suite
 //!   every implementation passes unchanged, with `insta` snapshots of each step of a task's life.
@@ -24,25 +31,37 @@
 //!   running task whose worker vanished goes back to the queue when its lease runs out.
 //! - Events are published on the bus only after the change they describe has committed.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod backoff;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod nodes;
+pub mod outbox;
+mod park;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod sqlite;
+#[cfg(all(test, any(feature = "redis", feature = "amqp")))]
+#[cfg_attr(not(all(feature = "redis", feature = "amqp")), allow(dead_code))]
+mod test_tls;
 
 use std::time::Duration;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisConfig, RedisQueue};
 use async_trait::async_trait;
 pub use koubou_task::Cursor;
 use koubou_task::{NewTask, Task, TaskId, TaskKind, TaskStatus, Usage, WorkerId};
 pub use nodes::{Node, Nodes};
+pub use outbox::{Outbox, Undispatched};
 use serde::Serialize;
 pub use sqlite::{SqliteConfig, SqliteQueue};
 use tokio_util::sync::CancellationToken;
 
 /// Errors of the queue layer, whatever stores the tasks. `NotFound`, `Conflict`, `BadCursor` and
-/// `Full` are the caller's; `DiskFull` and `Locked` pass (try again later, nothing was
-/// written); the rest are ours. None names a driver: a store says what failed in words.
+/// `Full` are the caller's; `DiskFull`, `Locked` and `Unavailable` pass (try again later); the
+/// rest are ours. None names a driver: a store says what failed in words.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("task {0} not found")]
@@ -75,9 +94,16 @@ pub enum QueueError {
         "the disk failed to store the queue's writes ({0}); nothing since the last sync is promised: restart Koubou"
     )]
     Sync(String),
-    /// The store failed in a way none of the above names (its own words).
+    /// The store failed in a way none of the above names, in its own words (SQLite's error, a
+    /// Redis script error or wrong key type, …).
     #[error("the queue's store failed: {0}")]
     Storage(String),
+    /// The queue's Redis server, or the RabbitMQ broker dispatching it, cannot be reached or
+    /// cannot take the operation now (connection lost or refused, no answer in time, loading,
+    /// out of memory). Nothing was written unless the connection broke after the server ran
+    /// the write; the same call may succeed later.
+    #[error("the queue's Redis or RabbitMQ server is unavailable ({0}); try again later")]
+    Unavailable(String),
     #[error("cannot open the queue at {path}: {detail}")]
     Open { path: String, detail: String },
     #[error("the queue is shut down")]
@@ -94,9 +120,10 @@ pub enum QueueError {
 }
 
 impl QueueError {
-    /// A passing condition (full disk, locked database): the same write may succeed later.
+    /// A passing condition (full disk, locked database, unreachable Redis): the same write may
+    /// succeed later.
     pub fn is_transient(&self) -> bool {
-        matches!(self, QueueError::DiskFull(_) | QueueError::Locked(_))
+        matches!(self, QueueError::DiskFull(_) | QueueError::Locked(_) | QueueError::Unavailable(_))
     }
 
     /// The same failure, for answering another caller (a batch's failure reaches every job in it).
@@ -159,8 +186,14 @@ impl Capabilities {
 
     /// Whether a worker with these capabilities may claim `task`.
     pub fn serves(&self, task: &Task) -> bool {
-        self.kinds.as_ref().is_none_or(|ks| ks.contains(&task.kind))
-            && self.tags.as_ref().is_none_or(|ts| task.tags.iter().all(|t| ts.contains(t)))
+        self.serves_kind_and_tags(Some(task.kind.as_str()), &task.tags)
+    }
+
+    /// [`serves`](Self::serves) for a task known only by its kind (`None`: unknown, which only a
+    /// worker of any kind serves) and tags, as a dispatcher's delivery names it.
+    pub fn serves_kind_and_tags(&self, kind: Option<&str>, tags: &[String]) -> bool {
+        self.kinds.as_ref().is_none_or(|ks| kind.is_some_and(|k| ks.iter().any(|x| x.as_str() == k)))
+            && self.tags.as_ref().is_none_or(|ts| tags.iter().all(|t| ts.contains(t)))
     }
 }
 
@@ -298,6 +331,13 @@ pub trait TaskStore: Send + Sync + 'static {
     /// retrying) the task is refused with [`QueueError::Full`] and nothing is stored. A task
     /// returned for its idempotency key is never refused.
     async fn submit_bounded(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError>;
+    /// Like [`submit_bounded`](Self::submit_bounded), for a caller that reveals the task only
+    /// through later reads or events (which a store with delayed durability holds until the
+    /// write is on disk) — e.g. a submission that answers with the task's outcome. Such a store
+    /// may answer it at commit instead of after the sync.
+    async fn submit_then_watch(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
+        self.submit_bounded(new, max_queued).await
+    }
     async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError>;
     /// One page, newest first.
     async fn list(&self, query: TaskQuery) -> Result<TaskPage, QueueError>;

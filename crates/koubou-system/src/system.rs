@@ -298,7 +298,7 @@ pub(crate) fn queue_error(e: QueueError) -> ApiError {
         QueueError::NotFound(id) => ApiError::NotFound(id.to_string()),
         QueueError::BadCursor(_) => ApiError::invalid("before", e.to_string()),
         QueueError::Conflict { .. } => ApiError::Conflict(e.to_string()),
-        QueueError::Closed | QueueError::Sync(_) => ApiError::Unavailable(e.to_string()),
+        QueueError::Closed | QueueError::Sync(_) | QueueError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
         QueueError::Full { .. } => try_later(&e, Busy::QueueFull, FULL_RETRY_SECS, ""),
         QueueError::DiskFull(_) => {
             try_later(&e, Busy::DiskFull, 10, "free space on the disk holding the database, then ")
@@ -348,7 +348,14 @@ impl Api for Koubou {
         self.inner.router.check(&task).map_err(|e| ApiError::invalid(e.field(), e.to_string()))?;
         let (kind, priority) = (task.kind.clone(), task.priority);
         let limit = self.inner.cfg.limits.max_pending;
-        let submitted = self.inner.queue.submit_bounded(task, Some(limit)).await.map_err(|e| match e {
+        // A synchronous submission reveals the task only through the wait below, whose events
+        // and final read come after the write is durable: it need not wait for the disk twice.
+        let submitted = if sync {
+            self.inner.queue.submit_then_watch(task, Some(limit)).await
+        } else {
+            self.inner.queue.submit_bounded(task, Some(limit)).await
+        };
+        let submitted = submitted.map_err(|e| match e {
             QueueError::Full { queued, limit } => {
                 let secs = drain_secs(queued.saturating_sub(limit) + 1, self.inner.live.rates().0);
                 try_later(&e, Busy::QueueFull, secs, "")

@@ -161,7 +161,8 @@ impl Drop for Server {
 
 /// Starts `koubou serve` on a free port with `config` (everything but `[server]`).
 async fn start_server(config: &str) -> anyhow::Result<Server> {
-    let home = tempfile::tempdir()?;
+    // Readable by this user only, as `koubou serve` wants a home holding prompts to be.
+    let home = tempfile::Builder::new().permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700)).tempdir()?;
     let port = free_port()?;
     let config = format!("[server]\nport = {port}\nws_port = 0\ngraphql_port = 0\n{config}");
     std::fs::write(home.path().join("koubou.toml"), config)?;

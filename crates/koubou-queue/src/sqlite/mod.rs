@@ -16,7 +16,6 @@
 //! that did not reach the file.
 
 mod ops;
-mod park;
 mod rows;
 mod schema;
 mod sync;
@@ -42,7 +41,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Capabilities, Claimed, Completion, Dispatch, Failure, Lease, LeaseStatus, Node, Nodes, Progress, QueueError,
-    QueuePosition, Release, StatusCounts, Submitted, TaskPage, TaskQuery, TaskStore, backoff::Backoff,
+    QueuePosition, Release, StatusCounts, Submitted, TaskPage, TaskQuery, TaskStore,
+    backoff::Backoff,
+    outbox::{Outbox, Undispatched},
+    park::{self, Parking},
 };
 
 /// How hard each commit tries to reach the disk.
@@ -126,8 +128,9 @@ type Reply = Box<dyn FnOnce(Result<(), &QueueError>) + Send>;
 enum Ack {
     /// A caller outside the queue (submit, cancel): answered once the write is on disk.
     Durable,
-    /// The queue's own workers (claims, heartbeats, outcomes): answered at commit. Nothing
-    /// outside this process learns of the write before it is on disk (events and reads wait).
+    /// The queue's own workers (claims, heartbeats, outcomes), and a submitter that reveals
+    /// the task only through later reads and events: answered at commit. Nothing outside this
+    /// process learns of the write before it is on disk (events and reads wait).
     Commit,
 }
 
@@ -502,9 +505,20 @@ impl SqliteQueue {
     }
 
     /// The next moment something falls due without any new write (a retry, a lease expiry).
-    pub(crate) fn next_due(&self) -> Option<Millis> {
+    fn due(&self) -> Option<Millis> {
         let due = self.shared.next_due.load(Ordering::Acquire);
         (due != Millis::MAX).then_some(due)
+    }
+}
+
+#[async_trait]
+impl Parking for SqliteQueue {
+    fn wakeup(&self) -> &Notify {
+        &self.shared.wakeup
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
+        Ok(self.due())
     }
 }
 
@@ -512,6 +526,10 @@ impl SqliteQueue {
 impl TaskStore for SqliteQueue {
     async fn submit_bounded(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
         self.write(Ack::Durable, move |ctx| ops::submit(ctx, new, max_queued)).await
+    }
+
+    async fn submit_then_watch(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
+        self.write(Ack::Commit, move |ctx| ops::submit(ctx, new, max_queued)).await
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError> {
@@ -613,6 +631,29 @@ impl Nodes for SqliteQueue {
     async fn deregister(&self, id: &str, instance: u64) -> Result<(), QueueError> {
         let id = id.to_owned();
         self.write(Ack::Durable, move |ctx| ops::deregister(ctx, &id, instance)).await
+    }
+}
+
+#[async_trait]
+impl Outbox for SqliteQueue {
+    async fn claim_id(&self, id: TaskId, worker: &WorkerId, lease: Duration) -> Result<Option<Claimed>, QueueError> {
+        let worker = worker.clone();
+        self.write(Ack::Commit, move |ctx| ops::claim_id(ctx, id, &worker, lease)).await
+    }
+
+    async fn undispatched(&self, limit: usize) -> Result<Vec<Undispatched>, QueueError> {
+        self.write(Ack::Commit, move |ctx| ops::undispatched(ctx, limit)).await
+    }
+
+    async fn mark_dispatched(&self, marks: Vec<(TaskId, u64)>) -> Result<(), QueueError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        self.write(Ack::Commit, move |ctx| ops::mark_dispatched(ctx, &marks)).await
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
+        Ok(self.due())
     }
 }
 

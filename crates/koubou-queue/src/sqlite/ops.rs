@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use koubou_task::{Cursor, EventKind, Millis, NewTask, Task, TaskId, TaskStatus, WorkerId};
+use koubou_task::{Cursor, EventKind, Millis, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, WorkerId};
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value};
 use tokio_util::sync::CancellationToken;
 
@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     Capabilities, Claimed, Completion, Failure, Lease, LeaseStatus, Node, QueueError, QueuePosition, Release,
-    StatusCounts, Submitted, TaskPage, TaskQuery,
+    StatusCounts, Submitted, TaskPage, TaskQuery, outbox::Undispatched,
 };
 
 fn json(v: &impl serde::Serialize) -> Option<String> {
@@ -195,22 +195,88 @@ pub fn claim(
         ));
     }
     let sql = format!(
-        "UPDATE tasks SET status = 'running', attempts = attempts + 1, worker_id = ?1, started_at = ?2, \
-         lease_until = ?3, finished_at = NULL \
+        "UPDATE tasks SET {CLAIM_SET} \
          WHERE seq = (SELECT seq FROM tasks INDEXED BY tasks_claim WHERE status = 'pending' {kind_filter} \
          ORDER BY priority DESC, seq LIMIT 1) \
          RETURNING {COLUMNS}"
     );
-    let task =
-        ctx.conn.prepare_cached(&sql).sql()?.query_row(params_from_iter(args), task_from_row).optional().sql()?;
-    let Some(task) = task else { return Ok(None) };
+    let task = ctx.conn.prepare_cached(&sql).sql()?.query_row(params_from_iter(args), task_from_row).optional().sql()?;
+    Ok(task.map(|task| claimed(ctx, task, worker, lease_until)))
+}
+
+/// What a claim changes (`?1` worker, `?2` now, `?3` lease end); `claims` counts every claim for
+/// the outbox (see [`crate::outbox`]).
+const CLAIM_SET: &str = "status = 'running', attempts = attempts + 1, claims = claims + 1, worker_id = ?1, \
+     started_at = ?2, lease_until = ?3, finished_at = NULL";
+
+/// Claims exactly task `id` if it is pending (after housekeeping, which promotes a retry whose
+/// backoff is over and requeues an expired lease).
+pub fn claim_id(
+    ctx: &mut Ctx<'_>,
+    id: TaskId,
+    worker: &WorkerId,
+    lease: Duration,
+) -> Result<Option<Claimed>, QueueError> {
+    housekeeping(ctx)?;
+    let lease_until = ctx.now + lease.as_millis() as Millis;
+    let task = ctx
+        .conn
+        .prepare_cached(&format!(
+            "UPDATE tasks SET {CLAIM_SET} WHERE id = ?4 AND status = 'pending' RETURNING {COLUMNS}"
+        ))
+        .sql()?
+        .query_row(params![worker.0, ctx.now, lease_until, id.to_string()], task_from_row)
+        .optional()
+        .sql()?;
+    Ok(task.map(|task| claimed(ctx, task, worker, lease_until)))
+}
+
+/// After a claim's UPDATE: the lease, the token, the event.
+fn claimed(ctx: &mut Ctx<'_>, task: Task, worker: &WorkerId, lease_until: Millis) -> Claimed {
     ctx.queued -= 1;
     let lease = Lease { task_id: task.id, worker_id: worker.clone(), attempt: task.attempts };
     let cancel = CancellationToken::new();
     ctx.claimed.push((task.id, cancel.clone()));
     ctx.due = ctx.due.min(lease_until);
     ctx.events.push(EventKind::TaskClaimed { task_id: task.id, worker_id: worker.clone(), attempt: task.attempts });
-    Ok(Some(Claimed { task, lease, cancel }))
+    Claimed { task, lease, cancel }
+}
+
+/// Housekeeping, then the pending tasks no confirmed delivery covers, most urgent first.
+pub fn undispatched(ctx: &mut Ctx<'_>, limit: usize) -> Result<Vec<Undispatched>, QueueError> {
+    housekeeping(ctx)?;
+    let rows: Vec<(String, String, i64, i64, Option<String>)> = ctx
+        .conn
+        .prepare_cached(
+            "SELECT id, kind, priority, claims, tags FROM tasks INDEXED BY tasks_outbox \
+             WHERE status = 'pending' AND dispatched IS NOT claims ORDER BY priority DESC, seq LIMIT ?1",
+        )
+        .sql()?
+        .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .sql()?
+        .collect::<Result<_, _>>()
+        .sql()?;
+    rows.into_iter()
+        .map(|(id, kind, priority, claims, tags)| {
+            let bad = |what: &str| QueueError::Corrupt(format!("task {id}: bad {what}"));
+            Ok(Undispatched {
+                id: id.parse().map_err(|_| bad("id"))?,
+                kind: TaskKind::parse(&kind).map_err(|_| bad("kind"))?,
+                priority: Priority::new(priority).map_err(|_| bad("priority"))?,
+                tags: tags.map(|t| serde_json::from_str(&t)).transpose().map_err(|_| bad("tags"))?.unwrap_or_default(),
+                claims: claims as u64,
+            })
+        })
+        .collect()
+}
+
+/// Records confirmed deliveries, each for the claim count it was published for.
+pub fn mark_dispatched(ctx: &mut Ctx<'_>, marks: &[(TaskId, u64)]) -> Result<(), QueueError> {
+    let mut stmt = ctx.conn.prepare_cached("UPDATE tasks SET dispatched = ?2 WHERE id = ?1 AND claims = ?2").sql()?;
+    for (id, claims) in marks {
+        stmt.execute(params![id.to_string(), *claims as i64]).sql()?;
+    }
+    Ok(())
 }
 
 const FENCE: &str = "id = ?1 AND status = 'running' AND worker_id = ?2 AND attempts = ?3";

@@ -62,7 +62,15 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE tasks ADD COLUMN remote        INTEGER; -- 1 when the serving backend is remote
     ALTER TABLE tasks ADD COLUMN cost          REAL;
     "#,
-    // 4: the nodes running workers over this queue, each registered until `expires_at`.
+    // 4: the outbox of an outside dispatcher (RabbitMQ): every claim counts, and `dispatched`
+    // is the count a confirmed delivery was published for. A pending task whose count moved
+    // past it (or that never had one) needs a delivery.
+    r#"
+    ALTER TABLE tasks ADD COLUMN claims     INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN dispatched INTEGER;
+    CREATE INDEX tasks_outbox ON tasks (priority DESC, seq) WHERE status = 'pending' AND dispatched IS NOT claims;
+    "#,
+    // 5: the nodes running workers over this queue, each registered until `expires_at`.
     r#"
     CREATE TABLE nodes (
         id           TEXT    PRIMARY KEY,

@@ -1,0 +1,34 @@
+-- ARGV: spec (the task as JSON), id, kind, priority, max attempts, idempotency key ('' none),
+-- most tasks waiting ('' unbounded).
+local spec, id, kind, priority, max, idem, limit = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+if idem ~= '' then
+  local existing = redis.call('HGET', IDEM, idem)
+  if existing then
+    local fields = redis.call('HGETALL', task_key(existing))
+    if #fields > 0 then
+      return reply('exists', fields)
+    end
+  end
+end
+if limit ~= '' then
+  local waiting = queued()
+  if waiting >= tonumber(limit) then
+    return reply('full', { int(waiting) })
+  end
+end
+local seq = redis.call('INCR', P .. 'seq')
+-- Lowest first: priority 10 before 1, then submission order (2^43 tasks per priority level,
+-- and 10 * 2^43 < 2^53, so every score is an exact double).
+local score = (10 - tonumber(priority)) * 2 ^ 43 + seq
+local key = task_key(id)
+redis.call('HSET', key, 'spec', spec, 'seq', int(seq), 'score', int(score), 'kind', kind, 'max', max,
+  'status', 'pending', 'attempts', '0', 'created', int(NOW), 'available', int(NOW))
+if idem ~= '' then
+  redis.call('HSET', key, 'idem', idem)
+  redis.call('HSET', IDEM, idem, id)
+end
+redis.call('ZADD', ALL, seq, id)
+redis.call('ZADD', P .. 's:pending', seq, id)
+enqueue(id, key)
+note('created', id, kind, priority)
+return reply('ok', { int(NOW) })

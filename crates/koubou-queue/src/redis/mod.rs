@@ -1,0 +1,922 @@
+//! `RedisQueue`: the queue in Redis, shared by every Koubou node pointed at the same namespace.
+//!
+//! # Layout (all keys under `{koubou:<namespace>}:`, one hash tag: one cluster slot)
+//! - `task:<id>`: a hash per task ([`record`]): `spec` (the task as submitted, JSON) and the
+//!   fields that change (status, attempts, worker, lease, result, …).
+//! - `pending` and `pending:<kind>`: the claim order, sorted sets scored
+//!   `(10 - priority) * 2^43 + seq` — priority, then submission order, exact in a double. A
+//!   task that comes back (released, requeued, retried) is put back at its own score: its place.
+//! - `delayed`: retrying tasks by the moment their backoff ends; `leases`: running tasks by
+//!   the moment their lease runs out. Claims move what is due (housekeeping).
+//! - `s:<status>`: every task by status, scored by `seq` (counts, lists); `all`: every task by
+//!   `seq`; `finished`: finished tasks by when, for keeping only `keep_finished` of them for
+//!   `keep_finished_secs`; `idem`: idempotency key → task id; `seq`, `version`: counters.
+//! - `outbox`: the claimable tasks no confirmed delivery of an outside dispatcher (RabbitMQ)
+//!   covers, in claim order; a task's `claims` field counts its claims ([`crate::outbox`]).
+//! - `events`: the channel each script publishes what it did on ([`record::Message`]).
+//!
+//! Every operation that writes is one Lua script ([`scripts`]), so it is atomic; scripts take
+//! the time from Redis (`TIME`), never from the client. Fencing is the same as SQLite's: a
+//! worker's write applies only while the task is running under its (worker, attempt).
+//!
+//! This process's writes go through one writer task, in order, so its own events reach the
+//! bus in the order Redis ran them, after Redis answered. Other processes' events, wake-ups and
+//! cancels arrive on the `events` channel and are applied here too: a parked worker wakes for
+//! a task submitted elsewhere, and a cancel made elsewhere fires the claimer's token (its next
+//! heartbeat would also say `Cancelled`).
+
+mod record;
+mod scripts;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use ::redis::{
+    AsyncCommands, Client, IntoConnectionInfo, RedisError, RetryMethod,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+use async_trait::async_trait;
+use futures::StreamExt;
+use koubou_task::{
+    EventBus, EventKind, Millis, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, WorkerId, now_millis,
+};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use self::{
+    record::{Fields, Message},
+    scripts::{Op, Scripts},
+};
+use crate::{
+    Claimed, Completion, Failure, Lease, LeaseStatus, Progress, QueueError, QueuePosition, StatusCounts, Submitted,
+    TaskPage, TaskQuery, TaskQueue,
+    backoff::Backoff,
+    outbox::{Outbox, Undispatched},
+};
+
+/// `[queue]` with a `redis://` or `rediss://` URL.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db`, or `rediss://…` for TLS.
+    pub url: String,
+    /// The ACL user to log in as (replaces the URL's).
+    pub username: Option<String>,
+    /// Take the password from this environment variable (it replaces the URL's).
+    pub password_env: Option<String>,
+    /// With `rediss://`: PEM file of the CA certificates the server's certificate is checked
+    /// against, instead of the system's.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Queues with the same namespace on the same server are one queue.
+    pub namespace: String,
+    /// Attempts a task gets unless it asks for another number.
+    pub max_attempts: u32,
+    pub retry: Backoff,
+    /// Finished tasks kept (the oldest are forgotten first).
+    pub keep_finished: u64,
+    /// Finished tasks are forgotten this long after they finished.
+    pub keep_finished_secs: u64,
+    /// Longest wait for a connection or an answer before the operation fails as unavailable.
+    pub timeout_ms: u64,
+    /// Start even when the server does not let us read `maxmemory-policy` (managed services
+    /// that disable `CONFIG`): set only after checking yourself that it is `noeviction`.
+    pub assume_noeviction: bool,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/0".into(),
+            username: None,
+            password_env: None,
+            ca_file: None,
+            namespace: "default".into(),
+            max_attempts: 3,
+            retry: Backoff::default(),
+            keep_finished: 100_000,
+            keep_finished_secs: 7 * 24 * 3600,
+            timeout_ms: 10_000,
+            assume_noeviction: false,
+        }
+    }
+}
+
+/// The URL shows without its password.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("username", &self.username)
+            .field("password_env", &self.password_env)
+            .field("ca_file", &self.ca_file)
+            .field("namespace", &self.namespace)
+            .field("max_attempts", &self.max_attempts)
+            .field("retry", &self.retry)
+            .field("keep_finished", &self.keep_finished)
+            .field("keep_finished_secs", &self.keep_finished_secs)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("assume_noeviction", &self.assume_noeviction)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// The client for this config: the URL, with the user, the password from the environment
+    /// and the CA file applied. Errors never show the password.
+    fn client(&self) -> Result<(Client, Option<String>), String> {
+        let mut info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|_| "not a Redis URL (redis://[user:password@]host:port/db or rediss://…)".to_owned())?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &self.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(var) = &self.password_env {
+            let password =
+                std::env::var(var).map_err(|_| format!("password_env names {var}, which is not set (or not UTF-8)"))?;
+            settings = settings.set_password(password);
+        }
+        let secret = settings.password().filter(|p| !p.is_empty()).map(str::to_owned);
+        info = info.set_redis_settings(settings);
+        let tls = matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. });
+        let client = match &self.ca_file {
+            Some(path) if tls => {
+                let pem = std::fs::read(path).map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+                Client::build_with_tls(info, ::redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+            }
+            Some(_) => return Err("ca_file is set but the URL is not rediss://".into()),
+            None => Client::open(info),
+        };
+        let client = client.map_err(|e| scrub(format!("cannot use this URL: {e}"), secret.as_deref()))?;
+        Ok((client, secret))
+    }
+}
+
+/// `text` with every occurrence of `secret` replaced by `***`.
+fn scrub(text: String, secret: Option<&str>) -> String {
+    match secret {
+        Some(s) if text.contains(s) => text.replace(s, "***"),
+        _ => text,
+    }
+}
+
+/// The Redis task queue. Cheap to clone; the background tasks stop when the last clone is dropped.
+#[derive(Clone)]
+pub struct RedisQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    calls: mpsc::UnboundedSender<Call>,
+    _stop: DropGuard,
+}
+
+struct Shared {
+    cfg: RedisConfig,
+    /// `{koubou:<namespace>}:`
+    prefix: String,
+    /// This instance's id in the messages scripts publish.
+    origin: String,
+    conn: ConnectionManager,
+    scripts: Scripts,
+    bus: EventBus,
+    wakeup: Notify,
+    /// Tokens of tasks claimed through this instance, with the attempt they hold.
+    running: Mutex<HashMap<TaskId, (u32, CancellationToken)>>,
+    /// The newest namespace version applied, and what waited then.
+    version: Mutex<u64>,
+    queued: AtomicU64,
+}
+
+/// A write for the writer task.
+struct Call {
+    op: Op,
+    args: Vec<String>,
+    reply: oneshot::Sender<Result<Answer, QueueError>>,
+}
+
+/// What a script answered, after its message was applied.
+struct Answer {
+    code: String,
+    extra: Vec<String>,
+    /// For a claim: the token registered for it.
+    token: Option<CancellationToken>,
+}
+
+impl Answer {
+    fn fields(&self) -> Fields {
+        record::fields(&self.extra)
+    }
+    fn task(&self) -> Result<Task, QueueError> {
+        record::task(&self.fields())
+    }
+}
+
+/// A connection failure, a timeout, a server loading or out of memory: the caller may try again.
+fn from_redis(e: RedisError) -> QueueError {
+    let passing = e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_cluster_error()
+        || matches!(
+            e.retry_method(),
+            RetryMethod::Reconnect
+                | RetryMethod::ReconnectFromInitialConnections
+                | RetryMethod::WaitAndRetry
+                | RetryMethod::RefreshSlotsAndRetry
+        )
+        || matches!(e.code(), Some("OOM" | "BUSY" | "LOADING" | "MASTERDOWN" | "READONLY"));
+    if passing { QueueError::Unavailable(e.to_string()) } else { QueueError::Redis(e.to_string()) }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// An optional script argument: `""` for none, `"=" + value` for a value.
+fn opt(v: Option<impl std::fmt::Display>) -> String {
+    v.map_or_else(String::new, |v| format!("={v}"))
+}
+
+fn json(v: &impl Serialize) -> Result<String, QueueError> {
+    serde_json::to_string(v).map_err(|e| QueueError::Corrupt(e.to_string()))
+}
+
+fn flag(b: bool) -> String {
+    (if b { "1" } else { "0" }).into()
+}
+
+impl RedisQueue {
+    /// Connects, checks the server is fit to hold a queue (`maxmemory-policy` must be
+    /// `noeviction`; without AOF a warning), and subscribes to the namespace's channel.
+    pub async fn open(cfg: RedisConfig, bus: EventBus) -> Result<RedisQueue, QueueError> {
+        let at = redact(&cfg.url);
+        let refuse = |detail: String| QueueError::Open { path: at.clone(), detail };
+        if cfg.namespace.is_empty() || cfg.namespace.contains(['{', '}']) {
+            return Err(refuse(format!("namespace {:?} must be non-empty, without '{{' or '}}'", cfg.namespace)));
+        }
+        let (client, secret) = cfg.client().map_err(refuse)?;
+        let refuse = |detail: String| refuse(scrub(detail, secret.as_deref()));
+        let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_max_delay(Duration::from_secs(2))
+            .set_number_of_retries(2);
+        let mut conn = ConnectionManager::new_with_config(client.clone(), manager)
+            .await
+            .map_err(|e| refuse(format!("cannot connect: {e}")))?;
+        check_server(&mut conn, &cfg).await.map_err(refuse)?;
+
+        let prefix = format!("{{koubou:{}}}:", cfg.namespace);
+        let (version, queued): (Option<u64>, (u64, u64)) = ::redis::pipe()
+            .get(format!("{prefix}version"))
+            .zcard(format!("{prefix}pending"))
+            .zcard(format!("{prefix}delayed"))
+            .query_async(&mut conn)
+            .await
+            .map(|(v, p, d)| (v, (p, d)))
+            .map_err(|e| refuse(e.to_string()))?;
+        let stop = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            prefix,
+            origin: format!("{:016x}", fastrand::u64(..)),
+            conn,
+            scripts: Scripts::new(),
+            bus,
+            wakeup: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            version: Mutex::new(version.unwrap_or(0)),
+            queued: AtomicU64::new(queued.0 + queued.1),
+            cfg,
+        });
+        let (ready_tx, ready) = oneshot::channel();
+        tokio::spawn(Listen { shared: shared.clone(), client, stop: stop.clone() }.run(ready_tx));
+        ready
+            .await
+            .map_err(|_| refuse("the subscriber stopped".into()))?
+            .map_err(|e| refuse(format!("cannot subscribe to the queue's channel: {e}")))?;
+        let (calls, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(shared.clone(), rx));
+        Ok(RedisQueue { inner: Arc::new(Inner { shared, calls, _stop: stop.drop_guard() }) })
+    }
+
+    pub fn bus(&self) -> &EventBus {
+        &self.inner.shared.bus
+    }
+
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.shared.cfg
+    }
+
+    /// Runs a writing script through the writer task.
+    async fn write(&self, op: Op, args: Vec<String>) -> Result<Answer, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.calls.send(Call { op, args, reply }).map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.inner.shared.prefix)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.shared.conn.clone()
+    }
+
+    /// The tasks with these ids, in order; tasks forgotten meanwhile are left out.
+    async fn fetch(&self, ids: &[(String, i64)]) -> Result<Vec<(Task, i64)>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = ::redis::pipe();
+        for (id, _) in ids {
+            pipe.hgetall(self.key(&format!("task:{id}")));
+        }
+        let all: Vec<Fields> = pipe.query_async(&mut self.conn()).await.map_err(from_redis)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (f, (_, seq)) in all.iter().zip(ids) {
+            if !f.is_empty() {
+                out.push((record::task(f)?, *seq));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ids and `seq` of the tasks in these status sets (or all), newest first, below `before`,
+    /// at most `limit` (all with `None`).
+    async fn newest(
+        &self,
+        sets: &[String],
+        before: Option<i64>,
+        limit: Option<usize>,
+    ) -> Result<Vec<(String, i64)>, QueueError> {
+        let max = before.map_or_else(|| "+inf".to_owned(), |b| format!("({b}"));
+        let mut pipe = ::redis::pipe();
+        for set in sets {
+            match limit {
+                Some(n) => pipe.zrevrangebyscore_limit_withscores(set, &max, "-inf", 0, n as isize),
+                None => pipe.zrevrangebyscore_withscores(set, &max, "-inf"),
+            };
+        }
+        let per_set: Vec<Vec<(String, f64)>> = pipe.query_async(&mut self.conn()).await.map_err(from_redis)?;
+        let mut ids: Vec<(String, i64)> = per_set.into_iter().flatten().map(|(id, s)| (id, s as i64)).collect();
+        ids.sort_by_key(|(_, seq)| std::cmp::Reverse(*seq));
+        if let Some(n) = limit {
+            ids.truncate(n);
+        }
+        Ok(ids)
+    }
+}
+
+/// Refuses a server that may evict keys (an evicted key is a lost task); warns without AOF.
+async fn check_server(conn: &mut ConnectionManager, cfg: &RedisConfig) -> Result<(), String> {
+    let config = |name: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            let v: Vec<String> = ::redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await?;
+            Ok::<_, RedisError>(v.into_iter().nth(1).unwrap_or_default())
+        }
+    };
+    match config("maxmemory-policy").await {
+        Ok(policy) if policy == "noeviction" => {}
+        Ok(policy) => {
+            return Err(format!(
+                "maxmemory-policy is {policy:?}: Redis may evict the queue's keys and lose tasks. Set \
+                 `maxmemory-policy noeviction` in redis.conf (or CONFIG SET maxmemory-policy noeviction)"
+            ));
+        }
+        Err(e) if cfg.assume_noeviction => {
+            tracing::warn!(error = %e, "cannot read maxmemory-policy; assuming noeviction as configured");
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot read maxmemory-policy ({e}); if the server forbids CONFIG, check that it is noeviction and \
+                 set queue.assume_noeviction = true"
+            ));
+        }
+    }
+    match config("appendonly").await {
+        Ok(aof) if aof == "no" => tracing::warn!(
+            "Redis runs without AOF (appendonly no): tasks accepted since its last snapshot are lost if it stops; \
+             set appendonly yes (and appendfsync everysec or always)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read appendonly; Redis may keep the queue only in memory"),
+    }
+    Ok(())
+}
+
+impl Shared {
+    /// Runs one writing script and applies what it did.
+    async fn run(&self, conn: &mut ConnectionManager, op: Op, args: &[String]) -> Result<Answer, QueueError> {
+        let mut call = self.scripts.get(op).key(&self.prefix);
+        call.arg(&self.origin).arg(self.cfg.keep_finished).arg(self.cfg.keep_finished_secs.saturating_mul(1000));
+        for a in args {
+            call.arg(a);
+        }
+        let raw: Vec<String> = call.invoke_async(conn).await.map_err(from_redis)?;
+        let mut raw = raw.into_iter();
+        let (Some(code), Some(msg)) = (raw.next(), raw.next()) else {
+            return Err(QueueError::Corrupt(format!("a queue script ({op:?}) answered nothing")));
+        };
+        let msg = Message::parse(msg.as_bytes())?;
+        let events = msg.events()?;
+        // A claim's own `TaskClaimed` comes last, after its housekeeping's events.
+        let claimed = match events.last() {
+            Some(EventKind::TaskClaimed { task_id, attempt, .. })
+                if matches!(op, Op::Claim | Op::ClaimId) && code == "ok" =>
+            {
+                Some((*task_id, *attempt, CancellationToken::new()))
+            }
+            _ => None,
+        };
+        let token = claimed.as_ref().map(|c| c.2.clone());
+        self.apply(&msg, events, msg.stops()?, claimed);
+        Ok(Answer { code, extra: raw.collect(), token })
+    }
+
+    /// After a script: stops the claims it ended, registers the claim it made, wakes parked
+    /// workers, counts what waits, then publishes its events.
+    fn apply(
+        &self,
+        msg: &Message,
+        events: Vec<EventKind>,
+        stops: Vec<(TaskId, u32)>,
+        claimed: Option<(TaskId, u32, CancellationToken)>,
+    ) {
+        {
+            let mut version = self.version.lock();
+            if msg.version > *version {
+                *version = msg.version;
+                self.queued.store(msg.queued, Ordering::Release);
+            }
+        }
+        {
+            // Stops first: a lease that expired and was claimed again by the same script must
+            // stop the old holder, not the new one.
+            let mut running = self.running.lock();
+            for (id, attempt) in stops {
+                stop_claim(&mut running, id, attempt);
+            }
+            if let Some((id, attempt, token)) = claimed {
+                running.insert(id, (attempt, token));
+            }
+            for id in events.iter().filter(|e| e.is_terminal()).filter_map(EventKind::task_id) {
+                running.remove(&id);
+            }
+        }
+        for _ in 0..msg.wake.min(1024) {
+            self.wakeup.notify_one();
+        }
+        for e in events {
+            self.bus.publish(e);
+        }
+    }
+
+    /// A message another instance published.
+    fn heard(&self, payload: &[u8]) {
+        let applied = Message::parse(payload).and_then(|msg| {
+            if msg.origin != self.origin {
+                let (events, stops) = (msg.events()?, msg.stops()?);
+                self.apply(&msg, events, stops, None);
+            }
+            Ok(())
+        });
+        if let Err(e) = applied {
+            tracing::warn!(error = %e, "ignored a message on the queue's channel");
+        }
+    }
+
+    /// Fires and forgets a claim's token once the claim is known to be over.
+    fn drop_claim(&self, lease: &Lease) {
+        stop_claim(&mut self.running.lock(), lease.task_id, lease.attempt);
+    }
+}
+
+/// Fires and forgets the token of task `id`'s claim if it holds `attempt` (a newer claim of the
+/// same task keeps its own).
+fn stop_claim(running: &mut HashMap<TaskId, (u32, CancellationToken)>, id: TaskId, attempt: u32) {
+    if running.get(&id).is_some_and(|(a, _)| *a == attempt)
+        && let Some((_, token)) = running.remove(&id)
+    {
+        token.cancel();
+    }
+}
+
+async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Call>) {
+    let mut conn = shared.conn.clone();
+    while let Some(call) = calls.recv().await {
+        let r = shared.run(&mut conn, call.op, &call.args).await;
+        let _ = call.reply.send(r);
+    }
+}
+
+/// The subscriber to the namespace's channel, reconnecting for as long as the queue lives.
+struct Listen {
+    shared: Arc<Shared>,
+    client: Client,
+    stop: CancellationToken,
+}
+
+impl Listen {
+    async fn subscribe(&self) -> Result<::redis::aio::PubSub, RedisError> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(format!("{}events", self.shared.prefix)).await?;
+        Ok(pubsub)
+    }
+
+    async fn run(self, ready: oneshot::Sender<Result<(), RedisError>>) {
+        let mut ready = Some(ready);
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let subscribed = tokio::select! {
+                s = self.subscribe() => s,
+                _ = self.stop.cancelled() => return,
+            };
+            match subscribed {
+                Ok(pubsub) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Ok(()));
+                    } else {
+                        tracing::info!("listening to the queue's channel again");
+                        // Messages may have been missed: parked workers look for themselves.
+                        self.shared.wakeup.notify_waiters();
+                    }
+                    pause = Duration::from_millis(100);
+                    let mut messages = pubsub.into_on_message();
+                    loop {
+                        tokio::select! {
+                            m = messages.next() => match m {
+                                Some(m) => self.shared.heard(m.get_payload_bytes()),
+                                None => break,
+                            },
+                            _ = self.stop.cancelled() => return,
+                        }
+                    }
+                    tracing::warn!("lost the queue's channel; reconnecting");
+                }
+                Err(e) => match ready.take() {
+                    Some(r) => {
+                        let _ = r.send(Err(e));
+                        return;
+                    }
+                    None => tracing::warn!(error = %e, retry_in = ?pause, "cannot listen to the queue's channel"),
+                },
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+fn lost_conflict(lease: &Lease, answer: &Answer) -> QueueError {
+    match (answer.code.as_str(), answer.extra.first().and_then(|s| TaskStatus::parse(s))) {
+        ("conflict", Some(status)) => QueueError::Conflict {
+            id: lease.task_id,
+            status,
+            detail: format!("worker {} no longer holds attempt {}", lease.worker_id, lease.attempt),
+        },
+        ("notfound", _) => QueueError::NotFound(lease.task_id),
+        _ => unexpected(answer),
+    }
+}
+
+/// What a claim script answered (`claim` or `claim_id`): nothing claimable, or the task now
+/// held by `worker`.
+fn claimed(answer: &Answer, worker: &WorkerId) -> Result<Option<Claimed>, QueueError> {
+    match (answer.code.as_str(), &answer.token) {
+        ("none", _) => Ok(None),
+        ("ok", Some(cancel)) => {
+            let task = answer.task()?;
+            let lease = Lease { task_id: task.id, worker_id: worker.clone(), attempt: task.attempts };
+            Ok(Some(Claimed { task, lease, cancel: cancel.clone() }))
+        }
+        _ => Err(unexpected(answer)),
+    }
+}
+
+fn unexpected(answer: &Answer) -> QueueError {
+    QueueError::Corrupt(format!("a queue script answered {:?} {:?}", answer.code, answer.extra.first()))
+}
+
+fn lease_args(lease: &Lease) -> Vec<String> {
+    vec![lease.task_id.to_string(), lease.worker_id.0.clone(), lease.attempt.to_string()]
+}
+
+#[async_trait]
+impl TaskQueue for RedisQueue {
+    async fn submit_bounded(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
+        let cfg = &self.inner.shared.cfg;
+        let mut task = Task::from_new(TaskId::new(), new, cfg.max_attempts, 0);
+        let args = vec![
+            json(&task)?,
+            task.id.to_string(),
+            task.kind.as_str().to_owned(),
+            task.priority.get().to_string(),
+            task.max_attempts.to_string(),
+            task.idempotency_key.clone().unwrap_or_default(),
+            max_queued.map(|n| n.to_string()).unwrap_or_default(),
+        ];
+        let answer = self.write(Op::Submit, args).await?;
+        match answer.code.as_str() {
+            "ok" => {
+                let now: Millis =
+                    answer.extra.first().and_then(|s| s.parse().ok()).ok_or_else(|| unexpected(&answer))?;
+                (task.created_at, task.available_at) = (now, now);
+                Ok(Submitted { task, created: true })
+            }
+            "exists" => Ok(Submitted { task: answer.task()?, created: false }),
+            "full" => {
+                let queued = answer.extra.first().and_then(|s| s.parse().ok()).unwrap_or_default();
+                Err(QueueError::Full { queued, limit: max_queued.unwrap_or_default() })
+            }
+            _ => Err(unexpected(&answer)),
+        }
+    }
+
+    fn queued(&self) -> u64 {
+        self.inner.shared.queued.load(Ordering::Acquire)
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError> {
+        let f: Fields = self.conn().hgetall(self.key(&format!("task:{id}"))).await.map_err(from_redis)?;
+        if f.is_empty() { Ok(None) } else { record::task(&f).map(Some) }
+    }
+
+    async fn list(&self, q: TaskQuery) -> Result<TaskPage, QueueError> {
+        let limit = q.limit.clamp(1, 1000);
+        let mut statuses = q.statuses.clone();
+        statuses.sort_by_key(|s| s.as_str());
+        statuses.dedup();
+        let sets: Vec<String> = if statuses.is_empty() {
+            vec![self.key("all")]
+        } else {
+            statuses.iter().map(|s| self.key(&format!("s:{s}"))).collect()
+        };
+        let tag = q.tag.as_deref().filter(|t| !t.is_empty());
+        let search = q.search.as_deref().filter(|s| !s.is_empty()).map(str::to_ascii_lowercase);
+        let (tasks, more, total) = if q.kind.is_none() && tag.is_none() && search.is_none() {
+            let mut pipe = ::redis::pipe();
+            for set in &sets {
+                pipe.zcard(set);
+            }
+            let counts: Vec<u64> = pipe.query_async(&mut self.conn()).await.map_err(from_redis)?;
+            let ids = self.newest(&sets, q.before, Some(limit + 1)).await?;
+            let more = ids.len() > limit;
+            (self.fetch(&ids[..ids.len().min(limit)]).await?, more, counts.iter().sum())
+        } else {
+            // A scan, as SQLite's is: every task of the sets is read to count the matches.
+            let matches = |t: &Task| {
+                q.kind.as_ref().is_none_or(|k| &t.kind == k)
+                    && tag.is_none_or(|tag| t.tags.iter().any(|x| x == tag))
+                    && search.as_deref().is_none_or(|s| t.prompt.to_ascii_lowercase().contains(s))
+            };
+            let (mut page, mut more, mut total) = (Vec::new(), false, 0u64);
+            for chunk in self.newest(&sets, None, None).await?.chunks(256) {
+                for (task, seq) in self.fetch(chunk).await? {
+                    if !matches(&task) {
+                        continue;
+                    }
+                    total += 1;
+                    if q.before.is_none_or(|b| seq < b) {
+                        if page.len() < limit { page.push((task, seq)) } else { more = true }
+                    }
+                }
+            }
+            (page, more, total)
+        };
+        let next_cursor = if more { tasks.last().map(|(_, seq)| *seq) } else { None };
+        Ok(TaskPage { tasks: tasks.into_iter().map(|(t, _)| t).collect(), next_cursor, total })
+    }
+
+    async fn counts(&self) -> Result<StatusCounts, QueueError> {
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        for s in TaskStatus::ALL {
+            pipe.zcard(self.key(&format!("s:{s}")));
+        }
+        let n: Vec<u64> = pipe.query_async(&mut self.conn()).await.map_err(from_redis)?;
+        let [pending, running, retrying, completed, failed, cancelled] = n[..] else {
+            return Err(QueueError::Corrupt("counts: Redis answered a short list".into()));
+        };
+        Ok(StatusCounts { pending, running, retrying, completed, failed, cancelled })
+    }
+
+    async fn position(&self, id: TaskId) -> Result<Option<QueuePosition>, QueueError> {
+        let answer: ::redis::Value = self
+            .inner
+            .shared
+            .scripts
+            .position
+            .key(self.key(&format!("task:{id}")))
+            .key(self.key("pending"))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(from_redis)?;
+        match answer {
+            ::redis::Value::Int(ahead) => Ok(Some(QueuePosition { ahead: ahead as u64 })),
+            ::redis::Value::BulkString(s) if s == b"none" => Ok(None),
+            ::redis::Value::BulkString(s) if s == b"notfound" => Err(QueueError::NotFound(id)),
+            other => Err(QueueError::Corrupt(format!("position: Redis answered {other:?}"))),
+        }
+    }
+
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        kinds: Option<&[TaskKind]>,
+        lease: Duration,
+    ) -> Result<Option<Claimed>, QueueError> {
+        if kinds.is_some_and(<[TaskKind]>::is_empty) {
+            return Ok(None);
+        }
+        let mut args = vec![worker.0.clone(), lease.as_millis().to_string()];
+        args.extend(kinds.unwrap_or_default().iter().map(|k| k.as_str().to_owned()));
+        let answer = self.write(Op::Claim, args).await?;
+        claimed(&answer, worker)
+    }
+
+    async fn heartbeat(&self, lease: &Lease, ttl: Duration, progress: Progress<'_>) -> Result<LeaseStatus, QueueError> {
+        let mut args = lease_args(lease);
+        args.extend([
+            ttl.as_millis().to_string(),
+            opt(progress.backend),
+            opt(progress.model),
+            opt(progress.partial),
+            opt(progress.remote.map(flag)),
+        ]);
+        let answer = self.write(Op::Heartbeat, args).await?;
+        let status = match answer.code.as_str() {
+            "held" => return Ok(LeaseStatus::Held),
+            "cancelled" => LeaseStatus::Cancelled,
+            "lost" => LeaseStatus::Lost,
+            "notfound" => return Err(QueueError::NotFound(lease.task_id)),
+            _ => return Err(unexpected(&answer)),
+        };
+        self.inner.shared.drop_claim(lease);
+        Ok(status)
+    }
+
+    async fn complete(&self, lease: &Lease, done: Completion) -> Result<Task, QueueError> {
+        let mut args = lease_args(lease);
+        args.extend([
+            done.result,
+            done.backend,
+            done.model,
+            json(&done.usage)?,
+            if done.warnings.is_empty() { String::new() } else { json(&done.warnings)? },
+            flag(done.remote),
+            opt(done.cost),
+        ]);
+        let answer = self.write(Op::Complete, args).await?;
+        if answer.code != "ok" {
+            return Err(lost_conflict(lease, &answer));
+        }
+        answer.task()
+    }
+
+    async fn fail(&self, lease: &Lease, failure: Failure) -> Result<Task, QueueError> {
+        let delay = self.inner.shared.cfg.retry.delay_with_hint(lease.attempt, failure.retry_after);
+        let mut args = lease_args(lease);
+        args.extend([
+            failure.error,
+            flag(failure.retryable),
+            delay.as_millis().to_string(),
+            opt(failure.backend),
+            opt(failure.model),
+            opt(failure.remote.map(flag)),
+            opt(failure.partial),
+        ]);
+        let answer = self.write(Op::Fail, args).await?;
+        if answer.code != "ok" {
+            return Err(lost_conflict(lease, &answer));
+        }
+        answer.task()
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), QueueError> {
+        let answer = self.write(Op::Release, lease_args(lease)).await?;
+        if answer.code != "ok" {
+            return Err(lost_conflict(lease, &answer));
+        }
+        Ok(())
+    }
+
+    async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
+        let answer = self.write(Op::Cancel, vec![id.to_string()]).await?;
+        match (answer.code.as_str(), answer.extra.first().and_then(|s| TaskStatus::parse(s))) {
+            ("ok", _) => answer.task(),
+            ("notfound", _) => Err(QueueError::NotFound(id)),
+            ("conflict", Some(status)) => Err(QueueError::Conflict {
+                id,
+                status,
+                detail: "only pending, retrying or running tasks can be cancelled".into(),
+            }),
+            _ => Err(unexpected(&answer)),
+        }
+    }
+
+    async fn recover_node(&self, node: &str) -> Result<u64, QueueError> {
+        let answer = self.write(Op::RecoverNode, vec![node.to_owned()]).await?;
+        match answer.extra.first().and_then(|n| n.parse().ok()) {
+            Some(n) if answer.code == "ok" => Ok(n),
+            _ => Err(unexpected(&answer)),
+        }
+    }
+
+    fn wakeup(&self) -> &Notify {
+        &self.inner.shared.wakeup
+    }
+
+    /// The earliest retry or lease expiry, moved from Redis's clock to ours.
+    async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
+        let first = |set| {
+            let mut p = ::redis::cmd("ZRANGE");
+            p.arg(self.key(set)).arg(0).arg(0).arg("WITHSCORES");
+            p
+        };
+        type Head = Vec<(String, f64)>;
+        let (time, retry, lease): ((i64, i64), Head, Head) = ::redis::pipe()
+            .cmd("TIME")
+            .add_command(first("delayed"))
+            .add_command(first("leases"))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(from_redis)?;
+        let redis_now = time.0 * 1000 + time.1 / 1000;
+        let due = retry.iter().chain(&lease).map(|(_, at)| *at as Millis).min();
+        Ok(due.map(|at| now_millis() + (at - redis_now)))
+    }
+}
+
+#[async_trait]
+impl Outbox for RedisQueue {
+    async fn claim_id(&self, id: TaskId, worker: &WorkerId, lease: Duration) -> Result<Option<Claimed>, QueueError> {
+        let args = vec![id.to_string(), worker.0.clone(), lease.as_millis().to_string()];
+        let answer = self.write(Op::ClaimId, args).await?;
+        claimed(&answer, worker)
+    }
+
+    async fn undispatched(&self, limit: usize) -> Result<Vec<Undispatched>, QueueError> {
+        let answer = self.write(Op::Outbox, vec![limit.max(1).to_string()]).await?;
+        if answer.code != "ok" {
+            return Err(unexpected(&answer));
+        }
+        answer
+            .extra
+            .chunks_exact(4)
+            .map(|t| {
+                let bad = |what: &str| QueueError::Corrupt(format!("outbox entry {}: bad {what}", t[0]));
+                Ok(Undispatched {
+                    id: t[0].parse().map_err(|_| bad("id"))?,
+                    kind: TaskKind::parse(&t[1]).map_err(|_| bad("kind"))?,
+                    priority: t[2]
+                        .parse::<i64>()
+                        .ok()
+                        .and_then(|p| Priority::new(p).ok())
+                        .ok_or_else(|| bad("priority"))?,
+                    claims: t[3].parse().map_err(|_| bad("claim count"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_dispatched(&self, marks: Vec<(TaskId, u64)>) -> Result<(), QueueError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        let args = marks.into_iter().flat_map(|(id, claims)| [id.to_string(), claims.to_string()]).collect();
+        let answer = self.write(Op::Mark, args).await?;
+        if answer.code != "ok" {
+            return Err(unexpected(&answer));
+        }
+        Ok(())
+    }
+}

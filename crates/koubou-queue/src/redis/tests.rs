@@ -1,0 +1,387 @@
+// Queue semantics on a real Redis: the shared suite (`../suite.rs`), then what only a shared
+// queue has — several queue instances (as several processes would be) on one namespace, and a
+// server that is unfit or goes away.
+
+use super::{
+    testing::{Namespace, Server},
+    *,
+};
+
+include!("../suite.rs");
+include!("../outbox_suite.rs");
+
+fn fixture() -> Namespace {
+    Namespace::new()
+}
+
+async fn open(ns: &Namespace) -> RedisQueue {
+    RedisQueue::open(ns.config(), EventBus::default()).await.unwrap()
+}
+
+async fn open_with(ns: &Namespace, retry: Backoff) -> RedisQueue {
+    RedisQueue::open(RedisConfig { retry, ..ns.config() }, EventBus::default()).await.unwrap()
+}
+
+/// Bounds a wait that should end at once, generously for a loaded machine but below the
+/// 30 s a parked worker sleeps without any wake-up (so a pass proves the wake-up came).
+async fn soon<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Two instances with their own connections, as two processes would be, claim concurrently
+/// from one namespace while both submit: every task is claimed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_never_claim_a_task_twice() {
+    let ns = fixture();
+    let (a, b) = (Arc::new(open(&ns).await), Arc::new(open(&ns).await));
+    const N: usize = 600;
+    let claimed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all_claimed = CancellationToken::new();
+    let mut claimers = Vec::new();
+    for n in 0..16 {
+        let q = if n % 2 == 0 { a.clone() } else { b.clone() };
+        let (claimed, all_claimed) = (claimed.clone(), all_claimed.clone());
+        claimers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(c) = claim_wait(&*q, &w(n), None, LEASE, &all_claimed).await.unwrap() {
+                mine.push(c.task.id);
+                q.complete(&c.lease, done("ok")).await.unwrap();
+                if claimed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == N {
+                    all_claimed.cancel();
+                }
+            }
+            mine
+        }));
+    }
+    let submits = (0..N).map(|i| {
+        let q = if i % 2 == 0 { a.clone() } else { b.clone() };
+        async move { q.submit(new(&i.to_string(), (i % 10) as i64 + 1)).await.unwrap() }
+    });
+    futures::future::join_all(submits).await;
+    let mut seen = HashSet::new();
+    for h in claimers {
+        for id in soon("every task to be claimed", h).await.unwrap() {
+            assert!(seen.insert(id), "task {id} claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), N);
+    assert_eq!(a.counts().await.unwrap().completed, N as u64);
+    assert_eq!((a.queued(), b.queued()), (0, 0));
+}
+
+/// A cancel made on one instance reaches the claimer on another: its token fires (through the
+/// namespace's channel) and its heartbeat says `Cancelled`.
+#[tokio::test]
+async fn a_cancel_on_one_instance_stops_the_claimer_on_another() {
+    let ns = fixture();
+    let (a, b) = (open(&ns).await, open(&ns).await);
+    let t = a.submit(new("x", 5)).await.unwrap().task;
+    let c = a.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    assert_eq!(b.cancel(t.id).await.unwrap().status, TaskStatus::Cancelled);
+    soon("the claimer's token", c.cancel.cancelled()).await;
+    assert_eq!(a.heartbeat(&c.lease, LEASE, Progress::default()).await.unwrap(), LeaseStatus::Cancelled);
+    assert!(matches!(a.complete(&c.lease, done("late")).await, Err(QueueError::Conflict { .. })));
+}
+
+/// A lease that runs out on one instance is reclaimed by another's claim: the old holder is told
+/// to stop and fenced off, the new attempt completes.
+#[tokio::test]
+async fn an_expired_lease_is_reclaimed_by_another_instance() {
+    let ns = fixture();
+    let (a, b) = (open(&ns).await, open(&ns).await);
+    a.submit(new("x", 5)).await.unwrap();
+    let old = a.claim(&w(1), None, Duration::from_millis(30)).await.unwrap().unwrap();
+    let c = soon("the reclaim", claim_wait(&b, &w(2), None, LEASE, &CancellationToken::new())).await.unwrap().unwrap();
+    assert_eq!((c.task.id, c.task.attempts), (old.task.id, 2));
+    soon("the old holder's token", old.cancel.cancelled()).await;
+    assert_eq!(a.heartbeat(&old.lease, LEASE, Progress::default()).await.unwrap(), LeaseStatus::Lost);
+    assert!(matches!(a.complete(&old.lease, done("late")).await, Err(QueueError::Conflict { .. })));
+    assert_eq!(b.complete(&c.lease, done("on time")).await.unwrap().result.as_deref(), Some("on time"));
+    assert!(!c.cancel.is_cancelled(), "the new holder was never told to stop");
+}
+
+/// A worker parked on one instance wakes when a task is submitted through another, and that
+/// instance's bus hears the other's events.
+#[tokio::test]
+async fn a_parked_worker_wakes_for_a_task_submitted_elsewhere() {
+    let ns = fixture();
+    let (a, b) = (Arc::new(open(&ns).await), open(&ns).await);
+    let mut events = a.bus().subscribe();
+    let parked = a.clone();
+    let waiter = tokio::spawn(async move { claim_wait(&*parked, &w(1), None, LEASE, &CancellationToken::new()).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "claim_wait returned with nothing to claim");
+    let t = b.submit(new("elsewhere", 5)).await.unwrap().task;
+    let got = soon("the parked worker", waiter).await.unwrap().unwrap().unwrap();
+    assert_eq!(got.task.id, t.id);
+    let first = soon("the other instance's event", events.recv()).await.unwrap();
+    assert_eq!((first.kind.name(), first.kind.task_id()), ("task_created", Some(t.id)));
+    assert_eq!(a.queued(), 0);
+}
+
+/// A released task goes back to its place, ahead of those submitted after it; so does a retried
+/// one once its backoff is over.
+#[tokio::test]
+async fn a_requeued_task_keeps_its_place() {
+    let ns = fixture();
+    let q = open(&ns).await;
+    let first = q.submit(new("first", 5)).await.unwrap().task;
+    q.submit(new("second", 5)).await.unwrap();
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    q.release(&c.lease).await.unwrap();
+    assert_eq!(q.position(first.id).await.unwrap().unwrap().ahead, 0);
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    assert_eq!(c.task.id, first.id);
+
+    let retrying = q.fail(&c.lease, failure(true)).await.unwrap();
+    q.submit(new("third", 5)).await.unwrap();
+    until("the backoff to end", async || (koubou_task::now_millis() > retrying.available_at).then_some(())).await;
+    let mut order = Vec::new();
+    while let Some(c) = q.claim(&w(1), None, LEASE).await.unwrap() {
+        order.push(c.task.prompt);
+    }
+    assert_eq!(order, ["first", "second", "third"]);
+}
+
+/// Finished tasks are kept by count (the oldest go first, with their idempotency keys) and by age.
+#[tokio::test]
+async fn finished_tasks_are_kept_by_count_and_age() {
+    let ns = fixture();
+    let q = RedisQueue::open(RedisConfig { keep_finished: 2, ..ns.config() }, EventBus::default()).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let mut t = new(&format!("t{i}"), 5);
+        t.idempotency_key = Some(format!("k{i}"));
+        ids.push(q.submit(t).await.unwrap().task.id);
+        let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+        q.complete(&c.lease, done("ok")).await.unwrap();
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(q.get(*id).await.unwrap().is_some(), i >= 2, "task {i}");
+    }
+    assert_eq!(q.counts().await.unwrap().completed, 2);
+    assert_eq!(q.list(TaskQuery { limit: 10, ..Default::default() }).await.unwrap().total, 2);
+    let mut again = new("t0 again", 5);
+    again.idempotency_key = Some("k0".into());
+    assert!(q.submit(again).await.unwrap().created, "a forgotten task's key is free again");
+
+    let ns = fixture();
+    let q = RedisQueue::open(RedisConfig { keep_finished_secs: 0, ..ns.config() }, EventBus::default()).await.unwrap();
+    let t = q.submit(new("old", 5)).await.unwrap().task;
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    q.complete(&c.lease, done("ok")).await.unwrap();
+    until("the finished task to be forgotten", async || {
+        q.claim(&w(1), None, LEASE).await.unwrap();
+        q.get(t.id).await.unwrap().is_none().then_some(())
+    })
+    .await;
+}
+
+/// Every key the queue writes is under the namespace's hash tag (one cluster slot).
+#[tokio::test]
+async fn every_key_is_under_the_namespace_hash_tag() {
+    let ns = fixture();
+    let q = open(&ns).await;
+    let mut keyed = new("a", 5);
+    keyed.idempotency_key = Some("k".into());
+    q.submit(keyed).await.unwrap();
+    q.submit(new("b", 5)).await.unwrap();
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    q.fail(&c.lease, failure(true)).await.unwrap();
+    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    q.complete(&c.lease, done("ok")).await.unwrap();
+    let keys = ns.keys();
+    assert!(keys.len() >= 10, "{keys:?}");
+    let tag = format!("{{koubou:{}}}:", ns.name);
+    assert!(keys.iter().all(|k| k.starts_with(&tag)), "{keys:?}");
+}
+
+/// A server that may evict keys is refused with a message naming the setting; one without AOF
+/// is accepted (with a warning).
+#[tokio::test]
+async fn a_server_that_may_evict_is_refused() {
+    let lru = Arc::new(Server::start(&["--appendonly", "no", "--maxmemory-policy", "allkeys-lru"]));
+    let ns = Namespace::on(lru);
+    match RedisQueue::open(ns.config(), EventBus::default()).await {
+        Err(e @ QueueError::Open { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("maxmemory-policy") && msg.contains("allkeys-lru") && msg.contains("noeviction"),
+                "{msg}"
+            );
+        }
+        Err(e) => panic!("expected Open, got {e:?}"),
+        Ok(_) => panic!("a server with allkeys-lru was accepted"),
+    }
+    let plain = Arc::new(Server::start(&["--appendonly", "no", "--maxmemory-policy", "noeviction"]));
+    let ns = Namespace::on(plain);
+    open(&ns).await.submit(new("ok", 5)).await.unwrap();
+}
+
+/// Nothing listening: opening fails with the address (its password hidden).
+#[tokio::test]
+async fn an_unreachable_server_is_refused_at_open() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cfg =
+        RedisConfig { url: format!("redis://:secret@127.0.0.1:{port}/0"), timeout_ms: 2_000, ..Default::default() };
+    let e = RedisQueue::open(cfg, EventBus::default()).await.err().expect("nothing listens there");
+    let msg = e.to_string();
+    assert!(matches!(e, QueueError::Open { .. }) && msg.contains(&port.to_string()), "{msg}");
+    assert!(!msg.contains("secret"), "{msg}");
+}
+
+/// A server that goes away makes writes fail as `Unavailable` (transient: a 503, and a worker
+/// keeps its answer and tries again); once a server is back on the same address with its AOF,
+/// the queue works again with what it had acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_server_is_unavailable_then_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let aof = ["--appendonly", "yes", "--appendfsync", "always"];
+    let mut server = Server::start_on(free_port(), dir.path(), &aof).expect("a private redis-server");
+    let port = server.port;
+    let cfg = RedisConfig {
+        url: server.url.clone(),
+        namespace: "vanishing".into(),
+        timeout_ms: 2_000,
+        ..RedisConfig::default()
+    };
+    let q = RedisQueue::open(cfg, EventBus::default()).await.unwrap();
+    let kept = q.submit(new("kept", 5)).await.unwrap().task.id;
+    server.kill();
+    let e = q.submit(new("lost", 5)).await.unwrap_err();
+    assert!(matches!(e, QueueError::Unavailable(_)) && e.is_transient(), "{e:?}");
+    let _back = Server::start_on(port, dir.path(), &aof).expect("the server back on its port");
+    let t = until("the queue to reconnect", async || q.get(kept).await.ok().flatten()).await;
+    assert_eq!(t.prompt, "kept");
+    q.submit(new("after", 5)).await.unwrap();
+    assert_eq!(q.counts().await.unwrap().pending, 2);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Text of every kind (quotes, newlines, slashes, non-ASCII) goes through the scripts and their
+/// JSON messages unchanged.
+#[tokio::test]
+async fn any_text_survives_the_scripts() {
+    let ns = fixture();
+    let (a, b) = (open(&ns).await, open(&ns).await);
+    let mut heard = b.bus().subscribe();
+    let text = "日本語 \"quoted\" \\ back/slash\n\ttab \u{1F600} {}[]";
+    let t = a.submit(new(text, 5)).await.unwrap().task;
+    let c = a.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    assert_eq!(c.task.prompt, text);
+    let p = Progress { partial: Some(text), ..Progress::default() };
+    a.heartbeat(&c.lease, LEASE, p).await.unwrap();
+    assert_eq!(b.get(t.id).await.unwrap().unwrap().partial.as_deref(), Some(text));
+    a.complete(&c.lease, done(text)).await.unwrap();
+    loop {
+        let e = soon("the completion on the other instance", heard.recv()).await.unwrap();
+        if let EventKind::TaskCompleted { result, .. } = &e.kind {
+            assert_eq!(result, text);
+            break;
+        }
+    }
+}
+
+/// A task deleted behind the queue's back (by hand, say) leaves entries in the claim order and
+/// the leases; claims drop them instead of failing or handing out a half task.
+#[tokio::test]
+async fn a_task_deleted_behind_the_queues_back_does_not_jam_claims() {
+    let ns = fixture();
+    let q = open(&ns).await;
+    let gone = q.submit(new("gone", 9)).await.unwrap().task;
+    let kept = q.submit(new("kept", 5)).await.unwrap().task;
+    q.submit(new("running", 1)).await.unwrap();
+    let mut conn = ::redis::Client::open(ns.server.url.as_str()).unwrap().get_connection().unwrap();
+    let del = |conn: &mut ::redis::Connection, id: TaskId| {
+        let _: () = ::redis::cmd("DEL").arg(format!("{{koubou:{}}}:task:{id}", ns.name)).query(conn).unwrap();
+    };
+    del(&mut conn, gone.id);
+    let c = q.claim(&w(1), Some(&[TaskKind::general()]), LEASE).await.unwrap().unwrap();
+    assert_eq!(c.task.id, kept.id);
+    q.complete(&c.lease, done("ok")).await.unwrap();
+    let short = q.claim(&w(2), None, Duration::from_millis(20)).await.unwrap().unwrap();
+    del(&mut conn, short.task.id);
+    until("the stale lease to be dropped", async || {
+        assert!(q.claim(&w(3), None, LEASE).await.unwrap().is_none());
+        q.next_due().await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert_eq!(q.get(gone.id).await.unwrap(), None);
+}
+
+/// An ACL user (the default user off), its password from the environment: the queue logs in
+/// and works; a wrong password is refused, and no message shows it.
+#[tokio::test]
+async fn an_acl_user_with_its_password_from_the_environment() {
+    let server = Arc::new(Server::start_with_login(
+        &["--user", "koubou", "on", ">s3cret-acl", "~*", "&*", "+@all", "--user", "default", "off"],
+        "koubou:s3cret-acl@",
+    ));
+    let ns = Namespace::on(server.clone());
+    let var = format!("KOUBOU_TEST_REDIS_PW_{:x}", fastrand::u64(..));
+    // SAFETY: a variable of this test's own (random) name, read only by this test.
+    unsafe { std::env::set_var(&var, "s3cret-acl") };
+    let base = format!("redis://127.0.0.1:{}/0", server.port);
+    let cfg = RedisConfig {
+        url: base.clone(),
+        username: Some("koubou".into()),
+        password_env: Some(var.clone()),
+        ..ns.config()
+    };
+    let q = RedisQueue::open(cfg.clone(), EventBus::default()).await.unwrap();
+    let t = q.submit(new("authenticated", 5)).await.unwrap().task;
+    assert_eq!(q.claim(&w(1), None, LEASE).await.unwrap().unwrap().task.id, t.id);
+
+    let anonymous = RedisConfig { username: None, password_env: None, ..cfg.clone() };
+    let e = RedisQueue::open(anonymous, EventBus::default()).await.err().expect("the default user is off");
+    assert!(matches!(e, QueueError::Open { .. }), "{e:?}");
+    let wrong = RedisConfig { url: format!("redis://koubou:Wr0ng-pw@127.0.0.1:{}/0", server.port), ..ns.config() };
+    assert!(format!("{wrong:?}").contains("koubou:***@") && !format!("{wrong:?}").contains("Wr0ng-pw"));
+    let e = RedisQueue::open(wrong, EventBus::default()).await.err().expect("a wrong password");
+    let text = format!("{e} {e:?}");
+    assert!(!text.contains("Wr0ng-pw") && text.contains("koubou:***@"), "{text}");
+    let unset = RedisConfig { password_env: Some(format!("{var}_UNSET")), ..cfg };
+    let e = RedisQueue::open(unset, EventBus::default()).await.err().expect("an unset variable").to_string();
+    assert!(e.contains("not set"), "{e}");
+    unsafe { std::env::remove_var(&var) };
+}
+
+/// `rediss://`: TLS to a private redis-server, its certificate checked against `ca_file`;
+/// without that CA (system roots only) the connection is refused.
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    let ca = crate::test_tls::TestCa::new();
+    let tls_port = free_port();
+    let (cert, key, ca_file) =
+        (ca.cert_file.display().to_string(), ca.key_file.display().to_string(), ca.ca_file.display().to_string());
+    let tls_args = [
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca_file,
+        "--tls-auth-clients",
+        "no",
+    ];
+    let server = Arc::new(Server::start(&tls_args));
+    let ns = Namespace::on(server.clone());
+    let url = format!("rediss://127.0.0.1:{tls_port}/0");
+    let cfg = RedisConfig { url: url.clone(), ca_file: Some(ca.ca_file.clone()), ..ns.config() };
+    let q = RedisQueue::open(cfg, EventBus::default()).await.unwrap();
+    let t = q.submit(new("over tls", 5)).await.unwrap().task;
+    assert_eq!(q.claim(&w(1), None, LEASE).await.unwrap().unwrap().task.id, t.id);
+    assert!(!ns.keys().is_empty(), "stored on that server");
+
+    let untrusted = RedisConfig { url, timeout_ms: 3_000, ..ns.config() };
+    let e = RedisQueue::open(untrusted, EventBus::default()).await.err().expect("an unknown CA");
+    assert!(matches!(e, QueueError::Open { .. }), "{e:?}");
+    let plain_ca = RedisConfig { ca_file: Some(ca.ca_file.clone()), ..ns.config() };
+    let e = RedisQueue::open(plain_ca, EventBus::default()).await.err().expect("ca_file without rediss").to_string();
+    assert!(e.contains("not rediss://"), "{e}");
+}
