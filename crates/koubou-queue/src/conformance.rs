@@ -1,22 +1,33 @@
 //! The queue's semantics as one suite that every implementation passes unchanged.
 //!
-//! Each case is a function over a [`Factory`] that opens queues on fresh, empty storage;
-//! [`run_all`] runs them one after another, and [`conformance_suite!`](crate::conformance_suite)
-//! makes one `#[tokio::test]` per case (what `SqliteQueue` runs, at both durability levels). The
-//! life of a task is pinned down by `insta` snapshots of the stored task at each step
+//! Each case is a function over a [`Factory`] that opens queues on a place of their own (a
+//! file, a namespace), fresh and empty, and opens them again on the same place to see what was
+//! kept; [`run_all`] runs them one after another, and [`conformance_suite!`](crate::conformance_suite)
+//! makes one `#[tokio::test]` per case (what `SqliteQueue` runs at both durability levels,
+//! `RedisQueue` against a real Redis and `AmqpDispatch` against a real RabbitMQ). The life of a
+//! task is pinned down by `insta` snapshots of the stored task at each step
 //! (`snapshots/koubou_queue__conformance__lifecycle_*.snap`, ids and times redacted): every
 //! implementation is compared against the same files.
 //!
-//! What a factory must give: a queue whose retry backoff is short (at most ~100 ms) and whose
-//! tasks get 3 attempts unless they ask for another number (the snapshots show `max_attempts`),
-//! publishing its events to the log it is handed.
+//! Outside [`run_all`], for the queues that have what they need: the [`Outbox`] cases
+//! ([`outbox_holds_what_no_confirmed_delivery_covers`],
+//! [`claim_id_claims_exactly_that_task_when_claimable`]), the [`Nodes`] case
+//! ([`nodes_register_renew_expire`]), and [`two_instances_claim_each_task_once`] for queues
+//! shared by several instances.
+//!
+//! What a factory must give: queues whose tasks get 3 attempts unless they ask for another
+//! number (the snapshots show `max_attempts`), retrying after the backoff they are opened with,
+//! publishing their events to the log they are handed.
 //!
 //! Built for this crate's tests and, with the `conformance` feature, for other crates' tests:
 //! ```ignore
 //! struct Redis;
 //! impl koubou_queue::conformance::Factory for Redis {
 //!     type Queue = RedisQueue;
-//!     async fn open(&self, events: Arc<dyn EventLog>) -> RedisQueue { /* a fresh database */ }
+//!     type Place = Namespace; // deletes its keys when dropped
+//!     fn place(&self) -> Namespace { Namespace::new() }
+//!     async fn open(&self, ns: &Namespace, retry: Backoff, events: Arc<dyn EventLog>) -> RedisQueue { /* … */ }
+//!     fn queued(&self, q: &RedisQueue) -> u64 { q.queued() }
 //! }
 //! koubou_queue::conformance_suite!(redis_conformance, Redis);
 //! ```
@@ -24,20 +35,32 @@
 use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
 
 use futures::{FutureExt, StreamExt};
-use koubou_task::{Cursor, EventBus, EventLog, NewTask, Priority, Task, TaskKind, TaskStatus, Usage, WorkerId};
+use koubou_task::{Cursor, EventBus, EventLog, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, Usage, WorkerId};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Capabilities, Completion, Dispatch, Failure, LeaseStatus, Node, Nodes, Progress, QueueError, Release, TaskQuery,
-    TaskQueue, TaskStore,
+    Capabilities, Completion, Dispatch, Failure, LeaseStatus, Node, Nodes, Outbox, Progress, QueueError, Release,
+    TaskQuery, TaskQueue, TaskStore, backoff::Backoff,
 };
 
 /// Opens the queues a case runs on.
 pub trait Factory: Send + Sync {
     type Queue: TaskQueue;
-    /// A queue over fresh, empty storage (nothing another case or an earlier call wrote),
-    /// publishing its events to `events`.
-    fn open(&self, events: Arc<dyn EventLog>) -> impl Future<Output = Self::Queue> + Send;
+    /// Where a queue keeps its tasks (a file, a namespace); cleaned up when dropped.
+    type Place: Send + Sync;
+    /// A fresh, empty place (nothing another case or an earlier call wrote).
+    fn place(&self) -> Self::Place;
+    /// A queue over `place` — opened again on the same place, it finds what was stored there —
+    /// retrying failed tasks after `retry`, publishing its events to `events`.
+    fn open(
+        &self,
+        place: &Self::Place,
+        retry: Backoff,
+        events: Arc<dyn EventLog>,
+    ) -> impl Future<Output = Self::Queue> + Send;
+    /// The queue's own count of waiting tasks (pending or retrying) as of its last write: what
+    /// `submit_bounded` checks, kept beside the tasks.
+    fn queued(&self, queue: &Self::Queue) -> u64;
 }
 
 /// Runs every case, one after another, each on a queue of its own.
@@ -80,7 +103,11 @@ macro_rules! __conformance_cases {
             events_tell_the_story,
             idle_worker_wakes_on_submit,
             a_full_queue_refuses_and_stores_nothing,
-            tags_format_and_where_it_ran_are_stored_and_filtered
+            the_waiting_count_follows_every_state_change,
+            tags_format_and_where_it_ran_are_stored_and_filtered,
+            a_retry_after_hint_delays_the_retry_past_the_backoff_up_to_its_cap,
+            completion_keeps_cache_counts_and_warnings,
+            survives_reopen
         );
     };
 }
@@ -106,7 +133,7 @@ macro_rules! __conformance_each {
 }
 
 /// The log a case's queue publishes to.
-fn events() -> Arc<dyn EventLog> {
+pub(crate) fn events() -> Arc<dyn EventLog> {
     Arc::new(EventBus::default())
 }
 
@@ -122,8 +149,19 @@ pub(crate) const LEASE: Duration = Duration::from_secs(30);
 
 pub(crate) const ANY: Capabilities = Capabilities { kinds: None, tags: None };
 
+/// The retry backoff of most cases: short, and without jitter.
+pub(crate) const FAST: Backoff = Backoff { base_ms: 40, max_ms: 40, jitter: 0.0 };
+
+/// A fresh place and a queue on it (with [`FAST`] retries and a log of its own). Bind the place
+/// to a name (`_place`, not `_`): it is cleaned up when dropped.
+async fn fresh<F: Factory>(f: &F) -> (F::Place, F::Queue) {
+    let place = f.place();
+    let q = f.open(&place, FAST, events()).await;
+    (place, q)
+}
+
 /// Polls `f` until it yields, with a bound generous enough for a loaded machine.
-async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+pub(crate) async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(v) = f().await {
@@ -177,7 +215,7 @@ fn snapshot(step: &str, task: &Task) {
 /// The whole life of tasks, step by step, as stored: created, claimed, heartbeat (progress
 /// recorded), retrying, completed; failed; cancelled; released by a worker that cannot serve it.
 pub async fn lifecycle_snapshots<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     let mut t = new("lifecycle", 7);
     t.tags = vec!["team:a".into()];
     t.metadata.insert("ticket".into(), "K-14".into());
@@ -214,7 +252,7 @@ pub async fn lifecycle_snapshots<F: Factory>(f: &F) {
 /// `submit_bounded` refuses once `max_queued` tasks wait (pending or retrying), stores nothing
 /// of a refused task, and never refuses a resubmission of a stored one.
 pub async fn a_full_queue_refuses_and_stores_nothing<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     let limit = Some(3);
     let mut keyed = new("keyed", 5);
     keyed.idempotency_key = Some("k".into());
@@ -236,7 +274,7 @@ pub async fn a_full_queue_refuses_and_stores_nothing<F: Factory>(f: &F) {
 }
 
 pub async fn priority_then_fifo<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     for (p, prio) in [("a", 5), ("b", 8), ("c", 5), ("d", 10), ("e", 8), ("f", 1)] {
         q.submit(new(p, prio)).await.unwrap();
     }
@@ -250,7 +288,7 @@ pub async fn priority_then_fifo<F: Factory>(f: &F) {
 }
 
 pub async fn claims_filter_by_kind<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     q.submit(new("g", 5)).await.unwrap();
     q.submit(NewTask::new(TaskKind::parse("code").unwrap(), "c")).await.unwrap();
     let code = [TaskKind::parse("code").unwrap()];
@@ -263,7 +301,7 @@ pub async fn claims_filter_by_kind<F: Factory>(f: &F) {
 /// A worker that declares tags claims only tasks whose every tag it declares (untagged ones
 /// always); one that declares none claims any.
 pub async fn claims_filter_by_declared_tags<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     for (prompt, tags) in [("gpu", &["gpu"][..]), ("gpu+team", &["gpu", "team:a"]), ("plain", &[])] {
         let mut t = new(prompt, 5);
         t.tags = tags.iter().map(|t| t.to_string()).collect();
@@ -283,7 +321,7 @@ pub async fn claims_filter_by_declared_tags<F: Factory>(f: &F) {
 /// A task handed back because the worker cannot serve it waits (retrying, its reason kept)
 /// before anyone may claim it again, and its attempt does not count.
 pub async fn a_task_a_worker_cannot_serve_waits_before_it_is_claimable_again<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     let t = q.submit(new("x", 5)).await.unwrap().task;
     let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
     let why = Release::CannotServe { reason: "no such backend".into(), wait: Duration::from_millis(40) };
@@ -301,7 +339,8 @@ pub async fn a_task_a_worker_cannot_serve_waits_before_it_is_claimable_again<F: 
 /// Many claimers racing over many tasks while many submitters add them: every task is claimed
 /// exactly once.
 pub async fn concurrent_claims_never_double<F: Factory>(f: &F) {
-    let q = Arc::new(f.open(events()).await);
+    let (_place, q) = fresh(f).await;
+    let q = Arc::new(q);
     const N: usize = 2000;
     const SUBMITTERS: usize = 16;
     let claimed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -354,7 +393,7 @@ pub async fn concurrent_claims_never_double<F: Factory>(f: &F) {
 }
 
 pub async fn retry_with_backoff_then_fail<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     let t = q.submit(NewTask { max_attempts: Some(2), ..new("x", 5) }).await.unwrap().task;
     let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
     let after = q.fail(&c.lease, failure(true)).await.unwrap();
@@ -370,14 +409,14 @@ pub async fn retry_with_backoff_then_fail<F: Factory>(f: &F) {
 }
 
 pub async fn non_retryable_fails_at_once<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     q.submit(new("x", 5)).await.unwrap();
     let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
     assert_eq!(q.fail(&c.lease, failure(false)).await.unwrap().status, TaskStatus::Failed);
 }
 
 pub async fn expired_lease_requeues_and_fences_the_old_worker<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     q.submit(new("x", 5)).await.unwrap();
     let old = q.claim(&w(1), &ANY, Duration::from_millis(30)).await.unwrap().unwrap();
     let c = q.claim_wait(&w(2), &ANY, LEASE, &CancellationToken::new()).await.unwrap().unwrap();
@@ -391,7 +430,7 @@ pub async fn expired_lease_requeues_and_fences_the_old_worker<F: Factory>(f: &F)
 }
 
 pub async fn lease_expiry_after_last_attempt_fails<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     q.submit(NewTask { max_attempts: Some(1), ..new("x", 5) }).await.unwrap();
     let c = q.claim(&w(1), &ANY, Duration::from_millis(20)).await.unwrap().unwrap();
     // Claims find the expired lease and fail the task (its only attempt is spent): never hand
@@ -406,7 +445,7 @@ pub async fn lease_expiry_after_last_attempt_fails<F: Factory>(f: &F) {
 }
 
 pub async fn heartbeat_renews_and_records_progress<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     q.submit(new("x", 5)).await.unwrap();
     let c = q.claim(&w(1), &ANY, Duration::from_millis(200)).await.unwrap().unwrap();
     let claimed_until = q.get(c.task.id).await.unwrap().unwrap().lease_until.unwrap();
@@ -422,7 +461,7 @@ pub async fn heartbeat_renews_and_records_progress<F: Factory>(f: &F) {
 }
 
 pub async fn cancel_pending_and_running<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     let a = q.submit(new("a", 9)).await.unwrap().task;
     let b = q.submit(new("b", 1)).await.unwrap().task;
     let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
@@ -438,7 +477,7 @@ pub async fn cancel_pending_and_running<F: Factory>(f: &F) {
 }
 
 pub async fn release_gives_the_attempt_back<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     q.submit(new("a", 5)).await.unwrap();
     let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
     q.release(&c.lease, Release::Stopping).await.unwrap();
@@ -447,7 +486,7 @@ pub async fn release_gives_the_attempt_back<F: Factory>(f: &F) {
 }
 
 pub async fn idempotency_key_returns_the_first_task<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     let mut n = new("a", 5);
     n.idempotency_key = Some("k1".into());
     let first = q.submit(n.clone()).await.unwrap();
@@ -458,7 +497,7 @@ pub async fn idempotency_key_returns_the_first_task<F: Factory>(f: &F) {
 }
 
 pub async fn recover_node_requeues_its_running_tasks<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     q.submit(new("a", 5)).await.unwrap();
     q.submit(new("b", 5)).await.unwrap();
     q.claim(&WorkerId::new("serve", 1), &ANY, LEASE).await.unwrap().unwrap();
@@ -469,7 +508,7 @@ pub async fn recover_node_requeues_its_running_tasks<F: Factory>(f: &F) {
 }
 
 pub async fn list_filters_and_pages_newest_first<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     for i in 0..25 {
         let kind = if i % 2 == 0 { "general" } else { "code" };
         q.submit(NewTask::new(TaskKind::parse(kind).unwrap(), format!("prompt {i} 100%"))).await.unwrap();
@@ -499,7 +538,7 @@ pub async fn list_filters_and_pages_newest_first<F: Factory>(f: &F) {
 }
 
 pub async fn position_counts_who_goes_first<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     let a = q.submit(new("a", 5)).await.unwrap().task;
     let b = q.submit(new("b", 5)).await.unwrap().task;
     let c = q.submit(new("c", 9)).await.unwrap().task;
@@ -513,7 +552,8 @@ pub async fn position_counts_who_goes_first<F: Factory>(f: &F) {
 /// Events are published after commit, in order, with the task's story complete.
 pub async fn events_tell_the_story<F: Factory>(f: &F) {
     let log = events();
-    let q = f.open(log.clone()).await;
+    let place = f.place();
+    let q = f.open(&place, FAST, log.clone()).await;
     let mut rx = log.subscribe(None);
     let t = q.submit(new("a", 5)).await.unwrap().task;
     let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
@@ -530,7 +570,8 @@ pub async fn events_tell_the_story<F: Factory>(f: &F) {
 
 /// A parked worker wakes as soon as a task arrives.
 pub async fn idle_worker_wakes_on_submit<F: Factory>(f: &F) {
-    let q = Arc::new(f.open(events()).await);
+    let (_place, q) = fresh(f).await;
+    let q = Arc::new(q);
     let q2 = q.clone();
     let waiter = tokio::spawn(async move { q2.claim_wait(&w(1), &ANY, LEASE, &CancellationToken::new()).await });
     // Give it time to find nothing and park. (Only an absence is asserted: a busy machine can
@@ -546,7 +587,7 @@ pub async fn idle_worker_wakes_on_submit<F: Factory>(f: &F) {
 }
 
 pub async fn tags_format_and_where_it_ran_are_stored_and_filtered<F: Factory>(f: &F) {
-    let q = f.open(events()).await;
+    let (place, q) = fresh(f).await;
     let mut a = new("a", 5);
     a.tags = vec!["confidential".into(), "team:a".into()];
     a.schema = Some(serde_json::json!({"type": "object"}));
@@ -583,12 +624,94 @@ pub async fn tags_format_and_where_it_ran_are_stored_and_filtered<F: Factory>(f:
     let t = q.complete(&c.lease, paid).await.unwrap();
     assert_eq!((t.remote, t.cost), (Some(true), Some(0.0105)));
     assert_eq!(t.usage.unwrap().cache_read_tokens, Some(200));
-    let again = q.get(t.id).await.unwrap().unwrap();
+    drop(q);
+    let again = f.open(&place, FAST, events()).await.get(t.id).await.unwrap().unwrap();
     assert_eq!(
         (again.tags.len(), again.json, again.remote, again.cost),
         (2, true, Some(true), Some(0.0105)),
-        "read back as stored"
+        "kept across a reopen"
     );
+}
+
+/// A task stored is found by a queue opened again on the same place, as it was submitted.
+pub async fn survives_reopen<F: Factory>(f: &F) {
+    let place = f.place();
+    let mut t = new("keep me", 5);
+    t.tags = vec!["confidential".into(), "team:a".into()];
+    t.schema = Some(serde_json::json!({"type": "object"}));
+    let id = f.open(&place, FAST, events()).await.submit(t).await.unwrap().task.id;
+    let t = f.open(&place, FAST, events()).await.get(id).await.unwrap().unwrap();
+    assert_eq!((t.prompt.as_str(), t.tags.len(), t.json, t.schema.is_some()), ("keep me", 2, true, true));
+}
+
+/// A backend's `Retry-After` puts the retry off past the backoff, but never past its cap.
+pub async fn a_retry_after_hint_delays_the_retry_past_the_backoff_up_to_its_cap<F: Factory>(f: &F) {
+    let place = f.place();
+    let q = f.open(&place, Backoff { base_ms: 40, max_ms: 60_000, jitter: 0.0 }, events()).await;
+    let hinted = |secs| Failure { retry_after: Some(Duration::from_secs(secs)), ..failure(true) };
+    q.submit(new("x", 5)).await.unwrap();
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    let before = koubou_task::now_millis();
+    let after = q.fail(&c.lease, hinted(30)).await.unwrap();
+    assert_eq!(after.status, TaskStatus::Retrying);
+    assert!(
+        after.available_at >= before + 30_000,
+        "retry at {} (+{} ms)",
+        after.available_at,
+        after.available_at - before
+    );
+    assert!(after.available_at <= koubou_task::now_millis() + 30_000);
+    // A hint beyond the cap waits the cap.
+    q.submit(new("y", 5)).await.unwrap();
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    let before = koubou_task::now_millis();
+    let after = q.fail(&c.lease, hinted(3_600)).await.unwrap();
+    assert!((before + 60_000..=koubou_task::now_millis() + 60_000).contains(&after.available_at));
+}
+
+/// Cache token counts and warnings are answered with the completion and kept across a reopen.
+pub async fn completion_keeps_cache_counts_and_warnings<F: Factory>(f: &F) {
+    let (place, q) = fresh(f).await;
+    let t = q.submit(new("x", 5)).await.unwrap().task;
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    let usage = Usage { cache_read_tokens: Some(100), cache_write_tokens: Some(7), ..Usage::new(120, 5) };
+    let warnings = vec!["the prompt may not fit".to_owned()];
+    let finished = q.complete(&c.lease, Completion { usage, warnings: warnings.clone(), ..done("ok") }).await.unwrap();
+    assert_eq!((finished.usage, finished.warnings.clone()), (Some(usage), warnings.clone()));
+    drop(q);
+    let read = f.open(&place, FAST, events()).await.get(t.id).await.unwrap().unwrap();
+    assert_eq!((read.usage, read.warnings), (Some(usage), warnings), "kept across a reopen");
+}
+
+/// The count `submit_bounded` checks ([`Factory::queued`]) is exactly what waits (pending +
+/// retrying), through every change of state, and is counted again on open.
+pub async fn the_waiting_count_follows_every_state_change<F: Factory>(f: &F) {
+    let (place, q) = fresh(f).await;
+    let limit = Some(3);
+    for p in ["a", "b", "c"] {
+        q.submit_bounded(new(p, 5), limit).await.unwrap();
+    }
+    assert_eq!(f.queued(&q), 3);
+    assert!(matches!(q.submit_bounded(new("d", 5), limit).await, Err(QueueError::Full { .. })));
+    assert_eq!(f.queued(&q), 3);
+
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    assert_eq!(f.queued(&q), 2);
+    q.submit_bounded(new("d", 5), limit).await.unwrap();
+    q.fail(&c.lease, failure(true)).await.unwrap(); // retrying counts as waiting
+    assert_eq!(f.queued(&q), 4);
+    let c2 = q.claim(&w(2), &ANY, LEASE).await.unwrap().unwrap();
+    q.release(&c2.lease, Release::Stopping).await.unwrap();
+    assert_eq!(f.queued(&q), 4);
+    q.cancel(c2.task.id).await.unwrap();
+    let c3 = q.claim(&w(3), &ANY, LEASE).await.unwrap().unwrap();
+    q.cancel(c3.task.id).await.unwrap(); // a running task leaves nothing to uncount
+    q.recover_node("test").await.unwrap();
+    let counts = q.counts().await.unwrap();
+    assert_eq!(f.queued(&q), counts.pending + counts.retrying);
+    drop(q);
+    let again = f.open(&place, FAST, events()).await;
+    assert_eq!(f.queued(&again), counts.pending + counts.retrying, "counted again on open");
 }
 
 /// For a queue that is also the node registry ([`Nodes`]), outside [`run_all`] (call it with
@@ -600,7 +723,7 @@ pub async fn nodes_register_renew_expire<F: Factory>(f: &F)
 where
     F::Queue: Nodes,
 {
-    let q = f.open(events()).await;
+    let (_place, q) = fresh(f).await;
     let caps = Capabilities { kinds: Some(vec![TaskKind::general()]), tags: Some(vec!["gpu".into()]) };
     let first = Node::this_process("n1", "0.1.0", caps.clone());
     q.register(&first, LEASE, None).await.unwrap();
@@ -635,4 +758,145 @@ where
     q.register(&again, LEASE, None).await.unwrap();
     q.deregister("ghost", again.instance).await.unwrap();
     assert_eq!(q.nodes().await.unwrap().iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["n1"]);
+}
+
+/// The prompts of the outbox's tasks, in its order.
+async fn outbox_prompts<Q: Outbox>(q: &Q) -> Vec<String> {
+    let mut prompts = Vec::new();
+    for u in q.undispatched(100).await.unwrap() {
+        prompts.push(q.get(u.id).await.unwrap().unwrap().prompt);
+    }
+    prompts
+}
+
+/// For a store that an outside dispatcher drives ([`Outbox`]), outside [`run_all`]: the outbox
+/// holds the claimable tasks no confirmed delivery covers, most urgent first, with what a
+/// delivery carries; a claim uses a delivery up; a cancelled task leaves.
+pub async fn outbox_holds_what_no_confirmed_delivery_covers<F: Factory>(f: &F)
+where
+    F::Queue: Outbox,
+{
+    let (_place, q) = fresh(f).await;
+    let a = q.submit(new("a", 5)).await.unwrap().task;
+    let mut tagged = new("b", 9);
+    tagged.tags = vec!["gpu".into()];
+    let b = q.submit(tagged).await.unwrap().task;
+    let c = q.submit(new("c", 5)).await.unwrap().task;
+    let out = q.undispatched(100).await.unwrap();
+    assert_eq!(out.iter().map(|u| u.id).collect::<Vec<_>>(), [b.id, a.id, c.id], "most urgent first");
+    assert_eq!((out[0].priority.get(), out[0].claims, out[0].kind.as_str()), (9, 0, "general"));
+    assert_eq!((out[0].tags.as_slice(), out[1].tags.as_slice()), (&["gpu".to_owned()][..], &[][..]));
+    assert_eq!(q.undispatched(1).await.unwrap().len(), 1);
+
+    q.mark_dispatched(vec![(a.id, 0), (b.id, 0)]).await.unwrap();
+    assert_eq!(outbox_prompts(&q).await, ["c"]);
+
+    // A claim uses the delivery up: released, the task needs a new one, and a mark made for
+    // the old claim count changes nothing.
+    let claimed = q.claim_id(a.id, &w(1), LEASE).await.unwrap().unwrap();
+    assert_eq!((claimed.task.id, claimed.task.status, claimed.lease.attempt), (a.id, TaskStatus::Running, 1));
+    q.release(&claimed.lease, Release::Stopping).await.unwrap();
+    q.mark_dispatched(vec![(a.id, 0)]).await.unwrap();
+    assert_eq!(outbox_prompts(&q).await, ["a", "c"]);
+    let again = q.undispatched(100).await.unwrap();
+    assert_eq!(again[0].claims, 1);
+    q.mark_dispatched(vec![(a.id, 1), (c.id, 0)]).await.unwrap();
+    assert!(q.undispatched(100).await.unwrap().is_empty());
+
+    // A cancelled task leaves the outbox.
+    let d = q.submit(new("d", 5)).await.unwrap().task;
+    q.cancel(d.id).await.unwrap();
+    assert!(q.undispatched(100).await.unwrap().is_empty());
+}
+
+/// For an [`Outbox`] store, outside [`run_all`]: `claim_id` claims exactly the given task, and
+/// only while it is claimable (not running, cancelled, unknown, or waiting for its retry, which
+/// `next_due` announces); a retry that fell due and a lease that ran out put the task back in
+/// the outbox with its claim count, the old holder fenced.
+pub async fn claim_id_claims_exactly_that_task_when_claimable<F: Factory>(f: &F)
+where
+    F::Queue: Outbox,
+{
+    let log = events();
+    let place = f.place();
+    let q = f.open(&place, FAST, log.clone()).await;
+    let mut rx = log.subscribe(None);
+    let a = q.submit(new("a", 1)).await.unwrap().task;
+    let b = q.submit(new("b", 9)).await.unwrap().task;
+    let c = q.claim_id(a.id, &w(1), LEASE).await.unwrap().unwrap();
+    assert_eq!(c.task.id, a.id, "the given task, not the most urgent one");
+    assert_eq!(f.queued(&q), 1);
+    assert!(q.claim_id(a.id, &w(2), LEASE).await.unwrap().is_none(), "running: not claimable");
+    assert!(q.claim_id(TaskId::new(), &w(2), LEASE).await.unwrap().is_none(), "unknown");
+    q.cancel(b.id).await.unwrap();
+    assert!(q.claim_id(b.id, &w(2), LEASE).await.unwrap().is_none(), "cancelled");
+    let names: Vec<_> =
+        std::iter::from_fn(|| rx.next().now_or_never().flatten()).map(|e| e.unwrap().kind.name()).collect();
+    assert_eq!(names, ["task_created", "task_created", "task_claimed", "task_cancelled"]);
+
+    // Retrying: not before its backoff is over (when the store says something falls due),
+    // then claimable (and in the outbox).
+    let after = q.fail(&c.lease, failure(true)).await.unwrap();
+    assert_eq!(after.status, TaskStatus::Retrying);
+    assert!(q.claim_id(a.id, &w(2), LEASE).await.unwrap().is_none(), "claimed before its backoff ended");
+    let due = q.next_due().await.unwrap().expect("the retry falls due");
+    assert!(due >= after.available_at - 5, "due at {due}, the retry at {}", after.available_at);
+    let out = until("the retry to fall due", async || {
+        let out = q.undispatched(10).await.unwrap();
+        (!out.is_empty()).then_some(out)
+    })
+    .await;
+    assert_eq!((out[0].id, out[0].claims), (a.id, 1));
+    let again = q.claim_id(a.id, &w(2), LEASE).await.unwrap().unwrap();
+    assert_eq!(again.task.attempts, 2);
+    // Its lease runs out: requeued, in the outbox again, and the old holder is fenced.
+    q.heartbeat(&again.lease, Duration::from_millis(1), Progress::default()).await.unwrap();
+    let out = until("the lease to run out", async || {
+        let out = q.undispatched(10).await.unwrap();
+        (!out.is_empty()).then_some(out)
+    })
+    .await;
+    assert_eq!((out[0].id, out[0].claims), (a.id, 2));
+    assert!(again.cancel.is_cancelled());
+    let third = q.claim_id(a.id, &w(3), LEASE).await.unwrap().unwrap();
+    assert_eq!(third.task.attempts, 3);
+    assert!(matches!(q.complete(&again.lease, done("late")).await, Err(QueueError::Conflict { .. })));
+}
+
+/// For a queue several instances share (as several processes would), outside [`run_all`]: two
+/// instances `a` and `b` over the same tasks, each with its own connections, claim `n` tasks
+/// concurrently while both submit; every task is claimed exactly once and completed.
+pub async fn two_instances_claim_each_task_once<Q: TaskQueue>(a: Arc<Q>, b: Arc<Q>, n: usize) {
+    let claimed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all_claimed = CancellationToken::new();
+    let mut claimers = Vec::new();
+    for i in 0..16 {
+        let q = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let (claimed, all_claimed) = (claimed.clone(), all_claimed.clone());
+        claimers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(c) = q.claim_wait(&w(i), &ANY, LEASE, &all_claimed).await.unwrap() {
+                mine.push(c.task.id);
+                q.complete(&c.lease, done("ok")).await.unwrap();
+                if claimed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
+                    all_claimed.cancel();
+                }
+            }
+            mine
+        }));
+    }
+    let submits = (0..n).map(|i| {
+        let q = if i % 2 == 0 { a.clone() } else { b.clone() };
+        async move { q.submit(new(&i.to_string(), (i % 10) as i64 + 1)).await.unwrap() }
+    });
+    futures::future::join_all(submits).await;
+    let mut seen = HashSet::new();
+    for h in claimers {
+        let ids = tokio::time::timeout(Duration::from_secs(120), h).await.expect("every task claimed").unwrap();
+        for id in ids {
+            assert!(seen.insert(id), "task {id} claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), n);
+    assert_eq!(a.counts().await.unwrap().completed, n as u64);
 }

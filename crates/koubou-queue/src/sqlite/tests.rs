@@ -1,102 +1,60 @@
 // SQLite's own behaviour on a real file, included once per durability level (`DURABILITY`):
-// the conformance suite every queue passes, then what only SQLite has (migrations, reopening a
-// file, its query plan, its counters, locks, a full disk, the backoff settings).
+// the conformance suite every queue passes (with the outbox and node registry cases), then
+// what only SQLite has (migrations, its query plan, locks, a full disk, its batch errors).
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::sync::Arc;
 
 use futures::{FutureExt, StreamExt};
-use koubou_task::{EventBus, EventLog, TaskStatus, Usage};
+use koubou_task::{EventBus, EventLog, Usage};
 
 use super::*;
 use crate::{
-    Dispatch, Failure, Release, TaskQuery, TaskStore,
+    TaskQuery, TaskStore,
     backoff::Backoff,
-    conformance::{ANY, Factory, LEASE, done, failure, new, w},
+    conformance::{FAST, Factory, new},
 };
 
 fn config() -> SqliteConfig {
-    SqliteConfig { retry: Backoff { base_ms: 40, max_ms: 40, jitter: 0.0 }, durability: DURABILITY, ..SqliteConfig::default() }
+    SqliteConfig { retry: FAST, durability: DURABILITY, ..SqliteConfig::default() }
 }
 
 fn open(dir: &tempfile::TempDir) -> SqliteQueue {
     SqliteQueue::open(dir.path().join("q.db"), config(), Arc::new(EventBus::default())).unwrap()
 }
 
-/// Queues on fresh files in one temporary directory, for the conformance suite.
-struct Files {
-    dir: tempfile::TempDir,
-    opened: AtomicUsize,
-}
-
-fn files() -> Files {
-    Files { dir: tempfile::tempdir().unwrap(), opened: AtomicUsize::new(0) }
-}
+/// Queues on a file of their own, in a temporary directory, for the conformance suite.
+struct Files;
 
 impl Factory for Files {
     type Queue = SqliteQueue;
-    async fn open(&self, events: Arc<dyn EventLog>) -> SqliteQueue {
-        let n = self.opened.fetch_add(1, Ordering::Relaxed);
-        SqliteQueue::open(self.dir.path().join(format!("q{n}.db")), config(), events).unwrap()
+    type Place = tempfile::TempDir;
+    fn place(&self) -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+    async fn open(&self, dir: &tempfile::TempDir, retry: Backoff, events: Arc<dyn EventLog>) -> SqliteQueue {
+        let cfg = SqliteConfig { retry, ..config() };
+        SqliteQueue::open(dir.path().join("q.db"), cfg, events).unwrap()
+    }
+    fn queued(&self, q: &SqliteQueue) -> u64 {
+        q.queued()
     }
 }
 
-crate::conformance_suite!(conformance, files());
+crate::conformance_suite!(conformance, Files);
 
 #[tokio::test]
 async fn nodes_conform() {
-    crate::conformance::nodes_register_renew_expire(&files()).await;
+    crate::conformance::nodes_register_renew_expire(&Files).await;
 }
 
 #[tokio::test]
-async fn a_retry_after_hint_delays_the_retry_past_the_backoff_up_to_its_cap() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = SqliteConfig {
-        retry: Backoff { base_ms: 40, max_ms: 60_000, jitter: 0.0 },
-        durability: DURABILITY,
-        ..SqliteConfig::default()
-    };
-    let q = SqliteQueue::open(dir.path().join("q.db"), cfg, Arc::new(EventBus::default())).unwrap();
-    let hinted = |secs| Failure { retry_after: Some(Duration::from_secs(secs)), ..failure(true) };
-    q.submit(new("x", 5)).await.unwrap();
-    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
-    let before = koubou_task::now_millis();
-    let after = q.fail(&c.lease, hinted(30)).await.unwrap();
-    assert_eq!(after.status, TaskStatus::Retrying);
-    assert!(
-        after.available_at >= before + 30_000,
-        "retry at {} (+{} ms)",
-        after.available_at,
-        after.available_at - before
-    );
-    assert!(after.available_at <= koubou_task::now_millis() + 30_000);
-    // A hint beyond the cap waits the cap.
-    q.submit(new("y", 5)).await.unwrap();
-    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
-    let before = koubou_task::now_millis();
-    let after = q.fail(&c.lease, hinted(3_600)).await.unwrap();
-    assert!((before + 60_000..=koubou_task::now_millis() + 60_000).contains(&after.available_at));
+async fn the_outbox_holds_what_no_confirmed_delivery_covers() {
+    crate::conformance::outbox_holds_what_no_confirmed_delivery_covers(&Files).await;
 }
 
 #[tokio::test]
-async fn completion_keeps_cache_counts_and_warnings() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir);
-    let t = q.submit(new("x", 5)).await.unwrap().task;
-    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
-    let usage = Usage { cache_read_tokens: Some(100), cache_write_tokens: Some(7), ..Usage::new(120, 5) };
-    let warnings = vec!["the prompt may not fit".to_owned()];
-    let finished = q.complete(&c.lease, Completion { usage, warnings: warnings.clone(), ..done("ok") }).await.unwrap();
-    assert_eq!((finished.usage, finished.warnings.clone()), (Some(usage), warnings.clone()));
-    drop(q);
-    let q = open(&dir);
-    let read = q.get(t.id).await.unwrap().unwrap();
-    assert_eq!((read.usage, read.warnings), (Some(usage), warnings), "kept across a reopen");
+async fn claim_id_claims_exactly_that_task_when_claimable() {
+    crate::conformance::claim_id_claims_exactly_that_task_when_claimable(&Files).await;
 }
 
 #[test]
@@ -123,20 +81,6 @@ fn a_version_1_file_migrates_and_keeps_its_tasks() {
     assert!(t.tags.is_empty() && !t.json && t.schema.is_none() && t.remote.is_none() && t.cost.is_none());
 }
 
-#[tokio::test]
-async fn survives_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut t = new("keep me", 5);
-    t.tags = vec!["confidential".into(), "team:a".into()];
-    t.schema = Some(serde_json::json!({"type": "object"}));
-    let id = {
-        let q = open(&dir);
-        q.submit(t).await.unwrap().task.id
-    };
-    let t = open(&dir).get(id).await.unwrap().unwrap();
-    assert_eq!((t.prompt.as_str(), t.tags.len(), t.json, t.schema.is_some()), ("keep me", 2, true, true));
-}
-
 /// The claim must walk the partial index in order, never sort the backlog.
 #[test]
 fn claim_plan_uses_the_claim_index() {
@@ -155,39 +99,6 @@ fn claim_plan_uses_the_claim_index() {
         .unwrap();
     let plan = plan.join("; ");
     assert!(plan.contains("tasks_claim") && !plan.contains("TEMP B-TREE"), "{plan}");
-}
-
-/// The count `submit_bounded` checks (SQLite keeps it beside the table, updated at each commit)
-/// is exactly what waits (pending + retrying), through every change of state, and is counted
-/// again on open.
-#[tokio::test]
-async fn the_waiting_count_follows_every_state_change() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir);
-    let limit = Some(3);
-    for p in ["a", "b", "c"] {
-        q.submit_bounded(new(p, 5), limit).await.unwrap();
-    }
-    assert_eq!(q.queued(), 3);
-    assert!(matches!(q.submit_bounded(new("d", 5), limit).await, Err(QueueError::Full { .. })));
-    assert_eq!(q.queued(), 3);
-
-    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
-    assert_eq!(q.queued(), 2);
-    q.submit_bounded(new("d", 5), limit).await.unwrap();
-    q.fail(&c.lease, failure(true)).await.unwrap(); // retrying counts as waiting
-    assert_eq!(q.queued(), 4);
-    let c2 = q.claim(&w(2), &ANY, LEASE).await.unwrap().unwrap();
-    q.release(&c2.lease, Release::Stopping).await.unwrap();
-    assert_eq!(q.queued(), 4);
-    q.cancel(c2.task.id).await.unwrap();
-    let c3 = q.claim(&w(3), &ANY, LEASE).await.unwrap().unwrap();
-    q.cancel(c3.task.id).await.unwrap(); // a running task leaves nothing to uncount
-    q.recover_node("test").await.unwrap();
-    let counts = q.counts().await.unwrap();
-    assert_eq!(q.queued(), counts.pending + counts.retrying);
-    drop(q);
-    assert_eq!(open(&dir).queued(), counts.pending + counts.retrying, "counted again on open");
 }
 
 /// A lock held by another process answers `Locked` within the busy timeout (not a 10 s hang and
