@@ -328,6 +328,8 @@ pub fn heartbeat(ctx: &mut Ctx<'_>, lease: &Lease, ttl: Duration, p: OwnedProgre
         ])
         .sql()?;
     if n == 1 {
+        // A shorter ttl than the lease had brings its expiry forward: the next due moment too.
+        ctx.due = ctx.due.min(until);
         return Ok(LeaseStatus::Held);
     }
     Ok(lost(ctx.conn, lease)?.0)
