@@ -36,6 +36,7 @@ use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
 
 use futures::{FutureExt, StreamExt};
 use koubou_task::{Cursor, EventBus, EventLog, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, Usage, WorkerId};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -343,25 +344,7 @@ pub async fn concurrent_claims_never_double<F: Factory>(f: &F) {
     let q = Arc::new(q);
     const N: usize = 2000;
     const SUBMITTERS: usize = 16;
-    let claimed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let all_claimed = CancellationToken::new();
-    let mut claimers = Vec::new();
-    for n in 0..32 {
-        let (q, claimed, all_claimed) = (q.clone(), claimed.clone(), all_claimed.clone());
-        claimers.push(tokio::spawn(async move {
-            let mut mine = Vec::new();
-            // Parked between claims (never giving up on an empty queue while submitters still
-            // run) until every task has been claimed by someone.
-            while let Some(c) = q.claim_wait(&w(n), &ANY, LEASE, &all_claimed).await.unwrap() {
-                mine.push(c.task.id);
-                q.complete(&c.lease, done("ok")).await.unwrap();
-                if claimed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == N {
-                    all_claimed.cancel();
-                }
-            }
-            mine
-        }));
-    }
+    let claimers = claimers(std::slice::from_ref(&q), 32, N);
     // Submitters start once the claimers are racing, each sending its share all at once.
     let submitters: Vec<_> = (0..SUBMITTERS)
         .map(|s| {
@@ -375,19 +358,10 @@ pub async fn concurrent_claims_never_double<F: Factory>(f: &F) {
             })
         })
         .collect();
-    let run = async {
-        for s in submitters {
-            s.await.unwrap();
-        }
-        let mut seen = HashSet::new();
-        for h in claimers {
-            for id in h.await.unwrap() {
-                assert!(seen.insert(id), "task {id} claimed twice");
-            }
-        }
-        seen
-    };
-    let seen = tokio::time::timeout(Duration::from_secs(300), run).await.expect("claimers never saw every task");
+    for s in submitters {
+        s.await.unwrap();
+    }
+    let seen = claimed_once(claimers, Duration::from_secs(300)).await;
     assert_eq!(seen.len(), N);
     assert_eq!(q.counts().await.unwrap().completed, N as u64);
 }
@@ -867,36 +841,51 @@ where
 /// instances `a` and `b` over the same tasks, each with its own connections, claim `n` tasks
 /// concurrently while both submit; every task is claimed exactly once and completed.
 pub async fn two_instances_claim_each_task_once<Q: TaskQueue>(a: Arc<Q>, b: Arc<Q>, n: usize) {
-    let claimed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let all_claimed = CancellationToken::new();
-    let mut claimers = Vec::new();
-    for i in 0..16 {
-        let q = if i % 2 == 0 { a.clone() } else { b.clone() };
-        let (claimed, all_claimed) = (claimed.clone(), all_claimed.clone());
-        claimers.push(tokio::spawn(async move {
-            let mut mine = Vec::new();
-            while let Some(c) = q.claim_wait(&w(i), &ANY, LEASE, &all_claimed).await.unwrap() {
-                mine.push(c.task.id);
-                q.complete(&c.lease, done("ok")).await.unwrap();
-                if claimed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
-                    all_claimed.cancel();
-                }
-            }
-            mine
-        }));
-    }
+    let claimers = claimers(&[a.clone(), b.clone()], 16, n);
     let submits = (0..n).map(|i| {
         let q = if i % 2 == 0 { a.clone() } else { b.clone() };
         async move { q.submit(new(&i.to_string(), (i % 10) as i64 + 1)).await.unwrap() }
     });
     futures::future::join_all(submits).await;
+    assert_eq!(claimed_once(claimers, Duration::from_secs(120)).await.len(), n);
+    assert_eq!(a.counts().await.unwrap().completed, n as u64);
+}
+
+/// `count` claimers spread over `queues` in turn, racing until `n` tasks in all have been
+/// claimed: each parked between claims (never giving up on an empty queue while submitters
+/// still run), completing what it claims. Await them with [`claimed_once`].
+pub fn claimers<Q: TaskQueue>(queues: &[Arc<Q>], count: usize, n: usize) -> Vec<JoinHandle<Vec<TaskId>>> {
+    let claimed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all_claimed = CancellationToken::new();
+    (0..count)
+        .map(|i| {
+            let q = queues[i % queues.len()].clone();
+            let (claimed, all_claimed) = (claimed.clone(), all_claimed.clone());
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                while let Some(c) = q.claim_wait(&w(i), &ANY, LEASE, &all_claimed).await.unwrap() {
+                    mine.push(c.task.id);
+                    q.complete(&c.lease, done("ok")).await.unwrap();
+                    if claimed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
+                        all_claimed.cancel();
+                    }
+                }
+                mine
+            })
+        })
+        .collect()
+}
+
+/// Every task the [`claimers`] claimed, once they are done (all within `within`), each
+/// asserted claimed once only.
+pub async fn claimed_once(claimers: Vec<JoinHandle<Vec<TaskId>>>, within: Duration) -> HashSet<TaskId> {
+    let deadline = tokio::time::Instant::now() + within;
     let mut seen = HashSet::new();
     for h in claimers {
-        let ids = tokio::time::timeout(Duration::from_secs(120), h).await.expect("every task claimed").unwrap();
+        let ids = tokio::time::timeout_at(deadline, h).await.expect("the claimers never saw every task").unwrap();
         for id in ids {
             assert!(seen.insert(id), "task {id} claimed twice");
         }
     }
-    assert_eq!(seen.len(), n);
-    assert_eq!(a.counts().await.unwrap().completed, n as u64);
+    seen
 }

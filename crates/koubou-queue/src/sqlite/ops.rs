@@ -200,7 +200,8 @@ pub fn claim(
          ORDER BY priority DESC, seq LIMIT 1) \
          RETURNING {COLUMNS}"
     );
-    let task = ctx.conn.prepare_cached(&sql).sql()?.query_row(params_from_iter(args), task_from_row).optional().sql()?;
+    let task =
+        ctx.conn.prepare_cached(&sql).sql()?.query_row(params_from_iter(args), task_from_row).optional().sql()?;
     Ok(task.map(|task| claimed(ctx, task, worker, lease_until)))
 }
 
