@@ -186,14 +186,14 @@ impl Capabilities {
 
     /// Whether a worker with these capabilities may claim `task`.
     pub fn serves(&self, task: &Task) -> bool {
-        self.serves_kind_and_tags(Some(task.kind.as_str()), &task.tags)
+        self.serves_kind_and_tags(Some(task.kind.as_str()), Some(&task.tags))
     }
 
-    /// [`serves`](Self::serves) for a task known only by its kind (`None`: unknown, which only a
-    /// worker of any kind serves) and tags, as a dispatcher's delivery names it.
-    pub fn serves_kind_and_tags(&self, kind: Option<&str>, tags: &[String]) -> bool {
+    /// [`serves`](Self::serves) for a task known only by its kind and tags, as a dispatcher's
+    /// delivery names them; either unknown (`None`) is served only by a worker that takes any.
+    pub fn serves_kind_and_tags(&self, kind: Option<&str>, tags: Option<&[String]>) -> bool {
         self.kinds.as_ref().is_none_or(|ks| kind.is_some_and(|k| ks.iter().any(|x| x.as_str() == k)))
-            && self.tags.as_ref().is_none_or(|ts| tags.iter().all(|t| ts.contains(t)))
+            && self.tags.as_ref().is_none_or(|ts| tags.is_some_and(|tags| tags.iter().all(|t| ts.contains(t))))
     }
 }
 
@@ -387,3 +387,25 @@ pub trait Dispatch: Send + Sync + 'static {
 pub trait TaskQueue: TaskStore + Dispatch {}
 
 impl<Q: TaskStore + Dispatch + ?Sized> TaskQueue for Q {}
+
+#[cfg(test)]
+mod tests {
+    use koubou_task::TaskKind;
+
+    use super::Capabilities;
+
+    /// What a dispatcher's delivery names is checked like a task; a kind or tags it does not
+    /// name go only to a worker that takes any.
+    #[test]
+    fn capabilities_serve_what_a_delivery_names() {
+        let gpu = vec!["gpu".to_owned()];
+        let code = Capabilities { kinds: Some(vec![TaskKind::parse("code").unwrap()]), tags: Some(gpu.clone()) };
+        assert!(code.serves_kind_and_tags(Some("code"), Some(&gpu)));
+        assert!(code.serves_kind_and_tags(Some("code"), Some(&[])), "an untagged task");
+        assert!(!code.serves_kind_and_tags(Some("code"), Some(&["team:a".to_owned()])));
+        assert!(!code.serves_kind_and_tags(Some("general"), Some(&[])));
+        assert!(!code.serves_kind_and_tags(None, Some(&[])), "unknown kind");
+        assert!(!code.serves_kind_and_tags(Some("code"), None), "unknown tags");
+        assert!(Capabilities::any().serves_kind_and_tags(None, None));
+    }
+}

@@ -53,6 +53,15 @@ impl Link {
     }
 }
 
+/// What a delivery says of its task.
+pub(crate) struct Named<'a> {
+    pub id: TaskId,
+    /// Its kind (the message's `type`); `None` when the delivery has none: unknown.
+    pub kind: Option<&'a str>,
+    /// Its tags (the `tags` header); `None` when the delivery has no readable one: unknown.
+    pub tags: Option<Vec<String>>,
+}
+
 /// A delivery taken with `basic.get`, and the link it came on (its ack goes back there).
 /// Dropped without an answer (the claim was abandoned), it is handed back to the queue.
 pub(crate) struct Taken {
@@ -61,17 +70,15 @@ pub(crate) struct Taken {
 }
 
 impl Taken {
-    /// The task the delivery names, its kind, and its tags (none when the delivery carries no
-    /// `tags` header).
-    pub fn task(&self) -> Option<(TaskId, Option<&str>, Vec<String>)> {
+    /// The task the delivery names, with its kind and tags.
+    pub fn task(&self) -> Option<Named<'_>> {
         let d = self.delivery.as_ref()?;
         let id = std::str::from_utf8(&d.data).ok()?.parse().ok()?;
         let tags = match d.properties.headers().as_ref().and_then(|h| h.inner().get(TAGS)) {
-            Some(AMQPValue::LongString(s)) => serde_json::from_slice(s.as_bytes()).ok()?,
-            Some(_) => return None,
-            None => Vec::new(),
+            Some(AMQPValue::LongString(s)) => serde_json::from_slice(s.as_bytes()).ok(),
+            _ => None,
         };
-        Some((id, d.properties.kind().as_ref().map(|k| k.as_str()), tags))
+        Some(Named { id, kind: d.properties.kind().as_ref().map(|k| k.as_str()), tags })
     }
 
     /// The payload, for messages about a delivery that names no task.

@@ -320,12 +320,12 @@ impl<S: Outbox> Dispatch for AmqpDispatch<S> {
                 Ok(None) => break Ok(None),
                 Err(e) => break Err(e),
             };
-            let Some((id, kind, tags)) = taken.task() else {
+            let Some(broker::Named { id, kind, tags }) = taken.task() else {
                 tracing::warn!(data = ?taken.data(), "dropped a delivery that names no task");
                 broker.ack(taken).await;
                 continue;
             };
-            if !caps.serves_kind_and_tags(kind, &tags) {
+            if !caps.serves_kind_and_tags(kind, tags.as_deref()) {
                 passed_over.push(taken);
                 if passed_over.len() >= KIND_SCAN {
                     break Ok(None);
