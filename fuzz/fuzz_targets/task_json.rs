@@ -3,7 +3,7 @@
 //! fails the server's limits with a named field too.
 #![no_main]
 
-use koubou_system::api::SubmitRequest;
+use koubou_api::SubmitRequest;
 use koubou_task::Limits;
 use libfuzzer_sys::fuzz_target;
 

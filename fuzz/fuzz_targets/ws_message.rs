@@ -2,7 +2,7 @@
 //! answers an `error` and stays open).
 #![no_main]
 
-use koubou_system::ApiError;
+use koubou_api::ApiError;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {

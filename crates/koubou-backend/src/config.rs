@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, path::PathBuf};
 
-use koubou_task::GenOptions;
+use koubou_task::{GenOptions, Prices};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -57,58 +57,6 @@ pub struct BackendSettings {
     /// never does.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote: Option<bool>,
-}
-
-/// What a backend charges, per million tokens (in the currency of your price list; the docs
-/// assume US dollars). Unset prices count as free.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-#[serde(default)]
-pub struct Prices {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub price_input_per_mtok: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub price_output_per_mtok: Option<f64>,
-    /// Prompt tokens the provider served from its cache (unset: the input price).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub price_cached_input_per_mtok: Option<f64>,
-}
-
-impl Prices {
-    /// True when any price is set.
-    pub fn is_set(&self) -> bool {
-        self.price_input_per_mtok.is_some()
-            || self.price_output_per_mtok.is_some()
-            || self.price_cached_input_per_mtok.is_some()
-    }
-
-    /// What `usage` costs at these prices.
-    pub fn cost(&self, usage: &koubou_task::Usage) -> f64 {
-        let input = self.price_input_per_mtok.unwrap_or(0.0);
-        let cached = self.price_cached_input_per_mtok.unwrap_or(input);
-        let read = usage.cache_read_tokens.unwrap_or(0);
-        let fresh = usage.prompt_tokens.saturating_sub(read);
-        let cached_tokens = read.min(usage.prompt_tokens);
-        (fresh as f64 * input
-            + cached_tokens as f64 * cached
-            + usage.completion_tokens as f64 * self.price_output_per_mtok.unwrap_or(0.0))
-            / 1e6
-    }
-
-    /// Refuses negative or non-finite prices, naming the key.
-    pub fn check(&self, table: &str) -> Result<(), String> {
-        for (key, v) in [
-            ("price_input_per_mtok", self.price_input_per_mtok),
-            ("price_output_per_mtok", self.price_output_per_mtok),
-            ("price_cached_input_per_mtok", self.price_cached_input_per_mtok),
-        ] {
-            if let Some(v) = v
-                && !(v.is_finite() && v >= 0.0)
-            {
-                return Err(format!("{table}: {key} must be a number >= 0, got {v}"));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// `[pricing]`: the reference price that values what local backends served — "what the local
@@ -696,26 +644,5 @@ mod tests {
         let codex = BackendConfig::Codex(CodexConfig::default());
         assert!(codex.remote_by_default());
         assert!(!BackendConfig::Echo(EchoConfig::default()).remote_by_default());
-    }
-
-    #[test]
-    fn cost_from_usage_and_prices() {
-        let p = Prices {
-            price_input_per_mtok: Some(2.0),
-            price_output_per_mtok: Some(10.0),
-            price_cached_input_per_mtok: Some(0.5),
-        };
-        let u = koubou_task::Usage { cache_read_tokens: Some(200_000), ..koubou_task::Usage::new(1_000_000, 500_000) };
-        // 800k fresh × 2 + 200k cached × 0.5 + 500k × 10, per million.
-        assert!((p.cost(&u) - (1.6 + 0.1 + 5.0)).abs() < 1e-9);
-        let no_cache_price = Prices { price_cached_input_per_mtok: None, ..p };
-        assert!((no_cache_price.cost(&u) - (2.0 + 5.0)).abs() < 1e-9);
-        assert_eq!(Prices::default().cost(&u), 0.0);
-        assert!(
-            Prices { price_input_per_mtok: Some(-1.0), ..Prices::default() }
-                .check("t")
-                .unwrap_err()
-                .contains("price_input_per_mtok")
-        );
     }
 }

@@ -44,12 +44,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 pub use config::{
-    BackendConfig, BackendSettings, BackendTable, BackendsConfig, EmbeddedConfig, Prices, PricingConfig, TypeRoute,
+    BackendConfig, BackendSettings, BackendTable, BackendsConfig, EmbeddedConfig, PricingConfig, TypeRoute,
 };
-pub use koubou_task::{GenOptions, Usage};
+pub use koubou_task::{GenOptions, MeterReading, Prices, Spared, Usage};
 pub use process::{AUTH_TOKEN_ENV, withhold_env};
 pub use providers::build;
-pub use router::{Meter, MeterReading, Plan, Profile, RouteError, Router, Served, Spared, Step};
+pub use router::{Meter, Plan, Profile, RouteError, Router, Served, Step};
 use serde::Serialize;
 pub use tokio_util::sync::CancellationToken;
 

@@ -19,9 +19,8 @@ use std::{
     time::Duration,
 };
 
-use koubou_task::{GenOptions, NewTask, Task, Usage};
+use koubou_task::{GenOptions, MeterReading, NewTask, Spared, Task, Usage};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 
 use crate::cooldown::Cooldowns;
 use crate::{
@@ -68,6 +67,13 @@ pub enum RouteError {
 }
 
 impl RouteError {
+    /// True when the task itself is at fault (its schema cannot be used), so no router
+    /// anywhere could run it; false when it is this router's configuration that cannot (another
+    /// node's, or this one's after a change, may).
+    pub fn is_the_tasks(&self) -> bool {
+        matches!(self, RouteError::BadSchema(_))
+    }
+
     /// The submission field at fault.
     pub fn field(&self) -> &'static str {
         match self {
@@ -89,31 +95,6 @@ pub struct Profile {
     pub prices: Prices,
 }
 
-/// Tokens and cost a backend served since start.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-#[serde(default)]
-pub struct MeterReading {
-    /// Generations it completed (including answers a structured-output check then refused).
-    #[schema(required = true)]
-    pub answers: u64,
-    #[schema(required = true)]
-    pub prompt_tokens: u64,
-    #[schema(required = true)]
-    pub completion_tokens: u64,
-    /// Of the prompt tokens, those read from the provider's prompt cache.
-    #[schema(required = true)]
-    pub cached_tokens: u64,
-    /// At its configured prices (0 when it has none).
-    #[schema(required = true)]
-    pub cost: f64,
-}
-
-impl MeterReading {
-    fn usage(&self) -> Usage {
-        Usage { cache_read_tokens: Some(self.cached_tokens), ..Usage::new(self.prompt_tokens, self.completion_tokens) }
-    }
-}
-
 /// One backend's running totals.
 #[derive(Debug, Default)]
 pub struct Meter(Mutex<MeterReading>);
@@ -131,17 +112,6 @@ impl Meter {
     pub fn read(&self) -> MeterReading {
         *self.0.lock()
     }
-}
-
-/// What the local backends spared a paid API: their tokens at the reference prices.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct Spared {
-    /// The `[pricing] reference` backend, if one is named.
-    #[schema(required = true)]
-    pub reference: Option<String>,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub cost: f64,
 }
 
 struct Entry {

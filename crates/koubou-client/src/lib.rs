@@ -1,4 +1,4 @@
-//! `Client`: [`koubou_system::Api`] over HTTP, against a running `koubou serve`.
+//! `Client`: [`koubou_api::Api`] over HTTP, against a running `koubou serve`.
 //!
 //! Errors come back as the same [`ApiError`] the server sent (rebuilt from its JSON body), so a
 //! caller cannot tell a local system from a remote one. The HTTP client is built like the
@@ -9,14 +9,12 @@
 use async_trait::async_trait;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use koubou_system::{
-    Api, ApiError,
-    api::{
-        EventStream, HealthView, ListQuery, SubmitRequest, SubmitResponse, SystemStatus, TaskList, TaskView,
-        WorkersView,
-    },
+use koubou_api::{
+    Api, ApiError, EventFeed, EventStream, HealthView, ListQuery, Second, SubmitRequest, SubmitResponse, SystemInfo,
+    SystemStatus, TaskList, TaskView, WorkersView,
 };
-use koubou_task::{Event, TaskId};
+use koubou_http::error::from_body;
+use koubou_task::{Event, Limits, TaskId};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -60,7 +58,7 @@ impl Client {
         let status = resp.status().as_u16();
         let body: Value = resp.json().await.map_err(|e| ApiError::Internal(format!("bad answer from server: {e}")))?;
         if status >= 400 {
-            return Err(ApiError::from_body(status, &body));
+            return Err(from_body(status, &body));
         }
         serde_json::from_value(body).map_err(|e| ApiError::Internal(format!("unexpected answer from server: {e}")))
     }
@@ -68,6 +66,10 @@ impl Client {
     /// `GET /metrics` as text.
     pub async fn metrics(&self) -> Result<String, ApiError> {
         let r = self.req(reqwest::Method::GET, "/metrics").send().await.map_err(|e| self.unreachable(e))?;
+        let status = r.status().as_u16();
+        if status >= 400 {
+            return Err(from_body(status, &r.json().await.unwrap_or(Value::Null)));
+        }
         r.text().await.map_err(|e| ApiError::Internal(e.to_string()))
     }
 }
@@ -139,18 +141,48 @@ impl Api for Client {
         let status = resp.status().as_u16();
         if status >= 400 {
             let body: Value = resp.json().await.unwrap_or(Value::Null);
-            return Err(ApiError::from_body(status, &body));
+            return Err(from_body(status, &body));
         }
         let events = resp.bytes_stream().eventsource().filter_map(|e| async move {
             match e {
                 Ok(ev) if ev.event == "error" => {
                     let body: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
-                    Some(Err(ApiError::from_body(500, &body)))
+                    Some(Err(from_body(500, &body)))
                 }
                 Ok(ev) => serde_json::from_str::<Event>(&ev.data).ok().map(Ok),
                 Err(e) => Some(Err(ApiError::Unavailable(format!("event stream broke: {e}")))),
             }
         });
         Ok(Box::pin(events))
+    }
+
+    /// Not served over HTTP: a client relays one task's events ([`Api::watch`]), not the
+    /// whole stream.
+    async fn events(&self, _after: Option<u64>) -> Result<EventFeed, ApiError> {
+        Err(ApiError::Unavailable(format!(
+            "{} does not relay its whole event stream over HTTP; watch one task, or use the WebSocket at /ws",
+            self.base
+        )))
+    }
+    async fn metrics_text(&self) -> Result<String, ApiError> {
+        self.metrics().await
+    }
+    async fn info(&self) -> Result<SystemInfo, ApiError> {
+        self.send(self.req(reqwest::Method::GET, "/system/info")).await
+    }
+    /// From the dashboard's metrics (`GET /dashboard/api/metrics`, whose `seconds` cover the
+    /// last ten minutes).
+    async fn history(&self, secs: usize) -> Result<Vec<Second>, ApiError> {
+        #[derive(serde::Deserialize)]
+        struct Metrics {
+            seconds: Vec<Second>,
+        }
+        let m: Metrics = self.send(self.req(reqwest::Method::GET, "/dashboard/api/metrics")).await?;
+        Ok(m.seconds.into_iter().filter(|s| s.within_last(secs)).collect())
+    }
+    /// The defaults: a client holds nothing to the server's limits (the server does, and says
+    /// so in its errors).
+    fn limits(&self) -> Limits {
+        Limits::default()
     }
 }

@@ -25,7 +25,7 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use koubou_system::config::ServerConfig;
+use koubou_api::settings::ServerConfig;
 
 use crate::{
     authority::{Authority, HostRules, Origin, parse_allowed_origins, parse_authority, parse_origin},

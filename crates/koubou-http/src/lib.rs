@@ -12,7 +12,8 @@
 //! - [`openapi`]: the REST API's OpenAPI 3.1 document (`GET /openapi.json`, `docs/openapi.json`),
 //!   made from the handlers and the types they send.
 //!
-//! Architecture invariant: handlers call `Koubou`'s [`koubou_system::Api`] and nothing else;
+//! Architecture invariant: handlers call an `Arc<dyn` [`koubou_api::Api`]`>` and nothing else (this
+//! crate does not know the system that serves it);
 //! nothing reaches a handler that the guard and the body limit have not let through.
 
 pub mod authority;

@@ -9,9 +9,13 @@
 
 use std::sync::LazyLock;
 
-use koubou_system::api::ErrorBody;
+#[cfg(doc)]
+use koubou_api::SubmitRequest;
+use koubou_task::{GenOptions, Priority, TaskKind};
+use serde::Deserialize;
+use serde_json::{Map, Value};
 use utoipa::{
-    IntoResponses, Modify, OpenApi, PartialSchema,
+    IntoResponses, Modify, OpenApi, PartialSchema, ToSchema,
     openapi::{
         self, AllOfBuilder, ContentBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder, Schema,
         header::HeaderBuilder,
@@ -20,7 +24,64 @@ use utoipa::{
     },
 };
 
-use crate::rest;
+use crate::{error::ErrorBody, rest};
+
+/// The JSON body [`SubmitRequest::from_json`] reads (`POST /task/delegate`), as its schema in the
+/// REST API's OpenAPI document: never built, it only describes. `prompt` or its alias `content`
+/// is required (`prompt` wins when both are sent); `null` is the same as an absent field, except
+/// for `prompt` and `content`; any other field is refused.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct SubmitBody {
+    /// The task's type (default `general`); it must be configured on the server.
+    #[serde(rename = "type")]
+    kind: Option<TaskKind>,
+    /// The text of the task.
+    #[serde(default)]
+    prompt: String,
+    /// The prototype's name for `prompt`.
+    #[serde(default)]
+    content: String,
+    /// Default 5.
+    priority: Option<Priority>,
+    /// A system prompt (else the one configured for the type).
+    system: Option<String>,
+    /// Pins the model (else the router's choice for the type).
+    model: Option<String>,
+    /// Pins the backend (else the router's choice for the type).
+    backend: Option<String>,
+    /// At most `limits.max_attempts_cap` (0 counts as 1).
+    max_attempts: Option<u64>,
+    /// At most `limits.max_timeout_secs`.
+    timeout_secs: Option<u64>,
+    /// A second submission with the same key returns the first task instead of a new one.
+    idempotency_key: Option<String>,
+    options: Option<GenOptions>,
+    /// Free JSON kept with the task (at most `limits.max_metadata_bytes` serialized).
+    metadata: Option<Map<String, Value>>,
+    /// Labels, lower-cased and de-duplicated (at most 16); `confidential` keeps the task off
+    /// remote backends whatever the routing. One string is one tag.
+    tags: Option<SubmitTags>,
+    /// Ask for a JSON answer; one that does not parse fails the attempt.
+    json: Option<bool>,
+    /// A JSON Schema the answer must follow (implies `json`).
+    #[schema(value_type = Option<Object>)]
+    schema: Option<Value>,
+    /// Wait for the result and answer with it (bounded by `server.sync_wait_secs`).
+    sync: Option<bool>,
+    /// How long to wait when `sync` (default and bound: `server.sync_wait_secs`).
+    wait_secs: Option<u64>,
+}
+
+/// `tags` in [`SubmitBody`]: one tag, or a list of them.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum SubmitTags {
+    One(String),
+    Many(Vec<String>),
+}
 
 /// Answers any route calling the system may give when the server, not the request, is at fault.
 #[derive(IntoResponses)]
@@ -176,4 +237,46 @@ pub fn json() -> &'static str {
         s
     });
     &JSON
+}
+
+#[cfg(test)]
+mod tests {
+    use koubou_api::SUBMIT_FIELDS;
+
+    use super::*;
+
+    /// The properties of a derived object schema.
+    fn properties<T: utoipa::PartialSchema>() -> Vec<String> {
+        match T::schema() {
+            utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(o)) => o.properties.keys().cloned().collect(),
+            _ => panic!("not an object schema"),
+        }
+    }
+
+    #[test]
+    fn the_submit_schema_has_exactly_the_fields_read() {
+        let schema = properties::<SubmitBody>();
+        for f in SUBMIT_FIELDS {
+            assert!(
+                schema.contains(&f.to_string()),
+                "SubmitRequest::from_json reads {f:?} but SubmitBody (its OpenAPI schema) has no such field: \
+                 add `{f}` to SubmitBody with its type and a doc comment, then regenerate docs/openapi.json"
+            );
+        }
+        for f in &schema {
+            assert!(
+                SUBMIT_FIELDS.contains(&f.as_str()),
+                "SubmitBody (the OpenAPI schema of POST /task/delegate) has {f:?}, which \
+                 SubmitRequest::from_json refuses: add it to SUBMIT_FIELDS and read it, or remove it"
+            );
+        }
+        // Unknown fields are refused, so the schema says so.
+        let utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(o)) =
+            <SubmitBody as utoipa::PartialSchema>::schema()
+        else {
+            unreachable!()
+        };
+        let extra = serde_json::to_value(&o.additional_properties).unwrap();
+        assert_eq!(extra, serde_json::json!(false), "SubmitBody must say additionalProperties: false");
+    }
 }

@@ -12,38 +12,35 @@ use axum::{
     routing::{MethodRouter, get, post},
 };
 use futures::StreamExt;
-use koubou_system::{
-    Api, ApiError, Koubou,
-    api::{
-        ErrorBody, HealthView, ListQuery, SubmitBody, SubmitRequest, SubmitResponse, SystemStatus, TaskList, TaskView,
-        WorkersView,
-    },
+use koubou_api::{
+    Api, ApiError, HealthView, ListQuery, SubmitRequest, SubmitResponse, SystemInfo, SystemStatus, TaskList, TaskView,
+    WorkersView,
 };
 use koubou_task::TaskId;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::{
-    error::{HttpError, json_error},
-    openapi::ServerTrouble,
+    error::{ErrorBody, HttpError, json_error},
+    openapi::{ServerTrouble, SubmitBody},
 };
 
 type Res<T> = Result<T, HttpError>;
 
 /// The REST API. The caller adds the [`crate::guard`] layer and any other faces.
-pub fn router(k: Koubou) -> Router {
-    let body_limit = k.config().limits.body_bytes();
+pub fn router(api: Arc<dyn Api>) -> Router {
+    let body_limit = api.limits().body_bytes();
     routes()
         .into_iter()
         .fold(Router::new(), |r, (path, handler)| r.route(path, handler))
         .layer(DefaultBodyLimit::max(body_limit))
         // One DEBUG line per request and its answer (`LOG_LEVEL=debug`), in mcp_server.log.
         .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(Arc::new(k))
+        .with_state(api)
 }
 
 /// Every route, the one list the router is made of and the OpenAPI document is checked against.
-fn routes() -> Vec<(&'static str, MethodRouter<Arc<Koubou>>)> {
+fn routes() -> Vec<(&'static str, MethodRouter<Arc<dyn Api>>)> {
     vec![
         ("/task/delegate", post(delegate)),
         ("/task/{id}/status", get(status)),
@@ -95,7 +92,7 @@ fn task_id(s: &str) -> Result<TaskId, HttpError> {
             headers(("Retry-After" = u64, description = "Seconds to wait before sending it again."))),
         ServerTrouble,
     ))]
-pub(crate) async fn delegate(State(k): State<Arc<Koubou>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn delegate(State(k): State<Arc<dyn Api>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Some(ct) = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("?"))
         && !crate::is_json(ct)
     {
@@ -129,7 +126,7 @@ pub(crate) async fn delegate(State(k): State<Arc<Koubou>>, headers: HeaderMap, b
         (status = 404, description = "No such task.", body = ErrorBody),
         ServerTrouble,
     ))]
-pub(crate) async fn status(State(k): State<Arc<Koubou>>, Path(id): Path<String>) -> Res<impl IntoResponse> {
+pub(crate) async fn status(State(k): State<Arc<dyn Api>>, Path(id): Path<String>) -> Res<impl IntoResponse> {
     Ok(Json(k.task(task_id(&id)?).await?))
 }
 
@@ -142,7 +139,7 @@ pub(crate) async fn status(State(k): State<Arc<Koubou>>, Path(id): Path<String>)
         (status = 409, description = "The task has already finished.", body = ErrorBody),
         ServerTrouble,
     ))]
-pub(crate) async fn cancel(State(k): State<Arc<Koubou>>, Path(id): Path<String>) -> Res<impl IntoResponse> {
+pub(crate) async fn cancel(State(k): State<Arc<dyn Api>>, Path(id): Path<String>) -> Res<impl IntoResponse> {
     Ok(Json(k.cancel(task_id(&id)?).await?))
 }
 
@@ -162,7 +159,7 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, HttpError> {
         ServerTrouble,
     ))]
 pub(crate) async fn list(
-    State(k): State<Arc<Koubou>>,
+    State(k): State<Arc<dyn Api>>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Res<impl IntoResponse> {
     Ok(Json(k.tasks(query(q)?).await?))
@@ -194,7 +191,7 @@ macro_rules! legacy_list {
     ($name:ident, $path:literal, $statuses:literal, $what:literal) => {
         #[doc = concat!("The prototype's list of ", $what, " tasks (`", $statuses, "`): a bare array, newest first.")]
         #[utoipa::path(get, path = $path, tag = "prototype", params(LimitOnly), responses(LegacyListAnswers, ServerTrouble))]
-        pub(crate) async fn $name(s: State<Arc<Koubou>>, q: Result<Query<LimitOnly>, QueryRejection>) -> Res<Response> {
+        pub(crate) async fn $name(s: State<Arc<dyn Api>>, q: Result<Query<LimitOnly>, QueryRejection>) -> Res<Response> {
             legacy(s, q, $statuses).await
         }
     };
@@ -205,7 +202,7 @@ legacy_list!(completed, "/tasks/completed", "completed", "completed");
 
 /// The prototype's `/tasks/pending|active|completed?limit=`: a bare list, as its clients expect.
 async fn legacy(
-    State(k): State<Arc<Koubou>>,
+    State(k): State<Arc<dyn Api>>,
     q: Result<Query<LimitOnly>, QueryRejection>,
     status: &str,
 ) -> Res<Response> {
@@ -217,54 +214,29 @@ async fn legacy(
 /// The worker pool: its bounds and each worker's state.
 #[utoipa::path(get, path = "/workers/status", tag = "system",
     responses((status = 200, description = "The pool.", body = WorkersView), ServerTrouble))]
-pub(crate) async fn workers(State(k): State<Arc<Koubou>>) -> Res<impl IntoResponse> {
+pub(crate) async fn workers(State(k): State<Arc<dyn Api>>) -> Res<impl IntoResponse> {
     Ok(Json(k.workers().await?))
 }
 
 /// Health: `healthy`, or `degraded` when a backend that some task type uses first is down.
 #[utoipa::path(get, path = "/health", tag = "system",
     responses((status = 200, description = "Health (200 whether healthy or degraded; `status` says).", body = HealthView), ServerTrouble))]
-pub(crate) async fn health(State(k): State<Arc<Koubou>>) -> Res<impl IntoResponse> {
+pub(crate) async fn health(State(k): State<Arc<dyn Api>>) -> Res<impl IntoResponse> {
     Ok(Json(k.health().await?))
 }
 
 /// Counts, throughput and resource use (the seed's `systemStatus`).
 #[utoipa::path(get, path = "/status", tag = "system",
     responses((status = 200, description = "The system's status.", body = SystemStatus), ServerTrouble))]
-pub(crate) async fn system_status(State(k): State<Arc<Koubou>>) -> Res<impl IntoResponse> {
+pub(crate) async fn system_status(State(k): State<Arc<dyn Api>>) -> Res<impl IntoResponse> {
     Ok(Json(k.status().await?))
-}
-
-/// `GET /system/info`.
-#[derive(Serialize, ToSchema)]
-pub struct SystemInfo {
-    /// `koubou`.
-    server_type: &'static str,
-    version: &'static str,
-    /// The server's home directory.
-    #[schema(value_type = String)]
-    koubou_home: std::path::PathBuf,
-    /// The task database.
-    #[schema(value_type = String)]
-    db_path: std::path::PathBuf,
-    #[schema(value_type = String)]
-    logs_dir: std::path::PathBuf,
-    /// When this answer was made (RFC 3339).
-    timestamp: String,
 }
 
 /// Where this server keeps its files (the prototype's `/system/info`).
 #[utoipa::path(get, path = "/system/info", tag = "prototype",
-    responses((status = 200, description = "Paths and version.", body = SystemInfo)))]
-pub(crate) async fn system_info(State(k): State<Arc<Koubou>>) -> Json<SystemInfo> {
-    Json(SystemInfo {
-        server_type: "koubou",
-        version: env!("CARGO_PKG_VERSION"),
-        koubou_home: k.home_dir().to_owned(),
-        db_path: k.db_path().to_owned(),
-        logs_dir: k.home_dir().join("logs"),
-        timestamp: koubou_task::rfc3339(koubou_task::now_millis()),
-    })
+    responses((status = 200, description = "Paths and version.", body = SystemInfo), ServerTrouble))]
+pub(crate) async fn system_info(State(k): State<Arc<dyn Api>>) -> Res<Json<SystemInfo>> {
+    Ok(Json(k.info().await?))
 }
 
 /// This document: the REST API on this port, in OpenAPI 3.1.
@@ -279,7 +251,7 @@ pub(crate) async fn openapi_json() -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "system",
     responses((status = 200, description = "The metrics.", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String),
         ServerTrouble))]
-pub(crate) async fn metrics(State(k): State<Arc<Koubou>>) -> Res<impl IntoResponse> {
+pub(crate) async fn metrics(State(k): State<Arc<dyn Api>>) -> Res<impl IntoResponse> {
     let text = k.metrics_text().await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text))
 }
@@ -307,12 +279,12 @@ pub struct TaskEventMessage {
         (status = 404, description = "No such task.", body = ErrorBody),
         ServerTrouble,
     ))]
-pub(crate) async fn events(State(k): State<Arc<Koubou>>, Path(id): Path<String>) -> Res<impl IntoResponse> {
+pub(crate) async fn events(State(k): State<Arc<dyn Api>>, Path(id): Path<String>) -> Res<impl IntoResponse> {
     let stream = k.watch(task_id(&id)?).await?;
     let sse_events = stream.map(|e| {
         Ok::<_, Infallible>(match e {
             Ok(e) => sse::Event::default().event(e.kind.name()).data(serde_json::to_string(&e).unwrap_or_default()),
-            Err(e) => sse::Event::default().event("error").data(e.body().to_string()),
+            Err(e) => sse::Event::default().event("error").data(crate::error::body(&e).to_string()),
         })
     });
     Ok(sse::Sse::new(sse_events).keep_alive(sse::KeepAlive::new().interval(Duration::from_secs(15))))

@@ -5,11 +5,12 @@
 
 use std::collections::BTreeSet;
 
-use koubou_http::openapi;
-use koubou_system::api::{
-    BackendView, CooldownView, ErrorBody, HealthView, QueueView, SubmitResponse, SystemStatus, TaskList, TaskResult,
-    TaskView, WorkerView, WorkersView,
+use koubou_api::{
+    BackendView, CooldownView, HealthView, QueueView, SubmitResponse, SystemStatus, TaskList, TaskResult, TaskView,
+    WorkerView, WorkersView,
 };
+use koubou_http::error::{ErrorBody, ErrorDetail};
+use koubou_http::openapi;
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
@@ -132,8 +133,5 @@ fn response_schemas_require_exactly_what_is_always_sent() {
     );
     required_is_what_is_always_sent::<koubou_task::Usage>("Usage", json!({"prompt_tokens": 1, "completion_tokens": 1}));
     required_is_what_is_always_sent::<ErrorBody>("ErrorBody", json!({"error": {"code": "c", "message": "m"}}));
-    required_is_what_is_always_sent::<koubou_system::api::ErrorDetail>(
-        "ErrorDetail",
-        json!({"code": "c", "message": "m"}),
-    );
+    required_is_what_is_always_sent::<ErrorDetail>("ErrorDetail", json!({"code": "c", "message": "m"}));
 }

@@ -5,14 +5,14 @@
 use axum::{
     Json, Router,
     extract::{Path, Query, State, rejection::JsonRejection},
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderValue, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use koubou_system::{
-    Api, ApiError, Koubou,
-    api::{ListQuery, SubmitRequest},
-};
+use std::sync::Arc;
+
+use koubou_api::{Api, ApiError, ListQuery, SubmitRequest};
+use koubou_http::error::HttpError;
 use koubou_task::TaskId;
 use serde_json::{Value, json};
 
@@ -22,12 +22,12 @@ use crate::{
 };
 
 /// Everything under `/dashboard`.
-pub fn dashboard_router(k: Koubou) -> Router {
+pub fn dashboard_router(k: Arc<dyn Api>) -> Router {
     dashboard_router_with(k, WsConfig::default())
 }
 
 /// [`dashboard_router`] with other WebSocket tuning (e.g. the port's shared [`crate::WsLimits`]).
-pub fn dashboard_router_with(k: Koubou, ws: WsConfig) -> Router {
+pub fn dashboard_router_with(k: Arc<dyn Api>, ws: WsConfig) -> Router {
     let st = WsState::new(k, ws);
     Router::new()
         .route("/dashboard", get(index))
@@ -65,12 +65,7 @@ fn reply<T: serde::Serialize>(r: Result<T, ApiError>) -> Response {
 }
 
 fn error(e: ApiError) -> Response {
-    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut r = (status, Json(e.body())).into_response();
-    if let Some(secs) = e.retry_after() {
-        r.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
-    }
-    r
+    HttpError(e).into_response()
 }
 
 fn parse_id(id: &str) -> Result<TaskId, ApiError> {
@@ -132,12 +127,16 @@ async fn status(State(st): State<WsState>) -> Response {
 async fn metrics(State(st): State<WsState>) -> Response {
     let mut samples = st.sampler.history();
     if samples.is_empty() {
-        samples.extend(st.sampler.latest(&st.k).await);
+        samples.extend(st.sampler.latest(&*st.k).await);
     }
+    let seconds = match st.k.history(600).await {
+        Ok(s) => s,
+        Err(e) => return error(e),
+    };
     Json(json!({
         "every_ms": crate::metrics::SAMPLE_EVERY.as_millis() as u64,
         "samples": samples,
-        "seconds": st.k.live().history(600),
+        "seconds": seconds,
     }))
     .into_response()
 }

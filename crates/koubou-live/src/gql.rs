@@ -3,19 +3,17 @@
 //! `submitTask(input:)`…, see `docs/compat.md`), plus `taskPage`, `pool`, `healthReport`,
 //! `cancelTask` and subscriptions over graphql-ws.
 //!
-//! Everything resolves through [`Koubou`]'s [`Api`]; subscriptions read the event bus.
+//! Everything resolves through the system's [`Api`]; subscriptions read its event feed.
 
 use async_graphql::{
     Context, Enum, ErrorExtensions, ID, InputObject, Object, Schema, SimpleObject, Subscription, futures_util::Stream,
 };
 use futures::StreamExt;
-use koubou_system::{
-    Api, ApiError, Koubou,
-    api::{self, ListQuery, SubmitRequest},
-};
-use koubou_task::{Event, EventKind, TaskId};
+use std::sync::Arc;
+
+use koubou_api::{self as api, Api, ApiError, ListQuery, SubmitRequest};
+use koubou_task::{Event, EventKind, Lagged, TaskId};
 use serde_json::{Map, Value};
-use tokio::sync::broadcast::error::RecvError;
 
 use crate::prototype;
 
@@ -23,8 +21,8 @@ use crate::prototype;
 pub type KoubouSchema = Schema<Query, Mutation, SubscriptionRoot>;
 
 /// Builds the schema over a running system, with its `[limits]` on every document.
-pub fn schema(k: Koubou) -> KoubouSchema {
-    let limits = crate::gql_limits::DocumentLimits::from_limits(&k.config().limits);
+pub fn schema(k: Arc<dyn Api>) -> KoubouSchema {
+    let limits = crate::gql_limits::DocumentLimits::from_limits(&k.limits());
     Schema::build(Query, Mutation, SubscriptionRoot).data(k).extension(limits).finish()
 }
 
@@ -33,8 +31,8 @@ pub fn sdl() -> String {
     Schema::build(Query, Mutation, SubscriptionRoot).finish().sdl()
 }
 
-fn k<'a>(ctx: &Context<'a>) -> &'a Koubou {
-    ctx.data_unchecked::<Koubou>()
+fn k<'a>(ctx: &Context<'a>) -> &'a dyn Api {
+    &**ctx.data_unchecked::<Arc<dyn Api>>()
 }
 
 /// An [`ApiError`] as a GraphQL error, with `extensions.code` (and `extensions.field`).
@@ -539,9 +537,7 @@ async fn page(
     limit: i32,
     before: Option<String>,
 ) -> async_graphql::Result<api::TaskList> {
-    let before = before
-        .map(|b| b.parse::<i64>().map_err(|_| gql_err(ApiError::invalid("before", "must be a nextCursor value"))))
-        .transpose()?;
+    let before = before.map(koubou_task::Cursor::from);
     let status = (!statuses.is_empty())
         .then(|| statuses.into_iter().map(|s| koubou_task::TaskStatus::from(s).as_str()).collect::<Vec<_>>().join(","));
     let q = ListQuery { status, kind, tag, q: search, limit: Some(usize::try_from(limit).unwrap_or(0)), before };
@@ -859,23 +855,22 @@ impl SubscriptionRoot {
         &self,
         ctx: &Context<'_>,
         #[graphql(default = false)] tokens: bool,
-    ) -> impl Stream<Item = async_graphql::Result<TaskEvent>> + use<> {
-        let rx = k(ctx).subscribe();
-        futures::stream::unfold(Some(rx), move |rx| async move {
-            let mut rx = rx?;
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<TaskEvent>> + use<>> {
+        let feed = k(ctx).events(None).await.map_err(gql_err)?;
+        Ok(futures::stream::unfold(Some(feed), move |feed| async move {
+            let mut feed = feed?;
             loop {
-                match rx.recv().await {
+                match feed.next().await? {
                     Ok(e) if !tokens && matches!(e.kind, EventKind::TaskToken { .. }) => continue,
-                    Ok(e) => return Some((Ok(TaskEvent::from_event(&e)), Some(rx))),
-                    Err(RecvError::Lagged(n)) => {
+                    Ok(e) => return Some((Ok(TaskEvent::from_event(&e)), Some(feed))),
+                    Err(Lagged(n)) => {
                         let err = gql_err(ApiError::Unavailable(format!(
                             "too slow: fell {n} events behind the event bus; subscribe again"
                         )));
                         return Some((Err(err), None));
                     }
-                    Err(RecvError::Closed) => return None,
                 }
             }
-        })
+        }))
     }
 }

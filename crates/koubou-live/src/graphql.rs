@@ -25,7 +25,9 @@ use axum::{
     routing::get,
 };
 use futures::{SinkExt, StreamExt};
-use koubou_system::Koubou;
+use std::sync::Arc;
+
+use koubou_api::Api;
 
 use crate::{
     assets,
@@ -41,13 +43,13 @@ struct Gql {
 }
 
 /// Router for port 8767: `/graphql` (+ `/graphql/assets/{file}`); `/` redirects to `/graphql`.
-pub fn graphql_router(k: Koubou) -> Router {
-    let ws = WsLimits::from_limits(&k.config().limits);
+pub fn graphql_router(k: Arc<dyn Api>) -> Router {
+    let ws = WsLimits::from_limits(&k.limits());
     graphql_router_with(k, ws)
 }
 
 /// [`graphql_router`] with the port's shared WebSocket limits.
-pub fn graphql_router_with(k: Koubou, ws: WsLimits) -> Router {
+pub fn graphql_router_with(k: Arc<dyn Api>, ws: WsLimits) -> Router {
     Router::new()
         .route("/graphql", get(graphql_get).post(graphql_post))
         .route("/graphql/assets/{file}", get(graphiql_asset))

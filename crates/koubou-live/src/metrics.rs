@@ -9,11 +9,12 @@ use std::{
     time::Duration,
 };
 
-use koubou_system::{Api, Koubou};
+use futures::StreamExt;
+use koubou_api::{Api, EventFeed};
 use koubou_task::{EventKind, Millis, now_millis};
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::{broadcast::error::RecvError, watch};
+use tokio::sync::watch;
 
 /// How often a sample is taken.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
@@ -62,7 +63,7 @@ struct Window {
 }
 
 impl Sampler {
-    pub fn start(k: Koubou) -> Sampler {
+    pub fn start(k: Arc<dyn Api>) -> Sampler {
         let shared = Arc::new(Shared { tx: watch::channel(None).0, history: Mutex::new(VecDeque::new()) });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(run(k, weak));
@@ -79,7 +80,7 @@ impl Sampler {
     }
 
     /// Takes a sample now if none was taken yet (so a page that just opened has a point).
-    pub async fn latest(&self, k: &Koubou) -> Option<MetricsSample> {
+    pub async fn latest(&self, k: &dyn Api) -> Option<MetricsSample> {
         if let Some(s) = self.shared.tx.borrow().clone() {
             return Some(s);
         }
@@ -87,7 +88,7 @@ impl Sampler {
     }
 }
 
-async fn sample(k: &Koubou, w: &Window, span: Duration) -> Option<MetricsSample> {
+async fn sample(k: &dyn Api, w: &Window, span: Duration) -> Option<MetricsSample> {
     let s = k.status().await.ok()?;
     let secs = span.as_secs_f64().max(0.001);
     Some(MetricsSample {
@@ -106,16 +107,17 @@ async fn sample(k: &Koubou, w: &Window, span: Duration) -> Option<MetricsSample>
     })
 }
 
-async fn run(k: Koubou, shared: Weak<Shared>) {
-    let mut bus = k.subscribe();
+async fn run(k: Arc<dyn Api>, shared: Weak<Shared>) {
+    // Without the event feed the samples still carry counts, only no rates.
+    let mut bus: EventFeed = k.events(None).await.unwrap_or_else(|_| Box::pin(futures::stream::pending()));
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut w = Window::default();
     let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            e = bus.recv() => match e {
-                Ok(e) => match &e.kind {
+            e = bus.next() => match e {
+                Some(Ok(e)) => match &e.kind {
                     EventKind::TaskToken { .. } => w.tokens += 1,
                     EventKind::TaskCompleted { latency_ms, .. } => {
                         w.finished += 1;
@@ -126,8 +128,8 @@ async fn run(k: Koubou, shared: Weak<Shared>) {
                     EventKind::TaskFailed { status, .. } if status.is_terminal() => w.finished += 1,
                     _ => {}
                 },
-                Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => return,
+                Some(Err(_lagged)) => {}
+                None => return,
             },
             _ = tick.tick() => {
                 let Some(shared) = shared.upgrade() else { return };
@@ -138,7 +140,7 @@ async fn run(k: Koubou, shared: Weak<Shared>) {
                 if shared.tx.receiver_count() == 0 {
                     continue;
                 }
-                if let Some(s) = sample(&k, &window, span).await {
+                if let Some(s) = sample(&*k, &window, span).await {
                     let mut h = shared.history.lock();
                     h.push_back(s.clone());
                     while h.len() > HISTORY {

@@ -3,10 +3,7 @@
 //! connection answers a precise `error` and stays open; `fuzz/fuzz_targets/ws_message.rs` holds it
 //! to that over arbitrary input.
 
-use koubou_system::{
-    ApiError,
-    api::{ListQuery, SubmitRequest},
-};
+use koubou_api::{ApiError, ListQuery, SubmitRequest};
 use koubou_task::TaskId;
 use serde_json::Value;
 

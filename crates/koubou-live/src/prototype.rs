@@ -6,10 +6,7 @@
 //! and [`Api`] calls as every other message: `command` is another name for `type`, `channel`
 //! for `topic`, and the channels `task`, `worker` and `stats` are topics like the others.
 
-use koubou_system::{
-    Api, ApiError, Koubou,
-    api::{ListQuery, SystemStatus, WorkersView},
-};
+use koubou_api::{Api, ApiError, ListQuery, SystemStatus, WorkersView};
 use koubou_task::{Event, EventKind, TaskStatus, now_millis, rfc3339};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -88,13 +85,13 @@ fn stats_data(tasks: TaskStats, workers: &WorkersView) -> Value {
 }
 
 /// The answer to `get_stats`.
-pub async fn stats(k: &Koubou) -> Result<Value, ApiError> {
+pub async fn stats(k: &dyn Api) -> Result<Value, ApiError> {
     let (s, w) = tokio::try_join!(k.status(), k.workers())?;
     Ok(json!({"type": "stats", "timestamp": timestamp(), "data": stats_data(TaskStats::of_status(&s), &w)}))
 }
 
 /// `periodic_stats` from the latest shared metrics sample (no query per connection).
-pub async fn periodic_stats(k: &Koubou, m: &MetricsSample, connections: usize) -> Result<Value, ApiError> {
+pub async fn periodic_stats(k: &dyn Api, m: &MetricsSample, connections: usize) -> Result<Value, ApiError> {
     let w = k.workers().await?;
     let mut data = stats_data(TaskStats::of_sample(m), &w);
     data["active_connections"] = connections.into();
@@ -102,7 +99,7 @@ pub async fn periodic_stats(k: &Koubou, m: &MetricsSample, connections: usize) -
 }
 
 /// Sent once after `welcome`: counts, the workers, and the tasks running now.
-pub async fn initial_state(k: &Koubou) -> Result<Value, ApiError> {
+pub async fn initial_state(k: &dyn Api) -> Result<Value, ApiError> {
     let running = ListQuery { status: Some("running".into()), limit: Some(100), ..Default::default() };
     let (s, w, running) = tokio::try_join!(k.status(), k.workers(), k.tasks(running))?;
     let mut data = stats_data(TaskStats::of_status(&s), &w);
@@ -167,24 +164,19 @@ mod tests {
     #[test]
     fn updates_carry_status_and_outcome() {
         let id = TaskId::new();
-        let done = Event {
-            at: 0,
-            kind: EventKind::TaskCompleted { task_id: id, usage: None, latency_ms: 5, result: "42".into() },
-        };
+        let event = |kind| Event { seq: 1, origin: "serve".into(), at: 0, kind };
+        let done = event(EventKind::TaskCompleted { task_id: id, usage: None, latency_ms: 5, result: "42".into() });
         let u = task_update(&done).unwrap();
         assert_eq!((u["type"].as_str(), u["status"].as_str()), (Some("task_update"), Some("completed")));
         assert_eq!(u["details"]["result"], "42");
         assert_eq!(u["timestamp"], "1970-01-01T00:00:00Z");
-        let token = Event { at: 0, kind: EventKind::TaskToken { task_id: id, text: "x".into() } };
+        let token = event(EventKind::TaskToken { task_id: id, text: "x".into() });
         assert!(task_update(&token).is_none());
-        let w = Event {
-            at: 0,
-            kind: EventKind::WorkerState {
-                worker_id: WorkerId::new("serve", 1),
-                state: "busy".into(),
-                task_id: Some(id),
-            },
-        };
+        let w = event(EventKind::WorkerState {
+            worker_id: WorkerId::new("serve", 1),
+            state: "busy".into(),
+            task_id: Some(id),
+        });
         let u = worker_update(&w).unwrap();
         assert_eq!((u["worker_id"].as_str(), u["status"].as_str()), (Some("serve/1"), Some("busy")));
     }

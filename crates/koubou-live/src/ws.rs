@@ -33,10 +33,11 @@ use axum::{
     routing::get,
 };
 use futures::{SinkExt, StreamExt};
-use koubou_system::{Api, ApiError, Koubou};
+use koubou_api::{Api, ApiError, EventFeed};
+use koubou_task::Lagged;
 use koubou_task::{Event, EventKind, Limits, TaskId};
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast::error::RecvError, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 pub use crate::protocol::Topic;
 use crate::{
@@ -140,7 +141,7 @@ impl WsSlot {
 /// State shared by all WebSocket connections of one router.
 #[derive(Clone)]
 pub struct WsState {
-    pub(crate) k: Koubou,
+    pub(crate) k: Arc<dyn Api>,
     pub(crate) cfg: Arc<WsConfig>,
     pub(crate) sampler: Sampler,
     pub(crate) limits: WsLimits,
@@ -149,9 +150,9 @@ pub struct WsState {
 }
 
 impl WsState {
-    pub fn new(k: Koubou, cfg: WsConfig) -> WsState {
+    pub fn new(k: Arc<dyn Api>, cfg: WsConfig) -> WsState {
         let sampler = Sampler::start(k.clone());
-        let limits = cfg.limits.clone().unwrap_or_else(|| WsLimits::from_limits(&k.config().limits));
+        let limits = cfg.limits.clone().unwrap_or_else(|| WsLimits::from_limits(&k.limits()));
         WsState { k, cfg: Arc::new(cfg), sampler, limits, connections: Default::default() }
     }
 }
@@ -173,12 +174,12 @@ impl Drop for Open {
 }
 
 /// Router serving the WebSocket upgrade at `/` (for the seed's port 8766).
-pub fn ws_router(k: Koubou) -> Router {
+pub fn ws_router(k: Arc<dyn Api>) -> Router {
     ws_router_with(k, WsConfig::default())
 }
 
 /// [`ws_router`] with other tuning.
-pub fn ws_router_with(k: Koubou, cfg: WsConfig) -> Router {
+pub fn ws_router_with(k: Arc<dyn Api>, cfg: WsConfig) -> Router {
     Router::new().route("/", get(ws_handler)).with_state(WsState::new(k, cfg))
 }
 
@@ -258,7 +259,7 @@ impl Conn {
     }
 
     fn error(&self, r: Option<Value>, e: ApiError) -> Result<(), Kick> {
-        let mut v = e.body();
+        let mut v = koubou_http::error::body(&e);
         v["type"] = "error".into();
         if let Some(r) = r {
             v["ref"] = r;
@@ -272,7 +273,7 @@ impl Conn {
             Request::Ping => {
                 Ok(json!({"type": "pong", "at": koubou_task::now_millis(), "timestamp": prototype::timestamp()}))
             }
-            Request::GetStats => prototype::stats(k).await,
+            Request::GetStats => prototype::stats(&**k).await,
             Request::Submit(req) => {
                 let resp = k.submit(*req).await?;
                 self.tasks.insert(resp.task_id);
@@ -320,7 +321,10 @@ fn metrics_message(m: &MetricsSample) -> Value {
 
 async fn serve(st: WsState, socket: WebSocket, slot: WsSlot) {
     let _open = Open::new(&st.connections);
-    let mut bus = st.k.subscribe();
+    let mut bus: EventFeed = st.k.events(None).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "a WebSocket client gets no events");
+        Box::pin(futures::stream::pending())
+    });
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<Message>(st.cfg.buffer.max(1));
     let (close_tx, mut close_rx) = oneshot::channel::<CloseFrame>();
@@ -365,7 +369,7 @@ async fn serve(st: WsState, socket: WebSocket, slot: WsSlot) {
         "topics": conn.topics.iter().map(|t| format!("{t:?}").to_lowercase()).collect::<Vec<_>>()});
     let mut result = conn.send(welcome);
     if result.is_ok() {
-        result = match prototype::initial_state(&conn.st.k).await {
+        result = match prototype::initial_state(&*conn.st.k).await {
             Ok(v) => conn.send(v),
             Err(e) => {
                 tracing::debug!(error = %e, "no initial_state for a new WebSocket client");
@@ -389,8 +393,8 @@ async fn serve(st: WsState, socket: WebSocket, slot: WsSlot) {
                 },
                 Some(Ok(Message::Close(_))) | None => Err(Kick(String::new(), None)),
             },
-            e = bus.recv() => match e {
-                Ok(e) => {
+            e = bus.next() => match e {
+                Some(Ok(e)) => {
                     let mut r = Ok(());
                     if conn.wants(&e) {
                         r = conn.send(event_message(&e));
@@ -400,10 +404,10 @@ async fn serve(st: WsState, socket: WebSocket, slot: WsSlot) {
                     }
                     r.and_then(|()| conn.send_prototype(&e))
                 }
-                Err(RecvError::Lagged(n)) => Err(Kick(format!(
+                Some(Err(Lagged(n))) => Err(Kick(format!(
                     "too slow: fell {n} events behind the event bus; reconnect and resubscribe"
                 ), None)),
-                Err(RecvError::Closed) => Err(Kick("server shutting down".into(), None)),
+                None => Err(Kick("server shutting down".into(), None)),
             },
             _ = metrics.changed() => {
                 let sample = metrics.borrow_and_update().clone();
@@ -417,7 +421,7 @@ async fn serve(st: WsState, socket: WebSocket, slot: WsSlot) {
                 match sample {
                     Some(m) if conn.topics.contains(&Topic::Stats) => {
                         let n = conn.st.connections.load(Ordering::Relaxed);
-                        match prototype::periodic_stats(&conn.st.k, &m, n).await {
+                        match prototype::periodic_stats(&*conn.st.k, &m, n).await {
                             Ok(v) => conn.send(v),
                             Err(_) => Ok(()),
                         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use koubou_live::graphql_router;
-use koubou_task::EventKind;
+use koubou_task::{EventKind, EventLog};
 use serde_json::{Value, json};
 use support::*;
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use koubou_live::{WsConfig, ws::Topic, ws_router, ws_router_with};
-use koubou_task::{EventKind, TaskId};
+use koubou_task::{EventKind, EventLog, TaskId};
 use serde_json::json;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;

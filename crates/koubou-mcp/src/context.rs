@@ -17,7 +17,7 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use koubou_system::config::McpConfig;
+use koubou_api::settings::McpConfig;
 use koubou_task::FieldError;
 
 /// One attached file.

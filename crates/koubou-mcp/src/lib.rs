@@ -1,7 +1,7 @@
 //! Koubou's MCP server: how a coding agent (Claude Code, "the master") hands tasks to Koubou's
 //! local LLM craftsmen through the Model Context Protocol.
 //!
-//! The server is written against `Arc<dyn koubou_system::Api>`, so the same tools work on an
+//! The server is written against `Arc<dyn koubou_api::Api>`, so the same tools work on an
 //! in-process system (`koubou mcp --embedded`) and on a running `koubou serve` reached over HTTP
 //! (`koubou mcp` with `koubou_client::Client`).
 //!
@@ -40,7 +40,7 @@ mod view;
 
 use std::sync::Arc;
 
-use koubou_system::{Api, config::McpConfig};
+use koubou_api::{Api, settings::McpConfig};
 use rmcp::{
     ServiceExt,
     transport::streamable_http_server::{

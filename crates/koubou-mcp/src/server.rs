@@ -8,11 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use koubou_system::{
-    Api, ApiError,
-    api::{ListQuery, SubmitRequest, TaskView},
-    config::McpConfig,
-};
+use koubou_api::{Api, ApiError, ListQuery, SubmitRequest, TaskView, settings::McpConfig};
 use koubou_task::{FieldError, TaskId};
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
@@ -70,7 +66,7 @@ impl Failure {
             e => format!("{}: {e}{hint}", e.code()),
         };
         let mut r = CallToolResult::error(vec![ContentBlock::text(text)]);
-        r.structured_content = Some(api.body());
+        r.structured_content = Some(koubou_http::error::body(&api));
         r
     }
 }

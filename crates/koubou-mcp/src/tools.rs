@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use koubou_system::config::McpConfig;
+use koubou_api::settings::McpConfig;
 use koubou_task::{FieldError, TaskId};
 use rmcp::model::{JsonObject, Tool};
 use serde_json::{Map, Value, json};

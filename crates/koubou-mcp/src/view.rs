@@ -10,7 +10,7 @@
 //! A long answer (or partial answer, or error) is cut at `[mcp] max_result_chars`; the result
 //! says so and how to read on (`get_task` with `offset`).
 
-use koubou_system::api::{HealthView, SystemStatus, TaskList, TaskView, WorkersView};
+use koubou_api::{HealthView, SystemStatus, TaskList, TaskView, WorkersView};
 use koubou_task::TaskStatus;
 use rmcp::model::{CallToolResult, ContentBlock};
 use serde_json::{Map, Value, json};

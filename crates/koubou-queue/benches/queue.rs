@@ -5,7 +5,7 @@
 
 use std::{sync::Arc, time::Instant};
 
-use koubou_queue::{Completion, SqliteConfig, SqliteQueue, TaskQueue};
+use koubou_queue::{Capabilities, Completion, Dispatch, SqliteConfig, SqliteQueue, TaskStore};
 use koubou_task::{EventBus, NewTask, TaskKind, Usage, WorkerId};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -28,8 +28,9 @@ fn done() -> Completion {
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let q =
-        Arc::new(SqliteQueue::open(dir.path().join("bench.db"), SqliteConfig::default(), EventBus::default()).unwrap());
+    let q = Arc::new(
+        SqliteQueue::open(dir.path().join("bench.db"), SqliteConfig::default(), Arc::new(EventBus::default())).unwrap(),
+    );
     let lease = std::time::Duration::from_secs(30);
     let w = WorkerId::new("bench", 1);
 
@@ -37,7 +38,7 @@ async fn main() {
     for i in 0..2000 {
         let t = Instant::now();
         q.submit(NewTask::new(TaskKind::general(), format!("t{i}"))).await.unwrap();
-        let c = q.claim(&w, None, lease).await.unwrap().unwrap();
+        let c = q.claim(&w, &Capabilities::any(), lease).await.unwrap().unwrap();
         q.complete(&c.lease, done()).await.unwrap();
         cycle.push(t.elapsed().as_secs_f64() * 1e6);
     }
@@ -68,7 +69,7 @@ async fn main() {
                 let mut n = 0usize;
                 while let Some(c) = tokio::time::timeout(
                     std::time::Duration::from_millis(500),
-                    koubou_queue::claim_wait(&*q, &w, None, lease, &stop),
+                    q.claim_wait(&w, &Capabilities::any(), lease, &stop),
                 )
                 .await
                 .ok()

@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use koubou_task::{Priority, TaskId, TaskKind, WorkerId};
+use koubou_task::{Millis, Priority, TaskId, TaskKind, WorkerId};
 
 use crate::{Claimed, QueueError, TaskQueue};
 
@@ -26,6 +26,9 @@ pub struct Undispatched {
     pub id: TaskId,
     pub kind: TaskKind,
     pub priority: Priority,
+    /// Its tags: a claim by [`Capabilities`](crate::Capabilities) passes over a delivery whose
+    /// task the worker cannot serve without asking the store.
+    pub tags: Vec<String>,
     /// The task's claim count when it was read: a delivery published now is recorded for this
     /// count ([`Outbox::mark_dispatched`]).
     pub claims: u64,
@@ -36,7 +39,8 @@ pub struct Undispatched {
 #[async_trait]
 pub trait Outbox: TaskQueue {
     /// Claims exactly this task for `lease` if it is claimable now (pending, or retrying with
-    /// its backoff over) — the same fenced claim as [`TaskQueue::claim`]; `None` when it is not
+    /// its backoff over) — the same fenced claim as [`Dispatch::claim`](crate::Dispatch::claim),
+    /// whatever the task's kind and tags (the dispatcher checks those); `None` when it is not
     /// (unknown, running, finished, cancelled, or waiting for its retry).
     async fn claim_id(&self, id: TaskId, worker: &WorkerId, lease: Duration) -> Result<Option<Claimed>, QueueError>;
 
@@ -48,4 +52,8 @@ pub trait Outbox: TaskQueue {
     /// Records that the broker confirmed a delivery of each task for that claim count. A task
     /// claimed since (its count moved) keeps needing one.
     async fn mark_dispatched(&self, marks: Vec<(TaskId, u64)>) -> Result<(), QueueError>;
+
+    /// The next moment the outbox may grow without any write (a retry's backoff ends, a lease
+    /// runs out), for the dispatcher's sweep and parked workers.
+    async fn next_due(&self) -> Result<Option<Millis>, QueueError>;
 }

@@ -1,4 +1,4 @@
-//! What the system learns from its own event bus: the answers of running tasks as they stream,
+//! What the system learns from its event log: the answers of running tasks as they stream,
 //! counters and histograms for `/metrics`, and recent throughput for estimates and charts.
 
 use std::{
@@ -6,7 +6,9 @@ use std::{
     sync::Arc,
 };
 
-use koubou_task::{Event, EventBus, EventKind, Millis, TaskId, now_millis};
+use futures::StreamExt;
+use koubou_api::Second;
+use koubou_task::{Event, EventKind, EventLog, Lagged, Millis, TaskId};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
@@ -50,14 +52,6 @@ pub struct Counters {
     pub latency: Histogram,
     pub run_time: Histogram,
     pub backend_up: HashMap<String, bool>,
-}
-
-/// One second of history.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct Second {
-    pub at: Millis,
-    pub finished: u64,
-    pub tokens: u64,
 }
 
 /// A watch's number and where its task's events go.
@@ -110,22 +104,19 @@ impl Drop for Watch {
 }
 
 impl Live {
-    /// Starts following the bus.
-    pub fn follow(bus: &EventBus) -> Live {
+    /// Starts following the log.
+    pub fn follow(log: &dyn EventLog) -> Live {
         let live = Live::default();
-        // Watchers are served straight from `publish` (no hop through this task).
+        // Watchers are served as the log publishes (in-process: no hop through this task).
         let l = live.clone();
-        bus.tap(Arc::new(move |e| l.route(e)));
-        let mut rx = bus.subscribe();
+        log.follow(Arc::new(move |e| l.route(e)));
+        let mut rx = log.subscribe(None);
         let l = live.clone();
         tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
+            while let Some(e) = rx.next().await {
+                match e {
                     Ok(e) => l.apply(&e),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "live state fell behind the event bus");
-                    }
-                    Err(_) => return,
+                    Err(Lagged(n)) => tracing::warn!(missed = n, "live state fell behind the event log"),
                 }
             }
         });
@@ -247,9 +238,7 @@ impl Live {
 
     /// Per-second history, oldest first, over the last `secs` seconds.
     pub fn history(&self, secs: usize) -> Vec<Second> {
-        let now = now_millis() / 1000 * 1000;
-        let from = now - secs as Millis * 1000;
-        self.state.lock().seconds.iter().filter(|s| s.at > from).copied().collect()
+        self.state.lock().seconds.iter().filter(|s| s.within_last(secs)).copied().collect()
     }
 
     /// Tasks finished and tokens generated per second over the last minute.

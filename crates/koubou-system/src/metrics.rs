@@ -4,8 +4,9 @@ use std::fmt::Write;
 
 use koubou_task::TaskStatus;
 
+use koubou_api::ApiError;
+
 use crate::{
-    api::ApiError,
     live::{Histogram, LATENCY_BUCKETS},
     system::Koubou,
 };

@@ -9,16 +9,17 @@ use std::{
 use async_trait::async_trait;
 use futures::StreamExt;
 use koubou_backend::{Backend, BackendConfig, BackendTable, Health, Profile, Router, TypeRoute};
-use koubou_queue::{QueueError, SqliteQueue, TaskQuery, TaskQueue};
-use koubou_task::{Event, EventBus, EventKind, TaskId, TaskKind, TaskStatus, now_millis};
+use koubou_queue::{Dispatch, Node, QueueError, SqliteQueue, TaskQuery, TaskQueue};
+use koubou_task::{Event, EventBus, EventKind, EventLog, TaskId, TaskKind, TaskStatus, now_millis};
 use koubou_worker::{Pool, memory};
 use parking_lot::Mutex;
 
+use koubou_api::{
+    Api, ApiError, BackendView, Busy, CooldownView, EventFeed, EventStream, HealthView, ListQuery, QueueView, Second,
+    SubmitRequest, SubmitResponse, SystemInfo, SystemStatus, TaskList, TaskView, WorkerView, WorkersView,
+};
+
 use crate::{
-    api::{
-        Api, ApiError, BackendView, Busy, CooldownView, EventStream, HealthView, ListQuery, QueueView, SubmitRequest,
-        SubmitResponse, SystemStatus, TaskList, TaskView, WorkerView, WorkersView,
-    },
     config::{Config, Home},
     live::Live,
 };
@@ -39,8 +40,11 @@ pub enum StartError {
 /// How to start.
 #[derive(Clone, Debug)]
 pub struct StartOptions {
-    /// Node name; workers are `<node>/<n>`. Running tasks of this node left by a previous run
-    /// (crash, kill -9) are requeued at start.
+    /// Node name; workers are `<node>/<n>`. The node registers with the queue under it, taking
+    /// over an earlier run's registration from this host; so only one process on a host may
+    /// start a node of a given name at a time (`koubou serve` holds the node's lock for that;
+    /// other commands name their node after their process). Running tasks of this node left by
+    /// a previous run (crash, kill -9) are requeued at start.
     pub node: String,
     /// Run a worker pool (false for a system that only accepts and reports).
     pub workers: bool,
@@ -58,8 +62,13 @@ struct Inner {
     db: std::path::PathBuf,
     queue: Arc<dyn TaskQueue>,
     router: Arc<Router>,
+    /// The event log every part publishes to and reads from.
+    log: Arc<dyn EventLog>,
+    /// The in-process bus behind `log`.
     bus: EventBus,
+    node: String,
     pool: Option<Arc<Pool>>,
+    membership: crate::node::Membership,
     live: Live,
     started: Instant,
     health: Mutex<HashMap<String, Health>>,
@@ -130,14 +139,11 @@ impl Koubou {
     /// Opens the queue, builds backends and routes, starts the pool and the health checker.
     pub async fn start(mut cfg: Config, home: &Home, opts: StartOptions) -> Result<Koubou, StartError> {
         cfg.validate()?;
-        let bus = EventBus::new(65_536);
-        let live = Live::follow(&bus);
+        let bus = EventBus::with_origin(&opts.node, 65_536);
+        let log: Arc<dyn EventLog> = Arc::new(bus.clone());
+        let live = Live::follow(&*log);
         let db = cfg.queue.path.clone().unwrap_or_else(|| home.db_file());
-        let queue = SqliteQueue::open(db.clone(), cfg.queue.clone(), bus.clone())?;
-        let recovered = queue.recover_node(&opts.node).await?;
-        if recovered > 0 {
-            tracing::warn!(tasks = recovered, node = %opts.node, "requeued tasks left running by a previous run");
-        }
+        let queue = SqliteQueue::open(db.clone(), cfg.queue.clone(), log.clone())?;
         if cfg.backends.is_empty() {
             let (backends, primary, fallback) = default_backends().await;
             tracing::info!(primary, fallback, "no backends configured; chose automatically");
@@ -163,9 +169,20 @@ impl Koubou {
             Router::with_profiles(backends, cfg.types.clone(), &cfg.pricing)?
                 .with_max_output(cfg.limits.max_result_bytes),
         );
+        // Registered before its tasks are recovered: from here on no other run of this node
+        // can hold them.
+        let caps = koubou_worker::worker::capabilities(&router, cfg.pool.tags.as_deref());
+        let me = Node::this_process(&opts.node, env!("CARGO_PKG_VERSION"), caps);
+        let ttl = Duration::from_secs(cfg.pool.node_ttl_secs.max(1));
+        let membership = crate::node::Membership::join(Arc::new(queue.clone()), me, ttl).await?;
+        let recovered = queue.recover_node(&opts.node).await?;
+        if recovered > 0 {
+            tracing::warn!(tasks = recovered, node = %opts.node, "requeued tasks left running by a previous run");
+        }
         let queue: Arc<dyn TaskQueue> = Arc::new(queue);
         let pool =
-            opts.workers.then(|| Pool::start(cfg.pool.clone(), &opts.node, queue.clone(), router.clone(), bus.clone()));
+            opts.workers.then(|| Pool::start(cfg.pool.clone(), &opts.node, queue.clone(), router.clone(), log.clone()));
+        membership.keep(queue.clone());
         let k = Koubou {
             inner: Arc::new(Inner {
                 cfg,
@@ -173,8 +190,11 @@ impl Koubou {
                 db,
                 queue,
                 router,
+                log,
                 bus,
+                node: opts.node.clone(),
                 pool,
+                membership,
                 live,
                 started: Instant::now(),
                 health: Mutex::new(HashMap::new()),
@@ -198,6 +218,8 @@ impl Koubou {
     pub fn db_path(&self) -> &std::path::Path {
         &self.inner.db
     }
+    /// The in-process bus behind the system's event log (tests publish on it and wait for its
+    /// backlog to drain).
     pub fn bus(&self) -> &EventBus {
         &self.inner.bus
     }
@@ -206,9 +228,6 @@ impl Koubou {
     }
     pub fn router(&self) -> &Router {
         &self.inner.router
-    }
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Event>> {
-        self.inner.bus.subscribe()
     }
 
     /// Checks every backend once (each within 5 s) and publishes changes.
@@ -225,7 +244,7 @@ impl Koubou {
         for (name, h) in futures::future::join_all(checks).await {
             let changed = self.inner.health.lock().insert(name.clone(), h.clone()).is_none_or(|old| old.up != h.up);
             if changed {
-                self.inner.bus.publish(EventKind::BackendHealth { backend: name, up: h.up, detail: h.detail });
+                self.inner.log.publish(EventKind::BackendHealth { backend: name, up: h.up, detail: h.detail });
             }
         }
     }
@@ -245,6 +264,7 @@ impl Koubou {
         if let Some(p) = &self.inner.pool {
             p.shutdown(grace).await;
         }
+        self.inner.membership.leave().await;
     }
 
     fn view(&self, t: koubou_task::Task) -> TaskView {
@@ -254,11 +274,6 @@ impl Koubou {
             v.partial = Some(p);
         }
         v
-    }
-
-    /// Prometheus text exposition of queue, tasks, tokens, workers and backends.
-    pub async fn metrics_text(&self) -> Result<String, ApiError> {
-        crate::metrics::render(self).await
     }
 
     pub(crate) async fn counts(&self) -> Result<koubou_queue::StatusCounts, ApiError> {
@@ -281,6 +296,7 @@ impl Koubou {
 pub(crate) fn queue_error(e: QueueError) -> ApiError {
     match e {
         QueueError::NotFound(id) => ApiError::NotFound(id.to_string()),
+        QueueError::BadCursor(_) => ApiError::invalid("before", e.to_string()),
         QueueError::Conflict { .. } => ApiError::Conflict(e.to_string()),
         QueueError::Closed | QueueError::Sync(_) | QueueError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
         QueueError::Full { .. } => try_later(&e, Busy::QueueFull, FULL_RETRY_SECS, ""),
@@ -304,8 +320,8 @@ fn drain_secs(excess: u64, per_sec: f64) -> u64 {
     if per_sec > 0.0 { ((excess as f64 / per_sec).ceil() as u64).clamp(1, 60) } else { FULL_RETRY_SECS }
 }
 
-/// A synthetic event that tells a watcher how a finished task ended.
-fn final_event(t: &koubou_task::Task) -> Event {
+/// A synthetic event that tells a watcher how a finished task ended (never logged: `seq` 0).
+fn final_event(t: &koubou_task::Task, origin: &str) -> Event {
     let kind = match t.status {
         TaskStatus::Completed => EventKind::TaskCompleted {
             task_id: t.id,
@@ -321,7 +337,7 @@ fn final_event(t: &koubou_task::Task) -> Event {
             status: t.status,
         },
     };
-    Event { at: t.finished_at.unwrap_or_else(now_millis), kind }
+    Event { seq: 0, origin: origin.into(), at: t.finished_at.unwrap_or_else(now_millis), kind }
 }
 
 #[async_trait]
@@ -354,7 +370,7 @@ impl Api for Koubou {
         }
         let mut resp = SubmitResponse {
             task_id: id,
-            status: crate::api::DELEGATED.into(),
+            status: koubou_api::DELEGATED.into(),
             task_status: submitted.task.status,
             created: submitted.created,
             task: None,
@@ -518,7 +534,7 @@ impl Api for Koubou {
         let served: Vec<&str> = router.types().values().map(|r| r.backend.as_str()).collect();
         let degraded = backends.iter().any(|b| !b.up && served.contains(&b.name.as_str()));
         Ok(HealthView {
-            status: if degraded { crate::api::DEGRADED } else { crate::api::HEALTHY }.into(),
+            status: if degraded { koubou_api::DEGRADED } else { koubou_api::HEALTHY }.into(),
             server: "koubou".into(),
             timestamp: koubou_task::rfc3339(now_millis()),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -563,11 +579,38 @@ impl Api for Koubou {
         let t =
             self.inner.queue.get(id).await.map_err(queue_error)?.ok_or_else(|| ApiError::NotFound(id.to_string()))?;
         if t.status.is_terminal() {
-            return Ok(Box::pin(futures::stream::iter([Ok(final_event(&t))])));
+            return Ok(Box::pin(futures::stream::iter([Ok(final_event(&t, &self.inner.node))])));
         }
         let events = rx
             .filter(|e| futures::future::ready(!matches!(e.kind, EventKind::WorkerState { .. })))
             .map(|e| Ok((*e).clone()));
         Ok(Box::pin(events))
+    }
+
+    async fn events(&self, after: Option<u64>) -> Result<EventFeed, ApiError> {
+        Ok(self.inner.log.subscribe(after))
+    }
+
+    async fn metrics_text(&self) -> Result<String, ApiError> {
+        crate::metrics::render(self).await
+    }
+
+    async fn info(&self) -> Result<SystemInfo, ApiError> {
+        Ok(SystemInfo {
+            server_type: "koubou".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            koubou_home: self.inner.home.clone(),
+            db_path: self.inner.db.clone(),
+            logs_dir: self.inner.home.join("logs"),
+            timestamp: koubou_task::rfc3339(now_millis()),
+        })
+    }
+
+    async fn history(&self, secs: usize) -> Result<Vec<Second>, ApiError> {
+        Ok(self.inner.live.history(secs))
+    }
+
+    fn limits(&self) -> koubou_task::Limits {
+        self.inner.cfg.limits
     }
 }

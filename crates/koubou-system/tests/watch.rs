@@ -6,10 +6,8 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use koubou_system::{
-    Api, ApiError, Config, Home, Koubou, StartOptions,
-    api::{SubmitRequest, TaskView},
-};
+use koubou_api::{Api, ApiError, SubmitRequest, TaskView};
+use koubou_system::{Config, Home, Koubou, StartOptions};
 use koubou_task::{EventKind, NewTask, TaskId, TaskKind};
 
 /// A system without workers: what is submitted stays pending until cancelled.

@@ -4,12 +4,17 @@
 //! - [`id`]: `TaskId` (UUIDv7: unique and sortable by creation time) and `WorkerId`.
 //! - [`kind`]: `TaskKind` (`general`, `code`, or a configured custom type) and `Priority` (1–10).
 //! - [`task`]: `Task` (the stored record), `NewTask` (what a client submits), `TaskStatus`, `Usage`.
-//! - [`event`]: `Event`, the one message type of the event bus, and `EventBus` itself.
+//! - [`cursor`]: `Cursor`, an opaque page cursor made by a task store.
+//! - [`cost`]: `Prices`, `MeterReading`, `Spared`: what tokens cost and what was served.
+//! - [`event`]: `Event`, the one message type of the event log; `EventLog`, the log's trait;
+//!   `EventBus`, the in-process log.
 //! - [`validate`]: the rules a submitted task must pass, shared by every face.
 //! - [`schema`]: JSON Schemas of the newtypes, for the REST API's OpenAPI document.
 //!
 //! Architecture invariant: this crate does no I/O, knows no database, no HTTP and no LLM.
 
+pub mod cost;
+pub mod cursor;
 pub mod event;
 pub mod id;
 pub mod kind;
@@ -17,7 +22,9 @@ pub mod schema;
 pub mod task;
 pub mod validate;
 
-pub use event::{Event, EventBus, EventKind, Tap};
+pub use cost::{MeterReading, Prices, Spared};
+pub use cursor::Cursor;
+pub use event::{Event, EventBus, EventKind, EventLog, Lagged, Subscription, Tap};
 pub use id::{TaskId, WorkerId};
 pub use kind::{Priority, TaskKind};
 pub use task::{CONFIDENTIAL, GenOptions, NewTask, Task, TaskStatus, Usage};

@@ -8,8 +8,8 @@
 //!   can serve at once, and not up when free memory is below the floor.
 //! - [`memory`]: free memory, read from `/proc/meminfo`.
 //!
-//! Architecture invariant: workers know the queue only through `TaskQueue` and the backends only
-//! through `Router`; they never talk to a face.
+//! Architecture invariant: workers know the queue only through `Dispatch` (the scaler counts
+//! through `TaskStore`) and the backends only through `Router`; they never talk to a face.
 
 pub mod memory;
 pub mod pool;

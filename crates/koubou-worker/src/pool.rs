@@ -16,9 +16,10 @@ use std::{
     time::Duration,
 };
 
+use futures::{FutureExt, StreamExt};
 use koubou_backend::Router;
-use koubou_queue::TaskQueue;
-use koubou_task::{EventBus, EventKind, WorkerId};
+use koubou_queue::{TaskQueue, TaskStore};
+use koubou_task::{EventKind, EventLog, WorkerId};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::{sync::Semaphore, task::JoinHandle, time::Instant};
@@ -46,6 +47,14 @@ pub struct PoolConfig {
     pub lease_secs: u64,
     /// On shutdown, how long running tasks may take to finish before they are handed back.
     pub shutdown_grace_secs: u64,
+    /// How long this node's registration lasts without renewal, in seconds (renewed every third
+    /// of it). A node silent that long is taken for dead: another node requeues its running
+    /// tasks.
+    pub node_ttl_secs: u64,
+    /// Tags this node's workers declare: when set, they claim only tasks whose every tag is
+    /// among them (untagged tasks always); unset, tasks with any tags.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
 }
 
 impl Default for PoolConfig {
@@ -58,6 +67,8 @@ impl Default for PoolConfig {
             min_free_memory_mb: 512,
             lease_secs: 30,
             shutdown_grace_secs: 30,
+            node_ttl_secs: 30,
+            tags: None,
         }
     }
 }
@@ -75,6 +86,8 @@ struct Member {
 pub struct Pool {
     cfg: PoolConfig,
     shared: Arc<Shared>,
+    /// What the scaler counts (the workers only dispatch).
+    store: Arc<dyn TaskStore>,
     node: String,
     members: Mutex<Vec<Member>>,
     /// Workers let go that may still be finishing a task they claimed as they were stopped.
@@ -96,7 +109,7 @@ impl Pool {
         node: &str,
         queue: Arc<dyn TaskQueue>,
         router: Arc<Router>,
-        bus: EventBus,
+        bus: Arc<dyn EventLog>,
     ) -> Arc<Pool> {
         let permits: HashMap<String, Arc<Semaphore>> =
             router.backends().map(|b| (b.name().to_owned(), Arc::new(Semaphore::new(b.capacity().max(1))))).collect();
@@ -107,11 +120,13 @@ impl Pool {
             .map(|b| (b.name().to_owned(), b.capacity().max(1)))
             .collect();
         let capacity = capacities.values().sum::<usize>().max(1);
-        let shared =
-            Arc::new(Shared { queue, router, bus, lease: Duration::from_secs(cfg.lease_secs.max(1)), permits });
+        let lease = Duration::from_secs(cfg.lease_secs.max(1));
+        let caps = worker::capabilities(&router, cfg.tags.as_deref());
+        let shared = Arc::new(Shared { queue: queue.clone(), router, bus, lease, permits, caps });
         let pool = Arc::new(Pool {
             cfg,
             shared,
+            store: queue,
             node: node.to_owned(),
             members: Mutex::new(Vec::new()),
             retiring: Mutex::new(Vec::new()),
@@ -222,7 +237,7 @@ impl Pool {
     }
 
     async fn scale_loop(self: Arc<Self>) {
-        let mut events = self.shared.bus.subscribe();
+        let mut events = self.shared.bus.subscribe(None);
         let cooldown = Duration::from_millis(self.cfg.cooldown_ms);
         let mut last_down = Instant::now();
         let mut tick = tokio::time::interval(cooldown.clamp(Duration::from_millis(100), Duration::from_secs(1)));
@@ -230,17 +245,17 @@ impl Pool {
         loop {
             let may_shrink = tokio::select! {
                 _ = self.stop_scaler.cancelled() => return,
-                e = events.recv() => match e {
-                    Ok(e) if matches!(e.kind, EventKind::TaskCreated { .. } | EventKind::TaskRequeued { .. }) => false,
-                    Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => false,
-                    Err(_) => return,
+                e = events.next() => match e {
+                    Some(Ok(e)) if matches!(e.kind, EventKind::TaskCreated { .. } | EventKind::TaskRequeued { .. }) => false,
+                    Some(Ok(_)) => continue,
+                    Some(Err(_lagged)) => false,
+                    None => return,
                 },
                 _ = tick.tick() => true,
             };
             if !may_shrink {
                 // A burst of submissions is one decision: take every event already waiting.
-                while let Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) = events.try_recv() {}
+                while let Some(Some(_)) = events.next().now_or_never() {}
                 if self.members.lock().len() >= self.ceiling() {
                     continue;
                 }
@@ -252,7 +267,7 @@ impl Pool {
     /// One scaling decision: grow to the work there is, or (when `may_shrink`) let one
     /// long-idle worker go.
     async fn decide(&self, may_shrink: bool, last_down: &mut Instant) {
-        let counts = match self.shared.queue.counts().await {
+        let counts = match self.store.counts().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "scaler could not read the queue");

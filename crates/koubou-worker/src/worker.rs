@@ -7,8 +7,8 @@ use std::{
 };
 
 use koubou_backend::{BackendError, Router};
-use koubou_queue::{Claimed, Completion, Failure, LeaseStatus, Progress, QueueError, TaskQueue, claim_wait};
-use koubou_task::{EventBus, EventKind, TaskId, WorkerId, now_millis};
+use koubou_queue::{Capabilities, Claimed, Completion, Dispatch, Failure, LeaseStatus, Progress, QueueError, Release};
+use koubou_task::{EventKind, EventLog, TaskId, TaskKind, WorkerId, now_millis};
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -16,14 +16,29 @@ use tracing::Instrument;
 
 /// What every worker of a pool shares.
 pub struct Shared {
-    pub queue: Arc<dyn TaskQueue>,
+    pub queue: Arc<dyn Dispatch>,
     pub router: Arc<Router>,
-    pub bus: EventBus,
+    pub bus: Arc<dyn EventLog>,
     /// Lease length; heartbeats renew it at a third of it.
     pub lease: Duration,
     /// One permit per generation a backend serves at once, by backend name.
     pub permits: HashMap<String, Arc<Semaphore>>,
+    /// What these workers claim: the kinds their router routes, the tags their node declares.
+    pub caps: Capabilities,
 }
+
+/// What a worker with `router` can serve: the task kinds it routes; with `tags`, only tasks
+/// whose every tag is among them.
+pub fn capabilities(router: &Router, tags: Option<&[String]>) -> Capabilities {
+    Capabilities {
+        kinds: Some(router.types().keys().filter_map(|k| TaskKind::parse(k).ok()).collect()),
+        tags: tags.map(|ts| ts.iter().map(|t| t.trim().to_lowercase()).collect()),
+    }
+}
+
+/// How long a task this worker's router cannot route waits before any worker may claim it
+/// again: another node may route it; this one should not claim it over and over.
+pub const CANNOT_SERVE_WAIT: Duration = Duration::from_secs(30);
 
 /// A worker's state as shown by `/workers/status`.
 #[derive(Debug)]
@@ -91,7 +106,7 @@ impl WorkerState {
         }
     }
 
-    fn set(&self, bus: &EventBus, state: &'static str, current: Option<TaskId>) {
+    fn set(&self, bus: &dyn EventLog, state: &'static str, current: Option<TaskId>) {
         {
             let mut i = self.inner.lock();
             i.state = state;
@@ -121,7 +136,7 @@ pub async fn run(shared: Arc<Shared>, state: Arc<WorkerState>, stop: Stop) {
     loop {
         // The last task's outcome and the next claim reach the writer together, so they share
         // one commit (one fsync with durability = "full") instead of waiting for two in a row.
-        let claim = claim_wait(&*shared.queue, &state.id, None, shared.lease, &stop.stop);
+        let claim = shared.queue.claim_wait(&state.id, &shared.caps, shared.lease, &stop.stop);
         let claimed = match last_write.take() {
             Some(write) => tokio::join!(write, claim).1,
             None => claim.await,
@@ -138,7 +153,7 @@ pub async fn run(shared: Arc<Shared>, state: Arc<WorkerState>, stop: Stop) {
                 }
             }
         };
-        state.set(&shared.bus, "busy", Some(claimed.task.id));
+        state.set(&*shared.bus, "busy", Some(claimed.task.id));
         // Every log line about this task carries the worker and task ids (JSON log fields).
         let span = tracing::info_span!("task", worker = %state.id, task = %claimed.task.id, kind = %claimed.task.kind);
         let (ok, write) = process(&shared, claimed, &stop.abort).instrument(span).await;
@@ -147,12 +162,12 @@ pub async fn run(shared: Arc<Shared>, state: Arc<WorkerState>, stop: Stop) {
             let mut i = state.inner.lock();
             if ok { i.done += 1 } else { i.failed += 1 }
         }
-        state.set(&shared.bus, "idle", None);
+        state.set(&*shared.bus, "idle", None);
     }
     if let Some(write) = last_write {
         write.await;
     }
-    state.set(&shared.bus, "stopped", None);
+    state.set(&*shared.bus, "stopped", None);
     tracing::info!(worker = %state.id, "worker stopped");
 }
 
@@ -165,6 +180,13 @@ async fn process<'a>(shared: &'a Shared, claimed: Claimed, abort: &CancellationT
     let began = std::time::Instant::now();
     let plan = match shared.router.plan(&task) {
         Ok(p) => p,
+        Err(e) if !e.is_the_tasks() => {
+            // Another node (or this one, configured otherwise) may route it: hand it back.
+            tracing::warn!(error = %e, "cannot route the task here; released for another worker");
+            let why = Release::CannotServe { reason: format!("not routable here: {e}"), wait: CANNOT_SERVE_WAIT };
+            log_write(id, shared.queue.release(&lease, why).await);
+            return (false, None);
+        }
         Err(e) => {
             let f = Failure {
                 error: e.to_string(),
@@ -259,7 +281,7 @@ async fn process<'a>(shared: &'a Shared, claimed: Claimed, abort: &CancellationT
         }
         Err(BackendError::Cancelled) => {
             if abort.is_cancelled() && !cancel.is_cancelled() {
-                log_write(id, shared.queue.release(&lease).await);
+                log_write(id, shared.queue.release(&lease, Release::Stopping).await);
             }
             (false, None)
         }

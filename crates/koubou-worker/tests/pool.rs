@@ -12,13 +12,16 @@ use std::{
 };
 
 use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
 use koubou_backend::{
     Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, Router, TokenSink, TypeRoute,
 };
-use koubou_queue::{SqliteConfig, SqliteQueue, TaskQueue};
-use koubou_task::{Event, EventBus, EventKind, NewTask, TaskKind, TaskStatus, Usage, WorkerId, now_millis};
+use koubou_queue::{Capabilities, SqliteConfig, SqliteQueue, TaskQueue};
+use koubou_task::{
+    Event, EventBus, EventKind, EventLog, NewTask, Subscription, TaskKind, TaskStatus, Usage, WorkerId, now_millis,
+};
 use koubou_worker::{Pool, PoolConfig};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 /// Serves `capacity` at once; each generation waits until the gate opens (or is cancelled).
 /// Counts generations running now and the most that ever ran together.
@@ -90,9 +93,9 @@ impl Backend for Gated {
 fn setup(
     backends: &[Arc<Gated>],
     types: &[(&str, &str, Option<&str>)],
-) -> (tempfile::TempDir, Arc<dyn TaskQueue>, Arc<Router>, EventBus) {
+) -> (tempfile::TempDir, Arc<dyn TaskQueue>, Arc<Router>, Arc<dyn EventLog>) {
     let dir = tempfile::tempdir().unwrap();
-    let bus = EventBus::default();
+    let bus: Arc<dyn EventLog> = Arc::new(EventBus::default());
     let q = SqliteQueue::open(dir.path().join("q.db"), SqliteConfig::default(), bus.clone()).unwrap();
     let types = types
         .iter()
@@ -116,7 +119,7 @@ struct Rig {
     _dir: tempfile::TempDir,
     q: Arc<dyn TaskQueue>,
     router: Arc<Router>,
-    bus: EventBus,
+    bus: Arc<dyn EventLog>,
 }
 
 fn one_backend(capacity: usize) -> Rig {
@@ -146,8 +149,8 @@ async fn submit_burst(q: &Arc<dyn TaskQueue>, kind: &str, n: usize) {
 }
 
 /// Every event received so far.
-fn drain(rx: &mut broadcast::Receiver<Arc<Event>>, into: &mut Vec<Arc<Event>>) {
-    while let Ok(e) = rx.try_recv() {
+fn drain(rx: &mut Subscription, into: &mut Vec<Arc<Event>>) {
+    while let Some(Some(Ok(e))) = rx.next().now_or_never() {
         into.push(e);
     }
 }
@@ -166,7 +169,7 @@ fn steps(events: &[Arc<Event>]) -> Vec<(usize, usize)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grows_to_the_backlog_at_once() {
     let Rig { backend: b, open, _dir, q, router, bus } = one_backend(8);
-    let mut rx = bus.subscribe();
+    let mut rx = bus.subscribe(None);
     // An hour of cooldown and idle time: if growing waited for either, this test would hang.
     let cfg = PoolConfig {
         min_workers: 1,
@@ -200,7 +203,7 @@ async fn grows_to_the_backlog_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shrinks_back_only_after_the_idle_period() {
     let Rig { backend: b, open, _dir, q, router, bus } = one_backend(4);
-    let mut rx = bus.subscribe();
+    let mut rx = bus.subscribe(None);
     const IDLE_SECS: u64 = 1;
     const COOLDOWN_MS: u64 = 50;
     let cfg = PoolConfig {
@@ -312,7 +315,7 @@ async fn a_task_waiting_for_its_backend_keeps_its_lease() {
     let t = q.get(second.id).await.unwrap().unwrap();
     assert_eq!((t.status, t.attempts), (TaskStatus::Running, 1), "{t:?}");
     assert!(t.lease_until.unwrap() > claimed_until, "the lease was renewed while waiting");
-    let thief = q.claim(&WorkerId::new("thief", 1), None, Duration::from_secs(30)).await.unwrap();
+    let thief = q.claim(&WorkerId::new("thief", 1), &Capabilities::any(), Duration::from_secs(30)).await.unwrap();
     assert!(thief.is_none(), "a waiting task's lease ran out and it was claimed again");
 
     open.send(true).unwrap();
@@ -348,4 +351,45 @@ async fn cancel_stops_a_running_task_mid_generation() {
     until("worker free again", async || pool.workers().iter().all(|w| w.state == "idle")).await;
     assert_eq!(q.get(t.id).await.unwrap().unwrap().status, TaskStatus::Cancelled);
     pool.shutdown(Some(Duration::from_millis(100))).await;
+}
+
+/// Workers claim only the kinds their router routes (a `code` task waits for a node that routes
+/// `code`), and a task their router cannot route after all (it pins a backend this node lacks)
+/// goes back to the queue for another node — retrying, its attempt not counted, the reason
+/// kept — instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_claim_what_they_can_route_and_hand_back_what_they_cannot() {
+    let Rig { backend: b, open, _dir, q, router, bus } = one_backend(2);
+    let mut events = bus.subscribe(None);
+    let pool = Pool::start(
+        PoolConfig { min_workers: 1, max_workers: 1, ..PoolConfig::default() },
+        "t",
+        q.clone(),
+        router,
+        bus,
+    );
+    let code = q.submit(NewTask::new(TaskKind::parse("code").unwrap(), "not here")).await.unwrap().task;
+    let pinned = NewTask { backend: Some("elsewhere".into()), ..NewTask::new(TaskKind::general(), "pinned") };
+    let pinned = q.submit(pinned).await.unwrap().task;
+    let general = q.submit(NewTask::new(TaskKind::general(), "here")).await.unwrap().task;
+    // The pinned task is handed back (it was submitted first of the two this node routes).
+    let reason = loop {
+        let e = events.next().await.unwrap().unwrap();
+        if let EventKind::TaskRequeued { task_id, reason } = &e.kind
+            && *task_id == pinned.id
+        {
+            break reason.clone();
+        }
+    };
+    assert!(reason.contains("elsewhere"), "{reason}");
+    let t = q.get(pinned.id).await.unwrap().unwrap();
+    assert_eq!((t.status, t.attempts), (TaskStatus::Retrying, 0), "{t:?}");
+    assert!(t.error.unwrap().contains("not routable here"));
+    assert!(t.available_at >= now_millis() + 20_000, "not claimable again at once");
+    open.send(true).unwrap();
+    until("the general task done", async || q.get(general.id).await.unwrap().unwrap().status == TaskStatus::Completed)
+        .await;
+    assert_eq!(q.get(code.id).await.unwrap().unwrap().status, TaskStatus::Pending, "no worker here routes code");
+    assert_eq!(b.peak.load(Ordering::SeqCst), 1);
+    pool.shutdown(Some(Duration::from_secs(1))).await;
 }

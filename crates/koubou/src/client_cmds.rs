@@ -5,10 +5,8 @@ use std::{io::Read, io::Write, time::Duration};
 
 use anyhow::Context;
 use clap::Args;
-use koubou_system::{
-    Api, ApiError, Koubou, StartOptions,
-    api::{ListQuery, SubmitRequest, TaskView},
-};
+use koubou_api::{Api, ApiError, ListQuery, SubmitRequest, TaskView};
+use koubou_system::{Koubou, StartOptions};
 use koubou_task::{GenOptions, NewTask, Priority, TaskId, TaskKind, TaskStatus};
 
 use crate::{Ctx, logging, output};
@@ -100,7 +98,7 @@ impl SubmitArgs {
         task.model = self.model.clone();
         task.backend = self.backend.clone();
         task.idempotency_key = self.idempotency_key.clone();
-        task.tags = koubou_system::api::tags(&serde_json::json!(self.tags))?;
+        task.tags = koubou_api::tags(&serde_json::json!(self.tags))?;
         task.json = self.json_answer;
         if let Some(s) = &self.schema {
             let text = if s.trim_start().starts_with('{') {
@@ -250,13 +248,19 @@ pub struct TasksArgs {
     limit: usize,
     /// Cursor printed at the end of the previous page.
     #[arg(long)]
-    before: Option<i64>,
+    before: Option<String>,
 }
 
 pub async fn tasks(ctx: &Ctx, a: TasksArgs) -> anyhow::Result<()> {
     logging::init_quiet();
-    let q =
-        ListQuery { status: a.status, kind: a.kind, tag: a.tag, q: a.search, limit: Some(a.limit), before: a.before };
+    let q = ListQuery {
+        status: a.status,
+        kind: a.kind,
+        tag: a.tag,
+        q: a.search,
+        limit: Some(a.limit),
+        before: a.before.map(Into::into),
+    };
     let page = ctx.client()?.tasks(q).await?;
     if ctx.json {
         return output::json(&page);

@@ -18,7 +18,8 @@ mod version;
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use koubou_system::{ApiError, Config, Home};
+use koubou_api::ApiError;
+use koubou_system::{Config, Home};
 
 #[derive(Parser)]
 #[command(name = "koubou", version, about = "工房 Koubou: delegate work from a coding agent to local LLM craftsmen")]

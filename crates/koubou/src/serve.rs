@@ -4,6 +4,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use axum::Router;
+use koubou_api::Api;
 use koubou_http::{BodyLimit, Guard, Listen, RateLimiter};
 use koubou_live::{WsConfig, WsLimits};
 use koubou_system::{Config, Koubou, StartOptions, config::TEMPLATE};
@@ -74,11 +75,15 @@ fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
     }
 }
 
-/// Holds `<home>/serve.lock` for the life of the server: one server per home, so that on start
-/// every task still marked running by this home's workers is known to be orphaned. Every
-/// supervisor of a child process keeps this lock's file open too, so after a crash or `kill -9`
-/// a new server waits here until the old one's children are gone: recovery never runs a task
-/// beside an older copy of itself.
+/// Holds `<home>/serve.lock` for the life of the server (node `serve`). Other nodes know this
+/// one by its registration in the queue, which lasts a TTL and is renewed while it runs (see
+/// `koubou_system::StartOptions::node`); the lock stays for what a registration cannot do.
+/// Every supervisor of a child process keeps this lock's file open, so after a crash or
+/// `kill -9` a new server waits here until the old one's children are gone: recovery never runs
+/// a task beside an older copy of itself. And the kernel drops the lock the moment its holders
+/// die, so a second `koubou serve` on the same home is refused at once while the first lives,
+/// yet a crashed one is replaced at once, without waiting out its registration's TTL: holding
+/// the lock, this run takes over that registration and requeues the node's running tasks.
 async fn lock_home(ctx: &Ctx) -> anyhow::Result<std::fs::File> {
     use std::io::{Seek, Write};
     std::fs::create_dir_all(&ctx.home.dir).with_context(|| format!("creating {}", ctx.home.dir.display()))?;
@@ -125,18 +130,18 @@ fn is_koubou_serve(pid: u32) -> bool {
 /// the port's WebSocket limits, shared by `/ws` and `/dashboard/ws`.
 pub fn main_router(k: &Koubou, stop: &CancellationToken, ws: WsLimits) -> Router {
     let cfg = k.config();
-    let api: Arc<dyn koubou_system::Api> = Arc::new(k.clone());
+    let api: Arc<dyn Api> = Arc::new(k.clone());
     // The guard in front of every port checks Host for /mcp as for every other route; rmcp's
     // own check would only disagree with it. Open MCP response streams end on shutdown.
     let mcp_opts = koubou_mcp::HttpOptions { shutdown: stop.clone(), ..koubou_mcp::HttpOptions::any_host() };
     let ws_cfg = || WsConfig { limits: Some(ws.clone()), ..WsConfig::default() };
     let ws_route = Router::new()
         .route("/ws", axum::routing::get(koubou_live::ws_handler))
-        .with_state(koubou_live::WsState::new(k.clone(), ws_cfg()));
-    koubou_http::router(k.clone())
-        .merge(koubou_mcp::http_service_with(api, cfg.mcp.clone(), mcp_opts))
+        .with_state(koubou_live::WsState::new(api.clone(), ws_cfg()));
+    koubou_http::router(api.clone())
+        .merge(koubou_mcp::http_service_with(api.clone(), cfg.mcp.clone(), mcp_opts))
         .merge(ws_route)
-        .merge(koubou_live::dashboard_router_with(k.clone(), ws_cfg()))
+        .merge(koubou_live::dashboard_router_with(api, ws_cfg()))
         .fallback(koubou_http::rest::not_found)
 }
 
@@ -208,11 +213,11 @@ pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
     // are listening.
     if let Some(l) = ws_l {
         let cfg = WsConfig { limits: Some(ws_limits()), ..WsConfig::default() };
-        let addr = faces.start(l, koubou_live::ws_router_with(k.clone(), cfg), &mut servers)?;
+        let addr = faces.start(l, koubou_live::ws_router_with(Arc::new(k.clone()), cfg), &mut servers)?;
         eprintln!("koubou WebSocket is serving on ws://{addr}");
     }
     if let Some(l) = gql_l {
-        let addr = faces.start(l, koubou_live::graphql_router_with(k.clone(), ws_limits()), &mut servers)?;
+        let addr = faces.start(l, koubou_live::graphql_router_with(Arc::new(k.clone()), ws_limits()), &mut servers)?;
         eprintln!("koubou GraphQL is serving on http://{addr}/graphql");
     }
     let addr = faces.start(main_l, main_router(&k, &stop, ws_limits()), &mut servers)?;

@@ -2,9 +2,10 @@
 //! `exec` backend running `craftsman.py` (streams words; "slow" prompts hang, "explode" fails).
 #![allow(dead_code)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::{SinkExt, StreamExt};
+use koubou_api::Api;
 use koubou_system::{Config, Home, Koubou, StartOptions};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -26,7 +27,7 @@ impl Server {
 }
 
 /// Starts Koubou with the fake craftsman and serves `make(k)` on 127.0.0.1:0.
-pub async fn start(make: impl FnOnce(Koubou) -> axum::Router) -> Server {
+pub async fn start(make: impl FnOnce(Arc<dyn Api>) -> axum::Router) -> Server {
     let home = tempfile::tempdir().unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/craftsman.py");
     let toml = format!(
@@ -56,7 +57,7 @@ backend = "craftsman"
     let k = Koubou::start(cfg, &h, StartOptions::default()).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = make(k.clone());
+    let app = make(Arc::new(k.clone()));
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server { k, addr, _home: home }
 }

@@ -32,6 +32,8 @@ use crate::{QueueError, outbox::Undispatched};
 
 /// AMQP's persistent delivery mode: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
+/// The header carrying a task's tags (a JSON array), for claims by capabilities.
+const TAGS: &str = "tags";
 /// After a failed connection attempt, how long callers fail at once before the next attempt.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
@@ -51,6 +53,15 @@ impl Link {
     }
 }
 
+/// What a delivery says of its task.
+pub(crate) struct Named<'a> {
+    pub id: TaskId,
+    /// Its kind (the message's `type`); `None` when the delivery has none: unknown.
+    pub kind: Option<&'a str>,
+    /// Its tags (the `tags` header); `None` when the delivery has no readable one: unknown.
+    pub tags: Option<Vec<String>>,
+}
+
 /// A delivery taken with `basic.get`, and the link it came on (its ack goes back there).
 /// Dropped without an answer (the claim was abandoned), it is handed back to the queue.
 pub(crate) struct Taken {
@@ -59,11 +70,15 @@ pub(crate) struct Taken {
 }
 
 impl Taken {
-    /// The task the delivery names, and its kind.
-    pub fn task(&self) -> Option<(TaskId, Option<&str>)> {
+    /// The task the delivery names, with its kind and tags.
+    pub fn task(&self) -> Option<Named<'_>> {
         let d = self.delivery.as_ref()?;
         let id = std::str::from_utf8(&d.data).ok()?.parse().ok()?;
-        Some((id, d.properties.kind().as_ref().map(|k| k.as_str())))
+        let tags = match d.properties.headers().as_ref().and_then(|h| h.inner().get(TAGS)) {
+            Some(AMQPValue::LongString(s)) => serde_json::from_slice(s.as_bytes()).ok(),
+            _ => None,
+        };
+        Some(Named { id, kind: d.properties.kind().as_ref().map(|k| k.as_str()), tags })
     }
 
     /// The payload, for messages about a delivery that names no task.
@@ -264,7 +279,11 @@ impl Broker {
         let mut sent = Vec::with_capacity(tasks.len());
         let mut error = None;
         for t in tasks {
+            let mut headers = FieldTable::default();
+            let tags = serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into());
+            headers.insert(TAGS.into(), AMQPValue::LongString(tags.into()));
             let props = BasicProperties::default()
+                .with_headers(headers)
                 .with_delivery_mode(PERSISTENT)
                 .with_priority(t.priority.get())
                 .with_type(t.kind.as_str().into())

@@ -17,16 +17,18 @@
 //!   duplicate), which drops it — or, if the store failed, handed back. The delivery is never
 //!   held while the task runs: AMQP can neither extend nor fence a delivery, and one left
 //!   unacked past `consumer_timeout` (30 min) closes its whole channel. The lease in the store
-//!   does that job. A claim by kinds looks through at most [`KIND_SCAN`] deliveries, handing
-//!   the others back at their place (workers claim any kind; the filter is for tools).
+//!   does that job. Each delivery carries the task's kind (`type`) and tags (a `tags` header):
+//!   a claim by [`Capabilities`] looks through at most [`KIND_SCAN`] deliveries for a task the
+//!   worker serves, handing the others back at their place.
 //! - **sweep**: a background task publishes what the outbox holds — unconfirmed publishes,
 //!   tasks requeued after a lease ran out or their node restarted, released tasks, retries whose
 //!   backoff is over (their earlier delivery was used up by the claim) — at least every
-//!   `sweep_ms`, when a retry or lease falls due, and at once after a release. Tasks another
+//!   `sweep_ms`, when a retry or lease falls due ([`Outbox::next_due`]), and at once after a
+//!   stopping worker's release. Tasks another
 //!   node stored but never got confirmed are found the same way, so nothing accepted is
 //!   stranded. A task can be published twice (two sweeps, a sweep beside a submit); the
 //!   second delivery then finds the task claimed and is dropped.
-//! - **parking**: [`TaskQueue::wakeup`] fires for every confirmed publish here and, through a
+//! - **parking**: [`Dispatch::claim_wait`] wakes for every confirmed publish here and, through a
 //!   fanout exchange every dispatcher listens on, for those of other nodes.
 //! - **broker down**: claims fail with [`QueueError::Unavailable`] (passing), submits still
 //!   store; the link is made again in the background.
@@ -48,7 +50,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use koubou_task::{Millis, NewTask, Task, TaskId, TaskKind, TaskStatus, WorkerId, now_millis};
+use koubou_task::{Millis, NewTask, Task, TaskId, TaskStatus, WorkerId, now_millis};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -56,12 +58,13 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use self::broker::{Broker, Taken};
 pub use self::config::{AmqpConfig, URL_ENV, redact_url};
 use crate::{
-    Claimed, Completion, Failure, Lease, LeaseStatus, Progress, QueueError, QueuePosition, StatusCounts, Submitted,
-    TaskPage, TaskQuery, TaskQueue,
+    Capabilities, Claimed, Completion, Dispatch, Failure, Lease, LeaseStatus, Progress, QueueError, QueuePosition,
+    Release, StatusCounts, Submitted, TaskPage, TaskQuery, TaskStore,
     outbox::{Outbox, Undispatched},
+    park::{self, Parking},
 };
 
-/// Most deliveries a claim by kinds looks through before it gives up.
+/// Most deliveries a claim by capabilities looks through before it gives up.
 pub const KIND_SCAN: usize = 64;
 /// Tasks the sweep reads from the outbox and publishes at once.
 const SWEEP_BATCH: usize = 256;
@@ -177,7 +180,13 @@ impl<S: Outbox> AmqpDispatch<S> {
 
     /// Publishes one task just stored and records its delivery; a failure leaves it to the sweep.
     async fn dispatch(&self, task: &Task) {
-        let u = Undispatched { id: task.id, kind: task.kind.clone(), priority: task.priority, claims: 0 };
+        let u = Undispatched {
+            id: task.id,
+            kind: task.kind.clone(),
+            priority: task.priority,
+            tags: task.tags.clone(),
+            claims: 0,
+        };
         let _mine = InFlight::new(&self.inner.publishing, task.id);
         let (confirmed, error) = self.inner.broker.publish(std::slice::from_ref(&u)).await;
         if let Err(e) = self.inner.store.mark_dispatched(confirmed).await {
@@ -261,17 +270,13 @@ async fn sweep_once<S: Outbox>(store: &S, broker: &Broker, publishing: &Publishi
 }
 
 #[async_trait]
-impl<S: Outbox> TaskQueue for AmqpDispatch<S> {
+impl<S: Outbox> TaskStore for AmqpDispatch<S> {
     async fn submit_bounded(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
         let submitted = self.inner.store.submit_bounded(new, max_queued).await?;
         if submitted.created {
             self.dispatch(&submitted.task).await;
         }
         Ok(submitted)
-    }
-
-    fn queued(&self) -> u64 {
-        self.inner.store.queued()
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError> {
@@ -290,13 +295,21 @@ impl<S: Outbox> TaskQueue for AmqpDispatch<S> {
         self.inner.store.position(id).await
     }
 
+    async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
+        // A queued task's delivery is dropped when a claim meets it.
+        self.inner.store.cancel(id).await
+    }
+}
+
+#[async_trait]
+impl<S: Outbox> Dispatch for AmqpDispatch<S> {
     async fn claim(
         &self,
         worker: &WorkerId,
-        kinds: Option<&[TaskKind]>,
+        caps: &Capabilities,
         lease: Duration,
     ) -> Result<Option<Claimed>, QueueError> {
-        if kinds.is_some_and(<[TaskKind]>::is_empty) {
+        if caps.kinds.as_ref().is_some_and(Vec::is_empty) {
             return Ok(None);
         }
         let broker = &self.inner.broker;
@@ -307,14 +320,12 @@ impl<S: Outbox> TaskQueue for AmqpDispatch<S> {
                 Ok(None) => break Ok(None),
                 Err(e) => break Err(e),
             };
-            let Some((id, kind)) = taken.task() else {
+            let Some(broker::Named { id, kind, tags }) = taken.task() else {
                 tracing::warn!(data = ?taken.data(), "dropped a delivery that names no task");
                 broker.ack(taken).await;
                 continue;
             };
-            if let Some(kinds) = kinds
-                && !kind.is_some_and(|k| kinds.iter().any(|x| x.as_str() == k))
-            {
+            if !caps.serves_kind_and_tags(kind, tags.as_deref()) {
                 passed_over.push(taken);
                 if passed_over.len() >= KIND_SCAN {
                     break Ok(None);
@@ -360,15 +371,15 @@ impl<S: Outbox> TaskQueue for AmqpDispatch<S> {
         Ok(task)
     }
 
-    async fn release(&self, lease: &Lease) -> Result<(), QueueError> {
-        self.inner.store.release(lease).await?;
-        self.sweep_now().await;
+    async fn release(&self, lease: &Lease, why: Release) -> Result<(), QueueError> {
+        let stopping = why == Release::Stopping;
+        self.inner.store.release(lease, why).await?;
+        if stopping {
+            self.sweep_now().await; // claimable at once: published before the answer
+        } else {
+            self.kick_sweep(); // to publish it when its wait is over
+        }
         Ok(())
-    }
-
-    async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
-        // A queued task's delivery is dropped when a claim meets it.
-        self.inner.store.cancel(id).await
     }
 
     async fn recover_node(&self, node: &str) -> Result<u64, QueueError> {
@@ -379,6 +390,21 @@ impl<S: Outbox> TaskQueue for AmqpDispatch<S> {
         Ok(n)
     }
 
+    async fn claim_wait(
+        &self,
+        worker: &WorkerId,
+        caps: &Capabilities,
+        lease: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Option<Claimed>, QueueError> {
+        park::claim_wait(self, worker, caps, lease, stop).await
+    }
+}
+
+/// Parked workers wake on confirmed publishes (this node's and, through the wake-up exchange,
+/// other nodes'), and when the store says something falls due.
+#[async_trait]
+impl<S: Outbox> Parking for AmqpDispatch<S> {
     fn wakeup(&self) -> &Notify {
         &self.inner.broker.wakeup
     }

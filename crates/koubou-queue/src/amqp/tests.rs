@@ -1,15 +1,22 @@
-// RabbitMQ as the dispatcher, against the real broker: the shared suite over SQLite, then what
-// only a dispatcher outside the store has — deliveries acked after the claim, two dispatchers
-// on one store, publishes the broker never confirmed, a broker that goes away, TLS.
+// RabbitMQ as the dispatcher, against the real broker: the conformance suite over SQLite, then
+// what only a dispatcher outside the store has — deliveries acked after the claim, two
+// dispatchers on one store, publishes the broker never confirmed, a broker that goes away, TLS.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use koubou_task::{EventBus, EventLog, NewTask, Task, TaskId, TaskStatus, WorkerId};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     testing::{Namespace, Proxy},
     *,
 };
-use crate::sqlite::{SqliteConfig, SqliteQueue};
-use std::sync::atomic::AtomicUsize;
-
-include!("../suite.rs");
+use crate::{
+    backoff::Backoff,
+    conformance::{ANY, FAST, Factory, LEASE, done, new, until, w},
+    sqlite::{SqliteConfig, SqliteQueue},
+};
 
 /// A SQLite file and an AMQP namespace of their own.
 struct Fixture {
@@ -21,24 +28,38 @@ fn fixture() -> Fixture {
     Fixture { dir: tempfile::tempdir().unwrap(), ns: Namespace::new() }
 }
 
-fn store(f: &Fixture, retry: Backoff) -> Arc<SqliteQueue> {
+fn store_with(f: &Fixture, retry: Backoff, events: Arc<dyn EventLog>) -> Arc<SqliteQueue> {
     let cfg = SqliteConfig { retry, ..SqliteConfig::default() };
-    Arc::new(SqliteQueue::open(f.dir.path().join("q.db"), cfg, EventBus::default()).unwrap())
+    Arc::new(SqliteQueue::open(f.dir.path().join("q.db"), cfg, events).unwrap())
+}
+
+fn store(f: &Fixture, retry: Backoff) -> Arc<SqliteQueue> {
+    store_with(f, retry, Arc::new(EventBus::default()))
 }
 
 async fn open(f: &Fixture) -> AmqpDispatch<SqliteQueue> {
-    open_with(f, Backoff { base_ms: 40, max_ms: 40, jitter: 0.0 }).await
+    AmqpDispatch::open(store(f, FAST), f.ns.config()).await.unwrap()
 }
 
-async fn open_with(f: &Fixture, retry: Backoff) -> AmqpDispatch<SqliteQueue> {
-    AmqpDispatch::open(store(f, retry), f.ns.config()).await.unwrap()
-}
+/// Dispatchers over a SQLite store, each on a file and a broker queue of its own, for the
+/// conformance suite.
+struct OverSqlite;
 
-impl AmqpDispatch<SqliteQueue> {
-    fn bus(&self) -> &EventBus {
-        self.store().bus()
+impl Factory for OverSqlite {
+    type Queue = AmqpDispatch<SqliteQueue>;
+    type Place = Fixture;
+    fn place(&self) -> Fixture {
+        fixture()
+    }
+    async fn open(&self, f: &Fixture, retry: Backoff, events: Arc<dyn EventLog>) -> AmqpDispatch<SqliteQueue> {
+        AmqpDispatch::open(store_with(f, retry, events), f.ns.config()).await.unwrap()
+    }
+    fn queued(&self, q: &AmqpDispatch<SqliteQueue>) -> u64 {
+        q.store().queued()
     }
 }
+
+crate::conformance_suite!(conformance, OverSqlite);
 
 /// Bounds a wait that should end soon, generously for a loaded machine.
 async fn soon<T>(what: &str, f: impl Future<Output = T>) -> T {
@@ -54,12 +75,9 @@ struct Gated {
 }
 
 #[async_trait]
-impl TaskQueue for Gated {
+impl TaskStore for Gated {
     async fn submit_bounded(&self, new: NewTask, max: Option<u64>) -> Result<Submitted, QueueError> {
         self.inner.submit_bounded(new, max).await
-    }
-    fn queued(&self) -> u64 {
-        self.inner.queued()
     }
     async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError> {
         self.inner.get(id).await
@@ -73,8 +91,24 @@ impl TaskQueue for Gated {
     async fn position(&self, id: TaskId) -> Result<Option<QueuePosition>, QueueError> {
         self.inner.position(id).await
     }
-    async fn claim(&self, w: &WorkerId, k: Option<&[TaskKind]>, l: Duration) -> Result<Option<Claimed>, QueueError> {
-        self.inner.claim(w, k, l).await
+    async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
+        self.inner.cancel(id).await
+    }
+}
+
+#[async_trait]
+impl Dispatch for Gated {
+    async fn claim(&self, w: &WorkerId, c: &Capabilities, l: Duration) -> Result<Option<Claimed>, QueueError> {
+        self.inner.claim(w, c, l).await
+    }
+    async fn claim_wait(
+        &self,
+        w: &WorkerId,
+        c: &Capabilities,
+        l: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Option<Claimed>, QueueError> {
+        self.inner.claim_wait(w, c, l, stop).await
     }
     async fn heartbeat(&self, l: &Lease, ttl: Duration, p: Progress<'_>) -> Result<LeaseStatus, QueueError> {
         self.inner.heartbeat(l, ttl, p).await
@@ -85,20 +119,11 @@ impl TaskQueue for Gated {
     async fn fail(&self, l: &Lease, f: Failure) -> Result<Task, QueueError> {
         self.inner.fail(l, f).await
     }
-    async fn release(&self, l: &Lease) -> Result<(), QueueError> {
-        self.inner.release(l).await
-    }
-    async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
-        self.inner.cancel(id).await
+    async fn release(&self, l: &Lease, why: Release) -> Result<(), QueueError> {
+        self.inner.release(l, why).await
     }
     async fn recover_node(&self, node: &str) -> Result<u64, QueueError> {
         self.inner.recover_node(node).await
-    }
-    fn wakeup(&self) -> &Notify {
-        self.inner.wakeup()
-    }
-    async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
-        self.inner.next_due().await
     }
 }
 
@@ -114,6 +139,9 @@ impl Outbox for Gated {
     }
     async fn mark_dispatched(&self, marks: Vec<(TaskId, u64)>) -> Result<(), QueueError> {
         self.inner.mark_dispatched(marks).await
+    }
+    async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
+        Outbox::next_due(&*self.inner).await
     }
 }
 
@@ -136,7 +164,7 @@ async fn a_delivery_is_acked_only_after_the_claim_answered() {
     let entered = gated.entered.notified();
     let claim = tokio::spawn({
         let a = a.clone();
-        async move { a.claim(&w(1), None, LEASE).await }
+        async move { a.claim(&w(1), &ANY, LEASE).await }
     });
     soon("the claim to take the delivery", entered).await;
     assert_eq!(f.ns.ready().await, 0, "taken, unacked");
@@ -147,7 +175,7 @@ async fn a_delivery_is_acked_only_after_the_claim_answered() {
     assert_eq!(claimed.task.id, t.id);
 
     // The requeued delivery finds the task running: dropped, and nobody claims it again.
-    assert!(b.claim(&w(2), None, LEASE).await.unwrap().is_none());
+    assert!(b.claim(&w(2), &ANY, LEASE).await.unwrap().is_none());
     assert_eq!(f.ns.ready().await, 0, "the stale delivery was dropped");
     let task = b.get(t.id).await.unwrap().unwrap();
     assert_eq!((task.status, task.attempts), (TaskStatus::Running, 1));
@@ -155,45 +183,15 @@ async fn a_delivery_is_acked_only_after_the_claim_answered() {
 }
 
 /// Two dispatchers ("nodes") over one store, each with its own connection, claim 300 tasks
-/// concurrently while both submit: every task is claimed exactly once.
+/// concurrently while both submit: every task is claimed exactly once, and none is left in
+/// the outbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_dispatchers_over_one_store_claim_each_task_once() {
     let f = fixture();
     let store = store(&f, Backoff::default());
     let a = Arc::new(AmqpDispatch::open(store.clone(), f.ns.config()).await.unwrap());
     let b = Arc::new(AmqpDispatch::open(store.clone(), f.ns.config()).await.unwrap());
-    const N: usize = 300;
-    let claimed = Arc::new(AtomicUsize::new(0));
-    let all_claimed = CancellationToken::new();
-    let mut claimers = Vec::new();
-    for n in 0..16 {
-        let q = if n % 2 == 0 { a.clone() } else { b.clone() };
-        let (claimed, all_claimed) = (claimed.clone(), all_claimed.clone());
-        claimers.push(tokio::spawn(async move {
-            let mut mine = Vec::new();
-            while let Some(c) = claim_wait(&*q, &w(n), None, LEASE, &all_claimed).await.unwrap() {
-                mine.push(c.task.id);
-                q.complete(&c.lease, done("ok")).await.unwrap();
-                if claimed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == N {
-                    all_claimed.cancel();
-                }
-            }
-            mine
-        }));
-    }
-    let submits = (0..N).map(|i| {
-        let q = if i % 2 == 0 { a.clone() } else { b.clone() };
-        async move { q.submit(new(&i.to_string(), (i % 10) as i64 + 1)).await.unwrap() }
-    });
-    futures::future::join_all(submits).await;
-    let mut seen = HashSet::new();
-    for h in claimers {
-        for id in soon("every task to be claimed", h).await.unwrap() {
-            assert!(seen.insert(id), "task {id} claimed twice");
-        }
-    }
-    assert_eq!(seen.len(), N);
-    assert_eq!(store.counts().await.unwrap().completed, N as u64);
+    crate::conformance::two_instances_claim_each_task_once(a, b, 300).await;
     assert!(store.undispatched(10).await.unwrap().is_empty());
 }
 
@@ -211,13 +209,13 @@ async fn an_unconfirmed_publish_is_published_by_the_sweep() {
     let t = q.submit(new("while the broker is away", 5)).await.unwrap().task;
     assert_eq!(q.get(t.id).await.unwrap().unwrap().status, TaskStatus::Pending, "stored all the same");
     assert_eq!(store.undispatched(10).await.unwrap()[0].id, t.id, "in the outbox");
-    let e = q.claim(&w(1), None, LEASE).await.unwrap_err();
+    let e = q.claim(&w(1), &ANY, LEASE).await.unwrap_err();
     assert!(matches!(e, QueueError::Unavailable(_)) && e.is_transient(), "{e:?}");
     assert_eq!(f.ns.ready().await, 0, "never reached the queue");
 
     proxy.resume();
     // As a worker does: a claim that finds the broker unavailable is tried again.
-    let c = until("the task, published by the sweep", async || match q.claim(&w(1), None, LEASE).await {
+    let c = until("the task, published by the sweep", async || match q.claim(&w(1), &ANY, LEASE).await {
         Ok(c) => c,
         Err(e) if e.is_transient() => None,
         Err(e) => panic!("{e}"),
@@ -225,7 +223,7 @@ async fn an_unconfirmed_publish_is_published_by_the_sweep() {
     .await;
     assert_eq!(c.task.id, t.id);
     assert!(store.undispatched(10).await.unwrap().is_empty());
-    assert!(q.claim(&w(2), None, LEASE).await.unwrap().is_none());
+    assert!(q.claim(&w(2), &ANY, LEASE).await.unwrap().is_none());
 }
 
 /// A task another node stored but never published (it died between its commit and the
@@ -238,7 +236,7 @@ async fn a_task_a_dead_node_never_published_is_published_by_the_sweep() {
     // Let the first sweep finish (nothing to publish), so the next one comes from the period.
     q.sweep_now().await;
     let t = store.submit(new("orphan", 5)).await.unwrap().task;
-    let c = soon("the sweep", claim_wait(&q, &w(1), None, LEASE, &CancellationToken::new())).await.unwrap().unwrap();
+    let c = soon("the sweep", q.claim_wait(&w(1), &ANY, LEASE, &CancellationToken::new())).await.unwrap().unwrap();
     assert_eq!(c.task.id, t.id);
 }
 
@@ -249,12 +247,10 @@ async fn an_expired_lease_is_republished_and_claimed_again() {
     let f = fixture();
     let q = open(&f).await;
     let t = q.submit(new("x", 5)).await.unwrap().task;
-    let old = q.claim(&w(1), None, Duration::from_millis(100)).await.unwrap().unwrap();
+    let old = q.claim(&w(1), &ANY, Duration::from_millis(100)).await.unwrap().unwrap();
     assert_eq!(f.ns.ready().await, 0);
-    let c = soon("the requeued task", claim_wait(&q, &w(2), None, LEASE, &CancellationToken::new()))
-        .await
-        .unwrap()
-        .unwrap();
+    let c =
+        soon("the requeued task", q.claim_wait(&w(2), &ANY, LEASE, &CancellationToken::new())).await.unwrap().unwrap();
     assert_eq!((c.task.id, c.task.attempts), (t.id, 2));
     assert!(old.cancel.is_cancelled());
     assert!(matches!(q.complete(&old.lease, done("late")).await, Err(QueueError::Conflict { .. })));
@@ -271,7 +267,7 @@ async fn a_cancelled_tasks_delivery_is_dropped_at_claim() {
     let b = q.submit(new("b", 1)).await.unwrap().task;
     q.cancel(a.id).await.unwrap();
     assert_eq!(f.ns.ready().await, 2);
-    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
     assert_eq!(c.task.id, b.id);
     assert_eq!(f.ns.ready().await, 0, "the cancelled task's delivery was dropped, not handed back");
     assert_eq!(q.get(a.id).await.unwrap().unwrap().status, TaskStatus::Cancelled);
@@ -291,7 +287,7 @@ async fn the_broker_orders_claims_by_priority() {
     }
     want.sort();
     let mut got = Vec::new();
-    while let Some(c) = q.claim(&w(1), None, LEASE).await.unwrap() {
+    while let Some(c) = q.claim(&w(1), &ANY, LEASE).await.unwrap() {
         got.push(c.task.id);
     }
     assert_eq!(got, want.into_iter().map(|(_, _, id)| id).collect::<Vec<_>>());
@@ -347,7 +343,7 @@ async fn amqps_with_a_private_ca() {
     let cfg = AmqpConfig { url: url.clone(), ca_file: Some(ca.ca_file.clone()), ..f.ns.config() };
     let q = AmqpDispatch::open(store(&f, Backoff::default()), cfg).await.unwrap();
     let t = q.submit(new("over tls", 5)).await.unwrap().task;
-    assert_eq!(q.claim(&w(1), None, LEASE).await.unwrap().unwrap().task.id, t.id);
+    assert_eq!(q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap().task.id, t.id);
 
     let untrusted = AmqpConfig { url, timeout_ms: 3_000, ..f.ns.config() };
     let e = AmqpDispatch::open(store(&fixture(), Backoff::default()), untrusted).await.err().expect("untrusted");
@@ -364,39 +360,17 @@ async fn a_submit_on_one_redis_node_wakes_the_workers_of_another() {
     let ns = crate::redis::testing::Namespace::new();
     let amqp = Namespace::new();
     let node = |_| async {
-        let store = Arc::new(crate::RedisQueue::open(ns.config(), EventBus::default()).await.unwrap());
+        let store = Arc::new(crate::RedisQueue::open(ns.config(), Arc::new(EventBus::default())).await.unwrap());
         Arc::new(AmqpDispatch::open(store, amqp.config()).await.unwrap())
     };
     let (a, b) = (node(1).await, node(2).await);
     const N: usize = 100;
-    let claimed = Arc::new(AtomicUsize::new(0));
-    let all_claimed = CancellationToken::new();
-    let claimers: Vec<_> = (0..4)
-        .map(|n| {
-            let (b, claimed, all_claimed) = (b.clone(), claimed.clone(), all_claimed.clone());
-            tokio::spawn(async move {
-                let mut mine = Vec::new();
-                while let Some(c) = claim_wait(&*b, &w(n), None, LEASE, &all_claimed).await.unwrap() {
-                    mine.push(c.task.id);
-                    b.complete(&c.lease, done("ok")).await.unwrap();
-                    if claimed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == N {
-                        all_claimed.cancel();
-                    }
-                }
-                mine
-            })
-        })
-        .collect();
+    let claimers = crate::conformance::claimers(&[b], 4, N);
     for i in 0..N {
         a.submit(new(&i.to_string(), (i % 10) as i64 + 1)).await.unwrap();
     }
-    let mut seen = HashSet::new();
-    for h in claimers {
-        let ids = tokio::time::timeout(Duration::from_secs(20), h).await.expect("woken by the other node").unwrap();
-        for id in ids {
-            assert!(seen.insert(id), "task {id} claimed twice");
-        }
-    }
+    // Well below the 30 s a parked worker sleeps unwoken: a pass proves the wake-ups came.
+    let seen = crate::conformance::claimed_once(claimers, Duration::from_secs(20)).await;
     assert_eq!(seen.len(), N);
     assert_eq!(a.counts().await.unwrap().completed, N as u64);
 }

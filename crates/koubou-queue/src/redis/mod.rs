@@ -48,7 +48,7 @@ use ::redis::{
 use async_trait::async_trait;
 use futures::StreamExt;
 use koubou_task::{
-    EventBus, EventKind, Millis, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, WorkerId, now_millis,
+    Cursor, EventKind, EventLog, Millis, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, WorkerId, now_millis,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -60,10 +60,11 @@ use self::{
     scripts::{Op, Scripts},
 };
 use crate::{
-    Claimed, Completion, Failure, Lease, LeaseStatus, Progress, QueueError, QueuePosition, StatusCounts, Submitted,
-    TaskPage, TaskQuery, TaskQueue,
+    Capabilities, Claimed, Completion, Dispatch, Failure, Lease, LeaseStatus, Progress, QueueError, QueuePosition,
+    Release, StatusCounts, Submitted, TaskPage, TaskQuery, TaskStore,
     backoff::Backoff,
     outbox::{Outbox, Undispatched},
+    park::{self, Parking},
 };
 
 /// `[queue]` with a `redis://` or `rediss://` URL.
@@ -194,7 +195,7 @@ struct Shared {
     origin: String,
     conn: ConnectionManager,
     scripts: Scripts,
-    bus: EventBus,
+    bus: Arc<dyn EventLog>,
     wakeup: Notify,
     /// Tokens of tasks claimed through this instance, with the attempt they hold.
     running: Mutex<HashMap<TaskId, (u32, CancellationToken)>>,
@@ -241,7 +242,7 @@ fn from_redis(e: RedisError) -> QueueError {
                 | RetryMethod::RefreshSlotsAndRetry
         )
         || matches!(e.code(), Some("OOM" | "BUSY" | "LOADING" | "MASTERDOWN" | "READONLY"));
-    if passing { QueueError::Unavailable(e.to_string()) } else { QueueError::Redis(e.to_string()) }
+    if passing { QueueError::Unavailable(e.to_string()) } else { QueueError::Storage(format!("Redis refused it: {e}")) }
 }
 
 /// The URL without its password, for messages.
@@ -272,7 +273,7 @@ fn flag(b: bool) -> String {
 impl RedisQueue {
     /// Connects, checks the server is fit to hold a queue (`maxmemory-policy` must be
     /// `noeviction`; without AOF a warning), and subscribes to the namespace's channel.
-    pub async fn open(cfg: RedisConfig, bus: EventBus) -> Result<RedisQueue, QueueError> {
+    pub async fn open(cfg: RedisConfig, bus: Arc<dyn EventLog>) -> Result<RedisQueue, QueueError> {
         let at = redact(&cfg.url);
         let refuse = |detail: String| QueueError::Open { path: at.clone(), detail };
         if cfg.namespace.is_empty() || cfg.namespace.contains(['{', '}']) {
@@ -324,8 +325,34 @@ impl RedisQueue {
         Ok(RedisQueue { inner: Arc::new(Inner { shared, calls, _stop: stop.drop_guard() }) })
     }
 
-    pub fn bus(&self) -> &EventBus {
+    pub fn bus(&self) -> &Arc<dyn EventLog> {
         &self.inner.shared.bus
+    }
+
+    /// Tasks waiting to run (pending or retrying), as of the last script this instance ran or
+    /// heard of.
+    pub fn queued(&self) -> u64 {
+        self.inner.shared.queued.load(Ordering::Acquire)
+    }
+
+    /// The earliest retry or lease expiry, moved from Redis's clock to ours.
+    async fn due(&self) -> Result<Option<Millis>, QueueError> {
+        let first = |set| {
+            let mut p = ::redis::cmd("ZRANGE");
+            p.arg(self.key(set)).arg(0).arg(0).arg("WITHSCORES");
+            p
+        };
+        type Head = Vec<(String, f64)>;
+        let (time, retry, lease): ((i64, i64), Head, Head) = ::redis::pipe()
+            .cmd("TIME")
+            .add_command(first("delayed"))
+            .add_command(first("leases"))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(from_redis)?;
+        let redis_now = time.0 * 1000 + time.1 / 1000;
+        let due = retry.iter().chain(&lease).map(|(_, at)| *at as Millis).min();
+        Ok(due.map(|at| now_millis() + (at - redis_now)))
     }
 
     pub fn config(&self) -> &RedisConfig {
@@ -631,7 +658,7 @@ fn lease_args(lease: &Lease) -> Vec<String> {
 }
 
 #[async_trait]
-impl TaskQueue for RedisQueue {
+impl TaskStore for RedisQueue {
     async fn submit_bounded(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
         let cfg = &self.inner.shared.cfg;
         let mut task = Task::from_new(TaskId::new(), new, cfg.max_attempts, 0);
@@ -643,6 +670,7 @@ impl TaskQueue for RedisQueue {
             task.max_attempts.to_string(),
             task.idempotency_key.clone().unwrap_or_default(),
             max_queued.map(|n| n.to_string()).unwrap_or_default(),
+            json(&task.tags)?,
         ];
         let answer = self.write(Op::Submit, args).await?;
         match answer.code.as_str() {
@@ -661,10 +689,6 @@ impl TaskQueue for RedisQueue {
         }
     }
 
-    fn queued(&self) -> u64 {
-        self.inner.shared.queued.load(Ordering::Acquire)
-    }
-
     async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError> {
         let f: Fields = self.conn().hgetall(self.key(&format!("task:{id}"))).await.map_err(from_redis)?;
         if f.is_empty() { Ok(None) } else { record::task(&f).map(Some) }
@@ -680,6 +704,10 @@ impl TaskQueue for RedisQueue {
         } else {
             statuses.iter().map(|s| self.key(&format!("s:{s}"))).collect()
         };
+        let before = match &q.before {
+            Some(c) => Some(c.as_str().parse::<i64>().map_err(|_| QueueError::BadCursor(c.to_string()))?),
+            None => None,
+        };
         let tag = q.tag.as_deref().filter(|t| !t.is_empty());
         let search = q.search.as_deref().filter(|s| !s.is_empty()).map(str::to_ascii_lowercase);
         let (tasks, more, total) = if q.kind.is_none() && tag.is_none() && search.is_none() {
@@ -688,7 +716,7 @@ impl TaskQueue for RedisQueue {
                 pipe.zcard(set);
             }
             let counts: Vec<u64> = pipe.query_async(&mut self.conn()).await.map_err(from_redis)?;
-            let ids = self.newest(&sets, q.before, Some(limit + 1)).await?;
+            let ids = self.newest(&sets, before, Some(limit + 1)).await?;
             let more = ids.len() > limit;
             (self.fetch(&ids[..ids.len().min(limit)]).await?, more, counts.iter().sum())
         } else {
@@ -705,14 +733,14 @@ impl TaskQueue for RedisQueue {
                         continue;
                     }
                     total += 1;
-                    if q.before.is_none_or(|b| seq < b) {
+                    if before.is_none_or(|b| seq < b) {
                         if page.len() < limit { page.push((task, seq)) } else { more = true }
                     }
                 }
             }
             (page, more, total)
         };
-        let next_cursor = if more { tasks.last().map(|(_, seq)| *seq) } else { None };
+        let next_cursor = if more { tasks.last().map(|(_, seq)| Cursor::new(seq.to_string())) } else { None };
         Ok(TaskPage { tasks: tasks.into_iter().map(|(t, _)| t).collect(), next_cursor, total })
     }
 
@@ -748,19 +776,47 @@ impl TaskQueue for RedisQueue {
         }
     }
 
+    async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
+        let answer = self.write(Op::Cancel, vec![id.to_string()]).await?;
+        match (answer.code.as_str(), answer.extra.first().and_then(|s| TaskStatus::parse(s))) {
+            ("ok", _) => answer.task(),
+            ("notfound", _) => Err(QueueError::NotFound(id)),
+            ("conflict", Some(status)) => Err(QueueError::Conflict {
+                id,
+                status,
+                detail: "only pending, retrying or running tasks can be cancelled".into(),
+            }),
+            _ => Err(unexpected(&answer)),
+        }
+    }
+}
+
+#[async_trait]
+impl Dispatch for RedisQueue {
     async fn claim(
         &self,
         worker: &WorkerId,
-        kinds: Option<&[TaskKind]>,
+        caps: &Capabilities,
         lease: Duration,
     ) -> Result<Option<Claimed>, QueueError> {
-        if kinds.is_some_and(<[TaskKind]>::is_empty) {
+        if caps.kinds.as_ref().is_some_and(Vec::is_empty) {
             return Ok(None);
         }
-        let mut args = vec![worker.0.clone(), lease.as_millis().to_string()];
-        args.extend(kinds.unwrap_or_default().iter().map(|k| k.as_str().to_owned()));
+        let declared = caps.tags.as_ref().map(json).transpose()?.unwrap_or_default();
+        let mut args = vec![worker.0.clone(), lease.as_millis().to_string(), declared];
+        args.extend(caps.kinds.iter().flatten().map(|k| k.as_str().to_owned()));
         let answer = self.write(Op::Claim, args).await?;
         claimed(&answer, worker)
+    }
+
+    async fn claim_wait(
+        &self,
+        worker: &WorkerId,
+        caps: &Capabilities,
+        lease: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Option<Claimed>, QueueError> {
+        park::claim_wait(self, worker, caps, lease, stop).await
     }
 
     async fn heartbeat(&self, lease: &Lease, ttl: Duration, progress: Progress<'_>) -> Result<LeaseStatus, QueueError> {
@@ -821,26 +877,17 @@ impl TaskQueue for RedisQueue {
         answer.task()
     }
 
-    async fn release(&self, lease: &Lease) -> Result<(), QueueError> {
-        let answer = self.write(Op::Release, lease_args(lease)).await?;
+    async fn release(&self, lease: &Lease, why: Release) -> Result<(), QueueError> {
+        let mut args = lease_args(lease);
+        match why {
+            Release::Stopping => args.extend([String::new(), String::new()]),
+            Release::CannotServe { reason, wait } => args.extend([reason, wait.as_millis().to_string()]),
+        }
+        let answer = self.write(Op::Release, args).await?;
         if answer.code != "ok" {
             return Err(lost_conflict(lease, &answer));
         }
         Ok(())
-    }
-
-    async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
-        let answer = self.write(Op::Cancel, vec![id.to_string()]).await?;
-        match (answer.code.as_str(), answer.extra.first().and_then(|s| TaskStatus::parse(s))) {
-            ("ok", _) => answer.task(),
-            ("notfound", _) => Err(QueueError::NotFound(id)),
-            ("conflict", Some(status)) => Err(QueueError::Conflict {
-                id,
-                status,
-                detail: "only pending, retrying or running tasks can be cancelled".into(),
-            }),
-            _ => Err(unexpected(&answer)),
-        }
     }
 
     async fn recover_node(&self, node: &str) -> Result<u64, QueueError> {
@@ -850,29 +897,16 @@ impl TaskQueue for RedisQueue {
             _ => Err(unexpected(&answer)),
         }
     }
+}
 
+#[async_trait]
+impl Parking for RedisQueue {
     fn wakeup(&self) -> &Notify {
         &self.inner.shared.wakeup
     }
 
-    /// The earliest retry or lease expiry, moved from Redis's clock to ours.
     async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
-        let first = |set| {
-            let mut p = ::redis::cmd("ZRANGE");
-            p.arg(self.key(set)).arg(0).arg(0).arg("WITHSCORES");
-            p
-        };
-        type Head = Vec<(String, f64)>;
-        let (time, retry, lease): ((i64, i64), Head, Head) = ::redis::pipe()
-            .cmd("TIME")
-            .add_command(first("delayed"))
-            .add_command(first("leases"))
-            .query_async(&mut self.conn())
-            .await
-            .map_err(from_redis)?;
-        let redis_now = time.0 * 1000 + time.1 / 1000;
-        let due = retry.iter().chain(&lease).map(|(_, at)| *at as Millis).min();
-        Ok(due.map(|at| now_millis() + (at - redis_now)))
+        self.due().await
     }
 }
 
@@ -891,7 +925,7 @@ impl Outbox for RedisQueue {
         }
         answer
             .extra
-            .chunks_exact(4)
+            .chunks_exact(5)
             .map(|t| {
                 let bad = |what: &str| QueueError::Corrupt(format!("outbox entry {}: bad {what}", t[0]));
                 Ok(Undispatched {
@@ -903,6 +937,7 @@ impl Outbox for RedisQueue {
                         .and_then(|p| Priority::new(p).ok())
                         .ok_or_else(|| bad("priority"))?,
                     claims: t[3].parse().map_err(|_| bad("claim count"))?,
+                    tags: serde_json::from_str(&t[4]).map_err(|_| bad("tags"))?,
                 })
             })
             .collect()
@@ -918,5 +953,9 @@ impl Outbox for RedisQueue {
             return Err(unexpected(&answer));
         }
         Ok(())
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
+        self.due().await
     }
 }

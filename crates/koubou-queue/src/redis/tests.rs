@@ -1,25 +1,58 @@
-// Queue semantics on a real Redis: the shared suite (`../suite.rs`), then what only a shared
-// queue has — several queue instances (as several processes would be) on one namespace, and a
-// server that is unfit or goes away.
+// Queue semantics on a real Redis: the conformance suite (with the outbox cases), then what
+// only a shared queue has — several queue instances (as several processes would be) on one
+// namespace, and a server that is unfit or goes away.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use koubou_task::{EventBus, EventKind, EventLog, TaskId, TaskKind, TaskStatus};
+use tokio_util::sync::CancellationToken;
 
 use super::{
     testing::{Namespace, Server},
     *,
 };
-
-include!("../suite.rs");
-include!("../outbox_suite.rs");
+use crate::conformance::{ANY, Factory, LEASE, done, failure, new, until, w};
 
 fn fixture() -> Namespace {
     Namespace::new()
 }
 
-async fn open(ns: &Namespace) -> RedisQueue {
-    RedisQueue::open(ns.config(), EventBus::default()).await.unwrap()
+fn bus() -> Arc<dyn EventLog> {
+    Arc::new(EventBus::default())
 }
 
-async fn open_with(ns: &Namespace, retry: Backoff) -> RedisQueue {
-    RedisQueue::open(RedisConfig { retry, ..ns.config() }, EventBus::default()).await.unwrap()
+async fn open(ns: &Namespace) -> RedisQueue {
+    RedisQueue::open(ns.config(), bus()).await.unwrap()
+}
+
+/// Queues on a namespace of their own, for the conformance suite.
+struct Namespaces;
+
+impl Factory for Namespaces {
+    type Queue = RedisQueue;
+    type Place = Namespace;
+    fn place(&self) -> Namespace {
+        fixture()
+    }
+    async fn open(&self, ns: &Namespace, retry: Backoff, events: Arc<dyn EventLog>) -> RedisQueue {
+        RedisQueue::open(RedisConfig { retry, ..ns.config() }, events).await.unwrap()
+    }
+    fn queued(&self, q: &RedisQueue) -> u64 {
+        q.queued()
+    }
+}
+
+crate::conformance_suite!(conformance, Namespaces);
+
+#[tokio::test]
+async fn the_outbox_holds_what_no_confirmed_delivery_covers() {
+    crate::conformance::outbox_holds_what_no_confirmed_delivery_covers(&Namespaces).await;
+}
+
+#[tokio::test]
+async fn claim_id_claims_exactly_that_task_when_claimable() {
+    crate::conformance::claim_id_claims_exactly_that_task_when_claimable(&Namespaces).await;
 }
 
 /// Bounds a wait that should end at once, generously for a loaded machine but below the
@@ -29,43 +62,13 @@ async fn soon<T>(what: &str, f: impl Future<Output = T>) -> T {
 }
 
 /// Two instances with their own connections, as two processes would be, claim concurrently
-/// from one namespace while both submit: every task is claimed exactly once.
+/// from one namespace while both submit: every task is claimed exactly once, and both count
+/// nothing waiting after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_never_claim_a_task_twice() {
     let ns = fixture();
     let (a, b) = (Arc::new(open(&ns).await), Arc::new(open(&ns).await));
-    const N: usize = 600;
-    let claimed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let all_claimed = CancellationToken::new();
-    let mut claimers = Vec::new();
-    for n in 0..16 {
-        let q = if n % 2 == 0 { a.clone() } else { b.clone() };
-        let (claimed, all_claimed) = (claimed.clone(), all_claimed.clone());
-        claimers.push(tokio::spawn(async move {
-            let mut mine = Vec::new();
-            while let Some(c) = claim_wait(&*q, &w(n), None, LEASE, &all_claimed).await.unwrap() {
-                mine.push(c.task.id);
-                q.complete(&c.lease, done("ok")).await.unwrap();
-                if claimed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == N {
-                    all_claimed.cancel();
-                }
-            }
-            mine
-        }));
-    }
-    let submits = (0..N).map(|i| {
-        let q = if i % 2 == 0 { a.clone() } else { b.clone() };
-        async move { q.submit(new(&i.to_string(), (i % 10) as i64 + 1)).await.unwrap() }
-    });
-    futures::future::join_all(submits).await;
-    let mut seen = HashSet::new();
-    for h in claimers {
-        for id in soon("every task to be claimed", h).await.unwrap() {
-            assert!(seen.insert(id), "task {id} claimed twice");
-        }
-    }
-    assert_eq!(seen.len(), N);
-    assert_eq!(a.counts().await.unwrap().completed, N as u64);
+    crate::conformance::two_instances_claim_each_task_once(a.clone(), b.clone(), 600).await;
     assert_eq!((a.queued(), b.queued()), (0, 0));
 }
 
@@ -76,7 +79,7 @@ async fn a_cancel_on_one_instance_stops_the_claimer_on_another() {
     let ns = fixture();
     let (a, b) = (open(&ns).await, open(&ns).await);
     let t = a.submit(new("x", 5)).await.unwrap().task;
-    let c = a.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let c = a.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
     assert_eq!(b.cancel(t.id).await.unwrap().status, TaskStatus::Cancelled);
     soon("the claimer's token", c.cancel.cancelled()).await;
     assert_eq!(a.heartbeat(&c.lease, LEASE, Progress::default()).await.unwrap(), LeaseStatus::Cancelled);
@@ -90,8 +93,8 @@ async fn an_expired_lease_is_reclaimed_by_another_instance() {
     let ns = fixture();
     let (a, b) = (open(&ns).await, open(&ns).await);
     a.submit(new("x", 5)).await.unwrap();
-    let old = a.claim(&w(1), None, Duration::from_millis(30)).await.unwrap().unwrap();
-    let c = soon("the reclaim", claim_wait(&b, &w(2), None, LEASE, &CancellationToken::new())).await.unwrap().unwrap();
+    let old = a.claim(&w(1), &ANY, Duration::from_millis(30)).await.unwrap().unwrap();
+    let c = soon("the reclaim", b.claim_wait(&w(2), &ANY, LEASE, &CancellationToken::new())).await.unwrap().unwrap();
     assert_eq!((c.task.id, c.task.attempts), (old.task.id, 2));
     soon("the old holder's token", old.cancel.cancelled()).await;
     assert_eq!(a.heartbeat(&old.lease, LEASE, Progress::default()).await.unwrap(), LeaseStatus::Lost);
@@ -106,15 +109,15 @@ async fn an_expired_lease_is_reclaimed_by_another_instance() {
 async fn a_parked_worker_wakes_for_a_task_submitted_elsewhere() {
     let ns = fixture();
     let (a, b) = (Arc::new(open(&ns).await), open(&ns).await);
-    let mut events = a.bus().subscribe();
+    let mut events = a.bus().subscribe(None);
     let parked = a.clone();
-    let waiter = tokio::spawn(async move { claim_wait(&*parked, &w(1), None, LEASE, &CancellationToken::new()).await });
+    let waiter = tokio::spawn(async move { parked.claim_wait(&w(1), &ANY, LEASE, &CancellationToken::new()).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!waiter.is_finished(), "claim_wait returned with nothing to claim");
     let t = b.submit(new("elsewhere", 5)).await.unwrap().task;
     let got = soon("the parked worker", waiter).await.unwrap().unwrap().unwrap();
     assert_eq!(got.task.id, t.id);
-    let first = soon("the other instance's event", events.recv()).await.unwrap();
+    let first = soon("the other instance's event", events.next()).await.unwrap().unwrap();
     assert_eq!((first.kind.name(), first.kind.task_id()), ("task_created", Some(t.id)));
     assert_eq!(a.queued(), 0);
 }
@@ -127,17 +130,17 @@ async fn a_requeued_task_keeps_its_place() {
     let q = open(&ns).await;
     let first = q.submit(new("first", 5)).await.unwrap().task;
     q.submit(new("second", 5)).await.unwrap();
-    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
-    q.release(&c.lease).await.unwrap();
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    q.release(&c.lease, Release::Stopping).await.unwrap();
     assert_eq!(q.position(first.id).await.unwrap().unwrap().ahead, 0);
-    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
     assert_eq!(c.task.id, first.id);
 
     let retrying = q.fail(&c.lease, failure(true)).await.unwrap();
     q.submit(new("third", 5)).await.unwrap();
     until("the backoff to end", async || (koubou_task::now_millis() > retrying.available_at).then_some(())).await;
     let mut order = Vec::new();
-    while let Some(c) = q.claim(&w(1), None, LEASE).await.unwrap() {
+    while let Some(c) = q.claim(&w(1), &ANY, LEASE).await.unwrap() {
         order.push(c.task.prompt);
     }
     assert_eq!(order, ["first", "second", "third"]);
@@ -147,13 +150,13 @@ async fn a_requeued_task_keeps_its_place() {
 #[tokio::test]
 async fn finished_tasks_are_kept_by_count_and_age() {
     let ns = fixture();
-    let q = RedisQueue::open(RedisConfig { keep_finished: 2, ..ns.config() }, EventBus::default()).await.unwrap();
+    let q = RedisQueue::open(RedisConfig { keep_finished: 2, ..ns.config() }, bus()).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..4 {
         let mut t = new(&format!("t{i}"), 5);
         t.idempotency_key = Some(format!("k{i}"));
         ids.push(q.submit(t).await.unwrap().task.id);
-        let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+        let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
         q.complete(&c.lease, done("ok")).await.unwrap();
     }
     for (i, id) in ids.iter().enumerate() {
@@ -166,12 +169,12 @@ async fn finished_tasks_are_kept_by_count_and_age() {
     assert!(q.submit(again).await.unwrap().created, "a forgotten task's key is free again");
 
     let ns = fixture();
-    let q = RedisQueue::open(RedisConfig { keep_finished_secs: 0, ..ns.config() }, EventBus::default()).await.unwrap();
+    let q = RedisQueue::open(RedisConfig { keep_finished_secs: 0, ..ns.config() }, bus()).await.unwrap();
     let t = q.submit(new("old", 5)).await.unwrap().task;
-    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
     q.complete(&c.lease, done("ok")).await.unwrap();
     until("the finished task to be forgotten", async || {
-        q.claim(&w(1), None, LEASE).await.unwrap();
+        q.claim(&w(1), &ANY, LEASE).await.unwrap();
         q.get(t.id).await.unwrap().is_none().then_some(())
     })
     .await;
@@ -186,9 +189,9 @@ async fn every_key_is_under_the_namespace_hash_tag() {
     keyed.idempotency_key = Some("k".into());
     q.submit(keyed).await.unwrap();
     q.submit(new("b", 5)).await.unwrap();
-    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
     q.fail(&c.lease, failure(true)).await.unwrap();
-    let c = q.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
     q.complete(&c.lease, done("ok")).await.unwrap();
     let keys = ns.keys();
     assert!(keys.len() >= 10, "{keys:?}");
@@ -202,7 +205,7 @@ async fn every_key_is_under_the_namespace_hash_tag() {
 async fn a_server_that_may_evict_is_refused() {
     let lru = Arc::new(Server::start(&["--appendonly", "no", "--maxmemory-policy", "allkeys-lru"]));
     let ns = Namespace::on(lru);
-    match RedisQueue::open(ns.config(), EventBus::default()).await {
+    match RedisQueue::open(ns.config(), bus()).await {
         Err(e @ QueueError::Open { .. }) => {
             let msg = e.to_string();
             assert!(
@@ -224,7 +227,7 @@ async fn an_unreachable_server_is_refused_at_open() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let cfg =
         RedisConfig { url: format!("redis://:secret@127.0.0.1:{port}/0"), timeout_ms: 2_000, ..Default::default() };
-    let e = RedisQueue::open(cfg, EventBus::default()).await.err().expect("nothing listens there");
+    let e = RedisQueue::open(cfg, bus()).await.err().expect("nothing listens there");
     let msg = e.to_string();
     assert!(matches!(e, QueueError::Open { .. }) && msg.contains(&port.to_string()), "{msg}");
     assert!(!msg.contains("secret"), "{msg}");
@@ -245,7 +248,7 @@ async fn a_vanished_server_is_unavailable_then_recovered() {
         timeout_ms: 2_000,
         ..RedisConfig::default()
     };
-    let q = RedisQueue::open(cfg, EventBus::default()).await.unwrap();
+    let q = RedisQueue::open(cfg, bus()).await.unwrap();
     let kept = q.submit(new("kept", 5)).await.unwrap().task.id;
     server.kill();
     let e = q.submit(new("lost", 5)).await.unwrap_err();
@@ -267,17 +270,17 @@ fn free_port() -> u16 {
 async fn any_text_survives_the_scripts() {
     let ns = fixture();
     let (a, b) = (open(&ns).await, open(&ns).await);
-    let mut heard = b.bus().subscribe();
+    let mut heard = b.bus().subscribe(None);
     let text = "日本語 \"quoted\" \\ back/slash\n\ttab \u{1F600} {}[]";
     let t = a.submit(new(text, 5)).await.unwrap().task;
-    let c = a.claim(&w(1), None, LEASE).await.unwrap().unwrap();
+    let c = a.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
     assert_eq!(c.task.prompt, text);
     let p = Progress { partial: Some(text), ..Progress::default() };
     a.heartbeat(&c.lease, LEASE, p).await.unwrap();
     assert_eq!(b.get(t.id).await.unwrap().unwrap().partial.as_deref(), Some(text));
     a.complete(&c.lease, done(text)).await.unwrap();
     loop {
-        let e = soon("the completion on the other instance", heard.recv()).await.unwrap();
+        let e = soon("the completion on the other instance", heard.next()).await.unwrap().unwrap();
         if let EventKind::TaskCompleted { result, .. } = &e.kind {
             assert_eq!(result, text);
             break;
@@ -299,14 +302,14 @@ async fn a_task_deleted_behind_the_queues_back_does_not_jam_claims() {
         let _: () = ::redis::cmd("DEL").arg(format!("{{koubou:{}}}:task:{id}", ns.name)).query(conn).unwrap();
     };
     del(&mut conn, gone.id);
-    let c = q.claim(&w(1), Some(&[TaskKind::general()]), LEASE).await.unwrap().unwrap();
+    let c = q.claim(&w(1), &Capabilities::kinds([TaskKind::general()]), LEASE).await.unwrap().unwrap();
     assert_eq!(c.task.id, kept.id);
     q.complete(&c.lease, done("ok")).await.unwrap();
-    let short = q.claim(&w(2), None, Duration::from_millis(20)).await.unwrap().unwrap();
+    let short = q.claim(&w(2), &ANY, Duration::from_millis(20)).await.unwrap().unwrap();
     del(&mut conn, short.task.id);
     until("the stale lease to be dropped", async || {
-        assert!(q.claim(&w(3), None, LEASE).await.unwrap().is_none());
-        q.next_due().await.unwrap().is_none().then_some(())
+        assert!(q.claim(&w(3), &ANY, LEASE).await.unwrap().is_none());
+        q.due().await.unwrap().is_none().then_some(())
     })
     .await;
     assert_eq!(q.get(gone.id).await.unwrap(), None);
@@ -331,20 +334,20 @@ async fn an_acl_user_with_its_password_from_the_environment() {
         password_env: Some(var.clone()),
         ..ns.config()
     };
-    let q = RedisQueue::open(cfg.clone(), EventBus::default()).await.unwrap();
+    let q = RedisQueue::open(cfg.clone(), bus()).await.unwrap();
     let t = q.submit(new("authenticated", 5)).await.unwrap().task;
-    assert_eq!(q.claim(&w(1), None, LEASE).await.unwrap().unwrap().task.id, t.id);
+    assert_eq!(q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap().task.id, t.id);
 
     let anonymous = RedisConfig { username: None, password_env: None, ..cfg.clone() };
-    let e = RedisQueue::open(anonymous, EventBus::default()).await.err().expect("the default user is off");
+    let e = RedisQueue::open(anonymous, bus()).await.err().expect("the default user is off");
     assert!(matches!(e, QueueError::Open { .. }), "{e:?}");
     let wrong = RedisConfig { url: format!("redis://koubou:Wr0ng-pw@127.0.0.1:{}/0", server.port), ..ns.config() };
     assert!(format!("{wrong:?}").contains("koubou:***@") && !format!("{wrong:?}").contains("Wr0ng-pw"));
-    let e = RedisQueue::open(wrong, EventBus::default()).await.err().expect("a wrong password");
+    let e = RedisQueue::open(wrong, bus()).await.err().expect("a wrong password");
     let text = format!("{e} {e:?}");
     assert!(!text.contains("Wr0ng-pw") && text.contains("koubou:***@"), "{text}");
     let unset = RedisConfig { password_env: Some(format!("{var}_UNSET")), ..cfg };
-    let e = RedisQueue::open(unset, EventBus::default()).await.err().expect("an unset variable").to_string();
+    let e = RedisQueue::open(unset, bus()).await.err().expect("an unset variable").to_string();
     assert!(e.contains("not set"), "{e}");
     unsafe { std::env::remove_var(&var) };
 }
@@ -373,15 +376,15 @@ async fn rediss_with_a_private_ca() {
     let ns = Namespace::on(server.clone());
     let url = format!("rediss://127.0.0.1:{tls_port}/0");
     let cfg = RedisConfig { url: url.clone(), ca_file: Some(ca.ca_file.clone()), ..ns.config() };
-    let q = RedisQueue::open(cfg, EventBus::default()).await.unwrap();
+    let q = RedisQueue::open(cfg, bus()).await.unwrap();
     let t = q.submit(new("over tls", 5)).await.unwrap().task;
-    assert_eq!(q.claim(&w(1), None, LEASE).await.unwrap().unwrap().task.id, t.id);
+    assert_eq!(q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap().task.id, t.id);
     assert!(!ns.keys().is_empty(), "stored on that server");
 
     let untrusted = RedisConfig { url, timeout_ms: 3_000, ..ns.config() };
-    let e = RedisQueue::open(untrusted, EventBus::default()).await.err().expect("an unknown CA");
+    let e = RedisQueue::open(untrusted, bus()).await.err().expect("an unknown CA");
     assert!(matches!(e, QueueError::Open { .. }), "{e:?}");
     let plain_ca = RedisConfig { ca_file: Some(ca.ca_file.clone()), ..ns.config() };
-    let e = RedisQueue::open(plain_ca, EventBus::default()).await.err().expect("ca_file without rediss").to_string();
+    let e = RedisQueue::open(plain_ca, bus()).await.err().expect("ca_file without rediss").to_string();
     assert!(e.contains("not rediss://"), "{e}");
 }

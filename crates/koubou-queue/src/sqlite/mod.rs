@@ -32,7 +32,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use koubou_task::{EventBus, EventKind, Millis, NewTask, Task, TaskId, TaskKind, WorkerId, now_millis};
+use koubou_task::{EventKind, EventLog, Millis, NewTask, Task, TaskId, WorkerId, now_millis};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
@@ -40,10 +40,11 @@ use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Claimed, Completion, Failure, Lease, LeaseStatus, Progress, QueueError, QueuePosition, StatusCounts, Submitted,
-    TaskPage, TaskQuery, TaskQueue,
+    Capabilities, Claimed, Completion, Dispatch, Failure, Lease, LeaseStatus, Node, Nodes, Progress, QueueError,
+    QueuePosition, Release, StatusCounts, Submitted, TaskPage, TaskQuery, TaskStore,
     backoff::Backoff,
     outbox::{Outbox, Undispatched},
+    park::{self, Parking},
 };
 
 /// How hard each commit tries to reach the disk.
@@ -141,7 +142,7 @@ struct Job {
 struct Shared {
     cfg: SqliteConfig,
     path: PathBuf,
-    bus: EventBus,
+    bus: Arc<dyn EventLog>,
     wakeup: Notify,
     /// Tokens of tasks claimed in this process, fired on cancel or lost lease.
     running: Mutex<HashMap<TaskId, CancellationToken>>,
@@ -171,10 +172,10 @@ fn open_conn(path: &PathBuf, write: bool) -> Result<Connection, QueueError> {
     };
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| QueueError::Open { path: path.display().to_string(), detail: e.to_string() })?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_timeout(BUSY_TIMEOUT).sql()?;
     conn.set_prepared_statement_cache_capacity(64);
     if write {
-        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).sql()?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(QueueError::Open {
                 path: path.display().to_string(),
@@ -183,14 +184,18 @@ fn open_conn(path: &PathBuf, write: bool) -> Result<Connection, QueueError> {
         }
         // NORMAL for both: commits reach the WAL file at once (safe against a kill); with "full"
         // the sync thread fsyncs the WAL before anything reveals a write.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL").sql()?;
     }
     Ok(conn)
 }
 
 impl SqliteQueue {
     /// Opens (creating and migrating as needed) the queue at `path`.
-    pub fn open(path: impl Into<PathBuf>, cfg: SqliteConfig, bus: EventBus) -> Result<SqliteQueue, QueueError> {
+    pub fn open(
+        path: impl Into<PathBuf>,
+        cfg: SqliteConfig,
+        bus: Arc<dyn EventLog>,
+    ) -> Result<SqliteQueue, QueueError> {
         SqliteQueue::open_with(path.into(), cfg, bus, None)
     }
 
@@ -199,7 +204,7 @@ impl SqliteQueue {
     pub(crate) fn open_with(
         path: PathBuf,
         cfg: SqliteConfig,
-        bus: EventBus,
+        bus: Arc<dyn EventLog>,
         syncer: Option<sync::Syncer>,
     ) -> Result<SqliteQueue, QueueError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -237,7 +242,7 @@ impl SqliteQueue {
                 });
                 std::thread::Builder::new()
                     .name("koubou-sqlite-sync".into())
-                    .spawn(move || sync::run(rx, s.durable.as_ref().expect("full"), &s.bus, syncer))
+                    .spawn(move || sync::run(rx, s.durable.as_ref().expect("full"), &*s.bus, syncer))
                     .map_err(spawn_error)?;
                 Some(tx)
             }
@@ -256,7 +261,7 @@ impl SqliteQueue {
         &self.shared.path
     }
 
-    pub fn bus(&self) -> &EventBus {
+    pub fn bus(&self) -> &Arc<dyn EventLog> {
         &self.shared.bus
     }
 
@@ -279,13 +284,13 @@ impl SqliteQueue {
                 });
             }
             let mark = (ctx.events.len(), ctx.cancels.len(), ctx.claimed.len(), ctx.wake, ctx.queued);
-            let result = ctx.conn.execute_batch("SAVEPOINT job").map_err(QueueError::from).and_then(|_| {
+            let result = ctx.conn.execute_batch("SAVEPOINT job").map_err(db).and_then(|_| {
                 let r = f(ctx);
                 if ctx.conn.is_autocommit() {
                     return r; // rolled back with the whole transaction: no savepoint is left
                 }
                 let end = if r.is_ok() { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
-                ctx.conn.execute_batch(end)?;
+                ctx.conn.execute_batch(end).sql()?;
                 r
             });
             if let Err(e) = &result {
@@ -433,10 +438,32 @@ fn writer_loop(
     }
 }
 
+/// SQLite's "disk full" and "busy/locked" get their own variants; anything else is
+/// [`QueueError::Storage`], in SQLite's words.
+pub(crate) fn db(e: rusqlite::Error) -> QueueError {
+    use rusqlite::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => QueueError::DiskFull(e.to_string()),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => QueueError::Locked(e.to_string()),
+        _ => QueueError::Storage(e.to_string()),
+    }
+}
+
+/// `?` on a SQLite result inside this module: the error becomes a [`QueueError`] ([`db`]).
+pub(crate) trait Sql<T> {
+    fn sql(self) -> Result<T, QueueError>;
+}
+
+impl<T> Sql<T> for rusqlite::Result<T> {
+    fn sql(self) -> Result<T, QueueError> {
+        self.map_err(db)
+    }
+}
+
 /// A batch-level failure: a full disk and a lock keep their own variants; anything else is
 /// named after the step that failed (`BEGIN` or `COMMIT`).
 fn batch_error(e: rusqlite::Error, step: fn(String) -> QueueError) -> QueueError {
-    match QueueError::from(e) {
+    match db(e) {
         e @ (QueueError::DiskFull(_) | QueueError::Locked(_)) => e,
         e => step(e.to_string()),
     }
@@ -471,18 +498,38 @@ fn publish_state(shared: &Shared, ctx: &mut Ctx<'_>) {
     }
 }
 
+impl SqliteQueue {
+    /// Tasks waiting to run (pending or retrying), as of the last commit.
+    pub fn queued(&self) -> u64 {
+        self.shared.queued.load(Ordering::Acquire)
+    }
+
+    /// The next moment something falls due without any new write (a retry, a lease expiry).
+    fn due(&self) -> Option<Millis> {
+        let due = self.shared.next_due.load(Ordering::Acquire);
+        (due != Millis::MAX).then_some(due)
+    }
+}
+
 #[async_trait]
-impl TaskQueue for SqliteQueue {
+impl Parking for SqliteQueue {
+    fn wakeup(&self) -> &Notify {
+        &self.shared.wakeup
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
+        Ok(self.due())
+    }
+}
+
+#[async_trait]
+impl TaskStore for SqliteQueue {
     async fn submit_bounded(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
         self.write(Ack::Durable, move |ctx| ops::submit(ctx, new, max_queued)).await
     }
 
     async fn submit_then_watch(&self, new: NewTask, max_queued: Option<u64>) -> Result<Submitted, QueueError> {
         self.write(Ack::Commit, move |ctx| ops::submit(ctx, new, max_queued)).await
-    }
-
-    fn queued(&self) -> u64 {
-        self.shared.queued.load(Ordering::Acquire)
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<Task>, QueueError> {
@@ -501,15 +548,31 @@ impl TaskQueue for SqliteQueue {
         self.read_inline(|c| ops::position(c, id)).await
     }
 
+    async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
+        self.write(Ack::Durable, move |ctx| ops::cancel(ctx, id)).await
+    }
+}
+
+#[async_trait]
+impl Dispatch for SqliteQueue {
     async fn claim(
         &self,
         worker: &WorkerId,
-        kinds: Option<&[TaskKind]>,
+        caps: &Capabilities,
         lease: Duration,
     ) -> Result<Option<Claimed>, QueueError> {
-        let worker = worker.clone();
-        let kinds = kinds.map(<[TaskKind]>::to_vec);
-        self.write(Ack::Commit, move |ctx| ops::claim(ctx, &worker, kinds.as_deref(), lease)).await
+        let (worker, caps) = (worker.clone(), caps.clone());
+        self.write(Ack::Commit, move |ctx| ops::claim(ctx, &worker, &caps, lease)).await
+    }
+
+    async fn claim_wait(
+        &self,
+        worker: &WorkerId,
+        caps: &Capabilities,
+        lease: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Option<Claimed>, QueueError> {
+        park::claim_wait(self, worker, caps, lease, stop).await
     }
 
     async fn heartbeat(&self, lease: &Lease, ttl: Duration, progress: Progress<'_>) -> Result<LeaseStatus, QueueError> {
@@ -534,27 +597,40 @@ impl TaskQueue for SqliteQueue {
         self.write(Ack::Commit, move |ctx| ops::fail(ctx, &lease, failure)).await
     }
 
-    async fn release(&self, lease: &Lease) -> Result<(), QueueError> {
+    async fn release(&self, lease: &Lease, why: Release) -> Result<(), QueueError> {
         let lease = lease.clone();
-        self.write(Ack::Commit, move |ctx| ops::release(ctx, &lease)).await
-    }
-
-    async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
-        self.write(Ack::Durable, move |ctx| ops::cancel(ctx, id)).await
+        self.write(Ack::Commit, move |ctx| ops::release(ctx, &lease, why)).await
     }
 
     async fn recover_node(&self, node: &str) -> Result<u64, QueueError> {
         let node = node.to_owned();
         self.write(Ack::Durable, move |ctx| ops::recover_node(ctx, &node)).await
     }
+}
 
-    fn wakeup(&self) -> &Notify {
-        &self.shared.wakeup
+#[async_trait]
+impl Nodes for SqliteQueue {
+    async fn register(&self, node: &Node, ttl: Duration, replace: Option<u64>) -> Result<(), QueueError> {
+        let node = node.clone();
+        self.write(Ack::Durable, move |ctx| ops::register(ctx, &node, ttl, replace)).await
     }
 
-    async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
-        let due = self.shared.next_due.load(Ordering::Acquire);
-        Ok((due != Millis::MAX).then_some(due))
+    async fn renew(&self, id: &str, instance: u64, ttl: Duration) -> Result<bool, QueueError> {
+        let id = id.to_owned();
+        self.write(Ack::Commit, move |ctx| ops::renew(ctx, &id, instance, ttl)).await
+    }
+
+    async fn nodes(&self) -> Result<Vec<Node>, QueueError> {
+        self.read(ops::nodes).await
+    }
+
+    async fn expire(&self) -> Result<Vec<Node>, QueueError> {
+        self.write(Ack::Durable, ops::expire).await
+    }
+
+    async fn deregister(&self, id: &str, instance: u64) -> Result<(), QueueError> {
+        let id = id.to_owned();
+        self.write(Ack::Durable, move |ctx| ops::deregister(ctx, &id, instance)).await
     }
 }
 
@@ -574,6 +650,10 @@ impl Outbox for SqliteQueue {
             return Ok(());
         }
         self.write(Ack::Commit, move |ctx| ops::mark_dispatched(ctx, &marks)).await
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
+        Ok(self.due())
     }
 }
 

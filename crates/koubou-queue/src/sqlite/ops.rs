@@ -3,17 +3,17 @@
 
 use std::time::Duration;
 
-use koubou_task::{EventKind, Millis, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, WorkerId};
+use koubou_task::{Cursor, EventKind, Millis, NewTask, Priority, Task, TaskId, TaskKind, TaskStatus, WorkerId};
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Ctx,
+    Ctx, Sql,
     rows::{COLUMNS, seq_from_row, task_from_row},
 };
 use crate::{
-    Claimed, Completion, Failure, Lease, LeaseStatus, QueueError, QueuePosition, StatusCounts, Submitted, TaskPage,
-    TaskQuery, outbox::Undispatched,
+    Capabilities, Claimed, Completion, Failure, Lease, LeaseStatus, Node, QueueError, QueuePosition, Release,
+    StatusCounts, Submitted, TaskPage, TaskQuery, outbox::Undispatched,
 };
 
 fn json(v: &impl serde::Serialize) -> Option<String> {
@@ -22,7 +22,7 @@ fn json(v: &impl serde::Serialize) -> Option<String> {
 
 fn get_where(conn: &Connection, clause: &str, p: impl rusqlite::Params) -> Result<Option<Task>, QueueError> {
     let sql = format!("SELECT {COLUMNS} FROM tasks WHERE {clause}");
-    Ok(conn.prepare_cached(&sql)?.query_row(p, task_from_row).optional()?)
+    conn.prepare_cached(&sql).sql()?.query_row(p, task_from_row).optional().sql()
 }
 
 pub fn get(conn: &Connection, id: TaskId) -> Result<Option<Task>, QueueError> {
@@ -51,7 +51,8 @@ pub fn submit(ctx: &mut Ctx<'_>, new: NewTask, max_queued: Option<u64>) -> Resul
              max_attempts, timeout_secs, created_at, available_at, idempotency_key, options, metadata, tags, json, \
              schema) \
              VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-        )?
+        )
+        .sql()?
         .execute(params![
             task.id.to_string(),
             task.kind.as_str(),
@@ -69,7 +70,8 @@ pub fn submit(ctx: &mut Ctx<'_>, new: NewTask, max_queued: Option<u64>) -> Resul
             (!task.tags.is_empty()).then(|| json(&task.tags)).flatten(),
             task.json,
             task.schema.as_ref().and_then(json),
-        ])?;
+        ])
+        .sql()?;
     ctx.events.push(EventKind::TaskCreated { task_id: task.id, kind: task.kind.clone(), priority: task.priority });
     ctx.wake += 1;
     ctx.queued += 1;
@@ -84,16 +86,21 @@ fn housekeeping(ctx: &mut Ctx<'_>) -> Result<(), QueueError> {
     }
     let promoted = ctx
         .conn
-        .prepare_cached("UPDATE tasks SET status = 'pending' WHERE status = 'retrying' AND available_at <= ?1")?
-        .execute([ctx.now])?;
+        .prepare_cached("UPDATE tasks SET status = 'pending' WHERE status = 'retrying' AND available_at <= ?1")
+        .sql()?
+        .execute([ctx.now])
+        .sql()?;
     ctx.wake += promoted;
     let expired: Vec<(String, u32, u32, Option<String>)> = ctx
         .conn
         .prepare_cached(
             "SELECT id, attempts, max_attempts, worker_id FROM tasks WHERE status = 'running' AND lease_until <= ?1",
-        )?
-        .query_map([ctx.now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-        .collect::<Result<_, _>>()?;
+        )
+        .sql()?
+        .query_map([ctx.now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .sql()?
+        .collect::<Result<_, _>>()
+        .sql()?;
     for (id, attempts, max, worker) in expired {
         let id: TaskId = id.parse().map_err(|_| QueueError::Corrupt(format!("bad task id {id:?}")))?;
         let reason = format!("lease expired (worker {} stopped answering)", worker.as_deref().unwrap_or("?"));
@@ -113,16 +120,20 @@ fn requeue_lost(ctx: &mut Ctx<'_>, id: TaskId, attempts: u32, max: u32, reason: 
         ctx.conn
             .prepare_cached(
                 "UPDATE tasks SET status = 'failed', error = ?2, finished_at = ?3, lease_until = NULL WHERE id = ?1",
-            )?
-            .execute(params![id.to_string(), error, ctx.now])?;
+            )
+            .sql()?
+            .execute(params![id.to_string(), error, ctx.now])
+            .sql()?;
         ctx.events.push(EventKind::TaskFailed { task_id: id, error, retry_at: None, status: TaskStatus::Failed });
     } else {
         ctx.conn
             .prepare_cached(
                 "UPDATE tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, available_at = ?2 \
                  WHERE id = ?1",
-            )?
-            .execute(params![id.to_string(), ctx.now])?;
+            )
+            .sql()?
+            .execute(params![id.to_string(), ctx.now])
+            .sql()?;
         ctx.events.push(EventKind::TaskRequeued { task_id: id, reason: reason.to_owned() });
         ctx.wake += 1;
         ctx.queued += 1;
@@ -133,8 +144,10 @@ fn requeue_lost(ctx: &mut Ctx<'_>, id: TaskId, attempts: u32, max: u32, reason: 
 /// Tasks waiting to run (pending or retrying).
 pub fn queued_from_table(conn: &Connection) -> Result<u64, QueueError> {
     let n: i64 = conn
-        .prepare_cached("SELECT COUNT(*) FROM tasks WHERE status IN ('pending', 'retrying')")?
-        .query_row([], |r| r.get(0))?;
+        .prepare_cached("SELECT COUNT(*) FROM tasks WHERE status IN ('pending', 'retrying')")
+        .sql()?
+        .query_row([], |r| r.get(0))
+        .sql()?;
     Ok(n as u64)
 }
 
@@ -144,8 +157,10 @@ pub fn next_due_from_table(conn: &Connection) -> Result<Millis, QueueError> {
         .prepare_cached(
             "SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM tasks WHERE status = 'retrying' \
              UNION ALL SELECT MIN(lease_until) FROM tasks WHERE status = 'running')",
-        )?
-        .query_row([], |r| r.get(0))?;
+        )
+        .sql()?
+        .query_row([], |r| r.get(0))
+        .sql()?;
     Ok(due.unwrap_or(Millis::MAX))
 }
 
@@ -155,28 +170,38 @@ pub fn next_due_from_table(conn: &Connection) -> Result<Millis, QueueError> {
 pub fn claim(
     ctx: &mut Ctx<'_>,
     worker: &WorkerId,
-    kinds: Option<&[TaskKind]>,
+    caps: &Capabilities,
     lease: Duration,
 ) -> Result<Option<Claimed>, QueueError> {
     housekeeping(ctx)?;
     let lease_until = ctx.now + lease.as_millis() as Millis;
     let mut args: Vec<Value> = vec![worker.0.clone().into(), ctx.now.into(), lease_until.into()];
-    let kind_filter = match kinds {
-        Some(ks) if !ks.is_empty() => {
-            let marks: Vec<String> = (0..ks.len()).map(|i| format!("?{}", i + 4)).collect();
-            args.extend(ks.iter().map(|k| Value::from(k.as_str().to_owned())));
-            format!("AND kind IN ({})", marks.join(", "))
-        }
-        Some(_) => return Ok(None),
+    let mut marks = |values: Vec<String>| {
+        let first = args.len() + 1;
+        let n = values.len();
+        args.extend(values.into_iter().map(Value::from));
+        (first..first + n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+    };
+    let mut kind_filter = match &caps.kinds {
+        Some(ks) if ks.is_empty() => return Ok(None),
+        Some(ks) => format!("AND kind IN ({})", marks(ks.iter().map(|k| k.as_str().to_owned()).collect())),
         None => String::new(),
     };
+    if let Some(tags) = &caps.tags {
+        // Every tag of the task is one the worker declares (an untagged task has none to check).
+        kind_filter.push_str(&format!(
+            " AND NOT EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE json_each.value NOT IN ({}))",
+            marks(tags.clone())
+        ));
+    }
     let sql = format!(
         "UPDATE tasks SET {CLAIM_SET} \
          WHERE seq = (SELECT seq FROM tasks INDEXED BY tasks_claim WHERE status = 'pending' {kind_filter} \
          ORDER BY priority DESC, seq LIMIT 1) \
          RETURNING {COLUMNS}"
     );
-    let task = ctx.conn.prepare_cached(&sql)?.query_row(params_from_iter(args), task_from_row).optional()?;
+    let task =
+        ctx.conn.prepare_cached(&sql).sql()?.query_row(params_from_iter(args), task_from_row).optional().sql()?;
     Ok(task.map(|task| claimed(ctx, task, worker, lease_until)))
 }
 
@@ -199,9 +224,11 @@ pub fn claim_id(
         .conn
         .prepare_cached(&format!(
             "UPDATE tasks SET {CLAIM_SET} WHERE id = ?4 AND status = 'pending' RETURNING {COLUMNS}"
-        ))?
+        ))
+        .sql()?
         .query_row(params![worker.0, ctx.now, lease_until, id.to_string()], task_from_row)
-        .optional()?;
+        .optional()
+        .sql()?;
     Ok(task.map(|task| claimed(ctx, task, worker, lease_until)))
 }
 
@@ -219,21 +246,25 @@ fn claimed(ctx: &mut Ctx<'_>, task: Task, worker: &WorkerId, lease_until: Millis
 /// Housekeeping, then the pending tasks no confirmed delivery covers, most urgent first.
 pub fn undispatched(ctx: &mut Ctx<'_>, limit: usize) -> Result<Vec<Undispatched>, QueueError> {
     housekeeping(ctx)?;
-    let rows: Vec<(String, String, i64, i64)> = ctx
+    let rows: Vec<(String, String, i64, i64, Option<String>)> = ctx
         .conn
         .prepare_cached(
-            "SELECT id, kind, priority, claims FROM tasks INDEXED BY tasks_outbox \
+            "SELECT id, kind, priority, claims, tags FROM tasks INDEXED BY tasks_outbox \
              WHERE status = 'pending' AND dispatched IS NOT claims ORDER BY priority DESC, seq LIMIT ?1",
-        )?
-        .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-        .collect::<Result<_, _>>()?;
+        )
+        .sql()?
+        .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .sql()?
+        .collect::<Result<_, _>>()
+        .sql()?;
     rows.into_iter()
-        .map(|(id, kind, priority, claims)| {
+        .map(|(id, kind, priority, claims, tags)| {
             let bad = |what: &str| QueueError::Corrupt(format!("task {id}: bad {what}"));
             Ok(Undispatched {
                 id: id.parse().map_err(|_| bad("id"))?,
                 kind: TaskKind::parse(&kind).map_err(|_| bad("kind"))?,
                 priority: Priority::new(priority).map_err(|_| bad("priority"))?,
+                tags: tags.map(|t| serde_json::from_str(&t)).transpose().map_err(|_| bad("tags"))?.unwrap_or_default(),
                 claims: claims as u64,
             })
         })
@@ -242,9 +273,9 @@ pub fn undispatched(ctx: &mut Ctx<'_>, limit: usize) -> Result<Vec<Undispatched>
 
 /// Records confirmed deliveries, each for the claim count it was published for.
 pub fn mark_dispatched(ctx: &mut Ctx<'_>, marks: &[(TaskId, u64)]) -> Result<(), QueueError> {
-    let mut stmt = ctx.conn.prepare_cached("UPDATE tasks SET dispatched = ?2 WHERE id = ?1 AND claims = ?2")?;
+    let mut stmt = ctx.conn.prepare_cached("UPDATE tasks SET dispatched = ?2 WHERE id = ?1 AND claims = ?2").sql()?;
     for (id, claims) in marks {
-        stmt.execute(params![id.to_string(), *claims as i64])?;
+        stmt.execute(params![id.to_string(), *claims as i64]).sql()?;
     }
     Ok(())
 }
@@ -284,7 +315,8 @@ pub fn heartbeat(ctx: &mut Ctx<'_>, lease: &Lease, ttl: Duration, p: OwnedProgre
         .prepare_cached(&format!(
             "UPDATE tasks SET lease_until = ?4, backend = COALESCE(?5, backend), model = COALESCE(?6, model), \
              partial = COALESCE(?7, partial), remote = COALESCE(?8, remote) WHERE {FENCE}"
-        ))?
+        ))
+        .sql()?
         .execute(params![
             lease.task_id.to_string(),
             lease.worker_id.0,
@@ -294,8 +326,11 @@ pub fn heartbeat(ctx: &mut Ctx<'_>, lease: &Lease, ttl: Duration, p: OwnedProgre
             p.model,
             p.partial,
             p.remote,
-        ])?;
+        ])
+        .sql()?;
     if n == 1 {
+        // A shorter ttl than the lease had brings its expiry forward: the next due moment too.
+        ctx.due = ctx.due.min(until);
         return Ok(LeaseStatus::Held);
     }
     Ok(lost(ctx.conn, lease)?.0)
@@ -309,7 +344,8 @@ pub fn complete(ctx: &mut Ctx<'_>, lease: &Lease, done: Completion) -> Result<Ta
              completion_tokens = ?8, finished_at = ?9, lease_until = NULL, partial = NULL, error = NULL, \
              cache_read_tokens = ?10, cache_write_tokens = ?11, warnings = ?12, remote = ?13, cost = ?14 \
              WHERE {FENCE} RETURNING {COLUMNS}"
-        ))?
+        ))
+        .sql()?
         .query_row(
             params![
                 lease.task_id.to_string(),
@@ -329,7 +365,8 @@ pub fn complete(ctx: &mut Ctx<'_>, lease: &Lease, done: Completion) -> Result<Ta
             ],
             task_from_row,
         )
-        .optional()?;
+        .optional()
+        .sql()?;
     let task = task.ok_or_else(|| lost_error(ctx.conn, lease))?;
     ctx.events.push(EventKind::TaskCompleted {
         task_id: task.id,
@@ -355,7 +392,8 @@ pub fn fail(ctx: &mut Ctx<'_>, lease: &Lease, failure: Failure) -> Result<Task, 
              partial = ?8, available_at = COALESCE(?9, available_at), lease_until = NULL, \
              finished_at = CASE WHEN ?9 IS NULL THEN ?10 ELSE NULL END, remote = COALESCE(?11, remote) \
              WHERE {FENCE} RETURNING {COLUMNS}"
-        ))?
+        ))
+        .sql()?
         .query_row(
             params![
                 lease.task_id.to_string(),
@@ -372,7 +410,8 @@ pub fn fail(ctx: &mut Ctx<'_>, lease: &Lease, failure: Failure) -> Result<Task, 
             ],
             task_from_row,
         )
-        .optional()?;
+        .optional()
+        .sql()?;
     let task = task.ok_or_else(|| lost_error(ctx.conn, lease))?;
     if let Some(at) = retry_at {
         ctx.due = ctx.due.min(at);
@@ -382,20 +421,46 @@ pub fn fail(ctx: &mut Ctx<'_>, lease: &Lease, failure: Failure) -> Result<Task, 
     Ok(task)
 }
 
-pub fn release(ctx: &mut Ctx<'_>, lease: &Lease) -> Result<(), QueueError> {
+pub fn release(ctx: &mut Ctx<'_>, lease: &Lease, why: Release) -> Result<(), QueueError> {
+    // Stopping: pending at once. Cannot serve: retrying until `wait` has passed, the reason kept.
+    let (status, available_at, error, reason) = match why {
+        Release::Stopping => (TaskStatus::Pending, ctx.now, None, "released by a stopping worker".to_owned()),
+        Release::CannotServe { reason, wait } => {
+            let at = ctx.now + wait.as_millis() as Millis;
+            (
+                TaskStatus::Retrying,
+                at,
+                Some(reason.clone()),
+                format!("released by worker {}: {reason}", lease.worker_id),
+            )
+        }
+    };
     let n = ctx
         .conn
         .prepare_cached(&format!(
-            "UPDATE tasks SET status = 'pending', attempts = attempts - 1, worker_id = NULL, lease_until = NULL, \
-             partial = NULL WHERE {FENCE}"
-        ))?
-        .execute(params![lease.task_id.to_string(), lease.worker_id.0, lease.attempt])?;
+            "UPDATE tasks SET status = ?4, attempts = attempts - 1, worker_id = NULL, lease_until = NULL, \
+             partial = NULL, available_at = ?5, error = COALESCE(?6, error) WHERE {FENCE}"
+        ))
+        .sql()?
+        .execute(params![
+            lease.task_id.to_string(),
+            lease.worker_id.0,
+            lease.attempt,
+            status.as_str(),
+            available_at,
+            error
+        ])
+        .sql()?;
     if n == 0 {
         return Err(lost_error(ctx.conn, lease));
     }
     ctx.cancels.push(lease.task_id);
-    ctx.events.push(EventKind::TaskRequeued { task_id: lease.task_id, reason: "released by a stopping worker".into() });
-    ctx.wake += 1;
+    ctx.events.push(EventKind::TaskRequeued { task_id: lease.task_id, reason });
+    if status == TaskStatus::Pending {
+        ctx.wake += 1;
+    } else {
+        ctx.due = ctx.due.min(available_at);
+    }
     ctx.queued += 1;
     Ok(())
 }
@@ -414,8 +479,10 @@ pub fn cancel(ctx: &mut Ctx<'_>, id: TaskId) -> Result<Task, QueueError> {
         .prepare_cached(&format!(
             "UPDATE tasks SET status = 'cancelled', finished_at = ?2, lease_until = NULL WHERE id = ?1 \
              RETURNING {COLUMNS}"
-        ))?
-        .query_row(params![id.to_string(), ctx.now], task_from_row)?;
+        ))
+        .sql()?
+        .query_row(params![id.to_string(), ctx.now], task_from_row)
+        .sql()?;
     if before.status == TaskStatus::Running {
         ctx.cancels.push(id);
     }
@@ -432,9 +499,12 @@ pub fn recover_node(ctx: &mut Ctx<'_>, node: &str) -> Result<u64, QueueError> {
         .conn
         .prepare_cached(
             "SELECT id, attempts, max_attempts FROM tasks WHERE status = 'running' AND worker_id LIKE ?1 ESCAPE '\\'",
-        )?
-        .query_map([pattern], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<Result<_, _>>()?;
+        )
+        .sql()?
+        .query_map([pattern], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .sql()?
+        .collect::<Result<_, _>>()
+        .sql()?;
     for (id, attempts, max) in &orphans {
         let id: TaskId = id.parse().map_err(|_| QueueError::Corrupt(format!("bad task id {id:?}")))?;
         requeue_lost(ctx, id, *attempts, *max, &format!("node {node} restarted while the task ran"))?;
@@ -444,10 +514,10 @@ pub fn recover_node(ctx: &mut Ctx<'_>, node: &str) -> Result<u64, QueueError> {
 
 pub fn counts(conn: &Connection) -> Result<StatusCounts, QueueError> {
     let mut c = StatusCounts::default();
-    let mut stmt = conn.prepare_cached("SELECT status, COUNT(*) FROM tasks GROUP BY status")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut stmt = conn.prepare_cached("SELECT status, COUNT(*) FROM tasks GROUP BY status").sql()?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).sql()?;
     for row in rows {
-        let (status, n) = row?;
+        let (status, n) = row.sql()?;
         let n = n as u64;
         match TaskStatus::parse(&status) {
             Some(TaskStatus::Pending) => c.pending = n,
@@ -467,14 +537,19 @@ pub fn position(conn: &Connection, id: TaskId) -> Result<Option<QueuePosition>, 
     if !task.status.is_queued() {
         return Ok(None);
     }
-    let seq: i64 =
-        conn.prepare_cached("SELECT seq FROM tasks WHERE id = ?1")?.query_row([id.to_string()], |r| r.get(0))?;
+    let seq: i64 = conn
+        .prepare_cached("SELECT seq FROM tasks WHERE id = ?1")
+        .sql()?
+        .query_row([id.to_string()], |r| r.get(0))
+        .sql()?;
     let ahead: i64 = conn
         .prepare_cached(
             "SELECT COUNT(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'pending' \
              AND (priority > ?1 OR (priority = ?1 AND seq < ?2))",
-        )?
-        .query_row(params![task.priority.get(), seq], |r| r.get(0))?;
+        )
+        .sql()?
+        .query_row(params![task.priority.get(), seq], |r| r.get(0))
+        .sql()?;
     Ok(Some(QueuePosition { ahead: ahead as u64 }))
 }
 
@@ -503,26 +578,108 @@ pub fn list(conn: &Connection, q: &TaskQuery) -> Result<TaskPage, QueueError> {
     }
     let filter = if clauses.is_empty() { "1".to_owned() } else { clauses.join(" AND ") };
     let total: i64 = conn
-        .prepare(&format!("SELECT COUNT(*) FROM tasks WHERE {filter}"))?
-        .query_row(params_from_iter(&args), |r| r.get(0))?;
+        .prepare(&format!("SELECT COUNT(*) FROM tasks WHERE {filter}"))
+        .sql()?
+        .query_row(params_from_iter(&args), |r| r.get(0))
+        .sql()?;
     let mut page_clause = filter;
-    if let Some(before) = q.before {
-        page_clause = format!("{page_clause} AND seq < {}", arg(&mut args, Value::from(before)));
+    if let Some(before) = &q.before {
+        let seq: i64 = before.as_str().parse().map_err(|_| QueueError::BadCursor(before.to_string()))?;
+        page_clause = format!("{page_clause} AND seq < {}", arg(&mut args, Value::from(seq)));
     }
     let limit = q.limit.clamp(1, 1000);
     let sql = format!("SELECT {COLUMNS} FROM tasks WHERE {page_clause} ORDER BY seq DESC LIMIT {}", limit + 1);
-    let mut stmt = conn.prepare(&sql)?;
-    let mut rows = stmt.query(params_from_iter(&args))?;
+    let mut stmt = conn.prepare(&sql).sql()?;
+    let mut rows = stmt.query(params_from_iter(&args)).sql()?;
     let mut tasks = Vec::with_capacity(limit);
     let mut last_seq = None;
     let mut more = false;
-    while let Some(row) = rows.next()? {
+    while let Some(row) = rows.next().sql()? {
         if tasks.len() == limit {
             more = true;
             break;
         }
-        last_seq = Some(seq_from_row(row)?);
-        tasks.push(task_from_row(row)?);
+        last_seq = Some(seq_from_row(row).sql()?);
+        tasks.push(task_from_row(row).sql()?);
     }
-    Ok(TaskPage { tasks, next_cursor: if more { last_seq } else { None }, total: total as u64 })
+    let next_cursor = last_seq.filter(|_| more).map(|seq| Cursor::new(seq.to_string()));
+    Ok(TaskPage { tasks, next_cursor, total: total as u64 })
+}
+
+const NODE_COLUMNS: &str = "id, instance, host, pid, version, capabilities, started_at, expires_at";
+
+fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Node> {
+    let caps: String = r.get(5)?;
+    Ok(Node {
+        id: r.get(0)?,
+        instance: r.get::<_, i64>(1)? as u64,
+        host: r.get(2)?,
+        pid: r.get(3)?,
+        version: r.get(4)?,
+        capabilities: serde_json::from_str(&caps).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, e.to_string().into())
+        })?,
+        started_at: r.get(6)?,
+        expires_at: r.get(7)?,
+    })
+}
+
+pub fn register(ctx: &mut Ctx<'_>, node: &Node, ttl: Duration, replace: Option<u64>) -> Result<(), QueueError> {
+    let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1");
+    let held = ctx.conn.prepare_cached(&sql).sql()?.query_row([&node.id], node_from_row).optional().sql()?;
+    if let Some(held) = held
+        && held.instance != node.instance
+        && held.expires_at > ctx.now
+        && replace != Some(held.instance)
+    {
+        return Err(QueueError::NodeTaken(Box::new(held)));
+    }
+    let caps = serde_json::to_string(&node.capabilities).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+    ctx.conn
+        .prepare_cached(
+            "INSERT OR REPLACE INTO nodes (id, instance, host, pid, version, capabilities, started_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .sql()?
+        .execute(params![
+            node.id,
+            node.instance as i64,
+            node.host,
+            node.pid,
+            node.version,
+            caps,
+            node.started_at,
+            ctx.now + ttl.as_millis() as Millis,
+        ])
+        .sql()?;
+    Ok(())
+}
+
+pub fn renew(ctx: &mut Ctx<'_>, id: &str, instance: u64, ttl: Duration) -> Result<bool, QueueError> {
+    let n = ctx
+        .conn
+        .prepare_cached("UPDATE nodes SET expires_at = ?3 WHERE id = ?1 AND instance = ?2")
+        .sql()?
+        .execute(params![id, instance as i64, ctx.now + ttl.as_millis() as Millis])
+        .sql()?;
+    Ok(n == 1)
+}
+
+pub fn nodes(conn: &Connection) -> Result<Vec<Node>, QueueError> {
+    let sql = format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY started_at, id");
+    conn.prepare_cached(&sql).sql()?.query_map([], node_from_row).sql()?.collect::<Result<_, _>>().sql()
+}
+
+pub fn expire(ctx: &mut Ctx<'_>) -> Result<Vec<Node>, QueueError> {
+    let sql = format!("DELETE FROM nodes WHERE expires_at <= ?1 RETURNING {NODE_COLUMNS}");
+    ctx.conn.prepare_cached(&sql).sql()?.query_map([ctx.now], node_from_row).sql()?.collect::<Result<_, _>>().sql()
+}
+
+pub fn deregister(ctx: &mut Ctx<'_>, id: &str, instance: u64) -> Result<(), QueueError> {
+    ctx.conn
+        .prepare_cached("DELETE FROM nodes WHERE id = ?1 AND instance = ?2")
+        .sql()?
+        .execute(params![id, instance as i64])
+        .sql()?;
+    Ok(())
 }

@@ -3,6 +3,7 @@
 
 use rusqlite::Connection;
 
+use super::Sql;
 use crate::QueueError;
 
 /// Migration `i` brings a file from version `i` to `i + 1`.
@@ -69,6 +70,19 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE tasks ADD COLUMN dispatched INTEGER;
     CREATE INDEX tasks_outbox ON tasks (priority DESC, seq) WHERE status = 'pending' AND dispatched IS NOT claims;
     "#,
+    // 5: the nodes running workers over this queue, each registered until `expires_at`.
+    r#"
+    CREATE TABLE nodes (
+        id           TEXT    PRIMARY KEY,
+        instance     INTEGER NOT NULL,
+        host         TEXT    NOT NULL,
+        pid          INTEGER NOT NULL,
+        version      TEXT    NOT NULL,
+        capabilities TEXT    NOT NULL,  -- JSON: {"kinds": [...] | null, "tags": [...] | null}
+        started_at   INTEGER NOT NULL,
+        expires_at   INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Migration 1 alone, to build old files in tests.
@@ -84,18 +98,18 @@ pub fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
 
 /// Applies the migrations up to `version` (tests use it to make a file of an older release).
 pub(crate) fn migrate_to(conn: &mut Connection, version: i64) -> Result<(), QueueError> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let have: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).sql()?;
+    let have: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).sql()?;
     if have > VERSION {
         return Err(QueueError::Corrupt(format!(
             "the database is at schema version {have}, newer than this koubou ({VERSION}); upgrade koubou"
         )));
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().take(version as usize).skip(have as usize) {
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.execute_batch(sql).sql()?;
+        tx.pragma_update(None, "user_version", i as i64 + 1).sql()?;
         tracing::info!(version = i + 1, "applied queue schema migration");
     }
-    tx.commit()?;
+    tx.commit().sql()?;
     Ok(())
 }

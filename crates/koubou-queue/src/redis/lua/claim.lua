@@ -1,28 +1,66 @@
--- ARGV: worker, lease in ms, then the kinds to take (none: any kind).
-local worker, lease = ARGV[4], tonumber(ARGV[5])
+-- ARGV: worker, lease in ms, the tags the worker declares (a JSON array; '' for a worker that
+-- takes any tags), then the kinds to take (none: any kind).
+local worker, lease, declared = ARGV[4], tonumber(ARGV[5]), ARGV[6]
 housekeeping()
--- The head of the claim order (of the given kinds), and the set it came from.
-local function head()
-  if #ARGV < 6 then
-    return redis.call('ZRANGE', PENDING, 0, 0)[1], PENDING
+local allowed
+if declared ~= '' then
+  allowed = {}
+  for _, t in ipairs(cjson.decode(declared)) do
+    allowed[t] = true
   end
-  local best, id, from
-  for i = 6, #ARGV do
-    local set = P .. 'pending:' .. ARGV[i]
-    local h = redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')
-    if h[1] and (not best or tonumber(h[2]) < best) then
-      best, id, from = tonumber(h[2]), h[1], set
+end
+-- Whether the worker serves the task: it declares every tag the task carries.
+local function serves(key)
+  if not allowed then
+    return true
+  end
+  for _, t in ipairs(cjson.decode(tags_json(key))) do
+    if not allowed[t] then
+      return false
     end
   end
-  return id, from
+  return true
 end
-local id, from = head()
--- An entry whose task is gone (deleted behind the queue's back) is dropped, not claimed.
-while id and redis.call('EXISTS', task_key(id)) == 0 do
-  redis.call('ZREM', PENDING, id)
-  redis.call('ZREM', from, id)
-  id, from = head()
+-- The first task in `set`'s claim order that the worker serves, and its score. An entry whose
+-- task is gone (deleted behind the queue's back) is dropped on the way, not claimed.
+local function first(set)
+  local from = 0
+  while true do
+    local page = redis.call('ZRANGE', set, from, from + 99, 'WITHSCORES')
+    if #page == 0 then
+      return nil
+    end
+    local seen, gone = 0, 0
+    for i = 1, #page, 2 do
+      local id = page[i]
+      local key = task_key(id)
+      seen = seen + 1
+      if redis.call('EXISTS', key) == 0 then
+        redis.call('ZREM', PENDING, id)
+        redis.call('ZREM', set, id)
+        gone = gone + 1
+      elseif serves(key) then
+        return id, tonumber(page[i + 1])
+      end
+    end
+    from = from + seen - gone
+  end
 end
+-- The most urgent task the worker serves, over every kind it takes.
+local function head()
+  if #ARGV < 7 then
+    return first(PENDING)
+  end
+  local best, id
+  for i = 7, #ARGV do
+    local h, score = first(P .. 'pending:' .. ARGV[i])
+    if h and (not best or score < best) then
+      best, id = score, h
+    end
+  end
+  return id
+end
+local id = head()
 if not id then
   return reply('none')
 end

@@ -1,5 +1,5 @@
 -- ARGV: most tasks to return. Housekeeping, then the claimable tasks no confirmed delivery
--- covers, most urgent first: {id, kind, priority, claims} for each.
+-- covers, most urgent first: {id, kind, priority, claims, tags (JSON)} for each.
 local limit = tonumber(ARGV[4])
 housekeeping()
 -- Tasks made pending by a Koubou that kept no outbox: all of them need a delivery, once.
@@ -20,6 +20,7 @@ for i = 1, #out, 2 do
     tasks[#tasks + 1] = h[2]
     tasks[#tasks + 1] = int(10 - math.floor(score / 2 ^ 43))
     tasks[#tasks + 1] = h[3] or '0'
+    tasks[#tasks + 1] = tags_json(task_key(id))
   else
     redis.call('ZREM', OUTBOX, id)
   end

@@ -41,6 +41,21 @@ local function stop(id, attempt)
   stops[#stops + 1] = { id, attempt }
 end
 
+-- The task's tags as a JSON array (the field submit writes, or, for a task stored before it
+-- did, its spec's).
+local function tags_json(key)
+  local tags = redis.call('HGET', key, 'tags')
+  if tags then
+    return tags
+  end
+  local spec = redis.call('HGET', key, 'spec')
+  local list = spec and cjson.decode(spec).tags
+  if type(list) ~= 'table' or #list == 0 then
+    return '[]'
+  end
+  return cjson.encode(list)
+end
+
 -- The per-status sets (by submission order) follow every change of status.
 local function set_status(id, key, from, to)
   redis.call('ZREM', P .. 's:' .. from, id)

@@ -1,6 +1,7 @@
 -- ARGV: spec (the task as JSON), id, kind, priority, max attempts, idempotency key ('' none),
--- most tasks waiting ('' unbounded).
+-- most tasks waiting ('' unbounded), tags (a JSON array, for claims by capabilities).
 local spec, id, kind, priority, max, idem, limit = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local tags = ARGV[11]
 if idem ~= '' then
   local existing = redis.call('HGET', IDEM, idem)
   if existing then
@@ -22,7 +23,7 @@ local seq = redis.call('INCR', P .. 'seq')
 local score = (10 - tonumber(priority)) * 2 ^ 43 + seq
 local key = task_key(id)
 redis.call('HSET', key, 'spec', spec, 'seq', int(seq), 'score', int(score), 'kind', kind, 'max', max,
-  'status', 'pending', 'attempts', '0', 'created', int(NOW), 'available', int(NOW))
+  'status', 'pending', 'attempts', '0', 'created', int(NOW), 'available', int(NOW), 'tags', tags)
 if idem ~= '' then
   redis.call('HSET', key, 'idem', idem)
   redis.call('HSET', IDEM, idem, id)

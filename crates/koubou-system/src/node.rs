@@ -1,0 +1,88 @@
+//! This process as a node of the queue: registered with a TTL at start, renewed while it runs,
+//! removed at a clean stop — and, meanwhile, the sweep that finds nodes whose registration ran
+//! out (a crashed `koubou mcp --embedded`, a node on another machine) and requeues their
+//! running tasks.
+
+use std::{sync::Arc, time::Duration};
+
+use koubou_queue::{Dispatch, Node, Nodes, QueueError};
+use tokio_util::sync::CancellationToken;
+
+/// The registration of this run of the node, and the task keeping it.
+pub(crate) struct Membership {
+    me: Node,
+    ttl: Duration,
+    registry: Arc<dyn Nodes>,
+    stop: CancellationToken,
+}
+
+impl Membership {
+    /// Registers `me` for `ttl`. A live registration of the same node from this host is taken
+    /// over: the caller holds the node's lock on this host (`koubou serve`), or names the node
+    /// after its own process (`mcp-<pid>`, `run-<pid>`), so that run is known to be over. One
+    /// from another host is refused ([`QueueError::NodeTaken`]).
+    pub async fn join(registry: Arc<dyn Nodes>, me: Node, ttl: Duration) -> Result<Membership, QueueError> {
+        match registry.register(&me, ttl, None).await {
+            Err(QueueError::NodeTaken(held)) if held.host == me.host => {
+                tracing::warn!(node = %me.id, pid = held.pid, "took over the registration of an earlier run of this node");
+                registry.register(&me, ttl, Some(held.instance)).await?
+            }
+            r => r?,
+        }
+        Ok(Membership { me, ttl, registry, stop: CancellationToken::new() })
+    }
+
+    /// Renews the registration every third of its TTL and sweeps expired nodes, requeueing their
+    /// running tasks through `dispatch`, until [`Membership::leave`].
+    pub fn keep(&self, dispatch: Arc<dyn Dispatch>) {
+        let (me, ttl, registry, stop) = (self.me.clone(), self.ttl, self.registry.clone(), self.stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(ttl / 3) => {}
+                    _ = stop.cancelled() => return,
+                }
+                renew(&*registry, &me, ttl).await;
+                sweep(&*registry, &*dispatch, &me.id).await;
+            }
+        });
+    }
+
+    /// Stops renewing and removes the registration.
+    pub async fn leave(&self) {
+        self.stop.cancel();
+        if let Err(e) = self.registry.deregister(&self.me.id, self.me.instance).await {
+            tracing::warn!(error = %e, "could not deregister this node");
+        }
+    }
+}
+
+async fn renew(registry: &dyn Nodes, me: &Node, ttl: Duration) {
+    match registry.renew(&me.id, me.instance, ttl).await {
+        Ok(true) => {}
+        // Silent past its TTL (a stalled process): its tasks may have been requeued already;
+        // its workers' leases say whether they still hold them. It registers again.
+        Ok(false) => {
+            tracing::error!(node = %me.id, "this node's registration ran out; registering again");
+            if let Err(e) = registry.register(me, ttl, None).await {
+                tracing::error!(error = %e, "could not register this node again");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not renew this node's registration"),
+    }
+}
+
+async fn sweep(registry: &dyn Nodes, dispatch: &dyn Dispatch, me: &str) {
+    let dead = match registry.expire().await {
+        Ok(d) => d,
+        Err(e) => return tracing::warn!(error = %e, "could not look for dead nodes"),
+    };
+    for node in dead.iter().filter(|n| n.id != me) {
+        match dispatch.recover_node(&node.id).await {
+            Ok(n) => {
+                tracing::warn!(node = %node.id, host = %node.host, tasks = n, "node stopped answering: requeued its running tasks")
+            }
+            Err(e) => tracing::error!(node = %node.id, error = %e, "could not requeue a dead node's tasks"),
+        }
+    }
+}
