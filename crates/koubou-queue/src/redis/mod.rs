@@ -13,6 +13,8 @@
 //!   `keep_finished_secs`; `idem`: idempotency key → task id; `seq`, `version`: counters.
 //! - `outbox`: the claimable tasks no confirmed delivery of an outside dispatcher (RabbitMQ)
 //!   covers, in claim order; a task's `claims` field counts its claims ([`crate::outbox`]).
+//! - `nodes`, `node_inst`, `node_exp`: the node registry ([`crate::Nodes`], `nodes.lua`): each
+//!   node's registration (JSON), the run holding it, and when it runs out.
 //! - `events`: the channel each script publishes what it did on ([`record::Message`]).
 //!
 //! Every operation that writes is one Lua script ([`scripts`]), so it is atomic; scripts take
@@ -25,6 +27,7 @@
 //! a task submitted elsewhere, and a cancel made elsewhere fires the claimer's token (its next
 //! heartbeat would also say `Cancelled`).
 
+mod nodes;
 mod record;
 mod scripts;
 #[cfg(test)]

@@ -51,6 +51,11 @@ async fn the_outbox_holds_what_no_confirmed_delivery_covers() {
 }
 
 #[tokio::test]
+async fn nodes_conform() {
+    crate::conformance::nodes_register_renew_expire(&Namespaces).await;
+}
+
+#[tokio::test]
 async fn claim_id_claims_exactly_that_task_when_claimable() {
     crate::conformance::claim_id_claims_exactly_that_task_when_claimable(&Namespaces).await;
 }
