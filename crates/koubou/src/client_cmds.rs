@@ -379,6 +379,8 @@ pub async fn health(ctx: &Ctx) -> anyhow::Result<()> {
 pub struct RunArgs {
     #[command(flatten)]
     submit: SubmitArgs,
+    #[command(flatten)]
+    queue: crate::QueueArgs,
 }
 
 /// Starts an in-process system (no ports), submits, streams the answer, shuts down.
@@ -388,10 +390,15 @@ pub async fn run(ctx: &Ctx, mut a: RunArgs) -> anyhow::Result<()> {
         tracing::warn!("{w}");
     }
     crate::supervise_children(None)?;
-    let cfg = ctx.config()?;
+    let mut cfg = ctx.config()?;
+    a.queue.apply(&mut cfg)?;
     crate::models::prepare(&cfg).await?;
-    let k = Koubou::start(cfg, &ctx.home, StartOptions { node: format!("run-{}", std::process::id()), workers: true })
-        .await?;
+    let k = Koubou::start(
+        cfg,
+        &ctx.home,
+        StartOptions { node: format!("run-{}", std::process::id()), workers: true, ..StartOptions::default() },
+    )
+    .await?;
     a.submit.wait = true;
     let r = submit_with(&k, ctx.json, &a.submit).await;
     k.shutdown(Some(Duration::from_secs(2))).await;
