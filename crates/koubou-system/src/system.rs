@@ -15,8 +15,9 @@ use koubou_worker::{Pool, memory};
 use parking_lot::Mutex;
 
 use koubou_api::{
-    Api, ApiError, BackendView, Busy, CooldownView, EventFeed, EventStream, HealthView, ListQuery, QueueView, Second,
-    SubmitRequest, SubmitResponse, SystemInfo, SystemStatus, TaskList, TaskView, WorkerView, WorkersView,
+    Api, ApiError, BackendView, Busy, CooldownView, EventFeed, EventStream, HealthView, ListQuery, NodeView, NodesView,
+    QueueView, Second, SubmitRequest, SubmitResponse, SystemInfo, SystemStatus, TaskList, TaskView, WorkerView,
+    WorkersView,
 };
 
 use crate::{
@@ -83,6 +84,8 @@ struct Inner {
     bus: EventBus,
     node: String,
     pool: Option<Arc<Pool>>,
+    /// The node registry of the queue's store.
+    registry: Arc<dyn koubou_queue::Nodes>,
     membership: crate::node::Membership,
     live: Live,
     started: Instant,
@@ -200,7 +203,7 @@ impl Koubou {
         let caps = koubou_worker::worker::capabilities(&router, cfg.pool.tags.as_deref());
         let me = Node::this_process(&opts.node, env!("CARGO_PKG_VERSION"), caps);
         let ttl = Duration::from_secs(cfg.pool.node_ttl_secs.max(1));
-        let membership = crate::node::Membership::join(registry, me, ttl).await?;
+        let membership = crate::node::Membership::join(registry.clone(), me, ttl).await?;
         let recovered = queue.recover_node(&opts.node).await?;
         if recovered > 0 {
             tracing::warn!(tasks = recovered, node = %opts.node, "requeued tasks left running by a previous run");
@@ -220,6 +223,7 @@ impl Koubou {
                 bus,
                 node: opts.node.clone(),
                 pool,
+                registry,
                 membership,
                 live,
                 started: Instant::now(),
@@ -507,6 +511,26 @@ impl Api for Koubou {
             warnings: pool.warnings(),
             workers,
         })
+    }
+
+    async fn nodes(&self) -> Result<NodesView, ApiError> {
+        let now = now_millis();
+        let nodes = self.inner.registry.nodes().await.map_err(queue_error)?;
+        let nodes = nodes
+            .into_iter()
+            .map(|n| NodeView {
+                lost: n.expires_at <= now,
+                kinds: n.capabilities.kinds.map(|ks| ks.iter().map(|k| k.as_str().to_owned()).collect()),
+                tags: n.capabilities.tags,
+                started_at: koubou_task::rfc3339(n.started_at),
+                expires_at: koubou_task::rfc3339(n.expires_at),
+                id: n.id,
+                host: n.host,
+                pid: n.pid,
+                version: n.version,
+            })
+            .collect();
+        Ok(NodesView { nodes })
     }
 
     async fn health(&self) -> Result<HealthView, ApiError> {

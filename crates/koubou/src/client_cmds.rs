@@ -298,6 +298,32 @@ pub async fn cancel(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     }
 }
 
+pub async fn nodes(ctx: &Ctx) -> anyhow::Result<()> {
+    logging::init_quiet();
+    let v = ctx.client()?.nodes().await?;
+    if ctx.json {
+        return output::json(&v);
+    }
+    let list = |l: &Option<Vec<String>>| l.as_ref().map_or_else(|| "any".to_owned(), |l| l.join(" "));
+    let rows: Vec<Vec<String>> = v
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.clone(),
+                format!("{}:{}", n.host, n.pid),
+                list(&n.kinds),
+                list(&n.tags),
+                n.version.clone(),
+                if n.lost { "lost".into() } else { "alive".into() },
+                n.expires_at.clone(),
+            ]
+        })
+        .collect();
+    output::table(&["NODE", "HOST:PID", "KINDS", "TAGS", "VERSION", "STATE", "EXPIRES"], &rows);
+    Ok(())
+}
+
 pub async fn workers(ctx: &Ctx) -> anyhow::Result<()> {
     logging::init_quiet();
     let w = ctx.client()?.workers().await?;

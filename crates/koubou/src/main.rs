@@ -64,6 +64,8 @@ enum Cmd {
     Cancel { id: String },
     /// Show the worker pool.
     Workers,
+    /// List the nodes registered with the queue (controllers and worker nodes).
+    Nodes,
     /// Show queue, workers and each backend's health.
     Health,
     /// Serve MCP over stdio (for `claude mcp add koubou -- koubou mcp`).
@@ -261,6 +263,7 @@ fn main() -> ExitCode {
             Cmd::Tasks(args) => client_cmds::tasks(&ctx, args).await,
             Cmd::Cancel { id } => client_cmds::cancel(&ctx, &id).await,
             Cmd::Workers => client_cmds::workers(&ctx).await,
+            Cmd::Nodes => client_cmds::nodes(&ctx).await,
             Cmd::Health => client_cmds::health(&ctx).await,
             Cmd::Mcp { embedded, queue } => serve::mcp(&ctx, embedded, &queue).await,
             Cmd::Worker(args) => worker::run(&ctx, args).await,

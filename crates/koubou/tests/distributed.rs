@@ -53,8 +53,21 @@ async fn a_controller_streams_the_tokens_of_a_task_run_by_a_worker_node() {
     assert!(task["worker_id"].as_str().unwrap().starts_with("w1/"), "{task}");
     assert_eq!(task["result"]["output"], "echo: hello from the controller", "{task}");
 
+    // Both nodes are registered, each with what it claims; `koubou nodes` shows them.
+    let nodes = || async {
+        let v: Value = reqwest::get(format!("{}/nodes", ctl.url)).await.unwrap().json().await.unwrap();
+        v["nodes"].as_array().unwrap().iter().map(|n| (n["id"].to_string(), n["kinds"].to_string())).collect::<Vec<_>>()
+    };
+    let listed = nodes().await;
+    assert!(listed.contains(&("\"w1\"".into(), "[\"general\"]".into())), "{listed:?}");
+    assert!(listed.iter().any(|(id, _)| id == "\"ctl\""), "{listed:?}");
+    let (code, out, err) = support::cli(c_home.path(), &ctl.url, &["nodes"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("w1") && out.contains("ctl") && out.contains("alive"), "{out}");
+
     // Stopped, the worker node deregisters and exits 0.
     assert_eq!(tokio::task::spawn_blocking(move || w.terminate()).await.unwrap(), Some(0));
+    assert!(nodes().await.iter().all(|(id, _)| id != "\"w1\""), "w1 did not deregister");
     let health: Value = reqwest::get(format!("{}/health", ctl.url)).await.unwrap().json().await.unwrap();
     assert_eq!(health["queue"]["completed"], 1, "{health}");
 }
