@@ -27,6 +27,8 @@ pub trait Api: Send + Sync {
     async fn tasks(&self, query: ListQuery) -> Result<TaskList, ApiError>;
     async fn cancel(&self, id: TaskId) -> Result<TaskView, ApiError>;
     async fn workers(&self) -> Result<WorkersView, ApiError>;
+    /// Every node registered with the queue (this one included), oldest first.
+    async fn nodes(&self) -> Result<crate::NodesView, ApiError>;
     async fn health(&self) -> Result<HealthView, ApiError>;
     async fn status(&self) -> Result<SystemStatus, ApiError>;
     /// Events about one task (tokens, state changes) from now until it ends. Ends at once

@@ -242,6 +242,34 @@ pub struct WorkerView {
     pub last_heartbeat: String,
 }
 
+/// One node registered with the queue (`GET /nodes`): a `koubou serve`, `koubou worker`,
+/// `koubou run` or `koubou mcp --embedded` process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct NodeView {
+    /// Its name; its workers are `<id>/<n>`.
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    /// The Koubou version it runs.
+    pub version: String,
+    /// The task kinds it claims; absent: any.
+    pub kinds: Option<Vec<String>>,
+    /// The tags it declares; absent: tasks with any tags.
+    pub tags: Option<Vec<String>>,
+    /// RFC 3339.
+    pub started_at: String,
+    /// When its registration runs out unless renewed (RFC 3339); it renews every third of its TTL.
+    pub expires_at: String,
+    /// Past `expires_at`: taken for dead, its running tasks requeued by the next sweep.
+    pub lost: bool,
+}
+
+/// `GET /nodes`: every node registered with the queue, oldest first.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct NodesView {
+    pub nodes: Vec<NodeView>,
+}
+
 /// `GET /workers/status`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct WorkersView {

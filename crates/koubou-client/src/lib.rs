@@ -126,6 +126,9 @@ impl Api for Client {
     async fn workers(&self) -> Result<WorkersView, ApiError> {
         self.send(self.req(reqwest::Method::GET, "/workers/status")).await
     }
+    async fn nodes(&self) -> Result<koubou_api::NodesView, ApiError> {
+        self.send(self.req(reqwest::Method::GET, "/nodes")).await
+    }
     async fn health(&self) -> Result<HealthView, ApiError> {
         self.send(self.req(reqwest::Method::GET, "/health")).await
     }

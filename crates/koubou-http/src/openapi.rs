@@ -112,7 +112,7 @@ pub(crate) enum ServerTrouble {
     paths(
         rest::delegate, rest::status, rest::events, rest::cancel, rest::list,
         rest::pending, rest::active, rest::completed,
-        rest::workers, rest::health, rest::system_status, rest::metrics, rest::system_info, rest::openapi_json,
+        rest::workers, rest::nodes, rest::health, rest::system_status, rest::metrics, rest::system_info, rest::openapi_json,
     ),
     components(schemas(koubou_task::Event)),
     modifiers(&Aliases, &Guarded, &PromptRequired),

@@ -53,6 +53,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<Arc<dyn Api>>)> {
         ("/tasks/active", get(active)),
         ("/tasks/completed", get(completed)),
         ("/workers/status", get(workers)),
+        ("/nodes", get(nodes)),
         ("/health", get(health)),
         ("/status", get(system_status)),
         ("/metrics", get(metrics)),
@@ -216,6 +217,13 @@ async fn legacy(
     responses((status = 200, description = "The pool.", body = WorkersView), ServerTrouble))]
 pub(crate) async fn workers(State(k): State<Arc<dyn Api>>) -> Res<impl IntoResponse> {
     Ok(Json(k.workers().await?))
+}
+
+/// Every node registered with the queue: controllers and worker nodes, lost ones marked.
+#[utoipa::path(get, path = "/nodes", tag = "system",
+    responses((status = 200, description = "The nodes, oldest first.", body = koubou_api::NodesView), ServerTrouble))]
+pub(crate) async fn nodes(State(k): State<Arc<dyn Api>>) -> Res<impl IntoResponse> {
+    Ok(Json(k.nodes().await?))
 }
 
 /// Health: `healthy`, or `degraded` when a backend that some task type uses first is down.

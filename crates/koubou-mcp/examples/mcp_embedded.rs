@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = Config::load(&home.config_file())?;
     let mcp = cfg.mcp.clone();
     let grace = Duration::from_secs(cfg.pool.shutdown_grace_secs);
-    let opts = StartOptions { node: format!("mcp-{}", std::process::id()), workers: true };
+    let opts = StartOptions { node: format!("mcp-{}", std::process::id()), workers: true, ..StartOptions::default() };
     let koubou = Koubou::start(cfg, &home, opts).await?;
     let result = koubou_mcp::serve_stdio(Arc::new(koubou.clone()), mcp).await;
     koubou.shutdown(Some(grace)).await;

@@ -24,7 +24,9 @@ async fn system(dir: &std::path::Path) -> Koubou {
     )
     .unwrap();
     let home = Home { dir: dir.to_owned() };
-    Koubou::start(cfg, &home, StartOptions { node: "mcp-test".into(), workers: true }).await.unwrap()
+    Koubou::start(cfg, &home, StartOptions { node: "mcp-test".into(), workers: true, ..StartOptions::default() })
+        .await
+        .unwrap()
 }
 
 fn args(v: Value) -> Map<String, Value> {

@@ -10,7 +10,6 @@ use std::{
 
 pub use koubou_api::settings::{McpConfig, ServerConfig};
 use koubou_backend::{BackendTable, PricingConfig, TypeRoute};
-use koubou_queue::SqliteConfig;
 use koubou_task::Limits;
 use koubou_worker::PoolConfig;
 use serde::{Deserialize, Serialize};
@@ -33,7 +32,7 @@ pub enum ConfigError {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
-    pub queue: SqliteConfig,
+    pub queue: crate::queue::QueueConfig,
     pub pool: PoolConfig,
     pub limits: Limits,
     pub mcp: McpConfig,
@@ -110,7 +109,7 @@ impl Config {
     }
 
     /// `KOUBOU_HOST`, `KOUBOU_PORT`, `KOUBOU_WS_PORT`, `KOUBOU_GRAPHQL_PORT`, `KOUBOU_AUTH_TOKEN`,
-    /// `KOUBOU_URL`, `KOUBOU_MIN_WORKERS`, `KOUBOU_MAX_WORKERS`, `KOUBOU_DB`,
+    /// `KOUBOU_URL`, `KOUBOU_MIN_WORKERS`, `KOUBOU_MAX_WORKERS`, `KOUBOU_DB`, `KOUBOU_QUEUE`,
     /// `KOUBOU_MAX_PROMPT_BYTES`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn num<T: std::str::FromStr>(var: &str, v: &str) -> Result<T, ConfigError> {
@@ -145,7 +144,15 @@ impl Config {
             self.pool.max_workers = num("KOUBOU_MAX_WORKERS", &v)?;
         }
         if let Some(v) = get("KOUBOU_DB") {
-            self.queue.path = Some(PathBuf::from(v));
+            self.queue.sqlite.path = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("KOUBOU_QUEUE").filter(|v| !v.is_empty()) {
+            crate::queue::QueueUrl::parse(&v).map_err(|detail| ConfigError::Env {
+                var: "KOUBOU_QUEUE".into(),
+                value: v.clone(),
+                detail,
+            })?;
+            self.queue.url = Some(v);
         }
         if let Some(v) = get("KOUBOU_MAX_PROMPT_BYTES") {
             self.limits.max_prompt_bytes = num("KOUBOU_MAX_PROMPT_BYTES", &v)?;
@@ -156,12 +163,15 @@ impl Config {
     /// Checks what serde cannot: ranges and the safe-by-default rule for binding.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let p = &self.pool;
-        if p.min_workers == 0 || p.max_workers == 0 || p.min_workers > p.max_workers {
+        // max_workers = 0: no local workers (a controller).
+        if p.max_workers > 0 && (p.min_workers == 0 || p.min_workers > p.max_workers) {
             return Err(ConfigError::Invalid(format!(
-                "pool: need 1 <= min_workers <= max_workers, got min_workers = {}, max_workers = {}",
+                "pool: need 1 <= min_workers <= max_workers (or max_workers = 0 for no local workers), got \
+                 min_workers = {}, max_workers = {}",
                 p.min_workers, p.max_workers
             )));
         }
+        self.queue.validate().map_err(ConfigError::Invalid)?;
         self.validate_transport()?;
         if self.mcp.max_result_chars < 1000 {
             return Err(ConfigError::Invalid(format!(

@@ -9,14 +9,15 @@ use std::{
 use async_trait::async_trait;
 use futures::StreamExt;
 use koubou_backend::{Backend, BackendConfig, BackendTable, Health, Profile, Router, TypeRoute};
-use koubou_queue::{Dispatch, Node, QueueError, SqliteQueue, TaskQuery, TaskQueue};
+use koubou_queue::{Node, QueueError, TaskQuery, TaskQueue};
 use koubou_task::{Event, EventBus, EventKind, EventLog, TaskId, TaskKind, TaskStatus, now_millis};
 use koubou_worker::{Pool, memory};
 use parking_lot::Mutex;
 
 use koubou_api::{
-    Api, ApiError, BackendView, Busy, CooldownView, EventFeed, EventStream, HealthView, ListQuery, QueueView, Second,
-    SubmitRequest, SubmitResponse, SystemInfo, SystemStatus, TaskList, TaskView, WorkerView, WorkersView,
+    Api, ApiError, BackendView, Busy, CooldownView, EventFeed, EventStream, HealthView, ListQuery, NodeView, NodesView,
+    QueueView, Second, SubmitRequest, SubmitResponse, SystemInfo, SystemStatus, TaskList, TaskView, WorkerView,
+    WorkersView,
 };
 
 use crate::{
@@ -35,6 +36,13 @@ pub enum StartError {
     Backend { name: String, detail: String },
     #[error(transparent)]
     Route(#[from] koubou_backend::RouteError),
+    #[error(
+        "a worker node needs a queue shared with its controllers: set --queue redis://host:port/db (or \
+         queue.url); SQLite is one machine's"
+    )]
+    NotShared,
+    #[error("{0}")]
+    Capability(String),
 }
 
 /// How to start.
@@ -46,13 +54,20 @@ pub struct StartOptions {
     /// other commands name their node after their process). Running tasks of this node left by
     /// a previous run (crash, kill -9) are requeued at start.
     pub node: String,
-    /// Run a worker pool (false for a system that only accepts and reports).
+    /// Run a worker pool (false for a system that only accepts and reports; `[pool]
+    /// max_workers = 0` says the same).
     pub workers: bool,
+    /// Refuse a queue other nodes cannot share (SQLite): a worker node's.
+    pub shared_only: bool,
+    /// Serve only these task kinds (a worker node's `--capabilities`): each must have a route
+    /// (`[types.KIND]`, or the built-in `general` and `code`); the others are dropped, so the
+    /// node claims none of them. `None`: every kind routed.
+    pub kinds: Option<Vec<String>>,
 }
 
 impl Default for StartOptions {
     fn default() -> Self {
-        StartOptions { node: "serve".into(), workers: true }
+        StartOptions { node: "serve".into(), workers: true, shared_only: false, kinds: None }
     }
 }
 
@@ -62,12 +77,15 @@ struct Inner {
     db: std::path::PathBuf,
     queue: Arc<dyn TaskQueue>,
     router: Arc<Router>,
-    /// The event log every part publishes to and reads from.
+    /// The event log every part publishes to and reads from (on a shared queue, it also relays
+    /// what is published here to the other nodes).
     log: Arc<dyn EventLog>,
     /// The in-process bus behind `log`.
     bus: EventBus,
     node: String,
     pool: Option<Arc<Pool>>,
+    /// The node registry of the queue's store.
+    registry: Arc<dyn koubou_queue::Nodes>,
     membership: crate::node::Membership,
     live: Live,
     started: Instant,
@@ -140,10 +158,13 @@ impl Koubou {
     pub async fn start(mut cfg: Config, home: &Home, opts: StartOptions) -> Result<Koubou, StartError> {
         cfg.validate()?;
         let bus = EventBus::with_origin(&opts.node, 65_536);
-        let log: Arc<dyn EventLog> = Arc::new(bus.clone());
-        let live = Live::follow(&*log);
-        let db = cfg.queue.path.clone().unwrap_or_else(|| home.db_file());
-        let queue = SqliteQueue::open(db.clone(), cfg.queue.clone(), log.clone())?;
+        let local: Arc<dyn EventLog> = Arc::new(bus.clone());
+        let live = Live::follow(&*local);
+        let opened = crate::queue::open(&cfg.queue, home, local, &opts.node).await?;
+        if opts.shared_only && !opened.shared {
+            return Err(StartError::NotShared);
+        }
+        let (queue, log, registry, db) = (opened.queue, opened.log, opened.nodes, opened.place);
         if cfg.backends.is_empty() {
             let (backends, primary, fallback) = default_backends().await;
             tracing::info!(primary, fallback, "no backends configured; chose automatically");
@@ -162,6 +183,14 @@ impl Koubou {
                 .entry(kind.to_owned())
                 .or_insert_with(|| TypeRoute { backend: first.clone(), ..TypeRoute::default() });
         }
+        if let Some(kinds) = &opts.kinds {
+            if let Some(k) = kinds.iter().find(|k| !cfg.types.contains_key(k.as_str())) {
+                return Err(StartError::Capability(format!(
+                    "the capabilities name {k:?}, which has no route here: add [types.{k}] to koubou.toml"
+                )));
+            }
+            cfg.types.retain(|k, _| kinds.contains(k));
+        }
         // Child processes (codex) never see the keys other backends read.
         koubou_backend::withhold_env(cfg.backends.values().filter_map(|b| b.provider.key_env().map(str::to_owned)));
         let backends = cfg.backends.iter().map(|(n, c)| build_backend(n, c)).collect::<Result<Vec<_>, _>>()?;
@@ -174,14 +203,14 @@ impl Koubou {
         let caps = koubou_worker::worker::capabilities(&router, cfg.pool.tags.as_deref());
         let me = Node::this_process(&opts.node, env!("CARGO_PKG_VERSION"), caps);
         let ttl = Duration::from_secs(cfg.pool.node_ttl_secs.max(1));
-        let membership = crate::node::Membership::join(Arc::new(queue.clone()), me, ttl).await?;
+        let membership = crate::node::Membership::join(registry.clone(), me, ttl).await?;
         let recovered = queue.recover_node(&opts.node).await?;
         if recovered > 0 {
             tracing::warn!(tasks = recovered, node = %opts.node, "requeued tasks left running by a previous run");
         }
-        let queue: Arc<dyn TaskQueue> = Arc::new(queue);
+        let workers = opts.workers && cfg.pool.max_workers > 0;
         let pool =
-            opts.workers.then(|| Pool::start(cfg.pool.clone(), &opts.node, queue.clone(), router.clone(), log.clone()));
+            workers.then(|| Pool::start(cfg.pool.clone(), &opts.node, queue.clone(), router.clone(), log.clone()));
         membership.keep(queue.clone());
         let k = Koubou {
             inner: Arc::new(Inner {
@@ -194,6 +223,7 @@ impl Koubou {
                 bus,
                 node: opts.node.clone(),
                 pool,
+                registry,
                 membership,
                 live,
                 started: Instant::now(),
@@ -214,7 +244,7 @@ impl Koubou {
     pub fn home_dir(&self) -> &std::path::Path {
         &self.inner.home
     }
-    /// The queue's database file.
+    /// The queue's database file (for Redis, its URL without the password).
     pub fn db_path(&self) -> &std::path::Path {
         &self.inner.db
     }
@@ -481,6 +511,26 @@ impl Api for Koubou {
             warnings: pool.warnings(),
             workers,
         })
+    }
+
+    async fn nodes(&self) -> Result<NodesView, ApiError> {
+        let now = now_millis();
+        let nodes = self.inner.registry.nodes().await.map_err(queue_error)?;
+        let nodes = nodes
+            .into_iter()
+            .map(|n| NodeView {
+                lost: n.expires_at <= now,
+                kinds: n.capabilities.kinds.map(|ks| ks.iter().map(|k| k.as_str().to_owned()).collect()),
+                tags: n.capabilities.tags,
+                started_at: koubou_task::rfc3339(n.started_at),
+                expires_at: koubou_task::rfc3339(n.expires_at),
+                id: n.id,
+                host: n.host,
+                pid: n.pid,
+                version: n.version,
+            })
+            .collect();
+        Ok(NodesView { nodes })
     }
 
     async fn health(&self) -> Result<HealthView, ApiError> {

@@ -30,7 +30,9 @@ async fn a_dead_node_is_found_after_its_ttl_and_its_running_task_recovered() {
         "test",
     )
     .unwrap();
-    let k = Koubou::start(cfg, &home, StartOptions { node: "alive".into(), workers: true }).await.unwrap();
+    let k = Koubou::start(cfg, &home, StartOptions { node: "alive".into(), workers: true, ..StartOptions::default() })
+        .await
+        .unwrap();
     let v = k.wait(id, Duration::from_secs(120), &|_| {}).await.unwrap();
     assert_eq!(v.status, TaskStatus::Completed, "{v:?}");
     assert_eq!(v.worker_id.as_deref(), Some("alive/1"), "run again by the live node's worker");

@@ -14,7 +14,7 @@ use koubou_task::{EventKind, NewTask, TaskId, TaskKind};
 async fn system(dir: &tempfile::TempDir) -> Koubou {
     let cfg =
         Config::parse("[backends.instant]\nkind = \"echo\"\n[types.general]\nbackend = \"instant\"\n", "test").unwrap();
-    let opts = StartOptions { node: "watch-test".into(), workers: false };
+    let opts = StartOptions { node: "watch-test".into(), workers: false, ..StartOptions::default() };
     Koubou::start(cfg, &Home { dir: dir.path().to_owned() }, opts).await.unwrap()
 }
 

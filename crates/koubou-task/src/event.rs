@@ -174,6 +174,9 @@ pub type Tap = Arc<dyn Fn(&Arc<Event>) + Send + Sync>;
 pub trait EventLog: Send + Sync + 'static {
     /// Appends `kind`, stamped with the time, the next `seq` and this node as `origin`.
     fn publish(&self, kind: EventKind);
+    /// Appends `kind` as published by node `origin` (an event relayed from another node keeps
+    /// the name of the node that produced it), stamped with the time and the next `seq`.
+    fn publish_from(&self, origin: &str, kind: EventKind);
     /// The events after `after` that the log still keeps, then every new one; with `None`, only
     /// new ones. When some after `after` are no longer kept, the first item says how many.
     fn subscribe(&self, after: Option<u64>) -> Subscription;
@@ -242,11 +245,11 @@ impl EventBus {
     }
 }
 
-impl EventLog for EventBus {
-    fn publish(&self, kind: EventKind) {
+impl EventBus {
+    fn append(&self, origin: Arc<str>, kind: EventKind) {
         let mut st = self.state();
         st.seq += 1;
-        let e = Arc::new(Event { seq: st.seq, origin: self.inner.origin.clone(), at: now_millis(), kind });
+        let e = Arc::new(Event { seq: st.seq, origin, at: now_millis(), kind });
         if st.kept.len() == st.keep {
             st.kept.pop_front();
         }
@@ -257,6 +260,17 @@ impl EventLog for EventBus {
         if self.inner.tx.receiver_count() > 0 {
             let _ = self.inner.tx.send(e);
         }
+    }
+}
+
+impl EventLog for EventBus {
+    fn publish(&self, kind: EventKind) {
+        self.append(self.inner.origin.clone(), kind);
+    }
+
+    fn publish_from(&self, origin: &str, kind: EventKind) {
+        let origin = if *origin == *self.inner.origin { self.inner.origin.clone() } else { origin.into() };
+        self.append(origin, kind);
     }
 
     fn subscribe(&self, after: Option<u64>) -> Subscription {
@@ -356,6 +370,10 @@ mod tests {
         bus.publish(cancelled());
         let e = now.next().await.unwrap().unwrap();
         assert_eq!((e.seq, &*e.origin), (7, "node-a"));
+        // A relayed event keeps the node that produced it, numbered in this log.
+        bus.publish_from("node-b", cancelled());
+        let e = now.next().await.unwrap().unwrap();
+        assert_eq!((e.seq, &*e.origin), (8, "node-b"));
     }
 
     /// A reader asking for events the bus no longer keeps is told how many it missed, then gets

@@ -298,6 +298,32 @@ pub async fn cancel(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     }
 }
 
+pub async fn nodes(ctx: &Ctx) -> anyhow::Result<()> {
+    logging::init_quiet();
+    let v = ctx.client()?.nodes().await?;
+    if ctx.json {
+        return output::json(&v);
+    }
+    let list = |l: &Option<Vec<String>>| l.as_ref().map_or_else(|| "any".to_owned(), |l| l.join(" "));
+    let rows: Vec<Vec<String>> = v
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.clone(),
+                format!("{}:{}", n.host, n.pid),
+                list(&n.kinds),
+                list(&n.tags),
+                n.version.clone(),
+                if n.lost { "lost".into() } else { "alive".into() },
+                n.expires_at.clone(),
+            ]
+        })
+        .collect();
+    output::table(&["NODE", "HOST:PID", "KINDS", "TAGS", "VERSION", "STATE", "EXPIRES"], &rows);
+    Ok(())
+}
+
 pub async fn workers(ctx: &Ctx) -> anyhow::Result<()> {
     logging::init_quiet();
     let w = ctx.client()?.workers().await?;
@@ -379,6 +405,8 @@ pub async fn health(ctx: &Ctx) -> anyhow::Result<()> {
 pub struct RunArgs {
     #[command(flatten)]
     submit: SubmitArgs,
+    #[command(flatten)]
+    queue: crate::QueueArgs,
 }
 
 /// Starts an in-process system (no ports), submits, streams the answer, shuts down.
@@ -388,10 +416,15 @@ pub async fn run(ctx: &Ctx, mut a: RunArgs) -> anyhow::Result<()> {
         tracing::warn!("{w}");
     }
     crate::supervise_children(None)?;
-    let cfg = ctx.config()?;
+    let mut cfg = ctx.config()?;
+    a.queue.apply(&mut cfg)?;
     crate::models::prepare(&cfg).await?;
-    let k = Koubou::start(cfg, &ctx.home, StartOptions { node: format!("run-{}", std::process::id()), workers: true })
-        .await?;
+    let k = Koubou::start(
+        cfg,
+        &ctx.home,
+        StartOptions { node: format!("run-{}", std::process::id()), workers: true, ..StartOptions::default() },
+    )
+    .await?;
     a.submit.wait = true;
     let r = submit_with(&k, ctx.json, &a.submit).await;
     k.shutdown(Some(Duration::from_secs(2))).await;

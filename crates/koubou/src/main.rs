@@ -14,12 +14,13 @@ mod models;
 mod output;
 mod serve;
 mod version;
+mod worker;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use koubou_api::ApiError;
-use koubou_system::{Config, Home};
+use koubou_system::{Config, Home, queue::QueueUrl};
 
 #[derive(Parser)]
 #[command(name = "koubou", version, about = "工房 Koubou: delegate work from a coding agent to local LLM craftsmen")]
@@ -63,6 +64,8 @@ enum Cmd {
     Cancel { id: String },
     /// Show the worker pool.
     Workers,
+    /// List the nodes registered with the queue (controllers and worker nodes).
+    Nodes,
     /// Show queue, workers and each backend's health.
     Health,
     /// Serve MCP over stdio (for `claude mcp add koubou -- koubou mcp`).
@@ -70,7 +73,11 @@ enum Cmd {
         /// Run an in-process system instead of talking to a running `koubou serve`.
         #[arg(long)]
         embedded: bool,
+        #[command(flatten)]
+        queue: QueueArgs,
     },
+    /// Run a worker node: only the worker pool (no HTTP), over a queue shared with controllers.
+    Worker(worker::WorkerArgs),
     /// Manage models: the embedded GGUF files, or Ollama's.
     Models {
         #[command(subcommand)]
@@ -103,6 +110,42 @@ pub struct ServeArgs {
     min_workers: Option<usize>,
     #[arg(long)]
     max_workers: Option<usize>,
+    /// Local workers at most (`--workers 0`: a controller with none; worker nodes run the tasks).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// This node's name in the queue's registry; its workers are `<node-id>/<n>`.
+    #[arg(long, value_name = "ID", default_value = "serve", value_parser = worker::node_id)]
+    node_id: String,
+    #[command(flatten)]
+    queue: QueueArgs,
+}
+
+/// Which queue: `--queue URL`, or the guide's `--queue-type`.
+#[derive(Args, Clone, Default)]
+pub struct QueueArgs {
+    /// The queue: sqlite:[PATH], a path, redis://host:port/db or rediss://… (default: queue.url,
+    /// else SQLite in the home). Read here rather than by clap, whose errors repeat the value
+    /// whole (a password in the URL included).
+    #[arg(long, value_name = "URL")]
+    queue: Option<String>,
+    /// The guide's spelling: `redis` (redis://127.0.0.1:6379/0) or `sqlite`.
+    #[arg(long, value_name = "TYPE", conflicts_with = "queue", value_parser = QueueUrl::of_type)]
+    queue_type: Option<QueueUrl>,
+}
+
+impl QueueArgs {
+    /// Puts the queue the flags name into `cfg` (`[queue] url`); a bad URL is an error naming
+    /// the flag, without its password.
+    pub fn apply(&self, cfg: &mut Config) -> anyhow::Result<()> {
+        let chosen = match (&self.queue, &self.queue_type) {
+            (Some(u), _) => Some(QueueUrl::parse(u).map_err(|e| anyhow::anyhow!("--queue: {e}"))?),
+            (None, t) => t.clone(),
+        };
+        if let Some(q) = chosen {
+            cfg.queue.url = Some(q.to_url());
+        }
+        Ok(())
+    }
 }
 
 /// Everything a command needs to know about where it runs.
@@ -220,8 +263,10 @@ fn main() -> ExitCode {
             Cmd::Tasks(args) => client_cmds::tasks(&ctx, args).await,
             Cmd::Cancel { id } => client_cmds::cancel(&ctx, &id).await,
             Cmd::Workers => client_cmds::workers(&ctx).await,
+            Cmd::Nodes => client_cmds::nodes(&ctx).await,
             Cmd::Health => client_cmds::health(&ctx).await,
-            Cmd::Mcp { embedded } => serve::mcp(&ctx, embedded).await,
+            Cmd::Mcp { embedded, queue } => serve::mcp(&ctx, embedded, &queue).await,
+            Cmd::Worker(args) => worker::run(&ctx, args).await,
             Cmd::Models { cmd } => models::run(&ctx, cmd).await,
             Cmd::Run(args) => client_cmds::run(&ctx, args).await,
             Cmd::Bench(args) => bench::run(&ctx, args).await,

@@ -73,6 +73,10 @@ fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
     if let Some(v) = a.max_workers {
         cfg.pool.max_workers = v;
     }
+    if let Some(v) = a.workers {
+        cfg.pool.max_workers = v;
+        cfg.pool.min_workers = cfg.pool.min_workers.min(v);
+    }
 }
 
 /// Holds `<home>/serve.lock` for the life of the server (node `serve`). Other nodes know this
@@ -153,7 +157,7 @@ async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<tokio::net::T
     tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -178,6 +182,7 @@ pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
     crate::supervise_children(Some(std::os::fd::AsRawFd::as_raw_fd(&lock)))?;
     let mut cfg = ctx.config()?;
     apply_flags(&mut cfg, &args);
+    args.queue.apply(&mut cfg)?;
     cfg.validate()?;
     crate::models::prepare(&cfg).await?;
     // Bind every port before starting anything, so a port in use fails the start at once.
@@ -191,7 +196,8 @@ pub async fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
         Some(p) => Some(bind(&host, p, "GraphQL").await?),
         None => None,
     };
-    let k = Koubou::start(cfg.clone(), &ctx.home, StartOptions::default()).await?;
+    let opts = StartOptions { node: args.node_id.clone(), ..StartOptions::default() };
+    let k = Koubou::start(cfg.clone(), &ctx.home, opts).await?;
     let stop = CancellationToken::new();
     let faces = Faces {
         cfg: &cfg,
@@ -260,16 +266,18 @@ impl Faces<'_> {
 }
 
 /// MCP over stdio: against a running server, or (`--embedded`) an in-process system.
-pub async fn mcp(ctx: &Ctx, embedded: bool) -> anyhow::Result<()> {
+pub async fn mcp(ctx: &Ctx, embedded: bool, queue: &crate::QueueArgs) -> anyhow::Result<()> {
     logging::init_quiet();
-    let cfg = ctx.config()?;
+    let mut cfg = ctx.config()?;
+    queue.apply(&mut cfg)?;
     if embedded {
         if let Some(w) = ctx.prepare_home()? {
             tracing::warn!("{w}");
         }
         crate::supervise_children(None)?;
         crate::models::prepare(&cfg).await?;
-        let opts = StartOptions { node: format!("mcp-{}", std::process::id()), workers: true };
+        let opts =
+            StartOptions { node: format!("mcp-{}", std::process::id()), workers: true, ..StartOptions::default() };
         let k = Koubou::start(cfg.clone(), &ctx.home, opts).await?;
         let r = koubou_mcp::serve_stdio(Arc::new(k.clone()), cfg.mcp.clone()).await;
         k.shutdown(Some(Duration::from_secs(5))).await;

@@ -13,6 +13,8 @@
 //!   `keep_finished_secs`; `idem`: idempotency key → task id; `seq`, `version`: counters.
 //! - `outbox`: the claimable tasks no confirmed delivery of an outside dispatcher (RabbitMQ)
 //!   covers, in claim order; a task's `claims` field counts its claims ([`crate::outbox`]).
+//! - `nodes`, `node_inst`, `node_exp`: the node registry ([`crate::Nodes`], `nodes.lua`): each
+//!   node's registration (JSON), the run holding it, and when it runs out.
 //! - `events`: the channel each script publishes what it did on ([`record::Message`]).
 //!
 //! Every operation that writes is one Lua script ([`scripts`]), so it is atomic; scripts take
@@ -25,6 +27,7 @@
 //! a task submitted elsewhere, and a cancel made elsewhere fires the claimer's token (its next
 //! heartbeat would also say `Cancelled`).
 
+mod nodes;
 mod record;
 mod scripts;
 #[cfg(test)]
@@ -134,6 +137,22 @@ impl std::fmt::Debug for RedisConfig {
 }
 
 impl RedisConfig {
+    /// Whether `url` reads as a Redis URL (`redis://…` or `rediss://…`); the error never shows
+    /// the password.
+    pub fn check_url(url: &str) -> Result<(), String> {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(format!("{:?} is not a Redis URL: it must start with redis:// or rediss://", redact(url)));
+        }
+        url.into_connection_info().map(drop).map_err(|_| {
+            format!("{:?} is not a Redis URL (redis://[user:password@]host:port/db or rediss://…)", redact(url))
+        })
+    }
+
+    /// The URL without its password, for messages and `info`.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.url)
+    }
+
     /// The client for this config: the URL, with the user, the password from the environment
     /// and the CA file applied. Errors never show the password.
     fn client(&self) -> Result<(Client, Option<String>), String> {
@@ -183,7 +202,7 @@ pub struct RedisQueue {
 
 struct Inner {
     shared: Arc<Shared>,
-    calls: mpsc::UnboundedSender<Call>,
+    calls: mpsc::UnboundedSender<Job>,
     _stop: DropGuard,
 }
 
@@ -202,6 +221,13 @@ struct Shared {
     /// The newest namespace version applied, and what waited then.
     version: Mutex<u64>,
     queued: AtomicU64,
+}
+
+/// What the writer task does, in order: a script, or an event relayed to the other nodes
+/// (in line with the scripts, so a worker's last tokens reach them before its completion).
+enum Job {
+    Script(Call),
+    Relay(String),
 }
 
 /// A write for the writer task.
@@ -329,6 +355,18 @@ impl RedisQueue {
         &self.inner.shared.bus
     }
 
+    /// The event log for everything else on node `node` (its workers' tokens, backend health):
+    /// published on this queue's local log and relayed to every other node on the namespace,
+    /// named after `node`. The queue itself must have been opened on the local log.
+    pub fn relay(&self, node: &str) -> Arc<dyn EventLog> {
+        Arc::new(RelayLog {
+            local: self.inner.shared.bus.clone(),
+            calls: self.inner.calls.clone(),
+            instance: self.inner.shared.origin.clone(),
+            node: node.to_owned(),
+        })
+    }
+
     /// Tasks waiting to run (pending or retrying), as of the last script this instance ran or
     /// heard of.
     pub fn queued(&self) -> u64 {
@@ -362,7 +400,7 @@ impl RedisQueue {
     /// Runs a writing script through the writer task.
     async fn write(&self, op: Op, args: Vec<String>) -> Result<Answer, QueueError> {
         let (reply, rx) = oneshot::channel();
-        self.inner.calls.send(Call { op, args, reply }).map_err(|_| QueueError::Closed)?;
+        self.inner.calls.send(Job::Script(Call { op, args, reply })).map_err(|_| QueueError::Closed)?;
         rx.await.map_err(|_| QueueError::Closed)?
     }
 
@@ -538,9 +576,73 @@ impl Shared {
         }
     }
 
+    /// An event another node published through its [`RedisQueue::relay`] log.
+    fn relayed(&self, payload: &[u8]) {
+        match serde_json::from_slice::<Relayed>(payload) {
+            Ok(r) if r.instance != self.origin => self.bus.publish_from(&r.origin, r.event),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "ignored a relayed event"),
+        }
+    }
+
     /// Fires and forgets a claim's token once the claim is known to be over.
     fn drop_claim(&self, lease: &Lease) {
         stop_claim(&mut self.running.lock(), lease.task_id, lease.attempt);
+    }
+}
+
+/// An event on the namespace's `relay` channel: which queue instance sent it (to skip our own),
+/// the node that produced it, and the event.
+#[derive(Serialize, Deserialize)]
+struct Relayed {
+    #[serde(rename = "i")]
+    instance: String,
+    #[serde(rename = "o")]
+    origin: String,
+    #[serde(rename = "e")]
+    event: EventKind,
+}
+
+/// The event log of a node on a Redis queue: what is published on it goes to this process's
+/// log and, through the queue's writer (in order with its scripts), to every other node's. The
+/// scripts' own events reach the other nodes on the `events` channel, so the queue itself
+/// publishes on the local log only.
+struct RelayLog {
+    local: Arc<dyn EventLog>,
+    calls: mpsc::UnboundedSender<Job>,
+    instance: String,
+    node: String,
+}
+
+impl RelayLog {
+    fn send(&self, origin: &str, event: &EventKind) {
+        let relayed = Relayed { instance: self.instance.clone(), origin: origin.to_owned(), event: event.clone() };
+        match serde_json::to_string(&relayed) {
+            Ok(payload) => {
+                let _ = self.calls.send(Job::Relay(payload));
+            }
+            Err(e) => tracing::warn!(error = %e, "could not encode an event for the other nodes"),
+        }
+    }
+}
+
+impl EventLog for RelayLog {
+    fn publish(&self, kind: EventKind) {
+        self.send(&self.node, &kind);
+        self.local.publish_from(&self.node, kind);
+    }
+    fn publish_from(&self, origin: &str, kind: EventKind) {
+        self.send(origin, &kind);
+        self.local.publish_from(origin, kind);
+    }
+    fn subscribe(&self, after: Option<u64>) -> koubou_task::Subscription {
+        self.local.subscribe(after)
+    }
+    fn follow(&self, f: koubou_task::Tap) {
+        self.local.follow(f)
+    }
+    fn head(&self) -> u64 {
+        self.local.head()
     }
 }
 
@@ -554,11 +656,21 @@ fn stop_claim(running: &mut HashMap<TaskId, (u32, CancellationToken)>, id: TaskI
     }
 }
 
-async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Call>) {
+async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Job>) {
     let mut conn = shared.conn.clone();
-    while let Some(call) = calls.recv().await {
-        let r = shared.run(&mut conn, call.op, &call.args).await;
-        let _ = call.reply.send(r);
+    let relay = format!("{}relay", shared.prefix);
+    while let Some(job) = calls.recv().await {
+        match job {
+            Job::Script(call) => {
+                let r = shared.run(&mut conn, call.op, &call.args).await;
+                let _ = call.reply.send(r);
+            }
+            Job::Relay(payload) => {
+                if let Err(e) = conn.publish::<_, _, ()>(&relay, payload).await {
+                    tracing::warn!(error = %e, "could not relay an event to the other nodes");
+                }
+            }
+        }
     }
 }
 
@@ -573,6 +685,7 @@ impl Listen {
     async fn subscribe(&self) -> Result<::redis::aio::PubSub, RedisError> {
         let mut pubsub = self.client.get_async_pubsub().await?;
         pubsub.subscribe(format!("{}events", self.shared.prefix)).await?;
+        pubsub.subscribe(format!("{}relay", self.shared.prefix)).await?;
         Ok(pubsub)
     }
 
@@ -598,6 +711,9 @@ impl Listen {
                     loop {
                         tokio::select! {
                             m = messages.next() => match m {
+                                Some(m) if m.get_channel_name().ends_with("relay") => {
+                                    self.shared.relayed(m.get_payload_bytes())
+                                }
                                 Some(m) => self.shared.heard(m.get_payload_bytes()),
                                 None => break,
                             },

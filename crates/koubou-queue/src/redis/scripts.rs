@@ -29,6 +29,8 @@ pub struct Scripts {
     writes: Vec<(Op, Script)>,
     /// Reads only: a task's place in the claim order.
     pub position: Script,
+    /// The node registry (`nodes.lua`: register, renew, deregister, expire).
+    pub nodes: Script,
 }
 
 impl Scripts {
@@ -49,6 +51,7 @@ impl Scripts {
                 with_prelude(Op::Mark, include_str!("lua/mark.lua")),
             ],
             position: Script::new(include_str!("lua/position.lua")),
+            nodes: Script::new(include_str!("lua/nodes.lua")),
         }
     }
 

@@ -51,6 +51,11 @@ async fn the_outbox_holds_what_no_confirmed_delivery_covers() {
 }
 
 #[tokio::test]
+async fn nodes_conform() {
+    crate::conformance::nodes_register_renew_expire(&Namespaces).await;
+}
+
+#[tokio::test]
 async fn claim_id_claims_exactly_that_task_when_claimable() {
     crate::conformance::claim_id_claims_exactly_that_task_when_claimable(&Namespaces).await;
 }
@@ -387,4 +392,25 @@ async fn rediss_with_a_private_ca() {
     let plain_ca = RedisConfig { ca_file: Some(ca.ca_file.clone()), ..ns.config() };
     let e = RedisQueue::open(plain_ca, bus()).await.err().expect("ca_file without rediss").to_string();
     assert!(e.contains("not rediss://"), "{e}");
+}
+
+/// What a node publishes on its relay log (a worker's tokens) reaches every other node's log,
+/// named after the node that produced it, once; its own log has it once too.
+#[tokio::test]
+async fn relayed_events_reach_the_other_nodes_with_their_origin() {
+    let ns = fixture();
+    let (bus_a, bus_b) = (EventBus::with_origin("a", 64), EventBus::with_origin("b", 64));
+    let a = RedisQueue::open(ns.config(), Arc::new(bus_a.clone())).await.unwrap();
+    let b = RedisQueue::open(ns.config(), Arc::new(bus_b.clone())).await.unwrap();
+    let (mut on_a, mut on_b) = (bus_a.subscribe(None), bus_b.subscribe(None));
+    let token = |text: &str| EventKind::TaskToken { task_id: TaskId::new(), text: text.into() };
+    a.relay("w1").publish(token("from w1"));
+    let e = soon("w1's token on b", on_b.next()).await.unwrap().unwrap();
+    assert_eq!((&*e.origin, e.kind.name()), ("w1", "task_token"));
+    b.relay("b").publish(token("from b"));
+    // a sees its own token once, then b's: nothing of its own came back from the channel.
+    let mine = soon("a's own token", on_a.next()).await.unwrap().unwrap();
+    let theirs = soon("b's token on a", on_a.next()).await.unwrap().unwrap();
+    assert_eq!([(&*mine.origin, mine.seq), (&*theirs.origin, theirs.seq)], [("w1", 1), ("b", 2)]);
+    assert!(matches!(&theirs.kind, EventKind::TaskToken { text, .. } if text == "from b"));
 }

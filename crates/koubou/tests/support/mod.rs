@@ -74,25 +74,18 @@ impl Serve {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start koubou serve");
-        let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            let mut f = std::fs::File::create(&log2).unwrap();
-            let (mut sent, mut ws, mut graphql) = (false, None, None);
-            let url_after = |line: &str, what: &str| {
-                line.split(what).nth(1).and_then(|rest| rest.split_whitespace().next()).map(str::to_owned)
-            };
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                use std::io::Write;
-                let _ = writeln!(f, "{line}");
-                // The other ports are announced before the main one.
-                ws = ws.or_else(|| url_after(&line, "koubou WebSocket is serving on "));
-                graphql = graphql.or_else(|| url_after(&line, "koubou GraphQL is serving on "));
-                if !sent && let Some(url) = url_after(&line, "koubou is serving on ") {
-                    let _ = tx.send((url, ws.take(), graphql.take()));
-                    sent = true;
-                }
+        let (mut sent, mut ws, mut graphql) = (false, None, None);
+        let url_after = |line: &str, what: &str| {
+            line.split(what).nth(1).and_then(|rest| rest.split_whitespace().next()).map(str::to_owned)
+        };
+        tee_stderr(&mut child, &log, move |line| {
+            // The other ports are announced before the main one.
+            ws = ws.take().or_else(|| url_after(line, "koubou WebSocket is serving on "));
+            graphql = graphql.take().or_else(|| url_after(line, "koubou GraphQL is serving on "));
+            if !sent && let Some(url) = url_after(line, "koubou is serving on ") {
+                let _ = tx.send((url, ws.take(), graphql.take()));
+                sent = true;
             }
         });
         let (url, ws_url, graphql_url) = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
@@ -106,6 +99,25 @@ impl Serve {
         let _ = self.child.wait();
         std::mem::forget(self);
     }
+}
+
+/// Copies `child`'s stderr into `log`, line by line, calling `on_line` with each.
+fn tee_stderr(child: &mut Child, log: &Path, mut on_line: impl FnMut(&str) + Send + 'static) {
+    let stderr = child.stderr.take().unwrap();
+    let log = log.to_owned();
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::create(&log).unwrap();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            use std::io::Write;
+            let _ = writeln!(f, "{line}");
+            on_line(&line);
+        }
+    });
+}
+
+/// `POST /task/delegate` with `body`; the answer.
+pub async fn delegate(url: &str, body: serde_json::Value) -> serde_json::Value {
+    reqwest::Client::new().post(format!("{url}/task/delegate")).json(&body).send().await.unwrap().json().await.unwrap()
 }
 
 fn unsafe_kill(pid: u32) {
@@ -247,4 +259,101 @@ pub async fn fake_ollama() -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await });
     addr
+}
+
+/// A namespace of its own on the machine's Redis (127.0.0.1:6379, or `KOUBOU_TEST_REDIS`),
+/// its keys deleted on drop.
+pub struct RedisNamespace {
+    pub url: String,
+    pub name: String,
+}
+
+impl RedisNamespace {
+    pub fn new() -> RedisNamespace {
+        let url = std::env::var("KOUBOU_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+        RedisNamespace { url, name: format!("bin-test-{:016x}", fastrand_u64()) }
+    }
+
+    /// The `[queue.redis]` table selecting this namespace.
+    pub fn toml(&self) -> String {
+        format!("[queue.redis]\nnamespace = \"{}\"\n", self.name)
+    }
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.finish()
+}
+
+impl Drop for RedisNamespace {
+    fn drop(&mut self) {
+        let script = "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end";
+        let pattern = format!("{{koubou:{}}}:*", self.name);
+        let _ = Command::new("redis-cli")
+            .args(["-u", &self.url, "EVAL", script, "0", &pattern])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A running `koubou worker` child; killed on drop.
+pub struct Worker {
+    pub child: Child,
+    pub stderr_log: PathBuf,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Worker {
+    /// Starts `koubou worker --home HOME …` and waits for its "is running" line.
+    pub fn start(home: &Path, args: &[&str]) -> Worker {
+        let log = home.join(format!(
+            "worker-stderr-{}.log",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        let mut child = Command::new(bin())
+            .arg("worker")
+            .arg("--home")
+            .arg(home)
+            .args(args)
+            .env("LOG_LEVEL", "info")
+            .env_remove("KOUBOU_HOME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start koubou worker");
+        let (tx, rx) = std::sync::mpsc::channel();
+        tee_stderr(&mut child, &log, move |line| {
+            if line.contains("koubou worker ") && line.ends_with(" is running") {
+                let _ = tx.send(());
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            panic!("koubou worker did not start; stderr:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        Worker { child, stderr_log: log }
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let code = self.child.wait().ok().and_then(|s| s.code());
+        std::mem::forget(self);
+        code
+    }
+
+    pub fn kill9(mut self) {
+        unsafe_kill(self.child.id());
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
 }
