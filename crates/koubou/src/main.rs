@@ -146,6 +146,11 @@ impl QueueArgs {
         }
         Ok(())
     }
+
+    /// Whether `--queue` or `--queue-type` was given.
+    pub fn given(&self) -> bool {
+        self.queue.is_some() || self.queue_type.is_some()
+    }
 }
 
 /// Everything a command needs to know about where it runs.

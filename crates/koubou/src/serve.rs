@@ -268,6 +268,12 @@ impl Faces<'_> {
 /// MCP over stdio: against a running server, or (`--embedded`) an in-process system.
 pub async fn mcp(ctx: &Ctx, embedded: bool, queue: &crate::QueueArgs) -> anyhow::Result<()> {
     logging::init_quiet();
+    if !embedded && queue.given() {
+        anyhow::bail!(
+            "--queue and --queue-type need --embedded: without it, `koubou mcp` talks to a running \
+             `koubou serve` (KOUBOU_URL), which has its own queue"
+        );
+    }
     let mut cfg = ctx.config()?;
     queue.apply(&mut cfg)?;
     if embedded {

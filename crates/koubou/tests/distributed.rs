@@ -92,7 +92,7 @@ async fn a_worker_node_claims_only_the_kinds_it_declares() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_node_refuses_sqlite() {
+async fn a_worker_node_refuses_sqlite_and_queue_flags_are_checked() {
     let w_home = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(support::bin())
         .args(["worker", "--node-id", "w1", "--queue", "sqlite:", "--home"])
@@ -109,6 +109,14 @@ async fn a_worker_node_refuses_sqlite() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("--queue") && err.contains("not a Redis URL") && !err.contains("hunter2"), "{err}");
+    // `koubou mcp` without --embedded has no queue of its own: a queue flag is refused, not ignored.
+    let out = std::process::Command::new(support::bin())
+        .args(["mcp", "--queue-type", "redis", "--home"])
+        .arg(w_home.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--queue and --queue-type need --embedded"), "{err}");
 }
 
 /// A worker node killed with `kill -9` mid-task: its lease runs out (6 s), another node takes the
