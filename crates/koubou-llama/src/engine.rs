@@ -48,8 +48,8 @@ pub struct EngineConfig {
     /// Run a decode on one thread while other processes keep the cores its threads need busy
     /// (see [`crate::cores`]).
     pub share_cores: bool,
-    /// Keep a slot's KV cache when its sequence ends and reuse the longest shared prefix (see
-    /// [`Slots`]).
+    /// Reuse the longest prefix a free slot's KV cache holds of a new prompt (see
+    /// [`crate::prefix`]).
     pub cache_prompts: bool,
     /// Where re-encoded copies of models are kept (`None`: beside the model).
     pub copies_dir: Option<PathBuf>,
@@ -468,15 +468,13 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
             }
         }
 
-        // 2. End cancelled sequences (and those whose caller went away); free their KV cells.
-        for (id, slot) in slots.iter_mut().enumerate() {
+        // 2. End cancelled sequences (and those whose caller went away); free their slots.
+        for slot in slots.iter_mut() {
             if slot.as_ref().is_some_and(|s| s.job.cancel.is_cancelled() || s.job.events.is_closed()) {
                 let s = slot.take().expect("checked above");
+                // The cells hold what was fed and decoded: still a reusable prefix (admission
+                // clears whatever a new prompt does not reuse).
                 let _ = s.job.events.send(Event::Failed(EngineError::Cancelled));
-                // The cells hold what was fed and decoded: still a reusable prefix.
-                if !cache.enabled() {
-                    clear(&mut ctx, &mut cache, id);
-                }
             }
         }
 
@@ -578,9 +576,6 @@ fn run(cfg: EngineConfig, ready: mpsc::SyncSender<Result<ModelInfo, EngineError>
                 Step::Finish(reason, flush) => {
                     let s = slots[id].take().expect("present");
                     s.finish(reason, flush);
-                    if !cache.enabled() {
-                        clear(&mut ctx, &mut cache, id);
-                    }
                 }
             }
         }

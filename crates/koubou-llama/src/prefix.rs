@@ -44,10 +44,6 @@ impl PromptCache {
         PromptCache { enabled, slots: (0..slots).map(|_| Cached::default()).collect(), clock: 0 }
     }
 
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
     /// The free slot (`free(slot)`) for `prompt`, and how much of it that slot already holds.
     /// `None` when no slot is free. The slot's books are cut back to the reused prefix.
     pub fn place(&mut self, prompt: &[LlamaToken], free: impl Fn(usize) -> bool) -> Option<Placement> {
@@ -86,6 +82,7 @@ impl PromptCache {
     }
 
     /// Tokens `slot` holds.
+    #[cfg(test)]
     pub fn held(&self, slot: usize) -> usize {
         self.slots[slot].tokens.len()
     }
