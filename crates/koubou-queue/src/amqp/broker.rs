@@ -99,6 +99,9 @@ impl Drop for Taken {
 
 pub(crate) struct Broker {
     resolved: Resolved,
+    /// The connection's name on the broker (`koubou <namespace>`), so `rabbitmqctl
+    /// list_connections client_properties` and the management UI tell whose it is.
+    name: String,
     queue: String,
     wake_exchange: String,
     timeout: Duration,
@@ -119,6 +122,7 @@ impl Broker {
         let (consumers, rx) = mpsc::unbounded_channel();
         let broker = Broker {
             resolved,
+            name: format!("koubou {}", cfg.namespace),
             queue: cfg.queue_name(),
             wake_exchange: cfg.wake_exchange(),
             timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
@@ -214,7 +218,7 @@ impl Broker {
     }
 
     async fn connect(&self) -> lapin::Result<(Link, Consumer)> {
-        let props = ConnectionProperties::default().with_connection_name("koubou".into());
+        let props = ConnectionProperties::default().with_connection_name(self.name.as_str().into());
         let uri = self.resolved.uri.clone();
         let conn = match &self.resolved.ca_pem {
             Some(pem) => {

@@ -84,6 +84,18 @@ impl AmqpConfig {
         cfg
     }
 
+    /// Whether `url` reads as an AMQP URL (`amqp://` or `amqps://`); the error never shows
+    /// its password.
+    pub fn check_url(url: &str) -> Result<(), String> {
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(format!("{:?} is not an AMQP URL: it must start with amqp:// or amqps://", redact_url(url)));
+        }
+        // The parser's message may quote the URL: none of it is shown.
+        url.parse::<AMQPUri>().map(drop).map_err(|_| {
+            format!("{:?} is not an AMQP URL (amqp://user:password@host:port/vhost or amqps://…)", redact_url(url))
+        })
+    }
+
     /// The durable queue the tasks' ids travel through.
     pub fn queue_name(&self) -> String {
         format!("koubou.{}.tasks", self.namespace)
@@ -193,6 +205,16 @@ mod tests {
         let e = missing.resolve().err().unwrap().to_string();
         assert!(e.contains("not set") && !e.contains("in-url"), "{e}");
         unsafe { std::env::remove_var(&var) };
+    }
+
+    #[test]
+    fn urls_are_checked_without_showing_the_password() {
+        assert!(AmqpConfig::check_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
+        assert!(AmqpConfig::check_url("amqps://broker.lan/vhost").is_ok());
+        let e = AmqpConfig::check_url("amqp://u:s3cret-pw@host:notaport/").unwrap_err();
+        assert!(e.contains("not an AMQP URL") && e.contains("u:***@host") && !e.contains("s3cret-pw"), "{e}");
+        let e = AmqpConfig::check_url("redis://u:s3cret-pw@host/0").unwrap_err();
+        assert!(e.contains("amqp://") && !e.contains("s3cret-pw"), "{e}");
     }
 
     #[test]
