@@ -110,7 +110,7 @@ impl Config {
 
     /// `KOUBOU_HOST`, `KOUBOU_PORT`, `KOUBOU_WS_PORT`, `KOUBOU_GRAPHQL_PORT`, `KOUBOU_AUTH_TOKEN`,
     /// `KOUBOU_URL`, `KOUBOU_MIN_WORKERS`, `KOUBOU_MAX_WORKERS`, `KOUBOU_DB`, `KOUBOU_QUEUE`,
-    /// `KOUBOU_MAX_PROMPT_BYTES`.
+    /// `KOUBOU_STORE`, `KOUBOU_MAX_PROMPT_BYTES`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn num<T: std::str::FromStr>(var: &str, v: &str) -> Result<T, ConfigError> {
             v.trim().parse().map_err(|_| ConfigError::Env {
@@ -146,13 +146,22 @@ impl Config {
         if let Some(v) = get("KOUBOU_DB") {
             self.queue.sqlite.path = Some(PathBuf::from(v));
         }
+        // A queue URL may hold a password: an error shows it without.
         if let Some(v) = get("KOUBOU_QUEUE").filter(|v| !v.is_empty()) {
-            crate::queue::QueueUrl::parse(&v).map_err(|detail| ConfigError::Env {
+            let url = crate::queue::QueueUrl::parse(&v).map_err(|detail| ConfigError::Env {
                 var: "KOUBOU_QUEUE".into(),
-                value: v.clone(),
+                value: koubou_queue::amqp::redact_url(&v),
                 detail,
             })?;
-            self.queue.url = Some(v);
+            self.queue.select(&url);
+        }
+        if let Some(v) = get("KOUBOU_STORE").filter(|v| !v.is_empty()) {
+            crate::queue::Store::parse(&v).map_err(|detail| ConfigError::Env {
+                var: "KOUBOU_STORE".into(),
+                value: koubou_queue::amqp::redact_url(&v),
+                detail,
+            })?;
+            self.queue.store = Some(v);
         }
         if let Some(v) = get("KOUBOU_MAX_PROMPT_BYTES") {
             self.limits.max_prompt_bytes = num("KOUBOU_MAX_PROMPT_BYTES", &v)?;
@@ -309,6 +318,23 @@ mod tests {
         assert_eq!((c.server.port, c.pool.max_workers), (9000, 3));
         let e = c.apply_env(|k| (k == "KOUBOU_PORT").then(|| "http".into())).unwrap_err();
         assert!(e.to_string().contains("KOUBOU_PORT"));
+    }
+
+    #[test]
+    fn queue_variables_select_rabbitmq_and_its_store_without_showing_passwords() {
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "KOUBOU_QUEUE" => Some("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            "KOUBOU_STORE" => Some("redis://127.0.0.1:6379/0".into()),
+            _ => None,
+        })
+        .unwrap();
+        let sel = c.queue.selected().unwrap();
+        assert!(sel.broker.is_some() && sel.is_shared(), "{sel:?}");
+        for var in ["KOUBOU_QUEUE", "KOUBOU_STORE"] {
+            let e = c.apply_env(|k| (k == var).then(|| "amqp://u:hunter2@h:x/".into())).unwrap_err().to_string();
+            assert!(e.contains(var) && e.contains("u:***@h") && !e.contains("hunter2"), "{e}");
+        }
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //!   and the backend health checker, and implements [`koubou_api::Api`] in-process.
 //! - [`live`]: state kept from the event bus (streaming answers, counters, recent rates).
 //! - [`metrics`]: the Prometheus text for `/metrics`.
-//! - [`queue`]: which store `[queue] url` selects (SQLite, Redis) and opening it with its node
-//!   registry.
+//! - [`queue`]: which store `[queue] url` selects (SQLite, Redis; or RabbitMQ dispatching the
+//!   tasks of `[queue] store`) and opening it with its node registry.
 //! - `node`: this process as a node of the queue — registered with a TTL, renewed, and sweeping
 //!   nodes that stopped renewing (their running tasks are requeued).
 //!

@@ -41,6 +41,12 @@ pub enum StartError {
          queue.url); SQLite is one machine's"
     )]
     NotShared,
+    #[error(
+        "a worker node needs the tasks kept where its controllers keep them: with RabbitMQ (--queue \
+         amqp://…) give a Redis store, --store redis://host:port/db (or queue.store); the default, the \
+         home's SQLite, is one machine's"
+    )]
+    NotSharedStore,
     #[error("{0}")]
     Capability(String),
 }
@@ -160,10 +166,11 @@ impl Koubou {
         let bus = EventBus::with_origin(&opts.node, 65_536);
         let local: Arc<dyn EventLog> = Arc::new(bus.clone());
         let live = Live::follow(&*local);
-        let opened = crate::queue::open(&cfg.queue, home, local, &opts.node).await?;
-        if opts.shared_only && !opened.shared {
-            return Err(StartError::NotShared);
+        let selection = cfg.queue.selected().map_err(crate::config::ConfigError::Invalid)?;
+        if opts.shared_only && !selection.is_shared() {
+            return Err(if selection.broker.is_some() { StartError::NotSharedStore } else { StartError::NotShared });
         }
+        let opened = crate::queue::open(&cfg.queue, selection, home, local, &opts.node).await?;
         let (queue, log, registry, db) = (opened.queue, opened.log, opened.nodes, opened.place);
         if cfg.backends.is_empty() {
             let (backends, primary, fallback) = default_backends().await;
