@@ -20,7 +20,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use koubou_api::ApiError;
-use koubou_system::{Config, Home, queue::QueueUrl};
+use koubou_system::{
+    Config, Home,
+    queue::{QueueUrl, Store},
+};
 
 #[derive(Parser)]
 #[command(name = "koubou", version, about = "工房 Koubou: delegate work from a coding agent to local LLM craftsmen")]
@@ -120,36 +123,54 @@ pub struct ServeArgs {
     queue: QueueArgs,
 }
 
-/// Which queue: `--queue URL`, or the guide's `--queue-type`.
+/// Which queue: `--queue URL`, or the guide's `--queue-type`; with RabbitMQ, `--store`.
 #[derive(Args, Clone, Default)]
 pub struct QueueArgs {
-    /// The queue: sqlite:[PATH], a path, redis://host:port/db or rediss://… (default: queue.url,
-    /// else SQLite in the home). Read here rather than by clap, whose errors repeat the value
-    /// whole (a password in the URL included).
+    /// The queue: sqlite:[PATH], a path, redis://host:port/db, rediss://…, or amqp://… /
+    /// amqps://… (RabbitMQ hands out the tasks of --store) (default: queue.url, else SQLite in
+    /// the home). Read here rather than by clap, whose errors repeat the value whole (a password
+    /// in the URL included).
     #[arg(long, value_name = "URL")]
     queue: Option<String>,
-    /// The guide's spelling: `redis` (redis://127.0.0.1:6379/0) or `sqlite`.
+    /// The guide's spelling: `redis` (redis://127.0.0.1:6379/0), `rabbitmq` (KOUBOU_AMQP_URL, else
+    /// amqp://127.0.0.1:5672/%2f) or `sqlite`.
     #[arg(long, value_name = "TYPE", conflicts_with = "queue", value_parser = QueueUrl::of_type)]
     queue_type: Option<QueueUrl>,
+    /// With RabbitMQ: where the tasks are kept, sqlite:[PATH], a path or redis://host:port/db
+    /// (default: queue.store, else SQLite in the home; worker nodes need Redis).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
 }
 
 impl QueueArgs {
-    /// Puts the queue the flags name into `cfg` (`[queue] url`); a bad URL is an error naming
-    /// the flag, without its password.
+    /// Puts the queue the flags name into `cfg` (`[queue] url` and `store`); a bad URL is an
+    /// error naming the flag, without its password.
     pub fn apply(&self, cfg: &mut Config) -> anyhow::Result<()> {
         let chosen = match (&self.queue, &self.queue_type) {
             (Some(u), _) => Some(QueueUrl::parse(u).map_err(|e| anyhow::anyhow!("--queue: {e}"))?),
             (None, t) => t.clone(),
         };
         if let Some(q) = chosen {
-            cfg.queue.url = Some(q.to_url());
+            cfg.queue.select(&q);
+        }
+        if let Some(s) = &self.store {
+            Store::parse(s).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+            cfg.queue.store = Some(s.clone());
+            // (A queue URL that does not read is reported as such by the config's check.)
+            let url = cfg.queue.url.as_deref().map(QueueUrl::parse);
+            if !matches!(url, Some(Ok(QueueUrl::Amqp(_)) | Err(_))) {
+                anyhow::bail!(
+                    "--store: only with a RabbitMQ queue (--queue amqp://…, --queue-type rabbitmq or queue.url); \
+                     any other queue URL names its store itself"
+                );
+            }
         }
         Ok(())
     }
 
-    /// Whether `--queue` or `--queue-type` was given.
+    /// Whether `--queue`, `--queue-type` or `--store` was given.
     pub fn given(&self) -> bool {
-        self.queue.is_some() || self.queue_type.is_some()
+        self.queue.is_some() || self.queue_type.is_some() || self.store.is_some()
     }
 }
 

@@ -270,8 +270,8 @@ pub async fn mcp(ctx: &Ctx, embedded: bool, queue: &crate::QueueArgs) -> anyhow:
     logging::init_quiet();
     if !embedded && queue.given() {
         anyhow::bail!(
-            "--queue and --queue-type need --embedded: without it, `koubou mcp` talks to a running \
-             `koubou serve` (KOUBOU_URL), which has its own queue"
+            "--queue and --queue-type need --embedded (so does --store): without it, `koubou mcp` talks \
+             to a running `koubou serve` (KOUBOU_URL), which has its own queue"
         );
     }
     let mut cfg = ctx.config()?;

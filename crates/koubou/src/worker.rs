@@ -1,5 +1,6 @@
 //! `koubou worker`: a worker node — the worker pool and the backends of its own koubou.toml,
-//! over a queue shared with the controllers (`koubou serve --queue redis://…`), without faces.
+//! over a queue shared with the controllers (`koubou serve --queue redis://…`, or RabbitMQ
+//! dispatching a Redis store: `--queue amqp://… --store redis://…`), without faces.
 
 use anyhow::bail;
 use clap::Args;
