@@ -93,6 +93,7 @@ macro_rules! __conformance_cases {
             retry_with_backoff_then_fail,
             non_retryable_fails_at_once,
             expired_lease_requeues_and_fences_the_old_worker,
+            housekeeping_requeues_expired_leases_without_a_claim,
             lease_expiry_after_last_attempt_fails,
             heartbeat_renews_and_records_progress,
             cancel_pending_and_running,
@@ -401,6 +402,30 @@ pub async fn expired_lease_requeues_and_fences_the_old_worker<F: Factory>(f: &F)
     assert_eq!(q.heartbeat(&old.lease, LEASE, Progress::default()).await.unwrap(), LeaseStatus::Lost);
     let t = q.complete(&c.lease, done("on time")).await.unwrap();
     assert_eq!(t.result.as_deref(), Some("on time"));
+}
+
+/// A node with no workers (a controller alone) still recovers tasks whose lease ran out; a lease
+/// that holds is left alone, whoever holds it.
+pub async fn housekeeping_requeues_expired_leases_without_a_claim<F: Factory>(f: &F) {
+    let (_place, q) = fresh(f).await;
+    q.submit(new("held", 5)).await.unwrap();
+    let held = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    q.submit(new("lost", 5)).await.unwrap();
+    let old = q.claim(&w(2), &ANY, Duration::from_millis(30)).await.unwrap().unwrap();
+    let t = until("the short lease to be requeued", async || {
+        q.housekeep().await.unwrap();
+        let t = q.get(old.task.id).await.unwrap().unwrap();
+        (t.status == TaskStatus::Pending).then_some(t)
+    })
+    .await;
+    assert_eq!((t.attempts, t.worker_id), (1, None), "requeued, its attempt counted");
+    assert!(old.cancel.is_cancelled(), "the old worker is told to stop");
+    assert_eq!(q.heartbeat(&old.lease, LEASE, Progress::default()).await.unwrap(), LeaseStatus::Lost);
+    assert!(matches!(q.complete(&old.lease, done("late")).await, Err(QueueError::Conflict { .. })));
+    let h = q.get(held.task.id).await.unwrap().unwrap();
+    assert_eq!(h.status, TaskStatus::Running, "a lease that holds is left alone");
+    let c = q.claim(&w(3), &ANY, LEASE).await.unwrap().unwrap();
+    assert_eq!((c.task.id, c.lease.attempt), (old.task.id, 2));
 }
 
 pub async fn lease_expiry_after_last_attempt_fails<F: Factory>(f: &F) {

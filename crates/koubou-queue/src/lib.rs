@@ -378,9 +378,16 @@ pub trait Dispatch: Send + Sync + 'static {
     /// Gives the task back untouched, the attempt not counted: claimable again at once when
     /// the worker is stopping, after a wait when it cannot serve the task ([`Release`]).
     async fn release(&self, lease: &Lease, why: Release) -> Result<(), QueueError>;
-    /// Requeues every running task held by workers of `node` (after that node restarted, or
-    /// was found dead).
+    /// Requeues every running task held by workers of `node`, whatever their leases: for a
+    /// node known to be gone (its next run, starting on the same host, recovers what the last
+    /// one left running).
     async fn recover_node(&self, node: &str) -> Result<u64, QueueError>;
+    /// What every claim does first, for a node that may have no workers claiming: requeues (or
+    /// fails, attempts used up) the running tasks whose lease has run out and makes retries
+    /// whose backoff is over claimable. A task whose node stopped answering waits for its lease
+    /// to run out, not only its node's registration: the node may be alive but cut off, and its
+    /// worker stops the attempt only once that lease has run out by its own count.
+    async fn housekeep(&self) -> Result<(), QueueError>;
 }
 
 /// A queue: a [`TaskStore`] that also does [`Dispatch`]. Every queue is one (blanket impl).

@@ -1,7 +1,14 @@
 //! This process as a node of the queue: registered with a TTL at start, renewed while it runs,
 //! removed at a clean stop — and, meanwhile, the sweep that finds nodes whose registration ran
-//! out (a crashed `koubou mcp --embedded`, a node on another machine) and requeues their
-//! running tasks.
+//! out (a crashed `koubou mcp --embedded`, a node on another machine) and the queue's
+//! housekeeping, which requeues running tasks whose lease ran out, so that they are recovered
+//! even where no worker claims (a controller alone).
+//!
+//! A silent node's tasks are requeued when their leases run out, not when its registration
+//! does: the node may be alive but cut off, still running them, and its workers stop an attempt
+//! only once its lease has run out by their own count. Recovering them at once would let a
+//! second attempt run beside the first. (A node's next run on the same host recovers what the
+//! last one left running at once: that run is known to be gone.)
 
 use std::{sync::Arc, time::Duration};
 
@@ -73,16 +80,15 @@ async fn renew(registry: &dyn Nodes, me: &Node, ttl: Duration) {
 }
 
 async fn sweep(registry: &dyn Nodes, dispatch: &dyn Dispatch, me: &str) {
-    let dead = match registry.expire().await {
-        Ok(d) => d,
-        Err(e) => return tracing::warn!(error = %e, "could not look for dead nodes"),
-    };
-    for node in dead.iter().filter(|n| n.id != me) {
-        match dispatch.recover_node(&node.id).await {
-            Ok(n) => {
-                tracing::warn!(node = %node.id, host = %node.host, tasks = n, "node stopped answering: requeued its running tasks")
+    match registry.expire().await {
+        Ok(dead) => {
+            for node in dead.iter().filter(|n| n.id != me) {
+                tracing::warn!(node = %node.id, host = %node.host, "node stopped answering: its running tasks are requeued as their leases run out");
             }
-            Err(e) => tracing::error!(node = %node.id, error = %e, "could not requeue a dead node's tasks"),
         }
+        Err(e) => tracing::warn!(error = %e, "could not look for dead nodes"),
+    }
+    if let Err(e) = dispatch.housekeep().await {
+        tracing::warn!(error = %e, "could not requeue tasks whose lease ran out");
     }
 }

@@ -215,8 +215,16 @@ async fn process<'a>(shared: &'a Shared, claimed: Claimed, abort: &CancellationT
     let run_cancel = cancel.child_token();
     // The lease is renewed from the claim on, the wait for the backend's permit included: a task
     // queued behind a busy backend must not pass for one whose worker stopped answering.
+    //
+    // The worker also keeps its own count of the lease: once it has run out without a renewal
+    // (the queue unreachable, this process stopped or cut off), the queue may have given the
+    // task to another worker, so this attempt stops, and two attempts of one task never run at
+    // the same time. The count starts when the claim answered and, after each renewal, when that
+    // renewal was asked; `margin` covers the time the claim's answer took to arrive.
     let heartbeat = async {
         let every = shared.lease / 3;
+        let margin = (shared.lease / 10).max(Duration::from_millis(100)).min(shared.lease / 2);
+        let mut held_until = tokio::time::Instant::now() + shared.lease;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -225,10 +233,25 @@ async fn process<'a>(shared: &'a Shared, claimed: Claimed, abort: &CancellationT
             let text = partial.lock().clone();
             let progress =
                 Progress { backend: Some(&backend), model: Some(&model), remote: Some(remote), partial: Some(&text) };
-            match shared.queue.heartbeat(&lease, shared.lease, progress).await {
-                Ok(LeaseStatus::Held) => {}
-                Ok(LeaseStatus::Cancelled | LeaseStatus::Lost) => run_cancel.cancel(),
-                Err(e) => tracing::warn!(task = %id, error = %e, "heartbeat failed"),
+            let asked = tokio::time::Instant::now();
+            let renewal = shared.queue.heartbeat(&lease, shared.lease, progress);
+            match tokio::time::timeout_at(held_until - margin, renewal).await {
+                Ok(Ok(LeaseStatus::Held)) => held_until = asked + shared.lease,
+                Ok(Ok(LeaseStatus::Cancelled)) => run_cancel.cancel(),
+                Ok(Ok(LeaseStatus::Lost)) => {
+                    tracing::warn!(task = %id, "the lease was lost: the task is another worker's now; stopping this attempt");
+                    run_cancel.cancel();
+                }
+                Ok(Err(e)) if tokio::time::Instant::now() + every < held_until - margin => {
+                    tracing::warn!(task = %id, error = %e, "heartbeat failed; retrying while the lease holds")
+                }
+                Ok(Err(_)) | Err(_) => {
+                    tracing::warn!(task = %id, "the lease ran out before it could be renewed; stopping this attempt");
+                    run_cancel.cancel();
+                }
+            }
+            if run_cancel.is_cancelled() {
+                std::future::pending::<()>().await;
             }
         }
     };

@@ -16,7 +16,7 @@ use futures::{FutureExt, StreamExt};
 use koubou_backend::{
     Backend, BackendError, CancellationToken, GenerateRequest, Generation, Health, Router, TokenSink, TypeRoute,
 };
-use koubou_queue::{Capabilities, SqliteConfig, SqliteQueue, TaskQueue};
+use koubou_queue::{Capabilities, Dispatch, SqliteConfig, SqliteQueue, TaskQueue, TaskStore};
 use koubou_task::{
     Event, EventBus, EventKind, EventLog, NewTask, Subscription, TaskKind, TaskStatus, Usage, WorkerId, now_millis,
 };
@@ -392,4 +392,125 @@ async fn workers_claim_what_they_can_route_and_hand_back_what_they_cannot() {
     assert_eq!(q.get(code.id).await.unwrap().unwrap().status, TaskStatus::Pending, "no worker here routes code");
     assert_eq!(b.peak.load(Ordering::SeqCst), 1);
     pool.shutdown(Some(Duration::from_secs(1))).await;
+}
+
+/// A queue whose heartbeats stop answering once `cut` is set (the queue unreachable, as a
+/// node cut off from it sees it); everything else is the SQLite queue's.
+struct Unreachable {
+    q: SqliteQueue,
+    cut: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl TaskStore for Unreachable {
+    async fn submit_bounded(
+        &self,
+        new: NewTask,
+        max_queued: Option<u64>,
+    ) -> Result<koubou_queue::Submitted, koubou_queue::QueueError> {
+        self.q.submit_bounded(new, max_queued).await
+    }
+    async fn get(&self, id: koubou_task::TaskId) -> Result<Option<koubou_task::Task>, koubou_queue::QueueError> {
+        self.q.get(id).await
+    }
+    async fn list(&self, query: koubou_queue::TaskQuery) -> Result<koubou_queue::TaskPage, koubou_queue::QueueError> {
+        self.q.list(query).await
+    }
+    async fn counts(&self) -> Result<koubou_queue::StatusCounts, koubou_queue::QueueError> {
+        self.q.counts().await
+    }
+    async fn position(
+        &self,
+        id: koubou_task::TaskId,
+    ) -> Result<Option<koubou_queue::QueuePosition>, koubou_queue::QueueError> {
+        self.q.position(id).await
+    }
+    async fn cancel(&self, id: koubou_task::TaskId) -> Result<koubou_task::Task, koubou_queue::QueueError> {
+        self.q.cancel(id).await
+    }
+}
+
+#[async_trait]
+impl Dispatch for Unreachable {
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        caps: &Capabilities,
+        lease: Duration,
+    ) -> Result<Option<koubou_queue::Claimed>, koubou_queue::QueueError> {
+        self.q.claim(worker, caps, lease).await
+    }
+    async fn claim_wait(
+        &self,
+        worker: &WorkerId,
+        caps: &Capabilities,
+        lease: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Option<koubou_queue::Claimed>, koubou_queue::QueueError> {
+        self.q.claim_wait(worker, caps, lease, stop).await
+    }
+    async fn heartbeat(
+        &self,
+        lease: &koubou_queue::Lease,
+        ttl: Duration,
+        progress: koubou_queue::Progress<'_>,
+    ) -> Result<koubou_queue::LeaseStatus, koubou_queue::QueueError> {
+        if self.cut.load(Ordering::SeqCst) {
+            return std::future::pending().await;
+        }
+        self.q.heartbeat(lease, ttl, progress).await
+    }
+    async fn complete(
+        &self,
+        lease: &koubou_queue::Lease,
+        done: koubou_queue::Completion,
+    ) -> Result<koubou_task::Task, koubou_queue::QueueError> {
+        self.q.complete(lease, done).await
+    }
+    async fn fail(
+        &self,
+        lease: &koubou_queue::Lease,
+        failure: koubou_queue::Failure,
+    ) -> Result<koubou_task::Task, koubou_queue::QueueError> {
+        self.q.fail(lease, failure).await
+    }
+    async fn release(
+        &self,
+        lease: &koubou_queue::Lease,
+        why: koubou_queue::Release,
+    ) -> Result<(), koubou_queue::QueueError> {
+        self.q.release(lease, why).await
+    }
+    async fn recover_node(&self, node: &str) -> Result<u64, koubou_queue::QueueError> {
+        self.q.recover_node(node).await
+    }
+    async fn housekeep(&self) -> Result<(), koubou_queue::QueueError> {
+        self.q.housekeep().await
+    }
+}
+
+/// A worker that cannot renew its lease stops its attempt once the lease has run out by its own
+/// count, so that it never runs beside the attempt of whichever worker claims the task next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_renew_its_lease_stops_its_attempt() {
+    let (gated, _open) = Gated::new("gated", 1);
+    let (dir, _, router, bus) = setup(std::slice::from_ref(&gated), &[("general", "gated", None)]);
+    let sqlite = SqliteQueue::open(dir.path().join("cut.db"), SqliteConfig::default(), bus.clone()).unwrap();
+    let q = Arc::new(Unreachable { q: sqlite, cut: false.into() });
+    let cfg = PoolConfig { min_workers: 1, max_workers: 1, lease_secs: 2, ..PoolConfig::default() };
+    let pool = Pool::start(cfg, "t", q.clone(), router, bus);
+    let t = q.submit(NewTask::new(TaskKind::general(), "cut off")).await.unwrap().task;
+    until("generating", async || gated.running() == 1).await;
+    q.cut.store(true, Ordering::SeqCst);
+    until("the attempt to stop", async || gated.running() == 0).await;
+    // Stopped, so that its parked worker does not take the task again below.
+    pool.shutdown(Some(Duration::from_millis(200))).await;
+    // Still running in the queue, under the lease the worker could not renew: the queue hands it
+    // to another worker once that lease has run out.
+    let after = q.get(t.id).await.unwrap().unwrap();
+    assert_eq!((after.status, after.attempts), (TaskStatus::Running, 1), "{after:?}");
+    let lease_until = after.lease_until.unwrap();
+    until("the lease to run out", async || now_millis() > lease_until).await;
+    let next = q.claim(&WorkerId::new("other", 1), &Capabilities::any(), Duration::from_secs(30)).await.unwrap();
+    assert_eq!(next.map(|c| (c.task.id, c.lease.attempt)), Some((t.id, 2)), "the next attempt is another worker's");
 }

@@ -20,7 +20,8 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "KINDS")]
     capabilities: Option<String>,
     /// The tags this node declares (space- or comma-separated): it takes tasks whose every tag is
-    /// among them, and untagged ones (default: `[pool] tags`).
+    /// among them, and untagged ones (default: `[pool] tags`; with neither, none: a worker node
+    /// takes only untagged tasks, so that a tagged one goes only to nodes that declare its tags).
     #[arg(long, value_name = "TAGS")]
     tags: Option<String>,
     #[arg(long)]
@@ -61,9 +62,10 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> anyhow::Result<()> {
     if cfg.pool.max_workers == 0 {
         bail!("--max-workers (pool.max_workers) must be at least 1 on a worker node");
     }
-    if let Some(t) = &a.tags {
-        cfg.pool.tags = Some(words(t));
-    }
+    cfg.pool.tags = match &a.tags {
+        Some(t) => Some(words(t)),
+        None => Some(cfg.pool.tags.take().unwrap_or_default()),
+    };
     let kinds = a.capabilities.as_deref().map(words);
     if kinds.as_ref().is_some_and(Vec::is_empty) {
         bail!("--capabilities names no task kind (e.g. --capabilities \"general code\")");

@@ -390,6 +390,12 @@ impl<S: Outbox> Dispatch for AmqpDispatch<S> {
         Ok(n)
     }
 
+    async fn housekeep(&self) -> Result<(), QueueError> {
+        self.inner.store.housekeep().await?;
+        self.kick_sweep(); // to publish what it made claimable
+        Ok(())
+    }
+
     async fn claim_wait(
         &self,
         worker: &WorkerId,

@@ -125,6 +125,9 @@ impl Dispatch for Gated {
     async fn recover_node(&self, node: &str) -> Result<u64, QueueError> {
         self.inner.recover_node(node).await
     }
+    async fn housekeep(&self) -> Result<(), QueueError> {
+        self.inner.housekeep().await
+    }
 }
 
 #[async_trait]

@@ -21,8 +21,9 @@
 //! the time from Redis (`TIME`), never from the client. Fencing is the same as SQLite's: a
 //! worker's write applies only while the task is running under its (worker, attempt).
 //!
-//! This process's writes go through one writer task, in order, so its own events reach the
-//! bus in the order Redis ran them, after Redis answered. Other processes' events, wake-ups and
+//! This process's writes go through one writer task, in order (those waiting together are
+//! pipelined on one connection, so order holds), so its own events reach the bus in the order
+//! Redis ran them, after Redis answered. Other processes' events, wake-ups and
 //! cancels arrive on the `events` channel and are applied here too: a parked worker wakes for
 //! a task submitted elsewhere, and a cancel made elsewhere fires the claimer's token (its next
 //! heartbeat would also say `Cancelled`).
@@ -222,6 +223,9 @@ struct Shared {
     version: Mutex<u64>,
     queued: AtomicU64,
 }
+
+/// Most writes the writer task sends to Redis at once (see `write_loop`).
+const WRITE_BATCH: usize = 30;
 
 /// What the writer task does, in order: a script, or an event relayed to the other nodes
 /// (in line with the scripts, so a worker's last tokens reach them before its completion).
@@ -657,20 +661,31 @@ fn stop_claim(running: &mut HashMap<TaskId, (u32, CancellationToken)>, id: TaskI
 }
 
 async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Job>) {
-    let mut conn = shared.conn.clone();
     let relay = format!("{}relay", shared.prefix);
-    while let Some(job) = calls.recv().await {
-        match job {
-            Job::Script(call) => {
-                let r = shared.run(&mut conn, call.op, &call.args).await;
-                let _ = call.reply.send(r);
-            }
-            Job::Relay(payload) => {
-                if let Err(e) = conn.publish::<_, _, ()>(&relay, payload).await {
-                    tracing::warn!(error = %e, "could not relay an event to the other nodes");
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    while calls.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        // The writes waiting go out together, pipelined on the one multiplexed connection in the
+        // order they were asked for, so Redis runs them in that order; their answers come back in
+        // the same order and each is applied (its events published) as it arrives. `join_all`
+        // of at most 30 futures polls them in order, which is what sends them in order.
+        let writes = batch.drain(..).map(|job| {
+            let (shared, relay) = (&shared, &relay);
+            let mut conn = shared.conn.clone();
+            async move {
+                match job {
+                    Job::Script(call) => {
+                        let r = shared.run(&mut conn, call.op, &call.args).await;
+                        let _ = call.reply.send(r);
+                    }
+                    Job::Relay(payload) => {
+                        if let Err(e) = conn.publish::<_, _, ()>(relay, payload).await {
+                            tracing::warn!(error = %e, "could not relay an event to the other nodes");
+                        }
+                    }
                 }
             }
-        }
+        });
+        futures::future::join_all(writes).await;
     }
 }
 
@@ -1012,6 +1027,14 @@ impl Dispatch for RedisQueue {
             Some(n) if answer.code == "ok" => Ok(n),
             _ => Err(unexpected(&answer)),
         }
+    }
+
+    async fn housekeep(&self) -> Result<(), QueueError> {
+        let answer = self.write(Op::Housekeep, vec![]).await?;
+        if answer.code != "ok" {
+            return Err(unexpected(&answer));
+        }
+        Ok(())
     }
 }
 

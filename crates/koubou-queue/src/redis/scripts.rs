@@ -15,6 +15,8 @@ pub enum Op {
     Release,
     Cancel,
     RecoverNode,
+    /// What a claim does first, alone.
+    Housekeep,
     /// The claim of a given task (an outside dispatcher's delivery named it).
     ClaimId,
     /// Housekeeping, then the outbox's head.
@@ -46,6 +48,7 @@ impl Scripts {
                 with_prelude(Op::Release, include_str!("lua/release.lua")),
                 with_prelude(Op::Cancel, include_str!("lua/cancel.lua")),
                 with_prelude(Op::RecoverNode, include_str!("lua/recover_node.lua")),
+                with_prelude(Op::Housekeep, "housekeeping()\nreturn reply('ok', {})"),
                 with_prelude(Op::ClaimId, include_str!("lua/claim_id.lua")),
                 with_prelude(Op::Outbox, include_str!("lua/outbox.lua")),
                 with_prelude(Op::Mark, include_str!("lua/mark.lua")),

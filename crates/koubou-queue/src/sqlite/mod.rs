@@ -606,6 +606,10 @@ impl Dispatch for SqliteQueue {
         let node = node.to_owned();
         self.write(Ack::Durable, move |ctx| ops::recover_node(ctx, &node)).await
     }
+
+    async fn housekeep(&self) -> Result<(), QueueError> {
+        self.write(Ack::Commit, ops::housekeep).await
+    }
 }
 
 #[async_trait]

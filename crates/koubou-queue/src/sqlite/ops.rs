@@ -112,6 +112,11 @@ fn housekeeping(ctx: &mut Ctx<'_>) -> Result<(), QueueError> {
     Ok(())
 }
 
+/// [`Dispatch::housekeep`](crate::Dispatch::housekeep): what a claim does first.
+pub fn housekeep(ctx: &mut Ctx<'_>) -> Result<(), QueueError> {
+    housekeeping(ctx)
+}
+
 /// A running task whose worker is gone: back to the queue, or failed if its attempts are used up.
 fn requeue_lost(ctx: &mut Ctx<'_>, id: TaskId, attempts: u32, max: u32, reason: &str) -> Result<(), QueueError> {
     ctx.cancels.push(id);

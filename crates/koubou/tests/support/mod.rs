@@ -315,11 +315,24 @@ impl Drop for Worker {
 impl Worker {
     /// Starts `koubou worker --home HOME …` and waits for its "is running" line.
     pub fn start(home: &Path, args: &[&str]) -> Worker {
+        Worker::start_via(&[], home, args)
+    }
+
+    /// [`Worker::start`] through a program that runs it (e.g. `ip netns exec NAME`).
+    pub fn start_via(via: &[String], home: &Path, args: &[&str]) -> Worker {
         let log = home.join(format!(
             "worker-stderr-{}.log",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
-        let mut child = Command::new(bin())
+        let mut cmd = match via.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let mut child = cmd
             .arg("worker")
             .arg("--home")
             .arg(home)

@@ -32,6 +32,8 @@ use futures::StreamExt;
 
 use crate::Ctx;
 
+mod distributed;
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// Tasks for the throughput run.
@@ -92,6 +94,31 @@ pub struct BenchArgs {
     /// With --pool: how long the backend takes per task, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pool_task_ms: u64,
+    /// Instead: the Redis queue alone (in this process, a submitting handle and a worker node's
+    /// handle on one namespace): submit → complete one at a time, and `--tasks` tasks from 64
+    /// submitters to 8 workers.
+    #[arg(long)]
+    redis_queue: bool,
+    /// Instead: worker-node processes over Redis, e.g. `1,2,4`: an idle node starting a task,
+    /// then throughput with each count of nodes against a slow loopback backend.
+    #[arg(long, value_name = "COUNTS")]
+    nodes: Option<String>,
+    /// The Redis of --redis-queue and --nodes (each run uses a namespace of its own and deletes
+    /// it afterwards).
+    #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379/0")]
+    redis: String,
+    /// With --nodes: how long the backend takes per task, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    node_task_ms: u64,
+    /// With --nodes: tasks each node's backend takes at once (and the node's max_workers).
+    #[arg(long, default_value_t = 4)]
+    node_capacity: usize,
+    /// With --nodes: tasks per slot in each scaling run (a slot is one task at once on a node).
+    #[arg(long, default_value_t = 40)]
+    node_rounds: usize,
+    /// With --nodes: tasks submitted one at a time to an idle node.
+    #[arg(long, default_value_t = 200)]
+    idle_tasks: usize,
 }
 
 /// The answer of the fake OpenAI-compatible server: one content chunk, a finish, `[DONE]`.
@@ -119,6 +146,10 @@ async fn serve_fake(app: Router) -> anyhow::Result<SocketAddr> {
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -161,6 +192,11 @@ impl Drop for Server {
 
 /// Starts `koubou serve` on a free port with `config` (everything but `[server]`).
 async fn start_server(config: &str) -> anyhow::Result<Server> {
+    start_server_with(config, &[]).await
+}
+
+/// [`start_server`], with more arguments to `koubou serve`.
+async fn start_server_with(config: &str, args: &[&str]) -> anyhow::Result<Server> {
     // Readable by this user only, as `koubou serve` wants a home holding prompts to be.
     let home = tempfile::Builder::new().permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700)).tempdir()?;
     let port = free_port()?;
@@ -170,6 +206,7 @@ async fn start_server(config: &str) -> anyhow::Result<Server> {
     let child = std::process::Command::new(exe)
         .args(["serve", "--home"])
         .arg(home.path())
+        .args(args)
         .env("LOG_LEVEL", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -250,6 +287,12 @@ pub async fn run(_ctx: &Ctx, a: BenchArgs) -> anyhow::Result<()> {
     if a.pool {
         return pool(&a).await;
     }
+    if a.redis_queue {
+        return distributed::redis_queue(&a).await;
+    }
+    if a.nodes.is_some() {
+        return distributed::nodes(&a).await;
+    }
     let fake = fake_openai().await?;
     let server = start_server(&http_bench_config(&a, fake)).await?;
     println!(
@@ -257,7 +300,7 @@ pub async fn run(_ctx: &Ctx, a: BenchArgs) -> anyhow::Result<()> {
         server.child.id(),
         a.durability,
         a.workers,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        cores()
     );
 
     // Warm up connections and caches.
@@ -673,7 +716,7 @@ async fn embedded(a: &BenchArgs) -> anyhow::Result<()> {
     );
     println!(
         "koubou bench --embedded: {} cores; load average {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cores(),
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .split_whitespace()
@@ -851,7 +894,7 @@ async fn pool(a: &BenchArgs) -> anyhow::Result<()> {
         "koubou bench --pool: {} tasks at once, backend capacity {cap}, {} ms per task, max_workers {cap}, {before} worker(s) at start, {} cores",
         a.pool_tasks,
         a.pool_task_ms,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        cores()
     );
     println!(
         "all done in {:.2} s; ideal {:.2} s; {:.3}x the ideal; the backend saw at most {} at once; {} workers after {}",
