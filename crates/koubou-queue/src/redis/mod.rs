@@ -210,7 +210,8 @@ struct Shared {
     cfg: RedisConfig,
     /// `{koubou:<namespace>}:`
     prefix: String,
-    /// This instance's id in the messages scripts publish.
+    /// This instance's id in the messages scripts publish: `<node>@<random run id>`, the node
+    /// being the one its log names (the events of its scripts keep it on the other nodes).
     origin: String,
     conn: ConnectionManager,
     scripts: Scripts,
@@ -330,7 +331,7 @@ impl RedisQueue {
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             prefix,
-            origin: format!("{:016x}", fastrand::u64(..)),
+            origin: format!("{}@{:016x}", bus.origin(), fastrand::u64(..)),
             conn,
             scripts: Scripts::new(),
             bus,
@@ -520,18 +521,20 @@ impl Shared {
             _ => None,
         };
         let token = claimed.as_ref().map(|c| c.2.clone());
-        self.apply(&msg, events, msg.stops()?, claimed);
+        self.apply(&msg, events, msg.stops()?, claimed, None);
         Ok(Answer { code, extra: raw.collect(), token })
     }
 
     /// After a script: stops the claims it ended, registers the claim it made, wakes parked
-    /// workers, counts what waits, then publishes its events.
+    /// workers, counts what waits, then publishes its events — as this node's (`from` is
+    /// `None`) or as those of the node `from` that ran it.
     fn apply(
         &self,
         msg: &Message,
         events: Vec<EventKind>,
         stops: Vec<(TaskId, u32)>,
         claimed: Option<(TaskId, u32, CancellationToken)>,
+        from: Option<&str>,
     ) {
         {
             let mut version = self.version.lock();
@@ -558,16 +561,19 @@ impl Shared {
             self.wakeup.notify_one();
         }
         for e in events {
-            self.bus.publish(e);
+            match from {
+                Some(node) => self.bus.publish_from(node, e),
+                None => self.bus.publish(e),
+            }
         }
     }
 
-    /// A message another instance published.
+    /// A message another instance published: its events keep the node that ran the script.
     fn heard(&self, payload: &[u8]) {
         let applied = Message::parse(payload).and_then(|msg| {
             if msg.origin != self.origin {
                 let (events, stops) = (msg.events()?, msg.stops()?);
-                self.apply(&msg, events, stops, None);
+                self.apply(&msg, events, stops, None, msg.node());
             }
             Ok(())
         });
@@ -643,6 +649,9 @@ impl EventLog for RelayLog {
     }
     fn head(&self) -> u64 {
         self.local.head()
+    }
+    fn origin(&self) -> &str {
+        &self.node
     }
 }
 
