@@ -13,8 +13,9 @@
 //!   `keep_finished_secs`; `idem`: idempotency key → task id; `seq`, `version`: counters.
 //! - `outbox`: the claimable tasks no confirmed delivery of an outside dispatcher (RabbitMQ)
 //!   covers, in claim order; a task's `claims` field counts its claims ([`crate::outbox`]).
-//! - `nodes`, `node_inst`, `node_exp`: the node registry ([`crate::Nodes`], `nodes.lua`): each
-//!   node's registration (JSON), the run holding it, and when it runs out.
+//! - `nodes`, `node_inst`, `node_exp`, `node_seen`: the node registry ([`crate::Nodes`],
+//!   `nodes.lua`): each node's registration (JSON: what it says of itself, its backends and load
+//!   at its last renewal), the run holding it, when it runs out and its last heartbeat.
 //! - `events`: the channel each script publishes what it did on ([`record::Message`]).
 //!
 //! Every operation that writes is one Lua script ([`scripts`]), so it is atomic; scripts take
