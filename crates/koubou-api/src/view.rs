@@ -256,12 +256,50 @@ pub struct NodeView {
     pub kinds: Option<Vec<String>>,
     /// The tags it declares; absent: tasks with any tags.
     pub tags: Option<Vec<String>>,
+    /// Its backends and the models its configuration names for them.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub backends: Vec<NodeBackendView>,
+    /// Its workers running a task, at its last heartbeat.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub busy: u32,
+    /// The most workers it runs (0: none, a controller started with `--workers 0`).
+    #[serde(default)]
+    #[schema(required = true)]
+    pub max_workers: u32,
     /// RFC 3339.
     pub started_at: String,
+    /// Its last heartbeat (registration or renewal, on the queue's clock; RFC 3339).
+    #[serde(default)]
+    #[schema(required = true)]
+    pub last_seen: String,
     /// When its registration runs out unless renewed (RFC 3339); it renews every third of its TTL.
     pub expires_at: String,
-    /// Past `expires_at`: taken for dead, its running tasks requeued by the next sweep.
+    /// `alive`, or `lost`: past `expires_at`, taken for dead, its running tasks requeued by the
+    /// next sweep (which removes it).
+    #[serde(default)]
+    #[schema(required = true)]
+    pub state: String,
+    /// `state` is `lost`.
     pub lost: bool,
+}
+
+impl NodeView {
+    /// [`NodeView::state`] of a node that renews its registration.
+    pub const ALIVE: &str = "alive";
+    /// [`NodeView::state`] of a node whose registration ran out.
+    pub const LOST: &str = "lost";
+}
+
+/// A backend of a node (`GET /nodes`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct NodeBackendView {
+    pub name: String,
+    /// Its provider (`ollama`, `openai`, `embedded`, …).
+    pub kind: String,
+    /// The models its node's configuration names for it: its default model, then its routes'.
+    pub models: Vec<String>,
 }
 
 /// `GET /nodes`: every node registered with the queue, oldest first.

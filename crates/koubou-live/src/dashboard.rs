@@ -37,6 +37,7 @@ pub fn dashboard_router_with(k: Arc<dyn Api>, ws: WsConfig) -> Router {
         .route("/dashboard/api/tasks/{id}", get(one))
         .route("/dashboard/api/tasks/{id}/cancel", post(cancel))
         .route("/dashboard/api/workers", get(workers))
+        .route("/dashboard/api/nodes", get(nodes))
         .route("/dashboard/api/health", get(health))
         .route("/dashboard/api/status", get(status))
         .route("/dashboard/api/metrics", get(metrics))
@@ -112,6 +113,10 @@ async fn submit(State(st): State<WsState>, body: Result<Json<Value>, JsonRejecti
 
 async fn workers(State(st): State<WsState>) -> Response {
     reply(st.k.workers().await)
+}
+
+async fn nodes(State(st): State<WsState>) -> Response {
+    reply(st.k.nodes().await)
 }
 
 async fn health(State(st): State<WsState>) -> Response {

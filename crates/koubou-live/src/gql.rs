@@ -1,6 +1,6 @@
 //! GraphQL (`http://localhost:8767/graphql`): the seed's `systemStatus`, `task` and `submitTask`,
 //! the prototype's queries (`tasks`, `workers`, `health`, `taskStatistics`, `pendingTasks`,
-//! `submitTask(input:)`…, see `docs/compat.md`), plus `taskPage`, `pool`, `healthReport`,
+//! `submitTask(input:)`…, see `docs/compat.md`), plus `taskPage`, `pool`, `healthReport`, `nodes`,
 //! `cancelTask` and subscriptions over graphql-ws.
 //!
 //! Everything resolves through the system's [`Api`]; subscriptions read its event feed.
@@ -437,6 +437,75 @@ pub struct Health {
     pub backends: Vec<Backend>,
 }
 
+/// Whether a node renews its registration.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+pub enum NodeState {
+    Alive,
+    /// Its registration ran out: taken for dead, its running tasks requeued by the next sweep
+    /// (which removes it).
+    Lost,
+}
+
+/// A backend of a node.
+#[derive(SimpleObject)]
+pub struct NodeBackend {
+    pub name: String,
+    /// Its provider (`ollama`, `openai`, `embedded`, ...).
+    pub kind: String,
+    /// The models its node's configuration names for it.
+    pub models: Vec<String>,
+}
+
+/// A node registered with the queue: a `koubou serve`, `koubou worker`, `koubou run` or
+/// `koubou mcp --embedded` process (`GET /nodes`).
+#[derive(SimpleObject)]
+pub struct Node {
+    /// Its name; its workers are `<id>/<n>`.
+    pub id: String,
+    pub host: String,
+    pub pid: i64,
+    pub version: String,
+    /// The task types it claims; null: any.
+    pub kinds: Option<Vec<String>>,
+    /// The tags it declares; null: tasks with any tags.
+    pub tags: Option<Vec<String>>,
+    pub backends: Vec<NodeBackend>,
+    /// Its workers running a task, at its last heartbeat.
+    pub busy: i64,
+    /// The most workers it runs.
+    pub max_workers: i64,
+    pub started_at: String,
+    /// Its last heartbeat (RFC 3339).
+    pub last_seen: String,
+    /// When its registration runs out unless renewed (RFC 3339).
+    pub expires_at: String,
+    pub state: NodeState,
+}
+
+impl Node {
+    fn of(n: api::NodeView) -> Node {
+        Node {
+            state: if n.lost { NodeState::Lost } else { NodeState::Alive },
+            id: n.id,
+            host: n.host,
+            pid: n.pid.into(),
+            version: n.version,
+            kinds: n.kinds,
+            tags: n.tags,
+            backends: n
+                .backends
+                .into_iter()
+                .map(|b| NodeBackend { name: b.name, kind: b.kind, models: b.models })
+                .collect(),
+            busy: n.busy.into(),
+            max_workers: n.max_workers.into(),
+            started_at: n.started_at,
+            last_seen: n.last_seen,
+            expires_at: n.expires_at,
+        }
+    }
+}
+
 /// Something that happened, from the event bus. Fields not part of an event kind are null.
 #[derive(SimpleObject)]
 pub struct TaskEvent {
@@ -446,6 +515,8 @@ pub struct TaskEvent {
     pub event: String,
     /// Milliseconds since the Unix epoch.
     pub at: f64,
+    /// The node that produced it (a worker node's tokens name that node on every controller).
+    pub origin: String,
     pub task_id: Option<ID>,
     /// `task_token`: the piece of the answer.
     pub text: Option<String>,
@@ -473,6 +544,7 @@ impl TaskEvent {
         let mut t = TaskEvent {
             event: e.kind.name().to_owned(),
             at: e.at as f64,
+            origin: e.origin.to_string(),
             task_id: e.kind.task_id().map(|id| ID(id.to_string())),
             text: None,
             status: None,
@@ -680,6 +752,12 @@ impl Query {
             backend_capacity: w.backend_capacity as i64,
             workers: w.workers.into_iter().map(Worker::of).collect(),
         })
+    }
+
+    /// Every node registered with the queue, oldest first: the controllers and worker nodes
+    /// sharing it, each with its backends, load and last heartbeat.
+    async fn nodes(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Node>> {
+        Ok(k(ctx).nodes().await.map_err(gql_err)?.nodes.into_iter().map(Node::of).collect())
     }
 
     /// `healthy`, or `degraded` when a backend that serves a type is down (`healthReport` says

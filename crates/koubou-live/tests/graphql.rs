@@ -93,6 +93,18 @@ async fn seed_queries_and_mutation() {
     .await;
     assert!(r.get("errors").is_none(), "{r}");
     assert_eq!(r["data"]["healthReport"]["backends"][0]["name"], "craftsman");
+    // The nodes on the queue: this one, with its backend and model, load and heartbeat.
+    let r =
+        gql(&s, "{ nodes { id state kinds backends { name kind models } busy maxWorkers lastSeen } }", json!({})).await;
+    assert!(r.get("errors").is_none(), "{r}");
+    let node = &r["data"]["nodes"][0];
+    assert_eq!(
+        (&node["id"], &node["state"], &node["maxWorkers"]),
+        (&json!("serve"), &json!("ALIVE"), &json!(4)),
+        "{r}"
+    );
+    assert_eq!(node["backends"], json!([{"name": "craftsman", "kind": "exec", "models": ["craftsman-1"]}]), "{r}");
+    assert!(node["lastSeen"].as_str().is_some_and(|s| !s.is_empty()), "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,8 +40,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Capabilities, Completion, Dispatch, Failure, LeaseStatus, Node, Nodes, Outbox, Progress, QueueError, Release,
-    TaskQuery, TaskQueue, TaskStore, backoff::Backoff,
+    Capabilities, Completion, Dispatch, Failure, LeaseStatus, Node, NodeBackend, NodeLoad, Nodes, Outbox, Progress,
+    QueueError, Release, TaskQuery, TaskQueue, TaskStore, backoff::Backoff,
 };
 
 /// Opens the queues a case runs on.
@@ -716,8 +716,9 @@ pub async fn the_waiting_count_follows_every_state_change<F: Factory>(f: &F) {
 /// For a queue that is also the node registry ([`Nodes`]), outside [`run_all`] (call it with
 /// the same factory): a node registers for a TTL; another run of the same node is refused while
 /// that registration lives, unless it names the run it replaces; renewing keeps it alive, a
-/// replaced run can no longer renew; an expired node is handed to exactly one sweeper, whose
-/// job is then to recover its running tasks.
+/// replaced run can no longer renew; each registration and renewal records what the node says of
+/// its backends and load and the store's time as its last heartbeat; an expired node is handed
+/// to exactly one sweeper, whose job is then to recover its running tasks.
 pub async fn nodes_register_renew_expire<F: Factory>(f: &F)
 where
     F::Queue: Nodes,
@@ -731,12 +732,34 @@ where
         Err(QueueError::NodeTaken(held)) => assert_eq!(held.instance, first.instance),
         other => panic!("a second run of a live node was not refused: {other:?}"),
     }
-    assert!(q.renew("n1", first.instance, LEASE).await.unwrap());
+    assert!(q.renew(&first, LEASE).await.unwrap());
     q.register(&second, LEASE, Some(first.instance)).await.unwrap();
-    assert!(!q.renew("n1", first.instance, LEASE).await.unwrap(), "a replaced run renewed its registration");
+    assert!(!q.renew(&first, LEASE).await.unwrap(), "a replaced run renewed its registration");
     let listed = q.nodes().await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].instance, &listed[0].capabilities), (second.instance, &second.capabilities));
+
+    // What a node says of itself, and its heartbeat.
+    let mut second = second;
+    second.backends = vec![NodeBackend {
+        name: "local".into(),
+        kind: "ollama".into(),
+        models: vec!["llama3.2".into(), "qwen2.5-coder".into()],
+    }];
+    second.load = NodeLoad { busy: 0, max_workers: 4 };
+    q.register(&second, LEASE, Some(second.instance)).await.unwrap();
+    let registered = q.nodes().await.unwrap().remove(0);
+    assert_eq!((&registered.backends, registered.load), (&second.backends, second.load));
+    assert!(registered.last_seen > 0 && registered.last_seen < registered.expires_at, "{registered:?}");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    second.load.busy = 3;
+    second.backends[0].models.pop();
+    assert!(q.renew(&second, LEASE).await.unwrap());
+    let renewed = q.nodes().await.unwrap().remove(0);
+    assert_eq!((&renewed.backends, renewed.load), (&second.backends, NodeLoad { busy: 3, max_workers: 4 }));
+    assert!(renewed.last_seen > registered.last_seen, "a renewal is a heartbeat: {renewed:?}");
+    assert!(renewed.expires_at > registered.expires_at);
+    assert_eq!((renewed.started_at, &renewed.version), (second.started_at, &second.version));
 
     // A node that stops renewing: its running task is recovered by whoever sweeps it.
     let t = q.submit(new("orphan", 5)).await.unwrap().task;

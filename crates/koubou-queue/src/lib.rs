@@ -53,7 +53,7 @@ pub use self::redis::{RedisConfig, RedisQueue};
 use async_trait::async_trait;
 pub use koubou_task::Cursor;
 use koubou_task::{NewTask, Task, TaskId, TaskKind, TaskStatus, Usage, WorkerId};
-pub use nodes::{Node, Nodes};
+pub use nodes::{Node, NodeBackend, NodeLoad, Nodes};
 pub use outbox::{Outbox, Undispatched};
 use serde::Serialize;
 pub use sqlite::{SqliteConfig, SqliteQueue};

@@ -31,6 +31,35 @@ pub struct Node {
     pub started_at: Millis,
     /// When the registration runs out unless renewed (set by the registry).
     pub expires_at: Millis,
+    /// Its backends, as it last said (at registration or renewal).
+    #[serde(default)]
+    pub backends: Vec<NodeBackend>,
+    /// How busy it was at its last renewal.
+    #[serde(default)]
+    pub load: NodeLoad,
+    /// Its last heartbeat: when it registered or last renewed, on the store's clock (set by the
+    /// registry).
+    #[serde(default)]
+    pub last_seen: Millis,
+}
+
+/// A backend of a node, as the node's configuration names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBackend {
+    pub name: String,
+    /// Its provider (`ollama`, `openai`, `embedded`, …).
+    pub kind: String,
+    /// The models it serves as far as the configuration says: its default model and the models
+    /// its routes name.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// How busy a node is: its workers running a task, and the most workers it runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLoad {
+    pub busy: u32,
+    pub max_workers: u32,
 }
 
 impl Node {
@@ -48,6 +77,9 @@ impl Node {
             capabilities,
             started_at: koubou_task::now_millis(),
             expires_at: 0,
+            backends: Vec::new(),
+            load: NodeLoad::default(),
+            last_seen: 0,
         }
     }
 }
@@ -60,9 +92,11 @@ pub trait Nodes: Send + Sync + 'static {
     /// `replace`, which the caller knows to be dead (e.g. it holds that node's lock on this
     /// host). An expired registration is replaced without asking.
     async fn register(&self, node: &Node, ttl: Duration, replace: Option<u64>) -> Result<(), QueueError>;
-    /// Renews this run's registration for `ttl`; false when it is gone (expired and swept, or
-    /// taken over by a later run): the node must not go on as if registered.
-    async fn renew(&self, id: &str, instance: u64, ttl: Duration) -> Result<bool, QueueError>;
+    /// Renews this run's registration (`node.id`, `node.instance`) for `ttl`, with what `node`
+    /// now says of its backends and load, and records the store's time as its last heartbeat;
+    /// false when it is gone (expired and swept, or taken over by a later run): the node must
+    /// not go on as if registered.
+    async fn renew(&self, node: &Node, ttl: Duration) -> Result<bool, QueueError>;
     /// Every registered node, oldest first (expired ones too, until swept).
     async fn nodes(&self) -> Result<Vec<Node>, QueueError>;
     /// Removes every expired registration and returns those nodes, each to exactly one caller:

@@ -12,7 +12,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use koubou_queue::{Dispatch, Node, Nodes, QueueError};
+use koubou_backend::Router;
+use koubou_queue::{Dispatch, Node, NodeBackend, NodeLoad, Nodes, QueueError};
 use tokio_util::sync::CancellationToken;
 
 /// The registration of this run of the node, and the task keeping it.
@@ -39,17 +40,19 @@ impl Membership {
         Ok(Membership { me, ttl, registry, stop: CancellationToken::new() })
     }
 
-    /// Renews the registration every third of its TTL and sweeps expired nodes, requeueing their
-    /// running tasks through `dispatch`, until [`Membership::leave`].
-    pub fn keep(&self, dispatch: Arc<dyn Dispatch>) {
-        let (me, ttl, registry, stop) = (self.me.clone(), self.ttl, self.registry.clone(), self.stop.clone());
+    /// Renews the registration at once and then every third of its TTL, each time with the
+    /// node's `load` now (its heartbeat), and sweeps expired nodes, requeueing their running
+    /// tasks through `dispatch`, until [`Membership::leave`].
+    pub fn keep(&self, dispatch: Arc<dyn Dispatch>, load: impl Fn() -> NodeLoad + Send + 'static) {
+        let (mut me, ttl, registry, stop) = (self.me.clone(), self.ttl, self.registry.clone(), self.stop.clone());
         tokio::spawn(async move {
             loop {
+                me.load = load();
+                renew(&*registry, &me, ttl).await;
                 tokio::select! {
                     _ = tokio::time::sleep(ttl / 3) => {}
                     _ = stop.cancelled() => return,
                 }
-                renew(&*registry, &me, ttl).await;
                 sweep(&*registry, &*dispatch, &me.id).await;
             }
         });
@@ -65,7 +68,7 @@ impl Membership {
 }
 
 async fn renew(registry: &dyn Nodes, me: &Node, ttl: Duration) {
-    match registry.renew(&me.id, me.instance, ttl).await {
+    match registry.renew(me, ttl).await {
         Ok(true) => {}
         // Silent past its TTL (a stalled process): its tasks may have been requeued already;
         // its workers' leases say whether they still hold them. It registers again.
@@ -91,4 +94,31 @@ async fn sweep(registry: &dyn Nodes, dispatch: &dyn Dispatch, me: &str) {
     if let Err(e) = dispatch.housekeep().await {
         tracing::warn!(error = %e, "could not requeue tasks whose lease ran out");
     }
+}
+
+/// What a node says of its backends: each one's name, provider and the models the
+/// configuration names for it (its default model, then its routes' models), without repeats.
+pub(crate) fn backends(router: &Router) -> Vec<NodeBackend> {
+    router
+        .backends()
+        .map(|b| {
+            let routed = router.types().values().filter_map(|r| {
+                let first_fallback = r.fallback.first().is_some_and(|f| f == b.name());
+                if r.backend == b.name() {
+                    r.model.as_deref()
+                } else if first_fallback {
+                    r.fallback_model.as_deref()
+                } else {
+                    None
+                }
+            });
+            let mut models: Vec<String> = Vec::new();
+            for m in std::iter::once(b.default_model()).chain(routed) {
+                if !m.is_empty() && !models.iter().any(|have| have == m) {
+                    models.push(m.to_owned());
+                }
+            }
+            NodeBackend { name: b.name().to_owned(), kind: b.kind().to_owned(), models }
+        })
+        .collect()
 }

@@ -9,15 +9,15 @@ use std::{
 use async_trait::async_trait;
 use futures::StreamExt;
 use koubou_backend::{Backend, BackendConfig, BackendTable, Health, Profile, Router, TypeRoute};
-use koubou_queue::{Node, QueueError, TaskQuery, TaskQueue};
+use koubou_queue::{Node, NodeLoad, QueueError, TaskQuery, TaskQueue};
 use koubou_task::{Event, EventBus, EventKind, EventLog, TaskId, TaskKind, TaskStatus, now_millis};
 use koubou_worker::{Pool, memory};
 use parking_lot::Mutex;
 
 use koubou_api::{
-    Api, ApiError, BackendView, Busy, CooldownView, EventFeed, EventStream, HealthView, ListQuery, NodeView, NodesView,
-    QueueView, Second, SubmitRequest, SubmitResponse, SystemInfo, SystemStatus, TaskList, TaskView, WorkerView,
-    WorkersView,
+    Api, ApiError, BackendView, Busy, CooldownView, EventFeed, EventStream, HealthView, ListQuery, NodeBackendView,
+    NodeView, NodesView, QueueView, Second, SubmitRequest, SubmitResponse, SystemInfo, SystemStatus, TaskList,
+    TaskView, WorkerView, WorkersView,
 };
 
 use crate::{
@@ -159,6 +159,13 @@ async fn default_backends() -> (BTreeMap<String, BackendTable>, &'static str, Op
     }
 }
 
+/// How busy this node is: its workers running a task, and the most it runs (none without a pool).
+fn load(pool: Option<&Pool>) -> NodeLoad {
+    let Some(pool) = pool else { return NodeLoad::default() };
+    let busy = pool.workers().iter().filter(|w| w.state == "busy").count();
+    NodeLoad { busy: busy as u32, max_workers: pool.ceiling() as u32 }
+}
+
 impl Koubou {
     /// Opens the queue, builds backends and routes, starts the pool and the health checker.
     pub async fn start(mut cfg: Config, home: &Home, opts: StartOptions) -> Result<Koubou, StartError> {
@@ -208,7 +215,8 @@ impl Koubou {
         // Registered before its tasks are recovered: from here on no other run of this node
         // can hold them.
         let caps = koubou_worker::worker::capabilities(&router, cfg.pool.tags.as_deref());
-        let me = Node::this_process(&opts.node, env!("CARGO_PKG_VERSION"), caps);
+        let mut me = Node::this_process(&opts.node, env!("CARGO_PKG_VERSION"), caps);
+        me.backends = crate::node::backends(&router);
         let ttl = Duration::from_secs(cfg.pool.node_ttl_secs.max(1));
         let membership = crate::node::Membership::join(registry.clone(), me, ttl).await?;
         let recovered = queue.recover_node(&opts.node).await?;
@@ -218,7 +226,8 @@ impl Koubou {
         let workers = opts.workers && cfg.pool.max_workers > 0;
         let pool =
             workers.then(|| Pool::start(cfg.pool.clone(), &opts.node, queue.clone(), router.clone(), log.clone()));
-        membership.keep(queue.clone());
+        let counted = pool.clone();
+        membership.keep(queue.clone(), move || load(counted.as_deref()));
         let k = Koubou {
             inner: Arc::new(Inner {
                 cfg,
@@ -525,16 +534,28 @@ impl Api for Koubou {
         let nodes = self.inner.registry.nodes().await.map_err(queue_error)?;
         let nodes = nodes
             .into_iter()
-            .map(|n| NodeView {
-                lost: n.expires_at <= now,
-                kinds: n.capabilities.kinds.map(|ks| ks.iter().map(|k| k.as_str().to_owned()).collect()),
-                tags: n.capabilities.tags,
-                started_at: koubou_task::rfc3339(n.started_at),
-                expires_at: koubou_task::rfc3339(n.expires_at),
-                id: n.id,
-                host: n.host,
-                pid: n.pid,
-                version: n.version,
+            .map(|n| {
+                let lost = n.expires_at <= now;
+                NodeView {
+                    lost,
+                    state: if lost { NodeView::LOST } else { NodeView::ALIVE }.to_owned(),
+                    kinds: n.capabilities.kinds.map(|ks| ks.iter().map(|k| k.as_str().to_owned()).collect()),
+                    tags: n.capabilities.tags,
+                    backends: n
+                        .backends
+                        .into_iter()
+                        .map(|b| NodeBackendView { name: b.name, kind: b.kind, models: b.models })
+                        .collect(),
+                    busy: n.load.busy,
+                    max_workers: n.load.max_workers,
+                    started_at: koubou_task::rfc3339(n.started_at),
+                    last_seen: koubou_task::rfc3339(n.last_seen),
+                    expires_at: koubou_task::rfc3339(n.expires_at),
+                    id: n.id,
+                    host: n.host,
+                    pid: n.pid,
+                    version: n.version,
+                }
             })
             .collect();
         Ok(NodesView { nodes })

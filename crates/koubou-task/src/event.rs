@@ -184,6 +184,8 @@ pub trait EventLog: Send + Sync + 'static {
     fn follow(&self, f: Tap);
     /// The `seq` of the last event published (0 before the first).
     fn head(&self) -> u64;
+    /// The node [`EventLog::publish`] names as an event's `origin`.
+    fn origin(&self) -> &str;
 }
 
 /// The in-process [`EventLog`]: a bounded broadcast to subscribers, the last [`KEPT`] events
@@ -271,6 +273,10 @@ impl EventLog for EventBus {
     fn publish_from(&self, origin: &str, kind: EventKind) {
         let origin = if *origin == *self.inner.origin { self.inner.origin.clone() } else { origin.into() };
         self.append(origin, kind);
+    }
+
+    fn origin(&self) -> &str {
+        &self.inner.origin
     }
 
     fn subscribe(&self, after: Option<u64>) -> Subscription {
@@ -369,7 +375,7 @@ mod tests {
         let mut now = bus.subscribe(None);
         bus.publish(cancelled());
         let e = now.next().await.unwrap().unwrap();
-        assert_eq!((e.seq, &*e.origin), (7, "node-a"));
+        assert_eq!((e.seq, &*e.origin, bus.origin()), (7, "node-a", "node-a"));
         // A relayed event keeps the node that produced it, numbered in this log.
         bus.publish_from("node-b", cancelled());
         let e = now.next().await.unwrap().unwrap();

@@ -298,6 +298,15 @@ pub async fn cancel(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     }
 }
 
+/// A node's backends as `name (model model)`, comma-separated; `-` for none.
+fn backends(list: &[koubou_api::NodeBackendView]) -> String {
+    if list.is_empty() {
+        return "-".into();
+    }
+    let one = |b: &koubou_api::NodeBackendView| format!("{} ({})", b.name, b.models.join(" "));
+    list.iter().map(one).collect::<Vec<_>>().join(", ")
+}
+
 pub async fn nodes(ctx: &Ctx) -> anyhow::Result<()> {
     logging::init_quiet();
     let v = ctx.client()?.nodes().await?;
@@ -314,13 +323,16 @@ pub async fn nodes(ctx: &Ctx) -> anyhow::Result<()> {
                 format!("{}:{}", n.host, n.pid),
                 list(&n.kinds),
                 list(&n.tags),
+                backends(&n.backends),
+                format!("{}/{}", n.busy, n.max_workers),
                 n.version.clone(),
                 if n.lost { "lost".into() } else { "alive".into() },
-                n.expires_at.clone(),
+                n.last_seen.clone(),
             ]
         })
         .collect();
-    output::table(&["NODE", "HOST:PID", "KINDS", "TAGS", "VERSION", "STATE", "EXPIRES"], &rows);
+    let head = ["NODE", "HOST:PID", "KINDS", "TAGS", "BACKENDS (MODELS)", "BUSY/MAX", "VERSION", "STATE", "LAST SEEN"];
+    output::table(&head, &rows);
     Ok(())
 }
 

@@ -229,6 +229,24 @@ async function loadWorkers() {
 }
 const refreshWorkers = debounce(loadWorkers, 500);
 
+// Every node registered with the queue (controllers and worker nodes), as of its last heartbeat.
+async function loadNodes() {
+  try {
+    const { nodes } = await api('/nodes');
+    const lost = nodes.filter((n) => n.state === 'lost').length;
+    $('nodes-summary').textContent = `${nodes.length - lost} alive` + (lost ? `, ${lost} lost` : '');
+    $('nodes').replaceChildren(...nodes.map((n) => el('tr', { 'data-node': n.id },
+      el('td', {}, n.id),
+      el('td', { class: n.state === 'lost' ? 'down' : 'up', title: 'registration runs out ' + n.expires_at }, n.state),
+      el('td', {}, n.kinds ? n.kinds.join(', ') : 'any'),
+      el('td', {}, n.tags ? n.tags.join(', ') : '–'),
+      el('td', {}, n.backends.map((b) => `${b.name} (${b.models.join(', ') || b.kind})`).join('; ') || '–'),
+      el('td', {}, `${n.busy} / ${n.max_workers}`),
+      el('td', { title: n.last_seen }, ago(n.last_seen)),
+      el('td', {}, `${n.host} · ${n.pid} · v${n.version}`))));
+  } catch (e) { console.warn(e); }
+}
+
 async function loadHealth() {
   try {
     const h = await api('/health');
@@ -288,8 +306,11 @@ async function loadMetrics() {
   } catch (e) { console.warn(e); }
 }
 
+const refreshNodes = debounce(loadNodes, 1000);
+
 function logEvent(m) {
-  const text = m.task_id ? `${m.type} ${m.task_id.slice(-12)}` : `${m.type} ${m.backend || m.worker_id || ''} ${m.reason || m.state || ''}`;
+  const from = m.origin ? `[${m.origin}] ` : '';
+  const text = from + (m.task_id ? `${m.type} ${m.task_id.slice(-12)}` : `${m.type} ${m.backend || m.worker_id || ''} ${m.reason || m.state || ''}`);
   const li = el('li', {}, el('time', {}, new Date(m.at).toLocaleTimeString()), text);
   const list = $('events');
   list.prepend(li);
@@ -337,7 +358,7 @@ function onMessage(m) {
     case 'task_cancelled': moveLocally(m.task_id, 'cancelled'); break;
     case 'task_failed': moveLocally(m.task_id, m.status); break;
     case 'task_requeued': moveLocally(m.task_id, 'pending'); break;
-    case 'worker_state': case 'worker_scaled': refreshWorkers(); if (m.type === 'worker_state') return; break;
+    case 'worker_state': case 'worker_scaled': refreshWorkers(); refreshNodes(); if (m.type === 'worker_state') return; break;
     case 'backend_health': loadHealth(); break;
   }
   if (m.task_id && m.task_id === state.selected && m.type !== 'task_token') {
@@ -357,6 +378,7 @@ function connect(delay = 500) {
     if (state.selected) send({ type: 'subscribe', task_id: state.selected });
     refreshAll();
     loadWorkers();
+    loadNodes();
     loadHealth();
     delay = 500;
   };
@@ -379,9 +401,11 @@ $('done-filter').addEventListener('change', () => loadColumn('done'));
 document.querySelectorAll('[data-more]').forEach((b) => b.addEventListener('click', () => loadColumn(b.dataset.more, true)));
 window.addEventListener('resize', debounce(() => Object.values(charts).forEach((c) => c.draw()), 200));
 setInterval(() => ['pending', 'running', 'done'].forEach(renderColumn), 30000); // keep "ago" fresh
+setInterval(loadNodes, 10000); // heartbeats come every third of a node's TTL (10 s by default)
 
 refreshAll();
 loadWorkers();
+loadNodes();
 loadHealth();
 loadMetrics();
 connect();

@@ -13,8 +13,9 @@
 //!   `keep_finished_secs`; `idem`: idempotency key → task id; `seq`, `version`: counters.
 //! - `outbox`: the claimable tasks no confirmed delivery of an outside dispatcher (RabbitMQ)
 //!   covers, in claim order; a task's `claims` field counts its claims ([`crate::outbox`]).
-//! - `nodes`, `node_inst`, `node_exp`: the node registry ([`crate::Nodes`], `nodes.lua`): each
-//!   node's registration (JSON), the run holding it, and when it runs out.
+//! - `nodes`, `node_inst`, `node_exp`, `node_seen`: the node registry ([`crate::Nodes`],
+//!   `nodes.lua`): each node's registration (JSON: what it says of itself, its backends and load
+//!   at its last renewal), the run holding it, when it runs out and its last heartbeat.
 //! - `events`: the channel each script publishes what it did on ([`record::Message`]).
 //!
 //! Every operation that writes is one Lua script ([`scripts`]), so it is atomic; scripts take
@@ -211,7 +212,8 @@ struct Shared {
     cfg: RedisConfig,
     /// `{koubou:<namespace>}:`
     prefix: String,
-    /// This instance's id in the messages scripts publish.
+    /// This instance's id in the messages scripts publish: `<node>@<random run id>`, the node
+    /// being the one its log names (the events of its scripts keep it on the other nodes).
     origin: String,
     conn: ConnectionManager,
     scripts: Scripts,
@@ -334,7 +336,7 @@ impl RedisQueue {
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             prefix,
-            origin: format!("{:016x}", fastrand::u64(..)),
+            origin: format!("{}@{:016x}", bus.origin(), fastrand::u64(..)),
             conn,
             scripts: Scripts::new(),
             bus,
@@ -524,18 +526,20 @@ impl Shared {
             _ => None,
         };
         let token = claimed.as_ref().map(|c| c.2.clone());
-        self.apply(&msg, events, msg.stops()?, claimed);
+        self.apply(&msg, events, msg.stops()?, claimed, None);
         Ok(Answer { code, extra: raw.collect(), token })
     }
 
     /// After a script: stops the claims it ended, registers the claim it made, wakes parked
-    /// workers, counts what waits, then publishes its events.
+    /// workers, counts what waits, then publishes its events — as this node's (`from` is
+    /// `None`) or as those of the node `from` that ran it.
     fn apply(
         &self,
         msg: &Message,
         events: Vec<EventKind>,
         stops: Vec<(TaskId, u32)>,
         claimed: Option<(TaskId, u32, CancellationToken)>,
+        from: Option<&str>,
     ) {
         {
             let mut version = self.version.lock();
@@ -562,16 +566,19 @@ impl Shared {
             self.wakeup.notify_one();
         }
         for e in events {
-            self.bus.publish(e);
+            match from {
+                Some(node) => self.bus.publish_from(node, e),
+                None => self.bus.publish(e),
+            }
         }
     }
 
-    /// A message another instance published.
+    /// A message another instance published: its events keep the node that ran the script.
     fn heard(&self, payload: &[u8]) {
         let applied = Message::parse(payload).and_then(|msg| {
             if msg.origin != self.origin {
                 let (events, stops) = (msg.events()?, msg.stops()?);
-                self.apply(&msg, events, stops, None);
+                self.apply(&msg, events, stops, None, msg.node());
             }
             Ok(())
         });
@@ -647,6 +654,9 @@ impl EventLog for RelayLog {
     }
     fn head(&self) -> u64 {
         self.local.head()
+    }
+    fn origin(&self) -> &str {
+        &self.node
     }
 }
 

@@ -20,11 +20,17 @@ impl RedisQueue {
     }
 }
 
-/// A registration as stored, with its expiry from the sorted set.
-fn stored(json: &str, expires_at: &str) -> Result<Node, QueueError> {
+/// A registration as stored, with its expiry and last heartbeat from the sorted sets (a
+/// registration made before `node_seen` existed was last seen when it started, as far as we know).
+fn stored(json: &str, expires_at: &str, last_seen: Option<&str>) -> Result<Node, QueueError> {
     let mut node: Node =
         serde_json::from_str(json).map_err(|e| QueueError::Corrupt(format!("a node's registration: {e}")))?;
-    node.expires_at = expires_at.parse::<f64>().map_err(|e| QueueError::Corrupt(e.to_string()))? as Millis;
+    let millis = |s: &str| s.parse::<f64>().map(|m| m as Millis).map_err(|e| QueueError::Corrupt(e.to_string()));
+    node.expires_at = millis(expires_at)?;
+    node.last_seen = match last_seen {
+        Some(s) if s != "0" => millis(s)?,
+        _ => node.started_at,
+    };
     Ok(node)
 }
 
@@ -39,27 +45,33 @@ impl Nodes for RedisQueue {
         let answer = self.nodes_script(&["register", &node.id, &instance, &ms(ttl), &replace, &json(node)?]).await?;
         match answer.as_slice() {
             [ok] if ok == "ok" => Ok(()),
-            [taken, held, exp] if taken == "taken" => Err(QueueError::NodeTaken(Box::new(stored(held, exp)?))),
+            [taken, held, exp, seen] if taken == "taken" => {
+                Err(QueueError::NodeTaken(Box::new(stored(held, exp, Some(seen))?)))
+            }
             other => Err(QueueError::Corrupt(format!("register: Redis answered {other:?}"))),
         }
     }
 
-    async fn renew(&self, id: &str, instance: u64, ttl: Duration) -> Result<bool, QueueError> {
-        let answer = self.nodes_script(&["renew", id, &instance.to_string(), &ms(ttl)]).await?;
+    async fn renew(&self, node: &Node, ttl: Duration) -> Result<bool, QueueError> {
+        let answer =
+            self.nodes_script(&["renew", &node.id, &node.instance.to_string(), &ms(ttl), &json(node)?]).await?;
         Ok(answer.first().is_some_and(|a| a == "ok"))
     }
 
     async fn nodes(&self) -> Result<Vec<Node>, QueueError> {
-        let (all, expiries): (Vec<(String, String)>, Vec<(String, String)>) = ::redis::pipe()
+        type Scores = Vec<(String, String)>;
+        let (all, expiries, seen): (Vec<(String, String)>, Scores, Scores) = ::redis::pipe()
             .hgetall(self.key("nodes"))
             .zrange_withscores(self.key("node_exp"), 0, -1)
+            .zrange_withscores(self.key("node_seen"), 0, -1)
             .query_async(&mut self.conn())
             .await
             .map_err(from_redis)?;
+        let score = |scores: &Scores, id: &str| scores.iter().find(|(e, _)| e == id).map(|(_, s)| s.clone());
         let mut nodes = Vec::with_capacity(all.len());
         for (id, json) in &all {
-            if let Some((_, exp)) = expiries.iter().find(|(e, _)| e == id) {
-                nodes.push(stored(json, exp)?);
+            if let Some(exp) = score(&expiries, id) {
+                nodes.push(stored(json, &exp, score(&seen, id).as_deref())?);
             }
         }
         nodes.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
@@ -69,9 +81,9 @@ impl Nodes for RedisQueue {
     async fn expire(&self) -> Result<Vec<Node>, QueueError> {
         let answer = self.nodes_script(&["expire"]).await?;
         answer
-            .chunks(2)
-            .filter(|pair| pair.len() == 2 && !pair[0].is_empty())
-            .map(|pair| stored(&pair[0], &pair[1]))
+            .chunks(3)
+            .filter(|three| three.len() == 3 && !three[0].is_empty())
+            .map(|three| stored(&three[0], &three[1], Some(&three[2])))
             .collect()
     }
 

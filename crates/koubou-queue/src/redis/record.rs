@@ -65,7 +65,7 @@ pub fn task(f: &Fields) -> Result<Task, QueueError> {
 /// What one script did, as published on the namespace's channel.
 #[derive(Debug, Deserialize)]
 pub struct Message {
-    /// The queue instance that ran the script.
+    /// The queue instance that ran the script: `<node>@<run>` (see [`Message::node`]).
     #[serde(rename = "o")]
     pub origin: String,
     /// The namespace's write version after the script: orders messages from different sources.
@@ -88,6 +88,12 @@ pub struct Message {
 impl Message {
     pub fn parse(json: &[u8]) -> Result<Message, QueueError> {
         serde_json::from_slice(json).map_err(|e| QueueError::Corrupt(format!("a message from a queue script: {e}")))
+    }
+
+    /// The node whose queue ran the script, which its events name as their `origin`; `None`
+    /// from an older queue, whose instance id was the run alone.
+    pub fn node(&self) -> Option<&str> {
+        self.origin.rsplit_once('@').map(|(node, _)| node)
     }
 
     /// The events, in the order the script made them.
@@ -182,7 +188,9 @@ mod tests {
         let names: Vec<_> = m.events().unwrap().iter().map(EventKind::name).collect();
         assert_eq!(names, ["task_created", "task_failed"]);
         assert_eq!(m.stops().unwrap(), [(id, 2)]);
-        let quiet = Message::parse(br#"{"o":"a","v":8,"q":0,"w":0}"#).unwrap();
+        assert_eq!(m.node(), None, "an older queue's instance names no node");
+        let quiet = Message::parse(br#"{"o":"gpu@01@ab12","v":8,"q":0,"w":0}"#).unwrap();
         assert!(quiet.events().unwrap().is_empty() && quiet.stops().unwrap().is_empty());
+        assert_eq!(quiet.node(), Some("gpu@01"), "the run is what follows the last @");
     }
 }

@@ -414,3 +414,28 @@ async fn relayed_events_reach_the_other_nodes_with_their_origin() {
     assert_eq!([(&*mine.origin, mine.seq), (&*theirs.origin, theirs.seq)], [("w1", 1), ("b", 2)]);
     assert!(matches!(&theirs.kind, EventKind::TaskToken { text, .. } if text == "from b"));
 }
+
+/// The queue's own events (created, claimed, completed) reach the other nodes named after the
+/// node whose queue made them, not the node that heard them; each node's own are its own.
+#[tokio::test]
+async fn queue_events_reach_the_other_nodes_with_their_producer() {
+    let ns = fixture();
+    let (bus_a, bus_b) = (EventBus::with_origin("ctl", 64), EventBus::with_origin("gpu-01", 64));
+    let a = RedisQueue::open(ns.config(), Arc::new(bus_a.clone())).await.unwrap();
+    let b = RedisQueue::open(ns.config(), Arc::new(bus_b.clone())).await.unwrap();
+    let (mut on_a, mut on_b) = (bus_a.subscribe(None), bus_b.subscribe(None));
+    let t = a.submit(new("made on ctl", 5)).await.unwrap().task;
+    let claimed = b.claim(&WorkerId::new("gpu-01", 1), &ANY, LEASE).await.unwrap().unwrap();
+    b.complete(&claimed.lease, done("ok")).await.unwrap();
+    for (log, who) in [(&mut on_a, "on ctl"), (&mut on_b, "on gpu-01")] {
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let e = soon(who, log.next()).await.unwrap().unwrap();
+            if e.kind.task_id() == Some(t.id) {
+                seen.push((e.kind.name(), e.origin.to_string()));
+            }
+        }
+        let expected = [("task_created", "ctl"), ("task_claimed", "gpu-01"), ("task_completed", "gpu-01")];
+        assert_eq!(seen, expected.map(|(k, o)| (k, o.to_owned())), "{who}");
+    }
+}

@@ -619,9 +619,9 @@ impl Nodes for SqliteQueue {
         self.write(Ack::Durable, move |ctx| ops::register(ctx, &node, ttl, replace)).await
     }
 
-    async fn renew(&self, id: &str, instance: u64, ttl: Duration) -> Result<bool, QueueError> {
-        let id = id.to_owned();
-        self.write(Ack::Commit, move |ctx| ops::renew(ctx, &id, instance, ttl)).await
+    async fn renew(&self, node: &Node, ttl: Duration) -> Result<bool, QueueError> {
+        let node = node.clone();
+        self.write(Ack::Commit, move |ctx| ops::renew(ctx, &node, ttl)).await
     }
 
     async fn nodes(&self) -> Result<Vec<Node>, QueueError> {

@@ -12,7 +12,7 @@ use super::{
     rows::{COLUMNS, seq_from_row, task_from_row},
 };
 use crate::{
-    Capabilities, Claimed, Completion, Failure, Lease, LeaseStatus, Node, QueueError, QueuePosition, Release,
+    Capabilities, Claimed, Completion, Failure, Lease, LeaseStatus, Node, NodeLoad, QueueError, QueuePosition, Release,
     StatusCounts, Submitted, TaskPage, TaskQuery, outbox::Undispatched,
 };
 
@@ -611,22 +611,33 @@ pub fn list(conn: &Connection, q: &TaskQuery) -> Result<TaskPage, QueueError> {
     Ok(TaskPage { tasks, next_cursor, total: total as u64 })
 }
 
-const NODE_COLUMNS: &str = "id, instance, host, pid, version, capabilities, started_at, expires_at";
+const NODE_COLUMNS: &str =
+    "id, instance, host, pid, version, capabilities, started_at, expires_at, backends, busy, max_workers, last_seen";
+
+fn json_column<T: serde::de::DeserializeOwned>(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<T> {
+    let text: String = r.get(i)?;
+    serde_json::from_str(&text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.to_string().into()))
+}
 
 fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Node> {
-    let caps: String = r.get(5)?;
     Ok(Node {
         id: r.get(0)?,
         instance: r.get::<_, i64>(1)? as u64,
         host: r.get(2)?,
         pid: r.get(3)?,
         version: r.get(4)?,
-        capabilities: serde_json::from_str(&caps).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, e.to_string().into())
-        })?,
+        capabilities: json_column(r, 5)?,
         started_at: r.get(6)?,
         expires_at: r.get(7)?,
+        backends: json_column(r, 8)?,
+        load: NodeLoad { busy: r.get(9)?, max_workers: r.get(10)? },
+        last_seen: r.get(11)?,
     })
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, QueueError> {
+    serde_json::to_string(v).map_err(|e| QueueError::Corrupt(e.to_string()))
 }
 
 pub fn register(ctx: &mut Ctx<'_>, node: &Node, ttl: Duration, replace: Option<u64>) -> Result<(), QueueError> {
@@ -639,12 +650,11 @@ pub fn register(ctx: &mut Ctx<'_>, node: &Node, ttl: Duration, replace: Option<u
     {
         return Err(QueueError::NodeTaken(Box::new(held)));
     }
-    let caps = serde_json::to_string(&node.capabilities).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+    let sql = format!(
+        "INSERT OR REPLACE INTO nodes ({NODE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    );
     ctx.conn
-        .prepare_cached(
-            "INSERT OR REPLACE INTO nodes (id, instance, host, pid, version, capabilities, started_at, expires_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )
+        .prepare_cached(&sql)
         .sql()?
         .execute(params![
             node.id,
@@ -652,20 +662,35 @@ pub fn register(ctx: &mut Ctx<'_>, node: &Node, ttl: Duration, replace: Option<u
             node.host,
             node.pid,
             node.version,
-            caps,
+            to_json(&node.capabilities)?,
             node.started_at,
             ctx.now + ttl.as_millis() as Millis,
+            to_json(&node.backends)?,
+            node.load.busy,
+            node.load.max_workers,
+            ctx.now,
         ])
         .sql()?;
     Ok(())
 }
 
-pub fn renew(ctx: &mut Ctx<'_>, id: &str, instance: u64, ttl: Duration) -> Result<bool, QueueError> {
+pub fn renew(ctx: &mut Ctx<'_>, node: &Node, ttl: Duration) -> Result<bool, QueueError> {
     let n = ctx
         .conn
-        .prepare_cached("UPDATE nodes SET expires_at = ?3 WHERE id = ?1 AND instance = ?2")
+        .prepare_cached(
+            "UPDATE nodes SET expires_at = ?3, backends = ?4, busy = ?5, max_workers = ?6, last_seen = ?7 \
+             WHERE id = ?1 AND instance = ?2",
+        )
         .sql()?
-        .execute(params![id, instance as i64, ctx.now + ttl.as_millis() as Millis])
+        .execute(params![
+            node.id,
+            node.instance as i64,
+            ctx.now + ttl.as_millis() as Millis,
+            to_json(&node.backends)?,
+            node.load.busy,
+            node.load.max_workers,
+            ctx.now,
+        ])
         .sql()?;
     Ok(n == 1)
 }

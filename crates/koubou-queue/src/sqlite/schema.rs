@@ -83,6 +83,14 @@ const MIGRATIONS: &[&str] = &[
         expires_at   INTEGER NOT NULL
     );
     "#,
+    // 6: what a node says of itself at each renewal (its backends, its load), and its last
+    // heartbeat.
+    r#"
+    ALTER TABLE nodes ADD COLUMN backends    TEXT    NOT NULL DEFAULT '[]'; -- JSON: [{"name", "kind", "models"}]
+    ALTER TABLE nodes ADD COLUMN busy        INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN max_workers INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN last_seen   INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Migration 1 alone, to build old files in tests.
