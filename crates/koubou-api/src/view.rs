@@ -276,8 +276,8 @@ pub struct NodeView {
     pub last_seen: String,
     /// When its registration runs out unless renewed (RFC 3339); it renews every third of its TTL.
     pub expires_at: String,
-    /// `alive`, or `lost`: past `expires_at`, taken for dead, its running tasks requeued by the
-    /// next sweep (which removes it).
+    /// `alive`, or `lost`: past `expires_at`, taken for dead until the next sweep removes it; its
+    /// running tasks are requeued as their leases run out.
     #[serde(default)]
     #[schema(required = true)]
     pub state: String,

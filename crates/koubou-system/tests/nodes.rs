@@ -9,19 +9,22 @@ use koubou_queue::{Capabilities, Dispatch, Node, Nodes, SqliteQueue, TaskStore};
 use koubou_system::{Config, Home, Koubou, StartOptions};
 use koubou_task::{EventBus, NewTask, TaskKind, TaskStatus, WorkerId};
 
+/// A node that stops renewing is found once its registration runs out and removed; its running
+/// task goes back to the queue when its lease runs out (not before: a silent node may still be
+/// running it, cut off) and a live node's worker runs it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_node_is_found_after_its_ttl_and_its_running_task_recovered() {
+async fn a_dead_node_is_found_after_its_ttl_and_its_task_recovered_when_its_lease_runs_out() {
     let dir = tempfile::tempdir().unwrap();
     let home = Home { dir: dir.path().to_owned() };
-    // The dead node: registered for a second, holding a task under a ten-minute lease, then
-    // gone (its queue dropped: no more renewals).
+    // The dead node: registered for a second, holding a task under a 3 s lease, then gone (its
+    // queue dropped: no more renewals, no heartbeats).
     let id = {
         let q =
             SqliteQueue::open(home.db_file(), Default::default(), std::sync::Arc::new(EventBus::default())).unwrap();
         let ghost = Node::this_process("ghost", "0.0.0", Capabilities::any());
         q.register(&ghost, Duration::from_secs(1), None).await.unwrap();
         let t = q.submit(NewTask::new(TaskKind::general(), "left behind")).await.unwrap().task;
-        let c = q.claim(&WorkerId::new("ghost", 1), &Capabilities::any(), Duration::from_secs(600)).await.unwrap();
+        let c = q.claim(&WorkerId::new("ghost", 1), &Capabilities::any(), Duration::from_secs(3)).await.unwrap();
         assert_eq!(c.unwrap().task.id, t.id);
         t.id
     };
@@ -37,6 +40,11 @@ async fn a_dead_node_is_found_after_its_ttl_and_its_running_task_recovered() {
     assert_eq!(v.status, TaskStatus::Completed, "{v:?}");
     assert_eq!(v.worker_id.as_deref(), Some("alive/1"), "run again by the live node's worker");
     assert_eq!(v.attempts, 2, "the dead node's attempt counts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while k.nodes().await.unwrap().nodes.iter().any(|n| n.id == "ghost") {
+        assert!(std::time::Instant::now() < deadline, "the dead node was never removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     k.shutdown(Some(Duration::from_secs(1))).await;
 }
 
