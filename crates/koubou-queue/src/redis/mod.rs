@@ -22,9 +22,9 @@
 //! the time from Redis (`TIME`), never from the client. Fencing is the same as SQLite's: a
 //! worker's write applies only while the task is running under its (worker, attempt).
 //!
-//! This process's writes go through one writer task, in order (those waiting together are
-//! pipelined on one connection, so order holds), so its own events reach the bus in the order
-//! Redis ran them, after Redis answered. Other processes' events, wake-ups and
+//! This process's writes go through one writer task, in order (pipelined on one connection,
+//! so order holds), so its own events reach the bus in the order Redis ran them, after Redis
+//! answered. Other processes' events, wake-ups and
 //! cancels arrive on the `events` channel and are applied here too: a parked worker wakes for
 //! a task submitted elsewhere, and a cancel made elsewhere fires the claimer's token (its next
 //! heartbeat would also say `Cancelled`).
@@ -226,8 +226,8 @@ struct Shared {
     queued: AtomicU64,
 }
 
-/// Most writes the writer task sends to Redis at once (see `write_loop`).
-const WRITE_BATCH: usize = 30;
+/// Most writes the writer task has sent and not yet seen answered (see `write_loop`).
+const WRITES_IN_FLIGHT: usize = 256;
 
 /// What the writer task does, in order: a script, or an event relayed to the other nodes
 /// (in line with the scripts, so a worker's last tokens reach them before its completion).
@@ -672,31 +672,40 @@ fn stop_claim(running: &mut HashMap<TaskId, (u32, CancellationToken)>, id: TaskI
 
 async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Job>) {
     let relay = format!("{}relay", shared.prefix);
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    while calls.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-        // The writes waiting go out together, pipelined on the one multiplexed connection in the
-        // order they were asked for, so Redis runs them in that order; their answers come back in
-        // the same order and each is applied (its events published) as it arrives. `join_all`
-        // of at most 30 futures polls them in order, which is what sends them in order.
-        let writes = batch.drain(..).map(|job| {
-            let (shared, relay) = (&shared, &relay);
-            let mut conn = shared.conn.clone();
-            async move {
-                match job {
-                    Job::Script(call) => {
-                        let r = shared.run(&mut conn, call.op, &call.args).await;
-                        let _ = call.reply.send(r);
-                    }
-                    Job::Relay(payload) => {
-                        if let Err(e) = conn.publish::<_, _, ()>(relay, payload).await {
-                            tracing::warn!(error = %e, "could not relay an event to the other nodes");
-                        }
+    let run = |job: Job| {
+        let (shared, relay) = (&shared, &relay);
+        let mut conn = shared.conn.clone();
+        async move {
+            match job {
+                Job::Script(call) => {
+                    let r = shared.run(&mut conn, call.op, &call.args).await;
+                    let _ = call.reply.send(r);
+                }
+                Job::Relay(payload) => {
+                    if let Err(e) = conn.publish::<_, _, ()>(relay, payload).await {
+                        tracing::warn!(error = %e, "could not relay an event to the other nodes");
                     }
                 }
             }
-        });
-        futures::future::join_all(writes).await;
+        }
+    };
+    // Writes are pipelined: each is sent as soon as it is asked for, without waiting for the
+    // answers to earlier ones, on the one multiplexed connection. A `FuturesUnordered` first
+    // polls its futures in the order they were pushed, which is the order they are sent in, so
+    // Redis runs them in the order they were asked for; their answers come back in that order,
+    // and each is applied (its events published) as it arrives.
+    let mut writing = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            job = calls.recv(), if writing.len() < WRITES_IN_FLIGHT => match job {
+                Some(job) => writing.push(run(job)),
+                None => break,
+            },
+            Some(()) = writing.next(), if !writing.is_empty() => {}
+        }
     }
+    while writing.next().await.is_some() {}
 }
 
 /// The subscriber to the namespace's channel, reconnecting for as long as the queue lives.
