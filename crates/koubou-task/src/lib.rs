@@ -45,3 +45,22 @@ pub fn rfc3339(ms: Millis) -> String {
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default()
 }
+
+/// [`rfc3339`] read back: the [`Millis`] an RFC 3339 timestamp names.
+pub fn parse_rfc3339(s: &str) -> Option<Millis> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as Millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_reads_back_what_it_writes() {
+        let ms: Millis = 1_796_550_411_469;
+        assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms));
+        assert_eq!(parse_rfc3339("2026-12-06T09:46:51.469Z"), Some(1_796_550_411_469));
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+}

@@ -102,7 +102,8 @@ fn done() -> Completion {
     }
 }
 
-/// A worker of the bench: claims (parked, without polling) and completes until `stop`.
+/// A worker of the bench, as `koubou worker`'s loop runs: claims (parked, without polling),
+/// and sends each task's completion together with its next claim, until `stop`.
 fn worker(
     q: RedisQueue,
     n: usize,
@@ -110,15 +111,24 @@ fn worker(
     completed: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let w = WorkerId::new("bench-node", n);
+        let (w, any) = (WorkerId::new("bench-node", n), Capabilities::any());
+        let mut last: Option<koubou_queue::Lease> = None;
         loop {
-            match q.claim_wait(&w, &Capabilities::any(), LEASE, &stop).await {
-                Ok(Some(c)) => {
-                    if let Err(e) = q.complete(&c.lease, done()).await {
-                        eprintln!("koubou bench: a completion failed: {e}");
-                    }
-                    completed.fetch_add(1, SeqCst);
+            let claim = q.claim_wait(&w, &any, LEASE, &stop);
+            let claimed = match last.take() {
+                Some(lease) => {
+                    let complete = async {
+                        if let Err(e) = q.complete(&lease, done()).await {
+                            panic!("koubou bench: a completion failed: {e}");
+                        }
+                        completed.fetch_add(1, SeqCst);
+                    };
+                    tokio::join!(complete, claim).1
                 }
+                None => claim.await,
+            };
+            match claimed {
+                Ok(Some(c)) => last = Some(c.lease),
                 Ok(None) => return,
                 Err(e) => {
                     eprintln!("koubou bench: a claim failed: {e}");
@@ -351,7 +361,12 @@ pub(super) async fn nodes(a: &BenchArgs) -> anyhow::Result<()> {
             }
             let id = v["task_id"].as_str().context("no task_id")?;
             let task: serde_json::Value = http.get(format!("{}/task/{id}", ctl.url)).send().await?.json().await?;
-            let at = |f: &str| task[f].as_i64().with_context(|| format!("task without {f}: {task}"));
+            let at = |f: &str| {
+                task[f]
+                    .as_str()
+                    .and_then(koubou_task::parse_rfc3339)
+                    .with_context(|| format!("task without {f}: {task}"))
+            };
             claim.push(Duration::from_millis((at("started_at")? - at("created_at")?).max(0) as u64));
         }
         claim.sort();
