@@ -29,7 +29,7 @@ impl AmqpNamespace {
     fn new() -> AmqpNamespace {
         ensure_broker();
         let url = std::env::var("KOUBOU_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        AmqpNamespace { name: format!("bin-amqp-{:016x}", unique()), url }
+        AmqpNamespace { name: format!("bin-amqp-{:016x}", support::fastrand_u64()), url }
     }
 
     /// The `[queue.amqp]` table selecting this namespace, with a quick outbox sweep.
@@ -74,13 +74,6 @@ fn close_connections_of(name: &str) -> usize {
         assert!(status.success(), "rabbitmqctl close_connection {pid} failed");
     }
     pids.len()
-}
-
-fn unique() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    h.finish()
 }
 
 impl Drop for AmqpNamespace {
@@ -346,70 +339,40 @@ async fn rabbitmq_dispatches_the_tasks_of_a_serve_on_sqlite_and_of_koubou_run() 
     assert_eq!(fake.calls("one prompt end to end"), 1);
 }
 
-/// Runs `koubou ARGS --home HOME` (with `env`), which must fail within a minute; its stderr.
-fn refused(home: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut child = Command::new(support::bin())
-        .args(args)
-        .arg("--home")
-        .arg(home)
-        .env_remove("KOUBOU_HOME")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("koubou {args:?} was not refused");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "koubou {args:?} succeeded: {err}");
-    err
-}
-
 #[test]
 fn rabbitmq_flags_that_cannot_work_are_refused_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let h = dir.path();
     let broker = "amqp://guest:guest@127.0.0.1:5672/%2f";
     // A worker node over RabbitMQ keeps its tasks where the controllers do: a Redis store.
-    let e = refused(h, &["worker", "--node-id", "w1", "--queue", broker], &[]);
+    let e = support::refused(h, &["worker", "--node-id", "w1", "--queue", broker], &[]);
     assert!(e.contains("--store redis://") && e.contains("queue.store"), "{e}");
-    let e = refused(h, &["worker", "--node-id", "w1", "--queue", broker, "--store", "sqlite:"], &[]);
+    let e = support::refused(h, &["worker", "--node-id", "w1", "--queue", broker, "--store", "sqlite:"], &[]);
     assert!(e.contains("--store redis://"), "{e}");
     // Bad URLs name the flag or variable, never the password.
-    let e = refused(h, &["serve", "--queue", "amqp://u:hunter2@h:notaport/"], &[]);
+    let e = support::refused(h, &["serve", "--queue", "amqp://u:hunter2@h:notaport/"], &[]);
     assert!(e.contains("--queue") && e.contains("not an AMQP URL") && !e.contains("hunter2"), "{e}");
-    let e = refused(h, &["serve", "--queue", broker, "--store", "amqp://u:hunter2@h/"], &[]);
+    let e = support::refused(h, &["serve", "--queue", broker, "--store", "amqp://u:hunter2@h/"], &[]);
     assert!(e.contains("--store") && e.contains("RabbitMQ keeps no tasks") && !e.contains("hunter2"), "{e}");
-    let e = refused(h, &["serve"], &[("KOUBOU_QUEUE", "amqp://u:hunter2@h:x/")]);
+    let e = support::refused(h, &["serve"], &[("KOUBOU_QUEUE", "amqp://u:hunter2@h:x/")]);
     assert!(e.contains("KOUBOU_QUEUE") && !e.contains("hunter2"), "{e}");
-    let e = refused(
+    let e = support::refused(
         h,
         &["worker", "--node-id", "w1", "--queue-type", "rabbitmq"],
         &[("KOUBOU_AMQP_URL", "amqp://u:hunter2@h:x/")],
     );
     assert!(e.contains("KOUBOU_AMQP_URL") && !e.contains("hunter2"), "{e}");
     // A store only goes with RabbitMQ; other queue URLs name their store themselves.
-    let e = refused(h, &["serve", "--queue", "redis://127.0.0.1:6379/0", "--store", "sqlite:"], &[]);
+    let e = support::refused(h, &["serve", "--queue", "redis://127.0.0.1:6379/0", "--store", "sqlite:"], &[]);
     assert!(e.contains("--store: only with a RabbitMQ queue"), "{e}");
     std::fs::write(h.join("koubou.toml"), "[queue]\nstore = \"redis://127.0.0.1:6379/0\"\n").unwrap();
-    let e = refused(h, &["serve"], &[]);
+    let e = support::refused(h, &["serve"], &[]);
     assert!(e.contains("queue.store: only with a RabbitMQ queue"), "{e}");
     std::fs::write(h.join("koubou.toml"), "[queue.amqp]\nurl = \"amqp://h/\"\n").unwrap();
-    let e = refused(h, &["serve"], &[]);
+    let e = support::refused(h, &["serve"], &[]);
     assert!(e.contains("queue.amqp.url"), "{e}");
     std::fs::remove_file(h.join("koubou.toml")).unwrap();
     // `koubou mcp` without --embedded has no queue of its own.
-    let e = refused(h, &["mcp", "--store", "redis://127.0.0.1:6379/0"], &[]);
+    let e = support::refused(h, &["mcp", "--store", "redis://127.0.0.1:6379/0"], &[]);
     assert!(e.contains("need --embedded"), "{e}");
 }

@@ -134,30 +134,7 @@ async fn submit(url: &str, body: Value) -> String {
 
 /// `koubou serve` on this home must refuse to start, saying `words`.
 fn refused_at_start(home: &Path, words: &[&str]) {
-    let mut child = Command::new(support::bin())
-        .args(["serve", "--port", "0", "--ws-port", "0", "--graphql-port", "0", "--home"])
-        .arg(home)
-        .env_remove("KOUBOU_HOME")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // It must exit on its own; a server that started anyway is killed after a minute.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("koubou serve started although the config routes work remotely");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "{err}");
+    let err = support::refused(home, &["serve", "--port", "0", "--ws-port", "0", "--graphql-port", "0"], &[]);
     for w in words {
         assert!(err.contains(w), "the refusal should say {w:?}: {err}");
     }

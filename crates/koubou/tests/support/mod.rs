@@ -280,7 +280,7 @@ impl RedisNamespace {
     }
 }
 
-fn fastrand_u64() -> u64 {
+pub fn fastrand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
@@ -369,4 +369,35 @@ impl Worker {
         let _ = self.child.wait();
         std::mem::forget(self);
     }
+}
+
+/// Runs `koubou ARGS --home HOME` (with `env`), which must exit with a failure on its own (it is
+/// killed after a minute): its stderr.
+pub fn refused(home: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut child = Command::new(bin())
+        .args(args)
+        .arg("--home")
+        .arg(home)
+        .env_remove("KOUBOU_HOME")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("koubou {args:?} was not refused");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "koubou {args:?} succeeded: {err}");
+    err
 }
