@@ -481,6 +481,9 @@ impl Netns {
         let (name, host_if, node_if) = (format!("kb{tag}"), format!("kbh{tag}"), format!("kbn{tag}"));
         let (host_ip, node_ip) = (format!("10.231.{subnet}.1"), format!("10.231.{subnet}.2"));
         let net = Netns { name: name.clone(), host_if: host_if.clone(), host_ip: host_ip.clone() };
+        // What a killed run of a test with the same process id may have left.
+        ip(&["link", "del", &host_if]);
+        ip(&["netns", "del", &name]);
         let ok = ip(&["netns", "add", &name])
             && ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &node_if])
             && ip(&["link", "set", &node_if, "netns", &name])
