@@ -424,7 +424,8 @@ pub async fn housekeeping_requeues_expired_leases_without_a_claim<F: Factory>(f:
     assert!(matches!(q.complete(&old.lease, done("late")).await, Err(QueueError::Conflict { .. })));
     let h = q.get(held.task.id).await.unwrap().unwrap();
     assert_eq!(h.status, TaskStatus::Running, "a lease that holds is left alone");
-    let c = q.claim(&w(3), &ANY, LEASE).await.unwrap().unwrap();
+    // Waiting: a dispatcher outside the store (RabbitMQ) hands it out once its sweep published it.
+    let c = q.claim_wait(&w(3), &ANY, LEASE, &CancellationToken::new()).await.unwrap().unwrap();
     assert_eq!((c.task.id, c.lease.attempt), (old.task.id, 2));
 }
 
