@@ -16,7 +16,9 @@
 //! - `nodes`, `node_inst`, `node_exp`, `node_seen`: the node registry ([`crate::Nodes`],
 //!   `nodes.lua`): each node's registration (JSON: what it says of itself, its backends and load
 //!   at its last renewal), the run holding it, when it runs out and its last heartbeat.
-//! - `events`: the channel each script publishes what it did on ([`record::Message`]).
+//! - `events`: the namespace's event stream, capped at about `keep_events` entries: each script
+//!   appends what it did (field `m`, a [`record::Message`]) and each node what its workers
+//!   produce (field `r`, a relayed event: tokens, worker states, backend health).
 //!
 //! Every operation that writes is one Lua script ([`scripts`]), so it is atomic; scripts take
 //! the time from Redis (`TIME`), never from the client. Fencing is the same as SQLite's: a
@@ -25,15 +27,17 @@
 //! This process's writes go through one writer task, in order (pipelined on one connection,
 //! so order holds), so its own events reach the bus in the order Redis ran them, after Redis
 //! answered. Other processes' events, wake-ups and
-//! cancels arrive on the `events` channel and are applied here too: a parked worker wakes for
-//! a task submitted elsewhere, and a cancel made elsewhere fires the claimer's token (its next
-//! heartbeat would also say `Cancelled`).
+//! cancels arrive on the `events` stream, read from the last entry this instance saw (a
+//! blocking `XREAD` on a connection of its own), and are applied here too: a parked worker
+//! wakes for a task submitted elsewhere, and a cancel made elsewhere fires the claimer's token
+//! (its next heartbeat would also say `Cancelled`). A node that lost its connection reads, once
+//! back, what was appended meanwhile, so its clients miss no event unless the stream dropped it.
 
 mod nodes;
 mod record;
 mod scripts;
-#[cfg(test)]
-pub(crate) mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 
@@ -47,8 +51,8 @@ use std::{
 };
 
 use ::redis::{
-    AsyncCommands, Client, IntoConnectionInfo, RedisError, RetryMethod,
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    AsyncCommands, AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError, RetryMethod,
+    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
 };
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -94,6 +98,10 @@ pub struct RedisConfig {
     pub keep_finished: u64,
     /// Finished tasks are forgotten this long after they finished.
     pub keep_finished_secs: u64,
+    /// About how many events the namespace's stream keeps (Redis trims it a little above):
+    /// a node cut off from Redis catches up on what other nodes published meanwhile, within
+    /// these last entries.
+    pub keep_events: u64,
     /// Longest wait for a connection or an answer before the operation fails as unavailable.
     pub timeout_ms: u64,
     /// Start even when the server does not let us read `maxmemory-policy` (managed services
@@ -113,6 +121,7 @@ impl Default for RedisConfig {
             retry: Backoff::default(),
             keep_finished: 100_000,
             keep_finished_secs: 7 * 24 * 3600,
+            keep_events: 100_000,
             timeout_ms: 10_000,
             assume_noeviction: false,
         }
@@ -132,6 +141,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("retry", &self.retry)
             .field("keep_finished", &self.keep_finished)
             .field("keep_finished_secs", &self.keep_finished_secs)
+            .field("keep_events", &self.keep_events)
             .field("timeout_ms", &self.timeout_ms)
             .field("assume_noeviction", &self.assume_noeviction)
             .finish()
@@ -304,12 +314,16 @@ fn flag(b: bool) -> String {
 
 impl RedisQueue {
     /// Connects, checks the server is fit to hold a queue (`maxmemory-policy` must be
-    /// `noeviction`; without AOF a warning), and subscribes to the namespace's channel.
+    /// `noeviction`; without AOF a warning), and starts reading the namespace's event stream
+    /// from its end.
     pub async fn open(cfg: RedisConfig, bus: Arc<dyn EventLog>) -> Result<RedisQueue, QueueError> {
         let at = redact(&cfg.url);
         let refuse = |detail: String| QueueError::Open { path: at.clone(), detail };
         if cfg.namespace.is_empty() || cfg.namespace.contains(['{', '}']) {
             return Err(refuse(format!("namespace {:?} must be non-empty, without '{{' or '}}'", cfg.namespace)));
+        }
+        if cfg.keep_events == 0 {
+            return Err(refuse("keep_events must be at least 1".into()));
         }
         let (client, secret) = cfg.client().map_err(refuse)?;
         let refuse = |detail: String| refuse(scrub(detail, secret.as_deref()));
@@ -350,8 +364,8 @@ impl RedisQueue {
         tokio::spawn(Listen { shared: shared.clone(), client, stop: stop.clone() }.run(ready_tx));
         ready
             .await
-            .map_err(|_| refuse("the subscriber stopped".into()))?
-            .map_err(|e| refuse(format!("cannot subscribe to the queue's channel: {e}")))?;
+            .map_err(|_| refuse("the event reader stopped".into()))?
+            .map_err(|e| refuse(format!("cannot read the queue's event stream: {e}")))?;
         let (calls, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(shared.clone(), rx));
         Ok(RedisQueue { inner: Arc::new(Inner { shared, calls, _stop: stop.drop_guard() }) })
@@ -505,7 +519,10 @@ impl Shared {
     /// Runs one writing script and applies what it did.
     async fn run(&self, conn: &mut ConnectionManager, op: Op, args: &[String]) -> Result<Answer, QueueError> {
         let mut call = self.scripts.get(op).key(&self.prefix);
-        call.arg(&self.origin).arg(self.cfg.keep_finished).arg(self.cfg.keep_finished_secs.saturating_mul(1000));
+        call.arg(&self.origin)
+            .arg(self.cfg.keep_finished)
+            .arg(self.cfg.keep_finished_secs.saturating_mul(1000))
+            .arg(self.cfg.keep_events);
         for a in args {
             call.arg(a);
         }
@@ -602,7 +619,7 @@ impl Shared {
     }
 }
 
-/// An event on the namespace's `relay` channel: which queue instance sent it (to skip our own),
+/// A relayed event on the namespace's stream (field `r`): which queue instance sent it (to skip our own),
 /// the node that produced it, and the event.
 #[derive(Serialize, Deserialize)]
 struct Relayed {
@@ -616,7 +633,7 @@ struct Relayed {
 
 /// The event log of a node on a Redis queue: what is published on it goes to this process's
 /// log and, through the queue's writer (in order with its scripts), to every other node's. The
-/// scripts' own events reach the other nodes on the `events` channel, so the queue itself
+/// scripts' own events reach the other nodes on the same stream, so the queue itself
 /// publishes on the local log only.
 struct RelayLog {
     local: Arc<dyn EventLog>,
@@ -671,9 +688,9 @@ fn stop_claim(running: &mut HashMap<TaskId, (u32, CancellationToken)>, id: TaskI
 }
 
 async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Job>) {
-    let relay = format!("{}relay", shared.prefix);
+    let stream = format!("{}events", shared.prefix);
     let run = |job: Job| {
-        let (shared, relay) = (&shared, &relay);
+        let (shared, stream) = (&shared, &stream);
         let mut conn = shared.conn.clone();
         async move {
             match job {
@@ -682,7 +699,9 @@ async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Job>
                     let _ = call.reply.send(r);
                 }
                 Job::Relay(payload) => {
-                    if let Err(e) = conn.publish::<_, _, ()>(relay, payload).await {
+                    let mut add = ::redis::cmd("XADD");
+                    add.arg(stream).arg("MAXLEN").arg("~").arg(shared.cfg.keep_events).arg("*").arg("r").arg(payload);
+                    if let Err(e) = add.query_async::<()>(&mut conn).await {
                         tracing::warn!(error = %e, "could not relay an event to the other nodes");
                     }
                 }
@@ -708,7 +727,19 @@ async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Job>
     while writing.next().await.is_some() {}
 }
 
-/// The subscriber to the namespace's channel, reconnecting for as long as the queue lives.
+/// How long one `XREAD` waits for an entry before asking again. It answers as soon as one is
+/// appended, so this is no polling interval: an idle node sends one command per this long.
+const READ_BLOCK: Duration = Duration::from_secs(10);
+/// The most entries one `XREAD` returns.
+const READ_BATCH: usize = 1024;
+
+/// One stream entry: its id, and its fields and values, flat.
+type Entry = (String, Vec<Vec<u8>>);
+
+/// The reader of the namespace's event stream, for as long as the queue lives, on a connection
+/// of its own (a blocking read holds its connection). It starts at the stream's end and
+/// reads on from the last entry it saw, also after a lost connection: nothing appended
+/// meanwhile is missed unless the stream no longer holds it (`keep_events`).
 struct Listen {
     shared: Arc<Shared>,
     client: Client,
@@ -716,52 +747,97 @@ struct Listen {
 }
 
 impl Listen {
-    async fn subscribe(&self) -> Result<::redis::aio::PubSub, RedisError> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub.subscribe(format!("{}events", self.shared.prefix)).await?;
-        pubsub.subscribe(format!("{}relay", self.shared.prefix)).await?;
-        Ok(pubsub)
+    fn key(&self) -> String {
+        format!("{}events", self.shared.prefix)
+    }
+
+    /// Connects, and says where to read from: the stream's end the first time (`last` is
+    /// `None`), else after `last`, with a warning when the stream no longer holds it.
+    async fn connect(&self, last: Option<&str>) -> Result<(MultiplexedConnection, String), RedisError> {
+        let timeout = Duration::from_millis(self.shared.cfg.timeout_ms.max(1));
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(READ_BLOCK + timeout));
+        let mut conn = self.client.get_multiplexed_async_connection_with_config(&cfg).await?;
+        let first = |order: &str, from: &str, to: &str| {
+            let mut c = ::redis::cmd(order);
+            c.arg(self.key()).arg(from).arg(to).arg("COUNT").arg(1);
+            c
+        };
+        let Some(last) = last else {
+            let end: Vec<Entry> = first("XREVRANGE", "+", "-").query_async(&mut conn).await?;
+            return Ok((conn, end.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id)));
+        };
+        // The first entry at or after `last`: `last` itself, unless the stream trimmed it.
+        let kept: Vec<Entry> = first("XRANGE", last, "+").query_async(&mut conn).await?;
+        if last != "0-0" && kept.first().is_none_or(|(id, _)| id != last) {
+            tracing::warn!(
+                keep_events = self.shared.cfg.keep_events,
+                "the queue's event stream no longer holds the last event this node read: events other nodes \
+                 published while it was disconnected may be missing here (tokens, progress; task states are \
+                 not affected); raise queue.redis.keep_events to keep more"
+            );
+        }
+        Ok((conn, last.to_owned()))
+    }
+
+    /// Reads entries after `last` and applies them, moving `last` on, until the connection
+    /// fails.
+    async fn read(&self, conn: &mut MultiplexedConnection, last: &mut String) -> RedisError {
+        let key = self.key();
+        loop {
+            let mut read = ::redis::cmd("XREAD");
+            read.arg("COUNT").arg(READ_BATCH).arg("BLOCK").arg(READ_BLOCK.as_millis() as u64);
+            read.arg("STREAMS").arg(&key).arg(&*last);
+            let streams: Option<Vec<(String, Vec<Entry>)>> = match read.query_async(conn).await {
+                Ok(r) => r,
+                Err(e) => return e,
+            };
+            for (id, fields) in streams.into_iter().flatten().flat_map(|(_, entries)| entries) {
+                for pair in fields.chunks_exact(2) {
+                    match pair[0].as_slice() {
+                        b"m" => self.shared.heard(&pair[1]),
+                        b"r" => self.shared.relayed(&pair[1]),
+                        _ => tracing::warn!(entry = %id, "ignored an unknown field in the queue's event stream"),
+                    }
+                }
+                *last = id;
+            }
+        }
     }
 
     async fn run(self, ready: oneshot::Sender<Result<(), RedisError>>) {
         let mut ready = Some(ready);
+        let mut last: Option<String> = None;
         let mut pause = Duration::from_millis(100);
         loop {
-            let subscribed = tokio::select! {
-                s = self.subscribe() => s,
+            let connected = tokio::select! {
+                c = self.connect(last.as_deref()) => c,
                 _ = self.stop.cancelled() => return,
             };
-            match subscribed {
-                Ok(pubsub) => {
+            match connected {
+                Ok((mut conn, mut from)) => {
                     if let Some(r) = ready.take() {
                         let _ = r.send(Ok(()));
                     } else {
-                        tracing::info!("listening to the queue's channel again");
-                        // Messages may have been missed: parked workers look for themselves.
+                        tracing::info!("reading the queue's event stream again");
+                        // What the stream no longer held is missed: parked workers look for themselves.
                         self.shared.wakeup.notify_waiters();
                     }
                     pause = Duration::from_millis(100);
-                    let mut messages = pubsub.into_on_message();
-                    loop {
-                        tokio::select! {
-                            m = messages.next() => match m {
-                                Some(m) if m.get_channel_name().ends_with("relay") => {
-                                    self.shared.relayed(m.get_payload_bytes())
-                                }
-                                Some(m) => self.shared.heard(m.get_payload_bytes()),
-                                None => break,
-                            },
-                            _ = self.stop.cancelled() => return,
-                        }
-                    }
-                    tracing::warn!("lost the queue's channel; reconnecting");
+                    let lost = tokio::select! {
+                        e = self.read(&mut conn, &mut from) => e,
+                        _ = self.stop.cancelled() => return,
+                    };
+                    last = Some(from);
+                    tracing::warn!(error = %lost, "lost the queue's event stream; reconnecting");
                 }
                 Err(e) => match ready.take() {
                     Some(r) => {
                         let _ = r.send(Err(e));
                         return;
                     }
-                    None => tracing::warn!(error = %e, retry_in = ?pause, "cannot listen to the queue's channel"),
+                    None => tracing::warn!(error = %e, retry_in = ?pause, "cannot read the queue's event stream"),
                 },
             }
             tokio::select! {

@@ -1,9 +1,12 @@
-//! Real Redis servers for tests: the machine's (`KOUBOU_TEST_REDIS`, else 127.0.0.1:6379 when
-//! it answers), or a private `redis-server` on a free port, killed when dropped. Each test
-//! works in a namespace of its own, deleted when its [`Namespace`] is dropped.
+//! Real Redis servers for tests (this crate's, and other crates' with the `testing` feature):
+//! the machine's (`KOUBOU_TEST_REDIS`, else 127.0.0.1:6379 when it answers), or a private
+//! `redis-server` on a free port, killed when dropped, which can be killed and started again on
+//! the same port and files. Each test works in a namespace of its own, deleted when its
+//! [`Namespace`] is dropped.
 
 use std::{
     net::TcpListener,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
@@ -15,8 +18,17 @@ use super::RedisConfig;
 pub struct Server {
     pub url: String,
     pub port: u16,
+    /// How a private server was started, to start it again ([`Server::restart`]).
+    launch: Option<Launch>,
     child: Option<Child>,
-    _dir: Option<tempfile::TempDir>,
+}
+
+/// A private server's addresses, arguments and files.
+struct Launch {
+    bind: String,
+    args: Vec<String>,
+    dir: PathBuf,
+    _owned: Option<tempfile::TempDir>,
 }
 
 fn answers(url: &str) -> bool {
@@ -25,65 +37,96 @@ fn answers(url: &str) -> bool {
     redis::cmd("PING").query::<String>(&mut conn).is_ok()
 }
 
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 impl Server {
-    /// A private `redis-server` (no persistence unless `args` ask for it) on a free port.
+    /// A private `redis-server` on 127.0.0.1 (no persistence unless `args` ask for it) on a
+    /// free port.
     pub fn start(args: &[&str]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        Server::start_in(dir, args)
+        Server::start_bound("127.0.0.1", args)
+    }
+
+    /// [`Server::start`] listening on `bind` (addresses separated by spaces, 127.0.0.1 first).
+    pub fn start_bound(bind: &str, args: &[&str]) -> Server {
+        Server::start_free(bind, tempfile::tempdir().unwrap(), args, "")
     }
 
     /// [`Server::start`] with its files in `dir` (a restarted server finds its AOF there).
     pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Server {
+        Server::start_free("127.0.0.1", dir, args, "")
+    }
+
+    /// A private server logged into as `userinfo` (`user:password@`, or `""`), on a free port.
+    pub fn start_with_login(args: &[&str], userinfo: &str) -> Server {
+        Server::start_free("127.0.0.1", tempfile::tempdir().unwrap(), args, userinfo)
+    }
+
+    fn start_free(bind: &str, dir: tempfile::TempDir, args: &[&str], userinfo: &str) -> Server {
+        let path = dir.path().to_owned();
+        let mut launch = Some(Launch {
+            bind: bind.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            dir: path,
+            _owned: Some(dir),
+        });
         for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            if let Some(mut server) = Server::start_on(port, dir.path(), args) {
-                server._dir = Some(dir);
+            let mut server = Server { url: String::new(), port: free_port(), launch: launch.take(), child: None };
+            if server.spawn(userinfo) {
                 return server;
             }
+            server.kill();
+            launch = server.launch.take();
         }
         panic!("could not start a private redis-server");
     }
 
     /// A private server on `port`, or `None` if it does not come up (the port was taken).
     pub fn start_on(port: u16, dir: &std::path::Path, args: &[&str]) -> Option<Server> {
-        Server::start_as(port, dir, args, "")
+        let launch = Launch {
+            bind: "127.0.0.1".into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            dir: dir.to_owned(),
+            _owned: None,
+        };
+        let mut server = Server { url: String::new(), port, launch: Some(launch), child: None };
+        server.spawn("").then_some(server)
     }
 
-    /// A private server logged into as `userinfo` (`user:password@`, or `""`), on a free port.
-    pub fn start_with_login(args: &[&str], userinfo: &str) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            if let Some(mut server) = Server::start_as(port, dir.path(), args, userinfo) {
-                server._dir = Some(dir);
-                return server;
-            }
-        }
-        panic!("could not start a private redis-server");
-    }
-
-    fn start_as(port: u16, dir: &std::path::Path, args: &[&str], userinfo: &str) -> Option<Server> {
+    /// Starts the private server on its port and files; false if it did not answer.
+    fn spawn(&mut self, userinfo: &str) -> bool {
+        let launch = self.launch.as_ref().expect("a private server");
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .args(args)
+        cmd.args(["--port", &self.port.to_string(), "--bind"])
+            .args(launch.bind.split_whitespace())
+            .args(["--protected-mode", "no", "--save", "", "--daemonize", "no", "--dir"])
+            .arg(&launch.dir)
+            .args(&launch.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let child = cmd.spawn().expect("redis-server is installed (apt-get install redis-server)");
-        let url = format!("redis://{userinfo}127.0.0.1:{port}/0");
-        let mut server = Server { url, port, child: Some(child), _dir: None };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.child = Some(cmd.spawn().expect("redis-server is installed (apt-get install redis-server)"));
+        self.url = format!("redis://{userinfo}127.0.0.1:{}/0", self.port);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if answers(&server.url) {
-                return Some(server);
+            if answers(&self.url) {
+                return true;
             }
-            if server.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
-                return None;
+            if self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+                return false;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        None
+        false
+    }
+
+    /// Starts a killed private server again on its port and files; false if it did not come
+    /// back.
+    pub fn restart(&mut self) -> bool {
+        self.kill();
+        let userinfo =
+            self.url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).map(|(u, _)| format!("{u}@"));
+        self.spawn(&userinfo.unwrap_or_default())
     }
 
     /// The server tests share: `KOUBOU_TEST_REDIS`, else the machine's at 127.0.0.1:6379, else a
@@ -95,13 +138,26 @@ impl Server {
             return s;
         }
         let url = std::env::var("KOUBOU_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-        let s =
-            Arc::new(if answers(&url) { Server { port: 0, url, child: None, _dir: None } } else { Server::start(&[]) });
+        let s = Arc::new(if answers(&url) {
+            Server { port: 0, url, launch: None, child: None }
+        } else {
+            Server::start(&[])
+        });
         *shared = Arc::downgrade(&s);
         s
     }
 
-    /// Kills the server at once (SIGKILL), as a crash would.
+    /// Runs one command on a new connection.
+    pub fn query(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let mut conn = redis::Client::open(self.url.as_str())?.get_connection_with_timeout(Duration::from_secs(2))?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut conn)
+    }
+
+    /// Kills a private server at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -119,16 +175,25 @@ impl Drop for Server {
 /// A namespace of its own on a server; its keys are deleted on drop.
 pub struct Namespace {
     pub server: Arc<Server>,
+    /// The server's URL.
+    pub url: String,
     pub name: String,
 }
 
+impl Default for Namespace {
+    fn default() -> Self {
+        Namespace::new()
+    }
+}
+
 impl Namespace {
+    /// A namespace on the server tests share ([`Server::shared`]).
     pub fn new() -> Namespace {
         Namespace::on(Server::shared())
     }
 
     pub fn on(server: Arc<Server>) -> Namespace {
-        Namespace { server, name: format!("test-{:016x}", fastrand::u64(..)) }
+        Namespace { url: server.url.clone(), server, name: format!("test-{:016x}", fastrand::u64(..)) }
     }
 
     /// A queue config for this namespace, retries after 40 ms.
@@ -139,6 +204,11 @@ impl Namespace {
             retry: crate::backoff::Backoff { base_ms: 40, max_ms: 40, jitter: 0.0 },
             ..RedisConfig::default()
         }
+    }
+
+    /// The `[queue.redis]` table of a `koubou.toml` selecting this namespace.
+    pub fn toml(&self) -> String {
+        format!("[queue.redis]\nnamespace = \"{}\"\n", self.name)
     }
 
     /// The namespace's keys.

@@ -439,3 +439,110 @@ async fn queue_events_reach_the_other_nodes_with_their_producer() {
         assert_eq!(seen, expected.map(|(k, o)| (k, o.to_owned())), "{who}");
     }
 }
+
+/// A private server where queue `b` logs in as its own ACL user, so that the test can cut `b`
+/// off (its user turned off and its connections killed) while `a` goes on, and let it back.
+struct CutOff {
+    server: Arc<Server>,
+    a: RedisQueue,
+    b: RedisQueue,
+    on_b: koubou_task::Subscription,
+    _ns: Namespace,
+}
+
+impl CutOff {
+    async fn start(keep_events: u64) -> CutOff {
+        let server = Arc::new(Server::start(&["--user", "b", "on", ">b-pw", "~*", "&*", "+@all"]));
+        let ns = Namespace::on(server.clone());
+        let cfg = RedisConfig { keep_events, ..ns.config() };
+        let a = RedisQueue::open(cfg.clone(), Arc::new(EventBus::with_origin("a", 4096))).await.unwrap();
+        let bus_b = EventBus::with_origin("b", 4096);
+        let on_b = bus_b.subscribe(None);
+        let b_url = format!("redis://b:b-pw@127.0.0.1:{}/0", server.port);
+        let b = RedisQueue::open(RedisConfig { url: b_url, ..cfg }, Arc::new(bus_b)).await.unwrap();
+        CutOff { server, a, b, on_b, _ns: ns }
+    }
+
+    /// `b` can neither keep nor make a connection.
+    fn cut(&self) {
+        self.server.query(&["ACL", "SETUSER", "b", "off"]).unwrap();
+        let killed = self.server.query(&["CLIENT", "KILL", "USER", "b"]).unwrap();
+        assert!(matches!(killed, redis::Value::Int(n) if n >= 2), "b's writer and reader were connected: {killed:?}");
+    }
+
+    fn mend(&self) {
+        self.server.query(&["ACL", "SETUSER", "b", "on"]).unwrap();
+    }
+}
+
+/// A node cut off from Redis misses nothing other nodes published meanwhile: once back, it
+/// reads on from the last entry it saw, and its log gets every event, in order, once.
+#[tokio::test]
+async fn a_node_cut_off_reads_what_it_missed_once_back() {
+    let mut t = CutOff::start(100_000).await;
+    let id = TaskId::new();
+    let token = |i: usize| EventKind::TaskToken { task_id: id, text: format!("t{i}") };
+    t.a.relay("w1").publish(token(0));
+    let first = soon("the token sent before the cut", t.on_b.next()).await.unwrap().unwrap();
+    assert!(matches!(&first.kind, EventKind::TaskToken { text, .. } if text == "t0"));
+
+    t.cut();
+    for i in 1..=50 {
+        t.a.relay("w1").publish(token(i));
+    }
+    let task = t.a.submit(new("while b was away", 5)).await.unwrap().task;
+    // The relayed tokens go through a's writer in order with its scripts: the submission's
+    // answer means they are all in the stream.
+    t.mend();
+
+    let mut heard = Vec::new();
+    while heard.len() < 51 {
+        let e = soon("what b missed", t.on_b.next()).await.unwrap().unwrap();
+        heard.push(match &e.kind {
+            EventKind::TaskToken { text, .. } => (e.origin.to_string(), text.clone()),
+            EventKind::TaskCreated { task_id, .. } if *task_id == task.id => (e.origin.to_string(), "created".into()),
+            other => panic!("unexpected {other:?}"),
+        });
+    }
+    let mut expected: Vec<(String, String)> = (1..=50).map(|i| ("w1".to_owned(), format!("t{i}"))).collect();
+    expected.push(("a".into(), "created".into()));
+    assert_eq!(heard, expected);
+    // And b works again: its writes go through once its writer has reconnected too (a write
+    // on the connection that was killed fails, as a worker's would, and is asked again).
+    let claimed = soon("b's claim", async {
+        loop {
+            match t.b.claim_wait(&w(1), &ANY, LEASE, &CancellationToken::new()).await {
+                Err(QueueError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert_eq!(claimed.unwrap().unwrap().task.id, task.id);
+}
+
+/// The stream keeps about `keep_events` entries: a node away for longer misses the oldest,
+/// still gets the newest, and does not stall.
+#[tokio::test]
+async fn a_node_away_past_the_stream_cap_gets_the_newest() {
+    let mut t = CutOff::start(10).await;
+    t.cut();
+    let id = TaskId::new();
+    for i in 0..1000 {
+        t.a.relay("w1").publish(EventKind::TaskToken { task_id: id, text: format!("t{i}") });
+    }
+    t.a.submit(new("a mark after the tokens", 5)).await.unwrap();
+    let len = t.server.query(&["XLEN", &t.a.key("events")]).unwrap();
+    assert!(matches!(len, redis::Value::Int(n) if n < 1000), "the stream was trimmed: {len:?} entries");
+    t.mend();
+    let mut tokens = 0;
+    loop {
+        let e = soon("the newest events", t.on_b.next()).await.unwrap().unwrap();
+        match &e.kind {
+            EventKind::TaskToken { .. } => tokens += 1,
+            EventKind::TaskCreated { .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(tokens < 1000, "b got {tokens} of the 1000 tokens: the oldest were dropped");
+}

@@ -1,5 +1,5 @@
 -- ARGV: id.
-local id = ARGV[4]
+local id = ARGV[5]
 local key = task_key(id)
 local h = redis.call('HMGET', key, 'status', 'attempts')
 local status = h[1]

@@ -1,6 +1,6 @@
 -- ARGV: worker, lease in ms, the tags the worker declares (a JSON array; '' for a worker that
 -- takes any tags), then the kinds to take (none: any kind).
-local worker, lease, declared = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local worker, lease, declared = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 housekeeping()
 local allowed
 if declared ~= '' then
@@ -52,11 +52,11 @@ local function first(set)
 end
 -- The most urgent task the worker serves, over every kind it takes.
 local function head()
-  if #ARGV < 7 then
+  if #ARGV < 8 then
     return first(PENDING)
   end
   local best, id
-  for i = 7, #ARGV do
+  for i = 8, #ARGV do
     local h, score = first(P .. 'pending:' .. ARGV[i])
     if h and (not best or score < best) then
       best, id = score, h

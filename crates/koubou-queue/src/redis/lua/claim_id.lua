@@ -1,6 +1,6 @@
 -- ARGV: id, worker, lease in ms. Claims exactly that task if it is pending (after housekeeping,
 -- which promotes a retry whose backoff is over and requeues an expired lease).
-local id, worker, lease = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local id, worker, lease = ARGV[5], ARGV[6], tonumber(ARGV[7])
 housekeeping()
 local key = task_key(id)
 if redis.call('HGET', key, 'status') ~= 'pending' then

@@ -1,8 +1,8 @@
 -- ARGV: id, worker, attempt, result, backend, model, usage (JSON), warnings (JSON, '' none),
 -- remote ('1' or '0'), cost (optional).
-local id, worker, attempt = ARGV[4], ARGV[5], ARGV[6]
-local result, backend, model, usage, warnings, remote, cost = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11],
-  ARGV[12], opt(ARGV[13])
+local id, worker, attempt = ARGV[5], ARGV[6], ARGV[7]
+local result, backend, model, usage, warnings, remote, cost = ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12],
+  ARGV[13], opt(ARGV[14])
 local key = task_key(id)
 local held, status = fence(key, worker, attempt)
 if held ~= 'held' then

@@ -1,6 +1,6 @@
 -- ARGV: id, worker, attempt, error, retryable ('1' or '0'), retry delay in ms, then backend,
 -- model, remote, partial (optional).
-local id, worker, attempt, err, retryable, delay = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+local id, worker, attempt, err, retryable, delay = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])
 local key = task_key(id)
 local held, status = fence(key, worker, attempt)
 if held ~= 'held' then
@@ -8,12 +8,12 @@ if held ~= 'held' then
 end
 redis.call('HSET', key, 'error', err)
 for i, field in ipairs({ 'backend', 'model', 'remote' }) do
-  local v = opt(ARGV[9 + i])
+  local v = opt(ARGV[10 + i])
   if v then
     redis.call('HSET', key, field, v)
   end
 end
-local partial = opt(ARGV[13])
+local partial = opt(ARGV[14])
 if partial then
   redis.call('HSET', key, 'partial', partial)
 else

@@ -1,5 +1,5 @@
 -- ARGV: id, worker, attempt, lease in ms, then backend, model, partial, remote (optional).
-local id, worker, attempt, ttl = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local id, worker, attempt, ttl = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
 local key = task_key(id)
 local held, status = fence(key, worker, attempt)
 if held == 'notfound' then
@@ -11,7 +11,7 @@ local lease_until = NOW + ttl
 redis.call('HSET', key, 'lease', int(lease_until))
 redis.call('ZADD', LEASES, lease_until, id)
 for i, field in ipairs({ 'backend', 'model', 'partial', 'remote' }) do
-  local v = opt(ARGV[7 + i])
+  local v = opt(ARGV[8 + i])
   if v then
     redis.call('HSET', key, field, v)
   end

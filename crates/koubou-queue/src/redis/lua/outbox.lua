@@ -1,6 +1,6 @@
 -- ARGV: most tasks to return. Housekeeping, then the claimable tasks no confirmed delivery
 -- covers, most urgent first: {id, kind, priority, claims, tags (JSON)} for each.
-local limit = tonumber(ARGV[4])
+local limit = tonumber(ARGV[5])
 housekeeping()
 -- Tasks made pending by a Koubou that kept no outbox: all of them need a delivery, once.
 if redis.call('EXISTS', P .. 'outbox:since') == 0 then

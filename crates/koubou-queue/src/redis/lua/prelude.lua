@@ -1,9 +1,10 @@
 -- Shared by every writing script (prepended to each). KEYS[1] is the namespace's prefix,
 -- "{koubou:<namespace>}:", and every key is built from it: one hash tag, one cluster slot.
 -- ARGV[1] is the calling queue's origin id, ARGV[2] and ARGV[3] how many finished tasks to
--- keep and for how many milliseconds; each script's own arguments start at ARGV[4].
+-- keep and for how many milliseconds, ARGV[4] about how many entries the event stream keeps;
+-- each script's own arguments start at ARGV[5].
 local P = KEYS[1]
-local ORIGIN, KEEP, KEEP_MS = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ORIGIN, KEEP, KEEP_MS, KEEP_EVENTS = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local PENDING, DELAYED, LEASES = P .. 'pending', P .. 'delayed', P .. 'leases'
 local FINISHED, ALL, IDEM = P .. 'finished', P .. 'all', P .. 'idem'
 -- The claimable tasks no confirmed delivery of an outside dispatcher covers (RabbitMQ), in
@@ -192,8 +193,9 @@ local function take(id, key, worker, lease)
 end
 
 -- Every script ends here: {code, message, extra...}. The message (JSON) carries the events,
--- stops and wake-ups, the namespace's write version and how many tasks wait; it is published
--- on the namespace's channel when there is news, for the other queues sharing the namespace.
+-- stops and wake-ups, the namespace's write version and how many tasks wait; when there is
+-- news it is appended (field `m`) to the namespace's event stream, capped at about KEEP_EVENTS
+-- entries, which the other queues sharing the namespace read from the last entry they saw.
 local function reply(code, extra)
   local m = { o = ORIGIN, v = redis.call('INCR', P .. 'version'), q = queued(), w = wake }
   if #notes > 0 then
@@ -204,7 +206,7 @@ local function reply(code, extra)
   end
   local msg = cjson.encode(m)
   if #notes > 0 or #stops > 0 or wake > 0 then
-    redis.call('PUBLISH', P .. 'events', msg)
+    redis.call('XADD', P .. 'events', 'MAXLEN', '~', KEEP_EVENTS, '*', 'm', msg)
   end
   local out = { code, msg }
   for _, x in ipairs(extra or {}) do

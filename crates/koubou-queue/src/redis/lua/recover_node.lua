@@ -1,5 +1,5 @@
 -- ARGV: node. Requeues every running task held by a worker "<node>/…".
-local node = ARGV[4]
+local node = ARGV[5]
 local prefix = node .. '/'
 local n = 0
 for _, id in ipairs(redis.call('ZRANGE', LEASES, 0, -1)) do

@@ -1,7 +1,7 @@
 -- ARGV: id, worker, attempt, then why: '' for a stopping worker (the task is claimable again
 -- at once), or the reason a worker cannot serve it and the wait in ms before it may be claimed
 -- again (retrying meanwhile, the reason as its error). Either way the attempt does not count.
-local id, worker, attempt, reason, wait = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local id, worker, attempt, reason, wait = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local key = task_key(id)
 local held, status = fence(key, worker, attempt)
 if held ~= 'held' then

@@ -1,7 +1,7 @@
 -- ARGV: spec (the task as JSON), id, kind, priority, max attempts, idempotency key ('' none),
 -- most tasks waiting ('' unbounded), tags (a JSON array, for claims by capabilities).
-local spec, id, kind, priority, max, idem, limit = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local tags = ARGV[11]
+local spec, id, kind, priority, max, idem, limit = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local tags = ARGV[12]
 if idem ~= '' then
   local existing = redis.call('HGET', IDEM, idem)
   if existing then
