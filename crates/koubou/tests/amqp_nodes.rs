@@ -17,7 +17,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use support::{FakeLlm, RedisNamespace, Serve, Worker, home_with_fake};
+use support::{FakeLlm, RedisNamespace, Serve, Worker, home_with_fake, submit, task_events, tokens_from};
 
 /// A namespace of its own on the test broker; its queue and exchange are deleted on drop.
 struct AmqpNamespace {
@@ -138,11 +138,6 @@ fn over_redis<'a>(amqp: &'a AmqpNamespace, ns: &'a RedisNamespace) -> [&'a str; 
     ["--queue", &amqp.url, "--store", &ns.url]
 }
 
-async fn submit(url: &str, body: Value) -> String {
-    let r = support::delegate(url, body).await;
-    r["task_id"].as_str().unwrap_or_else(|| panic!("no task_id: {r}")).to_owned()
-}
-
 async fn task(url: &str, id: &str) -> Value {
     reqwest::get(format!("{url}/task/{id}")).await.unwrap().json().await.unwrap()
 }
@@ -161,12 +156,6 @@ async fn finished(url: &str, ids: &[String]) -> Vec<Value> {
         assert!(Instant::now() < deadline, "tasks did not finish: {views:#?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// The SSE events of task `id` on `url`, until the stream ends (at the task's end).
-async fn events(url: &str, id: &str) -> Vec<Value> {
-    let body = reqwest::get(format!("{url}/task/{id}/events")).await.unwrap().text().await.unwrap();
-    body.lines().filter_map(|l| l.strip_prefix("data:")).filter_map(|d| serde_json::from_str(d.trim()).ok()).collect()
 }
 
 /// An RFC 3339 time as (date, seconds into the day), which orders times of one task list.
@@ -201,13 +190,8 @@ async fn a_worker_node_runs_what_rabbitmq_hands_out_most_urgent_first() {
 
     // The controller streams the tokens of a task the worker node runs.
     let id = submit(&ctl.url, json!({"prompt": "hello over rabbitmq"})).await;
-    let seen = events(&ctl.url, &id).await;
-    let tokens: String = seen
-        .iter()
-        .filter(|e| e["event"] == "task_token")
-        .inspect(|e| assert_eq!(e["origin"], "w1", "a token not named after its node: {e}"))
-        .map(|e| e["text"].as_str().unwrap())
-        .collect();
+    let seen = task_events(&ctl.url, &id).await;
+    let tokens = tokens_from(&seen, "w1");
     assert_eq!(tokens, "echo: hello over rabbitmq", "{seen:?}");
     assert_eq!(seen.last().unwrap()["event"], "task_completed", "{seen:?}");
     assert!(task(&ctl.url, &id).await["worker_id"].as_str().unwrap().starts_with("w1/"));

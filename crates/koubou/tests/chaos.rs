@@ -12,175 +12,13 @@ mod support;
 use std::{
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use axum::{Json, Router, extract::State, routing::post};
+use koubou_queue::redis::testing::Server;
 use serde_json::{Value, json};
-use support::{RedisNamespace, Serve, Worker};
-
-/// A private `redis-server` on a free port, its files in a directory of its own: it can be
-/// killed and started again on the same port and files.
-struct PrivateRedis {
-    port: u16,
-    bind: String,
-    args: Vec<String>,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    fn start(bind: &str, args: &[&str]) -> PrivateRedis {
-        let mut r = PrivateRedis {
-            port: 0,
-            bind: bind.to_owned(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        for _ in 0..5 {
-            r.port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            if r.spawn() {
-                return r;
-            }
-            r.kill9();
-        }
-        panic!("could not start a private redis-server");
-    }
-
-    /// Starts the server on its port and files; false if it did not answer (port taken).
-    fn spawn(&mut self) -> bool {
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind"])
-            .args(self.bind.split_whitespace())
-            .args(["--protected-mode", "no", "--save", "", "--dir"])
-            .arg(self.dir.path())
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = cmd.spawn().expect("redis-server (Debian's redis-server package)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self.query(&["PING"]).is_ok() {
-                return true;
-            }
-            if let Some(c) = self.child.as_mut()
-                && matches!(c.try_wait(), Ok(Some(_)))
-            {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn query(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
-        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut conn)
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// One call to the recording backend: its prompt, when it began and when its stream ended (or
-/// was dropped: the caller went away).
-#[derive(Clone, Debug)]
-struct Call {
-    prompt: String,
-    start: Instant,
-    end: Option<Instant>,
-}
-
-/// An OpenAI-compatible backend that records every call. Answers "echo: <prompt>" in words over
-/// `delay` (changeable while it runs); a prompt containing "slow" takes 60 s.
-#[derive(Clone)]
-struct Recorder {
-    calls: Arc<Mutex<Vec<Call>>>,
-    delay: Arc<Mutex<Duration>>,
-}
-
-/// Marks its call ended when dropped: the stream finished or the connection went away.
-struct Ended {
-    calls: Arc<Mutex<Vec<Call>>>,
-    i: usize,
-}
-
-impl Drop for Ended {
-    fn drop(&mut self) {
-        self.calls.lock().unwrap()[self.i].end = Some(Instant::now());
-    }
-}
-
-async fn record(State(r): State<Recorder>, Json(body): Json<Value>) -> axum::response::Response {
-    let prompt =
-        body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("").to_owned();
-    let i = {
-        let mut calls = r.calls.lock().unwrap();
-        calls.push(Call { prompt: prompt.clone(), start: Instant::now(), end: None });
-        calls.len() - 1
-    };
-    let delay = if prompt.contains("slow") { Duration::from_secs(60) } else { *r.delay.lock().unwrap() };
-    let words: Vec<String> = format!("echo: {prompt}").split_inclusive(' ').map(str::to_owned).collect();
-    let per_word = delay / (words.len() as u32 + 1);
-    let mut chunks: Vec<String> = words
-        .into_iter()
-        .map(|w| format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"content":w}}]})))
-        .collect();
-    chunks.push("data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n".into());
-    chunks.push("data: [DONE]\n\n".into());
-    let ended = Ended { calls: r.calls.clone(), i };
-    let stream = futures::stream::unfold((chunks.into_iter(), ended), move |(mut chunks, ended)| async move {
-        tokio::time::sleep(per_word).await;
-        let c = chunks.next()?;
-        Some((Ok::<_, std::io::Error>(c), (chunks, ended)))
-    });
-    axum::response::Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(axum::body::Body::from_stream(stream))
-        .unwrap()
-}
-
-impl Recorder {
-    async fn start(bind: &str, delay: Duration) -> (Recorder, SocketAddr) {
-        let r = Recorder { calls: Default::default(), delay: Arc::new(Mutex::new(delay)) };
-        let app = Router::new().route("/v1/chat/completions", post(record)).with_state(r.clone());
-        let l = tokio::net::TcpListener::bind(format!("{bind}:0")).await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(l, app).await });
-        (r, addr)
-    }
-
-    fn calls(&self) -> Vec<Call> {
-        self.calls.lock().unwrap().clone()
-    }
-
-    fn set_delay(&self, d: Duration) {
-        *self.delay.lock().unwrap() = d;
-    }
-}
+use support::{FakeLlm, RedisNamespace, Serve, Worker, submit, task_events, tokens_from};
 
 /// Timings of a test's nodes: lease and registration TTL, in seconds.
 #[derive(Clone, Copy)]
@@ -224,7 +62,7 @@ backend = "b"
     std::fs::write(dir.join("koubou.toml"), cfg).unwrap();
 }
 
-/// The recording backend's table body.
+/// The fake backend's table body.
 fn openai(addr: SocketAddr, concurrency: usize) -> String {
     format!(
         "kind = \"openai\"\nbase_url = \"http://{addr}/v1\"\nmodel = \"fake\"\napi_key_env = \"\"\nconcurrency = {concurrency}\n"
@@ -235,11 +73,6 @@ fn openai(addr: SocketAddr, concurrency: usize) -> String {
 fn controller(dir: &Path, url: &str, ns: &str, id: &str, backend: &str) -> Serve {
     home(dir, url, ns, 1, QUICK, backend);
     Serve::start(dir, &["--workers", "0", "--node-id", id])
-}
-
-async fn submit(url: &str, body: Value) -> String {
-    let r = support::delegate(url, body).await;
-    r["task_id"].as_str().unwrap_or_else(|| panic!("no task_id: {r}")).to_owned()
 }
 
 async fn task(url: &str, id: &str) -> Value {
@@ -288,7 +121,7 @@ const LATE: [&str; 3] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_past_its_lease_loses_the_task_and_every_late_write() {
     let ns = RedisNamespace::new();
-    let (rec, addr) = Recorder::start("127.0.0.1", Duration::from_secs(4)).await;
+    let (rec, addr) = FakeLlm::start(Duration::from_secs(4)).await;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let ctl = controller(dirs[0].path(), &ns.url, &ns.name, "ctl", &openai(addr, 4));
     home(dirs[1].path(), &ns.url, &ns.name, 1, QUICK, &openai(addr, 4));
@@ -298,7 +131,7 @@ async fn a_node_stopped_past_its_lease_loses_the_task_and_every_late_write() {
     let id = submit(&ctl.url, json!({"prompt": "stalled then taken over"})).await;
     let first = status(&ctl.url, &id, "running").await;
     assert!(first["worker_id"].as_str().unwrap().starts_with("w1/"), "{first}");
-    until("the first attempt to reach the backend", async || (!rec.calls().is_empty()).then_some(())).await;
+    until("the first attempt to reach the backend", async || (!rec.log().is_empty()).then_some(())).await;
     signal(w1.child.id(), "-STOP");
 
     let w2 = Worker::start(dirs[2].path(), &["--node-id", "w2"]);
@@ -317,7 +150,7 @@ async fn a_node_stopped_past_its_lease_loses_the_task_and_every_late_write() {
     }
     let health: Value = reqwest::get(format!("{}/health", ctl.url)).await.unwrap().json().await.unwrap();
     assert_eq!(health["queue"]["completed"], 1, "{health}");
-    assert_eq!(rec.calls().len(), 2, "one call per attempt: {:?}", rec.calls());
+    assert_eq!(rec.log().len(), 2, "one call per attempt: {:?}", rec.log());
     drop(w2);
 }
 
@@ -326,7 +159,7 @@ async fn a_node_stopped_past_its_lease_loses_the_task_and_every_late_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_task_is_requeued_with_only_a_controller_alive() {
     let ns = RedisNamespace::new();
-    let (rec, addr) = Recorder::start("127.0.0.1", Duration::from_secs(60)).await;
+    let (rec, addr) = FakeLlm::start(Duration::from_secs(60)).await;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let ctl = controller(dirs[0].path(), &ns.url, &ns.name, "ctl", &openai(addr, 4));
     home(dirs[1].path(), &ns.url, &ns.name, 1, QUICK, &openai(addr, 4));
@@ -356,9 +189,9 @@ async fn a_dead_nodes_task_is_requeued_with_only_a_controller_alive() {
 /// themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_mid_run_loses_no_accepted_task() {
-    let mut redis = PrivateRedis::start("127.0.0.1", &["--appendonly", "yes", "--appendfsync", "always"]);
-    let url = redis.url();
-    let (rec, addr) = Recorder::start("127.0.0.1", Duration::from_millis(300)).await;
+    let mut redis = Server::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let url = redis.url.clone();
+    let (rec, addr) = FakeLlm::start(Duration::from_millis(300)).await;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let t = Timing { lease: 5, ttl: 5 };
     let ctl = controller(dirs[0].path(), &url, "restart", "ctl", &openai(addr, 4));
@@ -376,7 +209,7 @@ async fn redis_restarted_mid_run_loses_no_accepted_task() {
         h["queue"]["completed"].as_u64()
     };
     until("some tasks to complete", async || health(ctl.url.clone()).await.filter(|&n| n >= 5)).await;
-    redis.kill9();
+    redis.kill();
     // While Redis is down a submission is refused, not taken and lost.
     let r = reqwest::Client::new()
         .post(format!("{}/task/delegate", ctl.url))
@@ -386,7 +219,7 @@ async fn redis_restarted_mid_run_loses_no_accepted_task() {
         .unwrap();
     assert!(r.status().is_server_error(), "{}", r.status());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(redis.spawn(), "redis-server did not come back on its port");
+    assert!(redis.restart(), "redis-server did not come back on its port");
     let back = Instant::now();
 
     let probe = until("the controller to take tasks again", async || {
@@ -407,7 +240,7 @@ async fn redis_restarted_mid_run_loses_no_accepted_task() {
         let prompt = t["prompt"].as_str().unwrap().to_owned();
         assert_eq!(t["result"]["output"], format!("echo: {prompt}"), "{t}");
     }
-    let calls = rec.calls();
+    let calls = rec.log();
     for i in 0..40 {
         let p = format!("before the restart {i}");
         assert!(calls.iter().any(|c| c.prompt == p), "task {i} never ran");
@@ -423,7 +256,7 @@ async fn a_node_cut_off_by_its_network_stops_its_attempt_and_comes_back() {
         // `ip netns` needs root and iproute2 (both on the machine and in CI).
         panic!("cannot create a network namespace: run as root with iproute2 installed");
     };
-    let redis = PrivateRedis::start(&format!("127.0.0.1 {}", net.host_ip), &[]);
+    let redis = Server::start_bound(&format!("127.0.0.1 {}", net.host_ip), &[]);
     let cut_url = format!("redis://{}:{}/0", net.host_ip, redis.port);
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     // Programs, not network backends: the cut node's answers come from its own machine.
@@ -433,7 +266,7 @@ async fn a_node_cut_off_by_its_network_stops_its_attempt_and_comes_back() {
         )
     };
     let t = Timing { lease: 3, ttl: 3 };
-    let ctl = controller(dirs[0].path(), &redis.url(), "netns", "ctl", &exec("controller", 0));
+    let ctl = controller(dirs[0].path(), &redis.url, "netns", "ctl", &exec("controller", 0));
     home(dirs[1].path(), &cut_url, "netns", 1, t, &exec("from-the-cut-node", 10));
     let cut = Worker::start_via(&net.exec_prefix(), dirs[1].path(), &["--node-id", "cut"]);
 
@@ -442,7 +275,7 @@ async fn a_node_cut_off_by_its_network_stops_its_attempt_and_comes_back() {
     assert!(running["worker_id"].as_str().unwrap().starts_with("cut/"), "{running}");
     net.link(false);
     let down = Instant::now();
-    home(dirs[2].path(), &redis.url(), "netns", 1, t, &exec("from-the-host-node", 0));
+    home(dirs[2].path(), &redis.url, "netns", 1, t, &exec("from-the-host-node", 0));
     let host = Worker::start(dirs[2].path(), &["--node-id", "host"]);
     let done = status(&ctl.url, &id, "completed").await;
     assert!(done["worker_id"].as_str().unwrap().starts_with("host/"), "{done}");
@@ -515,7 +348,7 @@ impl Drop for Netns {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priority_and_tags_hold_across_nodes() {
     let ns = RedisNamespace::new();
-    let (rec, addr) = Recorder::start("127.0.0.1", Duration::from_millis(400)).await;
+    let (rec, addr) = FakeLlm::start(Duration::from_millis(400)).await;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let ctl = controller(dirs[0].path(), &ns.url, &ns.name, "ctl", &openai(addr, 4));
     home(dirs[1].path(), &ns.url, &ns.name, 1, QUICK, &openai(addr, 1));
@@ -538,7 +371,7 @@ async fn priority_and_tags_hold_across_nodes() {
     let s = task(&ctl.url, &secret).await;
     assert!(s["worker_id"].as_str().unwrap().starts_with("trusted/"), "{s}");
     // The two high-priority tasks reached the backend before every low one.
-    let order: Vec<String> = rec.calls().into_iter().map(|c| c.prompt).filter(|p| p != "secret").collect();
+    let order: Vec<String> = rec.log().into_iter().map(|c| c.prompt).filter(|p| p != "secret").collect();
     let last_high = order.iter().rposition(|p| p.starts_with("high")).unwrap();
     let first_low = order.iter().position(|p| p.starts_with("low")).unwrap();
     assert!(last_high < first_low, "{order:?}");
@@ -553,9 +386,9 @@ async fn priority_and_tags_hold_across_nodes() {
 async fn chaos_nodes_killed_and_connections_dropped_lose_nothing_and_never_overlap() {
     const TASKS: usize = 2000;
     const RUN: Duration = Duration::from_secs(60);
-    let redis = PrivateRedis::start("127.0.0.1", &[]);
-    let url = redis.url();
-    let (rec, addr) = Recorder::start("127.0.0.1", Duration::from_millis(150)).await;
+    let redis = Server::start(&[]);
+    let url = redis.url.clone();
+    let (rec, addr) = FakeLlm::start(Duration::from_millis(150)).await;
     let t = Timing { lease: 2, ttl: 2 };
     let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
     let ctls = [
@@ -608,9 +441,9 @@ async fn chaos_nodes_killed_and_connections_dropped_lose_nothing_and_never_overl
             nodes[k] = Some(start_node(k));
             disruptions.push(format!("killed w{k}"));
         } else {
-            let kind = if fastrand::u64(0..2) == 0 { "normal" } else { "pubsub" };
-            let _ = redis.query(&["CLIENT", "KILL", "TYPE", kind, "SKIPME", "yes"]);
-            disruptions.push(format!("dropped {kind} connections"));
+            // Every node's writer and event reader (a blocking XREAD) are normal connections.
+            let _ = redis.query(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
+            disruptions.push("dropped every connection".to_owned());
         }
     }
     let ids = submitter.await.unwrap();
@@ -630,7 +463,7 @@ async fn chaos_nodes_killed_and_connections_dropped_lose_nothing_and_never_overl
     assert_eq!(h["queue"]["completed"].as_u64(), Some(TASKS as u64), "one record per task: {h}");
 
     // No two attempts of one task at the backend at once.
-    let mut calls = rec.calls();
+    let mut calls = rec.log();
     calls.sort_by(|a, b| a.prompt.cmp(&b.prompt).then(a.start.cmp(&b.start)));
     let mut retried = 0;
     for pair in calls.windows(2) {
@@ -641,4 +474,39 @@ async fn chaos_nodes_killed_and_connections_dropped_lose_nothing_and_never_overl
         }
     }
     println!("chaos: {TASKS} tasks completed once each; {retried} ran again after a disruption, never overlapping");
+}
+
+/// A controller cut off from Redis (its ACL user turned off, its connections killed) while a
+/// worker node streams a task's tokens: once it is let back, its SSE client gets every token
+/// it missed, in order and once, then the completion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_cut_off_from_redis_misses_no_token() {
+    let redis = Server::start(&["--user", "ctl", "on", ">ctl-pw", "~*", "&*", "+@all"]);
+    let (rec, addr) = FakeLlm::start(Duration::from_secs(8)).await;
+    let (c_home, w_home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ctl_url = format!("redis://ctl:ctl-pw@127.0.0.1:{}/0", redis.port);
+    let ctl = controller(c_home.path(), &ctl_url, "cut", "ctl", &openai(addr, 4));
+    home(w_home.path(), &redis.url, "cut", 1, QUICK, &openai(addr, 4));
+    let _w1 = Worker::start(w_home.path(), &["--node-id", "w1"]);
+
+    let prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen";
+    let id = submit(&ctl.url, json!({ "prompt": prompt })).await;
+    let sse = {
+        let (url, id) = (ctl.url.clone(), id.clone());
+        tokio::spawn(async move { task_events(&url, &id).await })
+    };
+    until("the task to reach the backend", async || (!rec.log().is_empty()).then_some(())).await;
+    redis.query(&["ACL", "SETUSER", "ctl", "off"]).unwrap();
+    let killed = redis.query(&["CLIENT", "KILL", "USER", "ctl"]).unwrap();
+    assert!(matches!(killed, redis::Value::Int(n) if n >= 2), "the controller was connected: {killed:?}");
+    // The worker goes on streaming while the controller is away.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.query(&["ACL", "SETUSER", "ctl", "on"]).unwrap();
+
+    let seen = tokio::time::timeout(Duration::from_secs(180), sse).await.expect("the SSE stream ended").unwrap();
+    assert_eq!(tokens_from(&seen, "w1"), format!("echo: {prompt}"), "{seen:?}");
+    assert_eq!(seen.last().unwrap()["event"], "task_completed", "{seen:?}");
+    let log = std::fs::read_to_string(&ctl.stderr_log).unwrap_or_default();
+    assert!(log.contains("reading the queue's event stream again"), "the controller never reconnected:\n{log}");
+    println!("the controller missed nothing over its reconnection ({} events)", seen.len());
 }

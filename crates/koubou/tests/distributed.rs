@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{FakeLlm, RedisNamespace, Serve, Worker, home_with_fake};
+use support::{FakeLlm, RedisNamespace, Serve, Worker, home_with_fake, submit, task_events, tokens_from};
 
 /// A controller (no local workers) and a home for a worker node, on one namespace.
 fn controller(ns: &RedisNamespace, fake: std::net::SocketAddr, dir: &std::path::Path) -> Serve {
@@ -17,17 +17,6 @@ fn controller(ns: &RedisNamespace, fake: std::net::SocketAddr, dir: &std::path::
 
 fn worker_home(ns: &RedisNamespace, fake: std::net::SocketAddr, dir: &std::path::Path, extra: &str) {
     home_with_fake(dir, fake, &format!("{extra}\n{}", ns.toml()));
-}
-
-async fn submit(url: &str, body: Value) -> String {
-    let r = support::delegate(url, body).await;
-    r["task_id"].as_str().unwrap_or_else(|| panic!("no task_id: {r}")).to_owned()
-}
-
-/// The SSE events of task `id` on `url`, until the stream ends (at the task's end).
-async fn events(url: &str, id: &str) -> Vec<Value> {
-    let body = reqwest::get(format!("{url}/task/{id}/events")).await.unwrap().text().await.unwrap();
-    body.lines().filter_map(|l| l.strip_prefix("data:")).filter_map(|d| serde_json::from_str(d.trim()).ok()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,13 +29,8 @@ async fn a_controller_streams_the_tokens_of_a_task_run_by_a_worker_node() {
     let w = Worker::start(w_home.path(), &["--queue", &ns.url, "--node-id", "w1", "--capabilities", "general"]);
 
     let id = submit(&ctl.url, json!({"prompt": "hello from the controller"})).await;
-    let seen = events(&ctl.url, &id).await;
-    let tokens: String = seen
-        .iter()
-        .filter(|e| e["event"] == "task_token")
-        .inspect(|e| assert_eq!(e["origin"], "w1", "a token not named after its node: {e}"))
-        .map(|e| e["text"].as_str().unwrap())
-        .collect();
+    let seen = task_events(&ctl.url, &id).await;
+    let tokens = tokens_from(&seen, "w1");
     assert_eq!(tokens, "echo: hello from the controller", "{seen:?}");
     assert_eq!(seen.last().unwrap()["event"], "task_completed", "{seen:?}");
     let task: Value = reqwest::get(format!("{}/task/{id}", ctl.url)).await.unwrap().json().await.unwrap();
@@ -85,7 +69,7 @@ async fn a_worker_node_claims_only_the_kinds_it_declares() {
     // it, completes.
     let code = submit(&ctl.url, json!({"prompt": "a code task", "type": "code"})).await;
     let general = submit(&ctl.url, json!({"prompt": "a general task", "type": "general"})).await;
-    let seen = events(&ctl.url, &general).await;
+    let seen = task_events(&ctl.url, &general).await;
     assert_eq!(seen.last().unwrap()["event"], "task_completed", "{seen:?}");
     let t: Value = reqwest::get(format!("{}/task/{code}", ctl.url)).await.unwrap().json().await.unwrap();
     assert_eq!((&t["status"], &t["worker_id"]), (&json!("pending"), &Value::Null), "{t}");
@@ -144,7 +128,7 @@ async fn a_task_of_a_killed_worker_node_completes_once_on_another() {
     tokio::task::spawn_blocking(move || w1.kill9()).await.unwrap();
     let killed = std::time::Instant::now();
     let w2 = Worker::start(h2.path(), &["--queue", &ns.url, "--node-id", "w2"]);
-    let seen = events(&ctl.url, &id).await;
+    let seen = task_events(&ctl.url, &id).await;
     // A figure, not a check (a loaded machine is only slower): the lease is 6 s.
     println!("completed on w2 {:.2} s after w1 was killed (lease 6 s)", killed.elapsed().as_secs_f64());
     assert_eq!(seen.last().unwrap()["event"], "task_completed", "{seen:?}");

@@ -120,6 +120,33 @@ pub async fn delegate(url: &str, body: serde_json::Value) -> serde_json::Value {
     reqwest::Client::new().post(format!("{url}/task/delegate")).json(&body).send().await.unwrap().json().await.unwrap()
 }
 
+/// Submits through `POST /task/delegate` and returns the new task's id.
+#[allow(dead_code)]
+pub async fn submit(url: &str, body: serde_json::Value) -> String {
+    let r = delegate(url, body).await;
+    r["task_id"].as_str().unwrap_or_else(|| panic!("no task_id: {r}")).to_owned()
+}
+
+/// The SSE events of task `id` on `url` (`GET /task/<id>/events`), until the stream ends at
+/// the task's end.
+#[allow(dead_code)]
+pub async fn task_events(url: &str, id: &str) -> Vec<serde_json::Value> {
+    let body = reqwest::get(format!("{url}/task/{id}/events")).await.unwrap().text().await.unwrap();
+    body.lines().filter_map(|l| l.strip_prefix("data:")).filter_map(|d| serde_json::from_str(d.trim()).ok()).collect()
+}
+
+/// The text of the `task_token` events among `events`, each checked to be named after node
+/// `origin`.
+#[allow(dead_code)]
+pub fn tokens_from(events: &[serde_json::Value], origin: &str) -> String {
+    events
+        .iter()
+        .filter(|e| e["event"] == "task_token")
+        .inspect(|e| assert_eq!(e["origin"], origin, "a token not named after its node: {e}"))
+        .map(|e| e["text"].as_str().unwrap())
+        .collect()
+}
+
 fn unsafe_kill(pid: u32) {
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
 }
@@ -141,31 +168,65 @@ pub fn cli(home: &Path, url: &str, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// A fake OpenAI-compatible server: streams "echo: <prompt>" in words, after `delay`; counts
-/// calls per prompt. A prompt containing "slow" takes 30 s; one containing "fail" gets a 500.
+/// A fake OpenAI-compatible server: streams "echo: <prompt>" in words over `delay` (changeable
+/// while it runs); counts calls per prompt and records when each began and ended. A prompt
+/// containing "slow" takes 30 s; one containing "fail" gets a 500.
 #[derive(Clone, Default)]
 pub struct FakeLlm {
     pub calls: Arc<Mutex<HashMap<String, usize>>>,
-    pub delay: Duration,
+    log: Arc<Mutex<Vec<Call>>>,
+    delay: Arc<Mutex<Duration>>,
+}
+
+/// One call to a [`FakeLlm`]: its prompt, when it began, and when its stream ended (or was
+/// dropped: the caller went away).
+#[derive(Clone, Debug)]
+#[allow(dead_code)]
+pub struct Call {
+    pub prompt: String,
+    pub start: std::time::Instant,
+    pub end: Option<std::time::Instant>,
+}
+
+/// Marks its call ended when dropped: the stream finished or the connection went away.
+struct Ended {
+    log: Arc<Mutex<Vec<Call>>>,
+    i: usize,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.log.lock().unwrap()[self.i].end = Some(std::time::Instant::now());
+    }
 }
 
 async fn chat(State(f): State<FakeLlm>, Json(body): Json<serde_json::Value>) -> axum::response::Response {
     let prompt =
         body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("").to_owned();
     *f.calls.lock().unwrap().entry(prompt.clone()).or_default() += 1;
+    let ended = {
+        let mut log = f.log.lock().unwrap();
+        log.push(Call { prompt: prompt.clone(), start: std::time::Instant::now(), end: None });
+        Ended { log: f.log.clone(), i: log.len() - 1 }
+    };
     if prompt.contains("fail") {
         return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response();
     }
-    let delay = if prompt.contains("slow") { Duration::from_secs(30) } else { f.delay };
+    let delay = if prompt.contains("slow") { Duration::from_secs(30) } else { *f.delay.lock().unwrap() };
     let words: Vec<String> = format!("echo: {prompt}").split_inclusive(' ').map(str::to_owned).collect();
-    let stream = async_stream(words, delay);
+    let stream = async_stream(words, delay, ended);
     axum::response::Response::builder()
         .header("content-type", "text/event-stream")
         .body(axum::body::Body::from_stream(stream))
         .unwrap()
 }
 
-fn async_stream(words: Vec<String>, delay: Duration) -> impl futures::Stream<Item = Result<String, std::io::Error>> {
+/// The chunks of `words` over `delay`; `ended` goes with the stream.
+fn async_stream(
+    words: Vec<String>,
+    delay: Duration,
+    ended: Ended,
+) -> impl futures::Stream<Item = Result<String, std::io::Error>> {
     let per_word = delay / (words.len() as u32 + 1);
     let chunks = words.into_iter().map(|w| {
         let d = serde_json::json!({"choices":[{"index":0,"delta":{"content":w}}]});
@@ -175,9 +236,12 @@ fn async_stream(words: Vec<String>, delay: Duration) -> impl futures::Stream<Ite
         "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n".to_owned(),
         "data: [DONE]\n\n".to_owned(),
     ];
-    futures::stream::iter(chunks.chain(tail)).then(move |c| async move {
-        tokio::time::sleep(per_word).await;
-        Ok(c)
+    futures::stream::iter(chunks.chain(tail)).then(move |c| {
+        let _ended = &ended;
+        async move {
+            tokio::time::sleep(per_word).await;
+            Ok(c)
+        }
     })
 }
 
@@ -185,7 +249,7 @@ use futures::StreamExt;
 
 impl FakeLlm {
     pub async fn start(delay: Duration) -> (FakeLlm, SocketAddr) {
-        let f = FakeLlm { calls: Default::default(), delay };
+        let f = FakeLlm { delay: Arc::new(Mutex::new(delay)), ..FakeLlm::default() };
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route(
@@ -203,6 +267,18 @@ impl FakeLlm {
 
     pub fn calls(&self, prompt: &str) -> usize {
         self.calls.lock().unwrap().get(prompt).copied().unwrap_or(0)
+    }
+
+    /// Every call so far, in the order they came.
+    #[allow(dead_code)]
+    pub fn log(&self) -> Vec<Call> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// How long the next answers take.
+    #[allow(dead_code)]
+    pub fn set_delay(&self, d: Duration) {
+        *self.delay.lock().unwrap() = d;
     }
 }
 
@@ -261,42 +337,15 @@ pub async fn fake_ollama() -> SocketAddr {
     addr
 }
 
-/// A namespace of its own on the machine's Redis (127.0.0.1:6379, or `KOUBOU_TEST_REDIS`),
-/// its keys deleted on drop.
-pub struct RedisNamespace {
-    pub url: String,
-    pub name: String,
-}
-
-impl RedisNamespace {
-    pub fn new() -> RedisNamespace {
-        let url = std::env::var("KOUBOU_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-        RedisNamespace { url, name: format!("bin-test-{:016x}", fastrand_u64()) }
-    }
-
-    /// The `[queue.redis]` table selecting this namespace.
-    pub fn toml(&self) -> String {
-        format!("[queue.redis]\nnamespace = \"{}\"\n", self.name)
-    }
-}
+/// A namespace of its own on the machine's Redis (`KOUBOU_TEST_REDIS`), its keys deleted on drop.
+#[allow(unused_imports)]
+pub use koubou_queue::redis::testing::Namespace as RedisNamespace;
 
 pub fn fastrand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
     h.finish()
-}
-
-impl Drop for RedisNamespace {
-    fn drop(&mut self) {
-        let script = "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end";
-        let pattern = format!("{{koubou:{}}}:*", self.name);
-        let _ = Command::new("redis-cli")
-            .args(["-u", &self.url, "EVAL", script, "0", &pattern])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 /// A running `koubou worker` child; killed on drop.
