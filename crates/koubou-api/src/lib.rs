@@ -24,7 +24,7 @@ pub use error::{ApiError, Busy};
 pub use service::{Api, EventFeed, EventStream};
 pub use submit::{SUBMIT_FIELDS, SubmitRequest, tags};
 pub use view::{
-    BackendView, CooldownView, DEGRADED, DELEGATED, HEALTHY, HealthView, ListQuery, NodeBackendView, NodeView,
-    NodesView, QueueView, Second, SubmitResponse, SystemInfo, SystemStatus, TaskList, TaskResult, TaskView, WorkerView,
-    WorkersView,
+    BackendView, ClusterView, CooldownView, DEGRADED, DELEGATED, HEALTHY, HealthView, ListQuery, NodeBackendView,
+    NodeView, NodesView, QueueView, Second, SubmitResponse, SystemInfo, SystemStatus, TaskList, TaskResult, TaskView,
+    WorkerView, WorkersView,
 };

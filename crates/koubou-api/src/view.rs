@@ -325,7 +325,26 @@ pub struct WorkersView {
     #[serde(default)]
     #[schema(required = true)]
     pub warnings: Vec<String>,
+    /// This node's workers (other nodes' are counted in `cluster`).
     pub workers: Vec<WorkerView>,
+    /// Every node's workers, on a queue several nodes share.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub cluster: ClusterView,
+}
+
+/// The workers of every node registered with the queue: this node's as they are now, another
+/// node's as of its last heartbeat (`GET /nodes` lists them one by one).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ClusterView {
+    /// Nodes whose registration is live.
+    pub nodes_alive: usize,
+    /// Nodes that stopped renewing their registration and are not swept yet.
+    pub nodes_lost: usize,
+    /// Workers of the live nodes running a task.
+    pub busy: u32,
+    /// The most workers the live nodes run.
+    pub max_workers: u32,
 }
 
 /// One backend's health, and the task types it serves.
@@ -382,7 +401,12 @@ pub struct HealthView {
     pub timestamp: String,
     pub version: String,
     pub queue: QueueView,
+    /// This node's workers.
     pub workers: usize,
+    /// Every node's workers, on a queue several nodes share.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub cluster: ClusterView,
     pub backends: Vec<BackendView>,
     /// Task type → `backend/model` that serves it (with `[remote]`, its fallbacks, and
     /// `[confidential]` when the type is).

@@ -201,6 +201,7 @@ pub(crate) fn system(h: &HealthView, w: &WorkersView, s: &SystemStatus) -> CallT
         "version": h.version,
         "queue": h.queue,
         "workers": {"active": w.active, "busy": w.busy, "max": w.max_workers},
+        "cluster": w.cluster,
         "backends": backends,
         "routes": h.routes,
         "throughput_per_sec": s.throughput_per_sec,
@@ -224,6 +225,13 @@ pub(crate) fn system(h: &HealthView, w: &WorkersView, s: &SystemStatus) -> CallT
         w.active,
         w.max_workers
     );
+    let c = &w.cluster;
+    if c.nodes_alive + c.nodes_lost > 1 {
+        text += &format!(
+            "; {} nodes alive ({} lost), their workers {} busy of {}",
+            c.nodes_alive, c.nodes_lost, c.busy, c.max_workers
+        );
+    }
     for b in &h.backends {
         text += &format!(
             "\nbackend {} ({}, {}, {}): {} — {}",

@@ -15,9 +15,9 @@ use koubou_worker::{Pool, memory};
 use parking_lot::Mutex;
 
 use koubou_api::{
-    Api, ApiError, BackendView, Busy, CooldownView, EventFeed, EventStream, HealthView, ListQuery, NodeBackendView,
-    NodeView, NodesView, QueueView, Second, SubmitRequest, SubmitResponse, SystemInfo, SystemStatus, TaskList,
-    TaskView, WorkerView, WorkersView,
+    Api, ApiError, BackendView, Busy, ClusterView, CooldownView, EventFeed, EventStream, HealthView, ListQuery,
+    NodeBackendView, NodeView, NodesView, QueueView, Second, SubmitRequest, SubmitResponse, SystemInfo, SystemStatus,
+    TaskList, TaskView, WorkerView, WorkersView,
 };
 
 use crate::{
@@ -322,6 +322,24 @@ impl Koubou {
         v
     }
 
+    /// Every registered node's workers: this node's as they are now, the others' as of their
+    /// last heartbeat.
+    async fn cluster(&self) -> Result<ClusterView, ApiError> {
+        let now = now_millis();
+        let mut cluster = ClusterView::default();
+        for n in self.inner.registry.nodes().await.map_err(queue_error)? {
+            if n.expires_at <= now {
+                cluster.nodes_lost += 1;
+                continue;
+            }
+            cluster.nodes_alive += 1;
+            let load = if n.id == self.inner.node { load(self.inner.pool.as_deref()) } else { n.load };
+            cluster.busy += load.busy;
+            cluster.max_workers += load.max_workers;
+        }
+        Ok(cluster)
+    }
+
     pub(crate) async fn counts(&self) -> Result<koubou_queue::StatusCounts, ApiError> {
         self.inner.queue.counts().await.map_err(queue_error)
     }
@@ -491,8 +509,10 @@ impl Api for Koubou {
     }
 
     async fn workers(&self) -> Result<WorkersView, ApiError> {
+        let cluster = self.cluster().await?;
         let Some(pool) = &self.inner.pool else {
             return Ok(WorkersView {
+                cluster,
                 active: 0,
                 busy: 0,
                 min_workers: 0,
@@ -526,6 +546,7 @@ impl Api for Koubou {
             configured_max_workers: pool.config().max_workers,
             warnings: pool.warnings(),
             workers,
+            cluster,
         })
     }
 
@@ -625,6 +646,7 @@ impl Api for Koubou {
                 cancelled: c.cancelled,
             },
             workers: self.inner.pool.as_ref().map_or(0, |p| p.workers().len()),
+            cluster: self.cluster().await?,
             backends,
             routes,
             spared: router.spared(),

@@ -265,6 +265,12 @@ async fn every_face_lists_the_nodes_with_backends_load_heartbeat_and_state() {
     assert!(!seen.is_empty() && seen < expires && w1["started_at"].as_str().unwrap() <= seen, "{w1}");
     let ctl_node = node("ctl").await.expect("the controller is a node too");
     assert_eq!((&ctl_node["max_workers"], &ctl_node["busy"]), (&json!(0), &json!(0)), "{ctl_node}");
+    // The controller's pool and health count every node's workers: none of its own, w1's four.
+    let cluster = |alive: usize, lost: usize, busy: u32, max: u32| json!({"nodes_alive": alive, "nodes_lost": lost, "busy": busy, "max_workers": max});
+    for path in ["/workers/status", "/health"] {
+        let v: Value = reqwest::get(format!("{}{path}", ctl.url)).await.unwrap().json().await.unwrap();
+        assert_eq!(v["cluster"], cluster(2, 0, 1, 4), "{path}: {v}");
+    }
 
     // Heartbeats move on.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -310,6 +316,8 @@ async fn every_face_lists_the_nodes_with_backends_load_heartbeat_and_state() {
     .await
     .expect("w1 never lost");
     assert_eq!(lost["lost"], true, "{lost}");
+    let v: Value = reqwest::get(format!("{}/workers/status", ctl.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(v["cluster"], cluster(1, 1, 0, 0), "a lost node's workers are not counted: {v}");
     let (code, out, _) = support::cli(c_home.path(), &ctl.url, &["nodes"]);
     assert!(code == 0 && out.lines().any(|l| l.contains("w1") && l.contains("lost")), "{out}");
 }
