@@ -1,45 +1,22 @@
 //! The dashboard in a real headless Chromium (Debian's), driven by playwright-core through
 //! `tests/browser/dashboard.cjs`: submit from the form, watch it complete, cancel another, no
-//! request to any host but 127.0.0.1; screenshots in `artifacts/`.
+//! request to any host but 127.0.0.1; screenshots in `KOUBOU_ARTIFACTS` (or `artifacts/`).
 //!
 //! Needs `scripts/ensure-chromium.sh` and `scripts/ensure-node-tools.sh` (fails, naming them,
 //! when missing) unless `KOUBOU_SKIP_REAL_PEERS=1`.
 
 mod support;
 
-use std::path::PathBuf;
+#[path = "../../../tests/browser/peers.rs"]
+mod peers;
 
 use koubou_live::{dashboard_router, graphql_router};
 use serde_json::json;
 use support::*;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_in_headless_chromium() {
-    if std::env::var("KOUBOU_SKIP_REAL_PEERS").as_deref() == Ok("1") {
-        eprintln!("KOUBOU_SKIP_REAL_PEERS=1: skipping the browser test");
-        return;
-    }
-    let chromium = std::env::var("KOUBOU_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        std::path::Path::new(&chromium).exists(),
-        "no Chromium at {chromium}: run scripts/ensure-chromium.sh (or set KOUBOU_SKIP_REAL_PEERS=1)"
-    );
-    let modules = std::env::var("KOUBOU_NODE_MODULES").map(PathBuf::from).unwrap_or_else(|_| {
-        let cache = std::env::var("KOUBOU_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/koubou"));
-        cache.join("node/node_modules")
-    });
-    assert!(
-        modules.join("playwright-core").is_dir(),
-        "no playwright-core in {}: run scripts/ensure-node-tools.sh (or set KOUBOU_SKIP_REAL_PEERS=1)",
-        modules.display()
-    );
-
+    let Some(browser) = peers::Browser::find() else { return };
     let s = start(|k| dashboard_router(k.clone()).merge(graphql_router(k))).await;
     // Some history on the board.
     for p in
@@ -53,20 +30,7 @@ async fn dashboard_in_headless_chromium() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    let script = root().join("tests/browser/dashboard.cjs");
-    let out = tokio::process::Command::new("node")
-        .arg(&script)
-        .env("KOUBOU_URL", format!("http://{}", s.addr))
-        .env("KOUBOU_NODE_MODULES", &modules)
-        .env("KOUBOU_CHROMIUM", &chromium)
-        .env("KOUBOU_ARTIFACTS", root().join("artifacts"))
-        .output()
-        .await
-        .expect("cannot run node (apt-get install -y nodejs npm)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}\n{stderr}");
-    assert!(out.status.success(), "browser test failed:\n{stdout}\n{stderr}");
+    browser.run("dashboard.cjs", &format!("http://{}", s.addr), &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,9 +3,14 @@
 //! `distributed.rs`). Real processes on the machine's Redis: `koubou serve --workers 0` (the
 //! controller, every port on) and `koubou worker` (the node that runs the tasks). And every face
 //! that lists nodes shows the worker node: its backends and models, its load, its last
-//! heartbeat, and whether it is alive or lost.
+//! heartbeat, and whether it is alive or lost. And the controller's dashboard, in a real headless
+//! Chromium, shows a worker node's task as it streams (needs `scripts/ensure-chromium.sh` and
+//! `scripts/ensure-node-tools.sh`, unless `KOUBOU_SKIP_REAL_PEERS=1`).
 
 mod support;
+
+#[path = "../../../tests/browser/peers.rs"]
+mod peers;
 
 use std::{path::Path, time::Duration};
 
@@ -217,6 +222,34 @@ async fn a_controller_streams_a_worker_nodes_tokens_over_websocket_graphql_and_m
     );
     let id = answer["task_id"].as_str().unwrap();
     let task: Value = reqwest::get(format!("{}/task/{id}", ctl.url)).await.unwrap().json().await.unwrap();
+    assert!(task["worker_id"].as_str().unwrap().starts_with("w1/"), "{task}");
+    drop(w);
+}
+
+/// The controller's dashboard in Chromium (`tests/browser/dashboard_nodes.cjs`): a task submitted
+/// from its form runs on worker node w1; the page shows the answer growing token by token, then
+/// the task completed with the whole answer and run by a worker of w1, the events log naming w1,
+/// and the Nodes panel listing w1 alive with its load — no request to any host but 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_dashboard_shows_a_worker_nodes_tokens_in_a_real_browser() {
+    let Some(browser) = peers::Browser::find() else { return };
+    let ns = RedisNamespace::new();
+    // Ten tokens ("echo: " and the prompt's nine words), 300 ms apart: the page reads the task
+    // (its answer so far) when it starts, well before its first token.
+    let prompt = "tokens from worker node w1 stream into the dashboard";
+    let (_fake, addr) = FakeLlm::start(Duration::from_millis(3300)).await;
+    let (c_home, w_home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ctl = controller(&ns, addr, c_home.path());
+    home(&ns, addr, w_home.path(), 30);
+    let w = worker(&ns, w_home.path()).await;
+
+    let answer = format!("echo: {prompt}");
+    let env =
+        [("KOUBOU_CONTROLLER", "ctl"), ("KOUBOU_NODE", "w1"), ("KOUBOU_PROMPT", prompt), ("KOUBOU_ANSWER", &answer)];
+    let out = browser.run("dashboard_nodes.cjs", &ctl.url, &env).await;
+    let id = out.lines().find_map(|l| l.strip_prefix("task_id=")).expect("the script names its task");
+    let task: Value = reqwest::get(format!("{}/task/{id}", ctl.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(task["status"], "completed", "{task}");
     assert!(task["worker_id"].as_str().unwrap().starts_with("w1/"), "{task}");
     drop(w);
 }
