@@ -17,7 +17,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use support::{FakeLlm, RedisNamespace, Serve, Worker, home_with_fake, submit, task_events, tokens_from};
+use support::{FakeLlm, RedisNamespace, Serve, Worker, home_with_fake, read_events, submit, tokens_from, watch_events};
 
 /// A namespace of its own on the test broker; its queue and exchange are deleted on drop.
 struct AmqpNamespace {
@@ -182,15 +182,16 @@ async fn a_worker_node_runs_what_rabbitmq_hands_out_most_urgent_first() {
     home(w_home.path(), addr, &settings);
     let ctl =
         Serve::start(c_home.path(), &[&over_redis(&amqp, &ns)[..], &["--workers", "0", "--node-id", "ctl"]].concat());
+    // The controller streams the tokens of a task the worker node runs (watched before the node
+    // starts, so that no token goes by before the watch).
+    let id = submit(&ctl.url, json!({"prompt": "hello over rabbitmq"})).await;
+    let sse = watch_events(&ctl.url, &id).await;
     let w = Worker::start(
         w_home.path(),
         &[&over_redis(&amqp, &ns)[..], &["--node-id", "w1", "--max-workers", "1"]].concat(),
     );
     assert!(!amqp.connections().is_empty(), "no connection named after the namespace");
-
-    // The controller streams the tokens of a task the worker node runs.
-    let id = submit(&ctl.url, json!({"prompt": "hello over rabbitmq"})).await;
-    let seen = task_events(&ctl.url, &id).await;
+    let seen = read_events(sse).await;
     let tokens = tokens_from(&seen, "w1");
     assert_eq!(tokens, "echo: hello over rabbitmq", "{seen:?}");
     assert_eq!(seen.last().unwrap()["event"], "task_completed", "{seen:?}");

@@ -18,7 +18,7 @@ use std::{
 
 use koubou_queue::redis::testing::Server;
 use serde_json::{Value, json};
-use support::{FakeLlm, RedisNamespace, Serve, Worker, submit, task_events, tokens_from};
+use support::{FakeLlm, RedisNamespace, Serve, Worker, read_events, submit, tokens_from, watch_events};
 
 /// Timings of a test's nodes: lease and registration TTL, in seconds.
 #[derive(Clone, Copy)]
@@ -487,14 +487,12 @@ async fn a_controller_cut_off_from_redis_misses_no_token() {
     let ctl_url = format!("redis://ctl:ctl-pw@127.0.0.1:{}/0", redis.port);
     let ctl = controller(c_home.path(), &ctl_url, "cut", "ctl", &openai(addr, 4));
     home(w_home.path(), &redis.url, "cut", 1, QUICK, &openai(addr, 4));
-    let _w1 = Worker::start(w_home.path(), &["--node-id", "w1"]);
 
+    // Watched before the worker node starts: every token is published after the watch began.
     let prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen";
     let id = submit(&ctl.url, json!({ "prompt": prompt })).await;
-    let sse = {
-        let (url, id) = (ctl.url.clone(), id.clone());
-        tokio::spawn(async move { task_events(&url, &id).await })
-    };
+    let sse = tokio::spawn(read_events(watch_events(&ctl.url, &id).await));
+    let _w1 = Worker::start(w_home.path(), &["--node-id", "w1"]);
     until("the task to reach the backend", async || (!rec.log().is_empty()).then_some(())).await;
     redis.query(&["ACL", "SETUSER", "ctl", "off"]).unwrap();
     let killed = redis.query(&["CLIENT", "KILL", "USER", "ctl"]).unwrap();

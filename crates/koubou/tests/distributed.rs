@@ -7,7 +7,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{FakeLlm, RedisNamespace, Serve, Worker, home_with_fake, submit, task_events, tokens_from};
+use support::{
+    FakeLlm, RedisNamespace, Serve, Worker, home_with_fake, read_events, submit, task_events, tokens_from, watch_events,
+};
 
 /// A controller (no local workers) and a home for a worker node, on one namespace.
 fn controller(ns: &RedisNamespace, fake: std::net::SocketAddr, dir: &std::path::Path) -> Serve {
@@ -26,10 +28,11 @@ async fn a_controller_streams_the_tokens_of_a_task_run_by_a_worker_node() {
     let (c_home, w_home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ctl = controller(&ns, addr, c_home.path());
     worker_home(&ns, addr, w_home.path(), "");
-    let w = Worker::start(w_home.path(), &["--queue", &ns.url, "--node-id", "w1", "--capabilities", "general"]);
-
+    // Watched before any node can run it, so that no token goes by before the watch.
     let id = submit(&ctl.url, json!({"prompt": "hello from the controller"})).await;
-    let seen = task_events(&ctl.url, &id).await;
+    let sse = watch_events(&ctl.url, &id).await;
+    let w = Worker::start(w_home.path(), &["--queue", &ns.url, "--node-id", "w1", "--capabilities", "general"]);
+    let seen = read_events(sse).await;
     let tokens = tokens_from(&seen, "w1");
     assert_eq!(tokens, "echo: hello from the controller", "{seen:?}");
     assert_eq!(seen.last().unwrap()["event"], "task_completed", "{seen:?}");

@@ -127,12 +127,27 @@ pub async fn submit(url: &str, body: serde_json::Value) -> String {
     r["task_id"].as_str().unwrap_or_else(|| panic!("no task_id: {r}")).to_owned()
 }
 
-/// The SSE events of task `id` on `url` (`GET /task/<id>/events`), until the stream ends at
-/// the task's end.
+/// Opens the SSE events of task `id` on `url` (`GET /task/<id>/events`). Once it has answered,
+/// the server watches the task: every event from then on reaches the stream (a watch starts at
+/// once; what was published before is not replayed).
+#[allow(dead_code)]
+pub async fn watch_events(url: &str, id: &str) -> reqwest::Response {
+    let r = reqwest::get(format!("{url}/task/{id}/events")).await.unwrap();
+    assert!(r.status().is_success(), "GET /task/{id}/events: {}", r.status());
+    r
+}
+
+/// The events of an opened SSE stream, until it ends at the task's end.
+#[allow(dead_code)]
+pub async fn read_events(sse: reqwest::Response) -> Vec<serde_json::Value> {
+    let body = sse.text().await.unwrap();
+    body.lines().filter_map(|l| l.strip_prefix("data:")).filter_map(|d| serde_json::from_str(d.trim()).ok()).collect()
+}
+
+/// The SSE events of task `id` on `url` from now until the task's end.
 #[allow(dead_code)]
 pub async fn task_events(url: &str, id: &str) -> Vec<serde_json::Value> {
-    let body = reqwest::get(format!("{url}/task/{id}/events")).await.unwrap().text().await.unwrap();
-    body.lines().filter_map(|l| l.strip_prefix("data:")).filter_map(|d| serde_json::from_str(d.trim()).ok()).collect()
+    read_events(watch_events(url, id).await).await
 }
 
 /// The text of the `task_token` events among `events`, each checked to be named after node
