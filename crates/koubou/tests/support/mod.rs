@@ -60,20 +60,9 @@ impl Serve {
         ));
         // A face's port given in `extra` replaces the 0 that leaves it unbound.
         let ports = ["--port", "--ws-port", "--graphql-port"].into_iter().filter(|p| !extra.contains(p));
-        let mut child = Command::new(bin())
-            .arg("serve")
-            .args(ports.flat_map(|p| [p, "0"]))
-            .arg("--home")
-            .arg(home)
-            .args(extra)
-            .env("LOG_LEVEL", "info")
-            .env_remove("KOUBOU_HOME")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start koubou serve");
+        let args: Vec<&str> = std::iter::once("serve").chain(ports.flat_map(|p| [p, "0"])).collect();
+        let mut child =
+            koubou_command(&args, home, env).args(extra).env("LOG_LEVEL", "info").spawn().expect("start koubou serve");
         let (tx, rx) = std::sync::mpsc::channel();
         let (mut sent, mut ws, mut graphql) = (false, None, None);
         let url_after = |line: &str, what: &str| {
@@ -435,20 +424,25 @@ impl Worker {
     }
 }
 
-/// Runs `koubou ARGS --home HOME` (with `env`), which must exit with a failure on its own (it is
-/// killed after a minute): its stderr.
-pub fn refused(home: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut child = Command::new(bin())
-        .args(args)
+/// `koubou ARGS --home HOME` with `env` (and not the caller's `KOUBOU_HOME`), stdin and
+/// stdout null, stderr piped; more arguments may follow.
+pub fn koubou_command(args: &[&str], home: &Path, env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(bin());
+    c.args(args)
         .arg("--home")
         .arg(home)
         .env_remove("KOUBOU_HOME")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Runs `koubou ARGS --home HOME` (with `env`), which must exit with a failure on its own (it is
+/// killed after a minute): its stderr.
+pub fn refused(home: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut child = koubou_command(args, home, env).spawn().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
