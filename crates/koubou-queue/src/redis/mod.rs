@@ -7,10 +7,13 @@
 //!   `(10 - priority) * 2^43 + seq` — priority, then submission order, exact in a double. A
 //!   task that comes back (released, requeued, retried) is put back at its own score: its place.
 //! - `delayed`: retrying tasks by the moment their backoff ends; `leases`: running tasks by
-//!   the moment their lease runs out. Claims move what is due (housekeeping).
-//! - `s:<status>`: every task by status, scored by `seq` (counts, lists); `all`: every task by
-//!   `seq`; `finished`: finished tasks by when, for keeping only `keep_finished` of them for
-//!   `keep_finished_secs`; `idem`: idempotency key → task id; `seq`, `version`: counters.
+//!   the moment their lease runs out. Claims move what is due (housekeeping), once `due` (the
+//!   earliest of those heads and of the finished tasks' ageing out, at most a second ahead) has
+//!   come.
+//! - `s:<status>`: every task by status, scored by `seq` (counts, lists: a list of every
+//!   status merges the six); `finished`: finished tasks by when, for keeping only
+//!   `keep_finished` of them for `keep_finished_secs`; `idem`: idempotency key → task id;
+//!   `seq`, `version`: counters.
 //! - `outbox`: the claimable tasks no confirmed delivery of an outside dispatcher (RabbitMQ)
 //!   covers, in claim order; a task's `claims` field counts its claims ([`crate::outbox`]).
 //! - `nodes`, `node_inst`, `node_exp`, `node_seen`: the node registry ([`crate::Nodes`],
@@ -20,8 +23,9 @@
 //!   appends what it did (field `m`, a [`record::Message`]) and each node what its workers
 //!   produce (field `r`, a relayed event: tokens, worker states, backend health).
 //!
-//! Every operation that writes is one Lua script ([`scripts`]), so it is atomic; scripts take
-//! the time from Redis (`TIME`), never from the client. Fencing is the same as SQLite's: a
+//! Every operation that writes is one call of Lua ([`scripts`]: a library of functions run in
+//! batches, or one script each on a server without functions), so it is atomic; it takes the
+//! time from Redis (`TIME`), never from the client. Fencing is the same as SQLite's: a
 //! worker's write applies only while the task is running under its (worker, attempt).
 //!
 //! This process's writes go through one writer task, in order (pipelined on one connection,
@@ -45,7 +49,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -227,6 +231,8 @@ struct Shared {
     origin: String,
     conn: ConnectionManager,
     scripts: Scripts,
+    /// Whether the operations run as the library's functions (`FCALL`); as scripts otherwise.
+    functions: AtomicBool,
     bus: Arc<dyn EventLog>,
     wakeup: Notify,
     /// Tokens of tasks claimed through this instance, with the attempt they hold.
@@ -256,17 +262,19 @@ struct Call {
 /// What a script answered, after its message was applied.
 struct Answer {
     code: String,
-    extra: Vec<String>,
+    /// What follows the message: a task's values (`record::TASK_FIELDS`, `None` where the
+    /// task has no such field), or what the script says.
+    extra: Vec<Option<String>>,
     /// For a claim: the token registered for it.
     token: Option<CancellationToken>,
 }
 
 impl Answer {
-    fn fields(&self) -> Fields {
-        record::fields(&self.extra)
+    fn first(&self) -> Option<&str> {
+        self.extra.first().and_then(Option::as_deref)
     }
     fn task(&self) -> Result<Task, QueueError> {
-        record::task(&self.fields())
+        record::task(&record::returned(&self.extra))
     }
 }
 
@@ -347,12 +355,15 @@ impl RedisQueue {
             .await
             .map(|(v, p, d)| (v, (p, d)))
             .map_err(|e| refuse(e.to_string()))?;
+        let scripts = Scripts::new();
+        let functions = load_library(&mut conn, &scripts).await;
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             prefix,
             origin: format!("{}@{:016x}", bus.origin(), fastrand::u64(..)),
             conn,
-            scripts: Scripts::new(),
+            scripts,
+            functions: AtomicBool::new(functions),
             bus,
             wakeup: Notify::new(),
             running: Mutex::new(HashMap::new()),
@@ -515,22 +526,115 @@ async fn check_server(conn: &mut ConnectionManager, cfg: &RedisConfig) -> Result
     Ok(())
 }
 
+/// Loads the library of functions (`FUNCTION LOAD REPLACE`): whether the operations can run
+/// as functions. A server without them (before Redis 7) or a user not allowed to load them
+/// runs them as scripts instead.
+async fn load_library(conn: &mut ConnectionManager, scripts: &Scripts) -> bool {
+    let mut load = ::redis::cmd("FUNCTION");
+    load.arg("LOAD").arg("REPLACE").arg(&scripts.library);
+    match load.query_async::<String>(conn).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::info!(error = %e, "the queue's operations run as Lua scripts (EVALSHA): cannot load them as functions");
+            false
+        }
+    }
+}
+
+/// A function the server no longer has (a restart without persistence, `FUNCTION FLUSH`).
+fn function_gone(e: &RedisError) -> bool {
+    e.detail().is_some_and(|d| d.starts_with("Function not found"))
+}
+
+/// The same error again, for each operation of a batch that failed as a whole.
+fn same(e: &QueueError) -> QueueError {
+    match e {
+        QueueError::Unavailable(s) => QueueError::Unavailable(s.clone()),
+        other => QueueError::Storage(other.to_string()),
+    }
+}
+
 impl Shared {
-    /// Runs one writing script and applies what it did.
+    /// The arguments every operation starts with (the prelude's ARGV[1..4]).
+    fn common(&self) -> [String; 4] {
+        [
+            self.origin.clone(),
+            self.cfg.keep_finished.to_string(),
+            self.cfg.keep_finished_secs.saturating_mul(1000).to_string(),
+            self.cfg.keep_events.to_string(),
+        ]
+    }
+
+    /// Runs one writing operation as a script, and applies what it did.
     async fn run(&self, conn: &mut ConnectionManager, op: Op, args: &[String]) -> Result<Answer, QueueError> {
         let mut call = self.scripts.get(op).key(&self.prefix);
-        call.arg(&self.origin)
-            .arg(self.cfg.keep_finished)
-            .arg(self.cfg.keep_finished_secs.saturating_mul(1000))
-            .arg(self.cfg.keep_events);
-        for a in args {
-            call.arg(a);
+        call.arg(&self.common()).arg(args);
+        let raw: Vec<Option<String>> = call.invoke_async(conn).await.map_err(from_redis)?;
+        self.answer(op, raw)
+    }
+
+    /// Runs writing operations, in order, as one batch of the library's, and applies what each
+    /// did; as scripts, one by one, if the library cannot be loaded (any more).
+    async fn run_batch(
+        &self,
+        conn: &mut ConnectionManager,
+        calls: &[(Op, &[String])],
+    ) -> Vec<Result<Answer, QueueError>> {
+        let fcall = || {
+            let mut call = ::redis::cmd("FCALL");
+            call.arg(&self.scripts.batch).arg(1).arg(&self.prefix).arg(&self.common());
+            for (op, args) in calls {
+                call.arg(Scripts::name(*op)).arg(args.len()).arg(*args);
+            }
+            call
+        };
+        let mut answers = fcall().query_async::<Vec<Vec<Option<String>>>>(conn).await;
+        if answers.as_ref().is_err_and(function_gone) {
+            // Gone from the server (a restart without persistence, `FUNCTION FLUSH`): loaded
+            // again, then called again; if it cannot be, scripts from now on.
+            if !load_library(conn, &self.scripts).await {
+                self.functions.store(false, Ordering::Relaxed);
+                let mut out = Vec::with_capacity(calls.len());
+                for (op, args) in calls {
+                    out.push(self.run(conn, *op, args).await);
+                }
+                return out;
+            }
+            answers = fcall().query_async(conn).await;
         }
-        let raw: Vec<String> = call.invoke_async(conn).await.map_err(from_redis)?;
+        match answers {
+            Ok(answers) if answers.len() == calls.len() => {
+                calls.iter().zip(answers).map(|((op, _), raw)| self.answer(*op, raw)).collect()
+            }
+            Ok(answers) => {
+                let e = format!("a batch of {} queue operations answered {}", calls.len(), answers.len());
+                calls.iter().map(|_| Err(QueueError::Corrupt(e.clone()))).collect()
+            }
+            Err(e) => {
+                let e = from_redis(e);
+                calls.iter().map(|_| Err(same(&e))).collect()
+            }
+        }
+    }
+
+    /// What an operation answered, `{code, message, extra…}`, once its message is applied.
+    fn answer(&self, op: Op, raw: Vec<Option<String>>) -> Result<Answer, QueueError> {
         let mut raw = raw.into_iter();
-        let (Some(code), Some(msg)) = (raw.next(), raw.next()) else {
+        let (Some(Some(code)), Some(Some(msg))) = (raw.next(), raw.next()) else {
             return Err(QueueError::Corrupt(format!("a queue script ({op:?}) answered nothing")));
         };
+        if code == "!" {
+            // An error raised inside a batch, for this operation alone: Redis's own error
+            // (its code first, as Redis sends it) or Lua's.
+            let passing = ["OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY"]
+                .iter()
+                .any(|c| msg.strip_prefix(c).is_some_and(|rest| rest.starts_with(' ')));
+            return Err(if passing {
+                QueueError::Unavailable(msg)
+            } else {
+                QueueError::Storage(format!("Redis refused it: {msg}"))
+            });
+        }
         let msg = Message::parse(msg.as_bytes())?;
         let events = msg.events()?;
         // A claim's own `TaskClaimed` comes last, after its housekeeping's events.
@@ -560,9 +664,11 @@ impl Shared {
     ) {
         {
             let mut version = self.version.lock();
-            if msg.version > *version {
+            if let Some(queued) = msg.queued
+                && msg.version > *version
+            {
                 *version = msg.version;
-                self.queued.store(msg.queued, Ordering::Release);
+                self.queued.store(queued, Ordering::Release);
             }
         }
         {
@@ -687,16 +793,28 @@ fn stop_claim(running: &mut HashMap<TaskId, (u32, CancellationToken)>, id: TaskI
     }
 }
 
+/// Most operations one batch carries (see `write_loop`).
+const MAX_BATCH: usize = 64;
+
 async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Job>) {
     let stream = format!("{}events", shared.prefix);
-    let run = |job: Job| {
+    // `batch`: with the library, the operations that go with a script's in one batch.
+    let run = |job: Job, batch: Option<Vec<Call>>| {
         let (shared, stream) = (&shared, &stream);
         let mut conn = shared.conn.clone();
         async move {
             match job {
-                Job::Script(call) => {
+                Job::Script(call) if batch.is_none() => {
                     let r = shared.run(&mut conn, call.op, &call.args).await;
                     let _ = call.reply.send(r);
+                }
+                Job::Script(first) => {
+                    let calls: Vec<Call> = std::iter::once(first).chain(batch.into_iter().flatten()).collect();
+                    let ops: Vec<(Op, &[String])> = calls.iter().map(|c| (c.op, c.args.as_slice())).collect();
+                    let answers = shared.run_batch(&mut conn, &ops).await;
+                    for (call, r) in calls.into_iter().zip(answers) {
+                        let _ = call.reply.send(r);
+                    }
                 }
                 Job::Relay(payload) => {
                     let mut add = ::redis::cmd("XADD");
@@ -713,12 +831,34 @@ async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Job>
     // polls its futures in the order they were pushed, which is the order they are sent in, so
     // Redis runs them in the order they were asked for; their answers come back in that order,
     // and each is applied (its events published) as it arrives.
+    //
+    // With the library loaded, the operations already waiting when one is taken (up to
+    // `MAX_BATCH`, none waited for) go with it as one batch: one call instead of many under
+    // load, and the same single operation otherwise. A relayed event ends a batch, and is sent
+    // after it.
     let mut writing = futures::stream::FuturesUnordered::new();
     loop {
         tokio::select! {
             biased;
             job = calls.recv(), if writing.len() < WRITES_IN_FLIGHT => match job {
-                Some(job) => writing.push(run(job)),
+                Some(job @ Job::Script(_)) if shared.functions.load(Ordering::Relaxed) => {
+                    let (mut batch, mut after) = (Vec::new(), None);
+                    while batch.len() + 1 < MAX_BATCH {
+                        match calls.try_recv() {
+                            Ok(Job::Script(call)) => batch.push(call),
+                            Ok(relay) => {
+                                after = Some(relay);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    writing.push(run(job, Some(batch)));
+                    if let Some(relay) = after {
+                        writing.push(run(relay, None));
+                    }
+                }
+                Some(job) => writing.push(run(job, None)),
                 None => break,
             },
             Some(()) = writing.next(), if !writing.is_empty() => {}
@@ -850,7 +990,7 @@ impl Listen {
 }
 
 fn lost_conflict(lease: &Lease, answer: &Answer) -> QueueError {
-    match (answer.code.as_str(), answer.extra.first().and_then(|s| TaskStatus::parse(s))) {
+    match (answer.code.as_str(), answer.first().and_then(TaskStatus::parse)) {
         ("conflict", Some(status)) => QueueError::Conflict {
             id: lease.task_id,
             status,
@@ -876,7 +1016,7 @@ fn claimed(answer: &Answer, worker: &WorkerId) -> Result<Option<Claimed>, QueueE
 }
 
 fn unexpected(answer: &Answer) -> QueueError {
-    QueueError::Corrupt(format!("a queue script answered {:?} {:?}", answer.code, answer.extra.first()))
+    QueueError::Corrupt(format!("a queue script answered {:?} {:?}", answer.code, answer.first()))
 }
 
 fn lease_args(lease: &Lease) -> Vec<String> {
@@ -901,14 +1041,13 @@ impl TaskStore for RedisQueue {
         let answer = self.write(Op::Submit, args).await?;
         match answer.code.as_str() {
             "ok" => {
-                let now: Millis =
-                    answer.extra.first().and_then(|s| s.parse().ok()).ok_or_else(|| unexpected(&answer))?;
+                let now: Millis = answer.first().and_then(|s| s.parse().ok()).ok_or_else(|| unexpected(&answer))?;
                 (task.created_at, task.available_at) = (now, now);
                 Ok(Submitted { task, created: true })
             }
             "exists" => Ok(Submitted { task: answer.task()?, created: false }),
             "full" => {
-                let queued = answer.extra.first().and_then(|s| s.parse().ok()).unwrap_or_default();
+                let queued = answer.first().and_then(|s| s.parse().ok()).unwrap_or_default();
                 Err(QueueError::Full { queued, limit: max_queued.unwrap_or_default() })
             }
             _ => Err(unexpected(&answer)),
@@ -922,14 +1061,10 @@ impl TaskStore for RedisQueue {
 
     async fn list(&self, q: TaskQuery) -> Result<TaskPage, QueueError> {
         let limit = q.limit.clamp(1, 1000);
-        let mut statuses = q.statuses.clone();
+        let mut statuses = if q.statuses.is_empty() { TaskStatus::ALL.to_vec() } else { q.statuses.clone() };
         statuses.sort_by_key(|s| s.as_str());
         statuses.dedup();
-        let sets: Vec<String> = if statuses.is_empty() {
-            vec![self.key("all")]
-        } else {
-            statuses.iter().map(|s| self.key(&format!("s:{s}"))).collect()
-        };
+        let sets: Vec<String> = statuses.iter().map(|s| self.key(&format!("s:{s}"))).collect();
         let before = match &q.before {
             Some(c) => Some(c.as_str().parse::<i64>().map_err(|_| QueueError::BadCursor(c.to_string()))?),
             None => None,
@@ -1004,7 +1139,7 @@ impl TaskStore for RedisQueue {
 
     async fn cancel(&self, id: TaskId) -> Result<Task, QueueError> {
         let answer = self.write(Op::Cancel, vec![id.to_string()]).await?;
-        match (answer.code.as_str(), answer.extra.first().and_then(|s| TaskStatus::parse(s))) {
+        match (answer.code.as_str(), answer.first().and_then(TaskStatus::parse)) {
             ("ok", _) => answer.task(),
             ("notfound", _) => Err(QueueError::NotFound(id)),
             ("conflict", Some(status)) => Err(QueueError::Conflict {
@@ -1118,7 +1253,7 @@ impl Dispatch for RedisQueue {
 
     async fn recover_node(&self, node: &str) -> Result<u64, QueueError> {
         let answer = self.write(Op::RecoverNode, vec![node.to_owned()]).await?;
-        match answer.extra.first().and_then(|n| n.parse().ok()) {
+        match answer.first().and_then(|n| n.parse().ok()) {
             Some(n) if answer.code == "ok" => Ok(n),
             _ => Err(unexpected(&answer)),
         }
@@ -1157,8 +1292,8 @@ impl Outbox for RedisQueue {
         if answer.code != "ok" {
             return Err(unexpected(&answer));
         }
-        answer
-            .extra
+        let extra: Vec<String> = answer.extra.iter().map(|s| s.clone().unwrap_or_default()).collect();
+        extra
             .chunks_exact(5)
             .map(|t| {
                 let bad = |what: &str| QueueError::Corrupt(format!("outbox entry {}: bad {what}", t[0]));

@@ -18,9 +18,33 @@ use crate::QueueError;
 /// A task hash as read (`HGETALL`, or the fields a script returns).
 pub type Fields = HashMap<String, String>;
 
-/// Pairs a flat `field, value, field, value…` list.
-pub fn fields(flat: &[String]) -> Fields {
-    flat.chunks_exact(2).map(|kv| (kv[0].clone(), kv[1].clone())).collect()
+/// The fields a script returns a task by, in this order: their values, nil where the task has
+/// none (`TASK_FIELDS` in `lua/prelude.lua`, the same list).
+pub const TASK_FIELDS: [&str; 19] = [
+    "spec",
+    "status",
+    "attempts",
+    "max",
+    "created",
+    "available",
+    "started",
+    "finished",
+    "lease",
+    "worker",
+    "result",
+    "error",
+    "partial",
+    "backend",
+    "model",
+    "usage",
+    "warnings",
+    "remote",
+    "cost",
+];
+
+/// The fields of a task a script returned.
+pub fn returned(values: &[Option<String>]) -> Fields {
+    TASK_FIELDS.iter().zip(values).filter_map(|(k, v)| Some(((*k).to_owned(), v.clone()?))).collect()
 }
 
 fn corrupt(what: impl std::fmt::Display) -> QueueError {
@@ -68,12 +92,13 @@ pub struct Message {
     /// The queue instance that ran the script: `<node>@<run>` (see [`Message::node`]).
     #[serde(rename = "o")]
     pub origin: String,
-    /// The namespace's write version after the script: orders messages from different sources.
-    #[serde(rename = "v")]
+    /// The namespace's write version after the script, when it changed what waits: orders the
+    /// counts of messages from different sources.
+    #[serde(rename = "v", default)]
     pub version: u64,
-    /// Tasks waiting (pending or retrying) after the script.
-    #[serde(rename = "q")]
-    pub queued: u64,
+    /// Tasks waiting (pending or retrying) after the script, when it changed what waits.
+    #[serde(rename = "q", default)]
+    pub queued: Option<u64>,
     /// Tasks the script made claimable.
     #[serde(rename = "w", default)]
     pub wake: u64,
@@ -178,19 +203,32 @@ mod tests {
     }
 
     #[test]
+    fn the_lua_prelude_returns_a_task_by_the_same_fields() {
+        let prelude = include_str!("lua/prelude.lua");
+        let list = prelude.split("local TASK_FIELDS = {").nth(1).and_then(|s| s.split('}').next()).unwrap();
+        let lua: Vec<&str> = list.split(',').map(|f| f.trim().trim_matches('\'')).collect();
+        assert_eq!(lua, TASK_FIELDS);
+        let values: Vec<Option<String>> =
+            TASK_FIELDS.iter().map(|f| (*f != "error").then(|| format!("{f}!"))).collect();
+        let f = returned(&values);
+        assert_eq!((f.len(), f.get("cost").map(String::as_str), f.get("error")), (18, Some("cost!"), None));
+    }
+
+    #[test]
     fn messages_carry_events_and_stops() {
         let id = TaskId::new();
         let json = format!(
             r#"{{"o":"a","v":7,"q":1,"w":1,"n":[["created","{id}","code","9"],["failed","{id}","boom","","failed"]],"s":[["{id}","2"]]}}"#
         );
         let m = Message::parse(json.as_bytes()).unwrap();
-        assert_eq!((m.origin.as_str(), m.version, m.queued, m.wake), ("a", 7, 1, 1));
+        assert_eq!((m.origin.as_str(), m.version, m.queued, m.wake), ("a", 7, Some(1), 1));
         let names: Vec<_> = m.events().unwrap().iter().map(EventKind::name).collect();
         assert_eq!(names, ["task_created", "task_failed"]);
         assert_eq!(m.stops().unwrap(), [(id, 2)]);
         assert_eq!(m.node(), None, "an older queue's instance names no node");
-        let quiet = Message::parse(br#"{"o":"gpu@01@ab12","v":8,"q":0,"w":0}"#).unwrap();
+        let quiet = Message::parse(br#"{"o":"gpu@01@ab12"}"#).unwrap();
         assert!(quiet.events().unwrap().is_empty() && quiet.stops().unwrap().is_empty());
+        assert_eq!((quiet.queued, quiet.wake), (None, 0), "a script that changed nothing that waits counts nothing");
         assert_eq!(quiet.node(), Some("gpu@01"), "the run is what follows the last @");
     }
 }

@@ -546,3 +546,123 @@ async fn a_node_away_past_the_stream_cap_gets_the_newest() {
     }
     assert!(tokens < 1000, "b got {tokens} of the 1000 tokens: the oldest were dropped");
 }
+
+/// What ran the writes on a server, from `INFO commandstats`: (`FCALL`s, `EVALSHA`s).
+fn calls_by_kind(server: &Server) -> (u64, u64) {
+    let info = match server.query(&["INFO", "commandstats"]).unwrap() {
+        ::redis::Value::BulkString(b) => String::from_utf8(b).unwrap(),
+        ::redis::Value::VerbatimString { text, .. } => text,
+        other => panic!("INFO answered {other:?}"),
+    };
+    let calls = |cmd: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    (calls("fcall"), calls("evalsha"))
+}
+
+/// One task through its life: submitted, claimed, completed.
+async fn one_task(q: &RedisQueue) {
+    let t = q.submit(new("one", 5)).await.unwrap().task;
+    let c = q.claim(&w(1), &ANY, LEASE).await.unwrap().unwrap();
+    assert_eq!(c.task.id, t.id);
+    let done = q.complete(&c.lease, done("ok")).await.unwrap();
+    assert_eq!((done.status, done.result.as_deref()), (TaskStatus::Completed, Some("ok")));
+}
+
+/// On a server with functions the writes run as the library's; after the server lost it
+/// (`FUNCTION FLUSH`, as a restart without persistence does) the next write loads it again.
+#[tokio::test]
+async fn writes_run_as_functions_and_the_library_is_loaded_again_when_lost() {
+    let server = Arc::new(Server::start(&[]));
+    let ns = Namespace::on(server.clone());
+    let q = open(&ns).await;
+    one_task(&q).await;
+    server.query(&["FUNCTION", "FLUSH"]).unwrap();
+    one_task(&q).await;
+    let (fcalls, evalshas) = calls_by_kind(&server);
+    assert!(fcalls >= 6 && evalshas == 0, "{fcalls} FCALLs, {evalshas} EVALSHAs");
+    let libraries = format!("{:?}", server.query(&["FUNCTION", "LIST", "LIBRARYNAME", "koubou_*"]).unwrap());
+    assert!(libraries.contains("_batch"), "the library is loaded again: {libraries}");
+}
+
+/// A user not allowed to load functions (or a server before Redis 7) runs the same writes as
+/// scripts.
+#[tokio::test]
+async fn a_user_who_may_not_load_functions_runs_scripts() {
+    let server = Arc::new(scripts_only());
+    let q = open(&Namespace::on(server.clone())).await;
+    one_task(&q).await;
+    let (fcalls, evalshas) = calls_by_kind(&server);
+    assert!(fcalls == 0 && evalshas >= 3, "{fcalls} FCALLs, {evalshas} EVALSHAs");
+}
+
+/// A private server whose only user may run anything but `FUNCTION`.
+fn scripts_only() -> Server {
+    Server::start_with_login(
+        &["--user", "koubou", "on", ">scripts-pw", "~*", "&*", "+@all", "-function", "--user", "default", "off"],
+        "koubou:scripts-pw@",
+    )
+}
+
+/// The conformance suite again, with the writes run as scripts.
+struct ScriptNamespaces;
+
+impl Factory for ScriptNamespaces {
+    type Queue = RedisQueue;
+    type Place = Namespace;
+    fn place(&self) -> Namespace {
+        Namespace::on(Arc::new(scripts_only()))
+    }
+    async fn open(&self, ns: &Namespace, retry: Backoff, events: Arc<dyn EventLog>) -> RedisQueue {
+        RedisQueue::open(RedisConfig { retry, ..ns.config() }, events).await.unwrap()
+    }
+    fn queued(&self, q: &RedisQueue) -> u64 {
+        q.queued()
+    }
+}
+
+crate::conformance_suite!(conformance_as_scripts, ScriptNamespaces);
+
+/// Writes sent at once go in batches: each still has its own answer, an operation that fails
+/// (here on a key of the wrong type) fails alone, and every event reaches another instance
+/// once. (On one thread, so that every submission is waiting before the writer runs.)
+#[tokio::test]
+async fn concurrent_writes_go_in_batches_each_with_its_own_answer() {
+    let ns = fixture();
+    let (a, b) = (open(&ns).await, open(&ns).await);
+    let mut heard = b.bus().subscribe(None);
+    let mut conn = ::redis::Client::open(ns.server.url.as_str()).unwrap().get_connection().unwrap();
+    let _: () =
+        ::redis::cmd("SET").arg(format!("{{koubou:{}}}:pending:broken", ns.name)).arg("x").query(&mut conn).unwrap();
+    let mut broken = new("broken", 5);
+    broken.kind = TaskKind::parse("broken").unwrap();
+    let mut submits: Vec<_> = (0..200).map(|i| a.submit(new(&format!("t{i}"), 5))).collect();
+    submits.insert(100, a.submit(broken));
+    let answers = futures::future::join_all(submits).await;
+    let failed: Vec<_> = answers.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].to_string().contains("WRONGTYPE"), "{}", failed[0]);
+    let ids: Vec<TaskId> = answers.iter().filter_map(|r| r.as_ref().ok()).map(|s| s.task.id).collect();
+    assert_eq!(ids.len(), 200);
+    for id in &ids {
+        assert_eq!(a.get(*id).await.unwrap().unwrap().status, TaskStatus::Pending);
+    }
+    let mut created = Vec::new();
+    while created.len() < 200 {
+        let e = soon("the other instance's events", heard.next()).await.unwrap().unwrap();
+        if let EventKind::TaskCreated { task_id, .. } = e.kind {
+            created.push(task_id);
+        }
+    }
+    let mut submitted = ids.clone();
+    submitted.sort();
+    let mut seen = created.clone();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, submitted, "every task created once");
+    let entries: u64 = ::redis::cmd("XLEN").arg(format!("{{koubou:{}}}:events", ns.name)).query(&mut conn).unwrap();
+    assert!(entries < 200, "{entries} stream entries for 200 submissions: none were batched");
+}

@@ -1,22 +1,25 @@
 -- ARGV: id.
 local id = ARGV[5]
 local key = task_key(id)
-local h = redis.call('HMGET', key, 'status', 'attempts')
-local status = h[1]
+local t = read(key, 'seq')
+local status = t[FIELD_AT.status]
+local set, unset = {}, {}
 if not status then
   return reply('notfound')
 elseif status == 'pending' then
   dequeue(id, key)
 elseif status == 'retrying' then
-  redis.call('ZREM', DELAYED, id)
+  undelay(id)
 elseif status == 'running' then
   redis.call('ZREM', LEASES, id)
-  stop(id, h[2])
+  unset[1] = 'lease'
+  redis.call('HDEL', key, 'lease')
+  stop(id, t[FIELD_AT.attempts])
 else
   return reply('conflict', { status })
 end
-finish(id, key, status, 'cancelled')
+finish(id, key, status, 'cancelled', t[EXTRA], set)
 note('cancelled', id)
-local fields = redis.call('HGETALL', key)
-trim()
-return reply('ok', fields)
+patch(t, set, unset)
+trim(true)
+return reply('ok', record(t))

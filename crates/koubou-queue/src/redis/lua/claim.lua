@@ -21,51 +21,50 @@ local function serves(key)
   end
   return true
 end
--- The first task in `set`'s claim order that the worker serves, and its score. An entry whose
--- task is gone (deleted behind the queue's back) is dropped on the way, not claimed.
+-- The first task in `set`'s claim order that the worker serves, and its score.
 local function first(set)
   -- The head alone first: it is almost always the one (a worker that takes any tags, or a
   -- backlog of tasks it serves); reading a hundred entries with their scores on every claim
   -- was most of a claim's cost on a long backlog. Further pages are a hundred long.
-  local from, size = 0, 1
+  local from, lo, hi = 0, '0', '0'
   while true do
-    local page = redis.call('ZRANGE', set, from, from + size - 1, 'WITHSCORES')
-    size = 100
+    local page = redis.call('ZRANGE', set, lo, hi, 'WITHSCORES')
     if #page == 0 then
       return nil
     end
-    local seen, gone = 0, 0
     for i = 1, #page, 2 do
-      local id = page[i]
-      local key = task_key(id)
-      seen = seen + 1
-      if redis.call('EXISTS', key) == 0 then
-        redis.call('ZREM', PENDING, id)
-        redis.call('ZREM', set, id)
-        gone = gone + 1
-      elseif serves(key) then
-        return id, tonumber(page[i + 1])
+      if serves(task_key(page[i])) then
+        return page[i], tonumber(page[i + 1])
       end
     end
-    from = from + seen - gone
+    from = from + #page / 2
+    lo, hi = int(from), int(from + 99)
   end
 end
--- The most urgent task the worker serves, over every kind it takes.
+-- The most urgent task the worker serves, over every kind it takes, and the set it is in.
 local function head()
   if #ARGV < 8 then
-    return first(PENDING)
+    return first(PENDING), PENDING
   end
-  local best, id
+  local best, id, from
   for i = 8, #ARGV do
-    local h, score = first(P .. 'pending:' .. ARGV[i])
+    local set = P .. 'pending:' .. ARGV[i]
+    local h, score = first(set)
     if h and (not best or score < best) then
-      best, id = score, h
+      best, id, from = score, h, set
     end
   end
-  return id
+  return id, from
 end
-local id = head()
-if not id then
-  return reply('none')
+while true do
+  local id, set = head()
+  if not id then
+    return reply('none')
+  end
+  local fields = take(id, task_key(id), worker, lease)
+  if fields then
+    return reply('ok', fields)
+  end
+  -- Its record was deleted behind the queue's back: dropped (take did the rest), not claimed.
+  redis.call('ZREM', set, id)
 end
-return reply('ok', take(id, task_key(id), worker, lease))

@@ -6,4 +6,5 @@ local key = task_key(id)
 if redis.call('HGET', key, 'status') ~= 'pending' then
   return reply('none')
 end
-return reply('ok', take(id, key, worker, lease))
+local t = take(id, key, worker, lease)
+return reply(t and 'ok' or 'none', t)

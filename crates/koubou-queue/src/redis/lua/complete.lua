@@ -4,25 +4,27 @@ local id, worker, attempt = ARGV[5], ARGV[6], ARGV[7]
 local result, backend, model, usage, warnings, remote, cost = ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12],
   ARGV[13], opt(ARGV[14])
 local key = task_key(id)
-local held, status = fence(key, worker, attempt)
+local t = read(key, 'seq')
+local held, status = fence_read(t, worker, attempt)
 if held ~= 'held' then
   return reply(held == 'notfound' and 'notfound' or 'conflict', { status })
 end
-redis.call('HSET', key, 'result', result, 'backend', backend, 'model', model, 'usage', usage, 'remote', remote)
-redis.call('HDEL', key, 'partial', 'error')
+local set = { 'result', result, 'backend', backend, 'model', model, 'usage', usage, 'remote', remote }
+local unset = { 'partial', 'error', 'lease' }
 if warnings ~= '' then
-  redis.call('HSET', key, 'warnings', warnings)
+  set[#set + 1], set[#set + 2] = 'warnings', warnings
 else
-  redis.call('HDEL', key, 'warnings')
+  unset[#unset + 1] = 'warnings'
 end
 if cost then
-  redis.call('HSET', key, 'cost', cost)
+  set[#set + 1], set[#set + 2] = 'cost', cost
 else
-  redis.call('HDEL', key, 'cost')
+  unset[#unset + 1] = 'cost'
 end
+redis.call('HDEL', key, unpack(unset))
 redis.call('ZREM', LEASES, id)
-finish(id, key, 'running', 'completed')
-note('completed', id, usage, int(NOW - tonumber(redis.call('HGET', key, 'created'))), result)
-local fields = redis.call('HGETALL', key)
-trim()
-return reply('ok', fields)
+finish(id, key, 'running', 'completed', t[EXTRA], set)
+note('completed', id, usage, int(NOW - tonumber(t[FIELD_AT.created])), result)
+patch(t, set, unset)
+trim(true)
+return reply('ok', record(t))

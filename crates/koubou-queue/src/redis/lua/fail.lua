@@ -1,36 +1,39 @@
 -- ARGV: id, worker, attempt, error, retryable ('1' or '0'), retry delay in ms, then backend,
 -- model, remote, partial (optional).
-local id, worker, attempt, err, retryable, delay = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])
+local id, worker, attempt, err, retryable, backoff = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])
 local key = task_key(id)
-local held, status = fence(key, worker, attempt)
+local t = read(key, 'seq')
+local held, status = fence_read(t, worker, attempt)
 if held ~= 'held' then
   return reply(held == 'notfound' and 'notfound' or 'conflict', { status })
 end
-redis.call('HSET', key, 'error', err)
+local set, unset = { 'error', err }, { 'lease' }
 for i, field in ipairs({ 'backend', 'model', 'remote' }) do
   local v = opt(ARGV[10 + i])
   if v then
-    redis.call('HSET', key, field, v)
+    set[#set + 1], set[#set + 2] = field, v
   end
 end
 local partial = opt(ARGV[14])
 if partial then
-  redis.call('HSET', key, 'partial', partial)
+  set[#set + 1], set[#set + 2] = 'partial', partial
 else
-  redis.call('HDEL', key, 'partial')
+  unset[#unset + 1] = 'partial'
 end
+redis.call('HDEL', key, unpack(unset))
 redis.call('ZREM', LEASES, id)
-if retryable == '1' and tonumber(attempt) < tonumber(redis.call('HGET', key, 'max')) then
-  local at = NOW + delay
-  redis.call('HSET', key, 'available', int(at))
-  redis.call('HDEL', key, 'lease', 'finished')
-  set_status(id, key, 'running', 'retrying')
-  redis.call('ZADD', DELAYED, at, id)
-  note('failed', id, err, int(at), 'retrying')
-  return reply('ok', redis.call('HGETALL', key))
+if retryable == '1' and tonumber(attempt) < tonumber(t[FIELD_AT.max]) then
+  local at = int(NOW + backoff)
+  set[#set + 1], set[#set + 2], set[#set + 3], set[#set + 4] = 'available', at, 'status', 'retrying'
+  redis.call('HSET', key, unpack(set))
+  move(id, key, 'running', 'retrying', t[EXTRA])
+  delay(id, at)
+  note('failed', id, err, at, 'retrying')
+  patch(t, set, unset)
+  return reply('ok', record(t))
 end
-finish(id, key, 'running', 'failed')
+finish(id, key, 'running', 'failed', t[EXTRA], set)
 note('failed', id, err, '', 'failed')
-local fields = redis.call('HGETALL', key)
-trim()
-return reply('ok', fields)
+patch(t, set, unset)
+trim(true)
+return reply('ok', record(t))

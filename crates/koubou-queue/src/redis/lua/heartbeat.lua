@@ -7,13 +7,15 @@ if held == 'notfound' then
 elseif held ~= 'held' then
   return reply(status == 'cancelled' and 'cancelled' or 'lost')
 end
-local lease_until = NOW + ttl
-redis.call('HSET', key, 'lease', int(lease_until))
-redis.call('ZADD', LEASES, lease_until, id)
+local lease_until = int(NOW + ttl)
+local set = { 'lease', lease_until }
 for i, field in ipairs({ 'backend', 'model', 'partial', 'remote' }) do
   local v = opt(ARGV[8 + i])
   if v then
-    redis.call('HSET', key, field, v)
+    set[#set + 1], set[#set + 2] = field, v
   end
 end
+redis.call('HSET', key, unpack(set))
+redis.call('ZADD', LEASES, lease_until, id)
+lower_due(lease_until)
 return reply('held')

@@ -5,10 +5,10 @@ housekeeping()
 -- Tasks made pending by a Koubou that kept no outbox: all of them need a delivery, once.
 if redis.call('EXISTS', P .. 'outbox:since') == 0 then
   redis.call('ZUNIONSTORE', OUTBOX, 2, OUTBOX, PENDING, 'AGGREGATE', 'MIN')
-  redis.call('SET', P .. 'outbox:since', int(NOW))
+  redis.call('SET', P .. 'outbox:since', NOW_S)
 end
 local out = {}
-for _, id in ipairs(redis.call('ZRANGE', OUTBOX, 0, limit - 1, 'WITHSCORES')) do
+for _, id in ipairs(redis.call('ZRANGE', OUTBOX, '0', int(limit - 1), 'WITHSCORES')) do
   out[#out + 1] = id
 end
 local tasks = {}

@@ -7,7 +7,7 @@ local held, status = fence(key, worker, attempt)
 if held ~= 'held' then
   return reply(held == 'notfound' and 'notfound' or 'conflict', { status })
 end
-redis.call('HINCRBY', key, 'attempts', -1)
+redis.call('HINCRBY', key, 'attempts', '-1')
 redis.call('HDEL', key, 'worker', 'lease', 'partial')
 redis.call('ZREM', LEASES, id)
 stop(id, attempt)
@@ -17,9 +17,9 @@ if reason == '' then
   note('requeued', id, 'released by a stopping worker')
 else
   local at = NOW + tonumber(wait)
-  redis.call('HSET', key, 'error', reason, 'available', int(at))
-  set_status(id, key, 'running', 'retrying')
-  redis.call('ZADD', DELAYED, at, id)
+  redis.call('HSET', key, 'error', reason, 'available', int(at), 'status', 'retrying')
+  move(id, key, 'running', 'retrying')
+  delay(id, int(at))
   note('requeued', id, 'released by worker ' .. worker .. ': ' .. reason)
 end
 return reply('ok')

@@ -5,9 +5,9 @@ local tags = ARGV[12]
 if idem ~= '' then
   local existing = redis.call('HGET', IDEM, idem)
   if existing then
-    local fields = redis.call('HGETALL', task_key(existing))
-    if #fields > 0 then
-      return reply('exists', fields)
+    local t = read(task_key(existing))
+    if t[FIELD_AT.spec] then
+      return reply('exists', record(t))
     end
   end
 end
@@ -22,14 +22,16 @@ local seq = redis.call('INCR', P .. 'seq')
 -- and 10 * 2^43 < 2^53, so every score is an exact double).
 local score = (10 - tonumber(priority)) * 2 ^ 43 + seq
 local key = task_key(id)
-redis.call('HSET', key, 'spec', spec, 'seq', int(seq), 'score', int(score), 'kind', kind, 'max', max,
-  'status', 'pending', 'attempts', '0', 'created', int(NOW), 'available', int(NOW), 'tags', tags)
+seq, score = int(seq), int(score)
+local now = NOW_S
+local fields = { 'spec', spec, 'seq', seq, 'score', score, 'kind', kind, 'max', max, 'status', 'pending',
+  'attempts', '0', 'created', now, 'available', now, 'tags', tags }
 if idem ~= '' then
-  redis.call('HSET', key, 'idem', idem)
+  fields[#fields + 1], fields[#fields + 2] = 'idem', idem
   redis.call('HSET', IDEM, idem, id)
 end
-redis.call('ZADD', ALL, seq, id)
+redis.call('HSET', key, unpack(fields))
 redis.call('ZADD', P .. 's:pending', seq, id)
-enqueue(id, key)
+enqueue(id, key, score, kind)
 note('created', id, kind, priority)
-return reply('ok', { int(NOW) })
+return reply('ok', { now })
