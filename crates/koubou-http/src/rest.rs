@@ -279,6 +279,8 @@ pub struct TaskEventMessage {
 ///
 /// Each event's name is its kind (`task_token`, `task_completed`, …) and its data one `Event`
 /// as JSON (see the `Event` schema); a task already finished gets one event carrying its state.
+/// A stream opened after the task began first replays the task's events the server still keeps
+/// (its last 4,096 events of all tasks), then goes on live, each event once.
 /// `error` events carry an `ErrorBody` (e.g. a client too slow to keep up is dropped).
 #[utoipa::path(get, path = "/task/{id}/events", tag = "tasks",
     params(("id" = String, Path, description = "The task's id (a UUID); anything else names no task (404).")),

@@ -916,7 +916,9 @@ pub struct SubscriptionRoot;
 #[Subscription]
 impl SubscriptionRoot {
     /// Events of one task (tokens and state changes) until it ends. A finished task yields one
-    /// event with its ending and completes.
+    /// event with its ending and completes. A subscription made after the task began first
+    /// replays the task's events the server still keeps (its last 4,096 of all tasks), then goes
+    /// on live, each event once.
     async fn task_updates(
         &self,
         ctx: &Context<'_>,

@@ -385,6 +385,24 @@ fn drain_secs(excess: u64, per_sec: f64) -> u64 {
 }
 
 /// A synthetic event that tells a watcher how a finished task ended (never logged: `seq` 0).
+/// The events about task `id` that `log` still keeps (its last [`koubou_task::KEPT`]), up to
+/// and including `head`, in order.
+fn kept_events(log: &dyn EventLog, head: u64, id: TaskId) -> Vec<Event> {
+    use futures::FutureExt;
+    let mut kept = log.subscribe(Some(0));
+    let mut past = Vec::new();
+    // The kept events come at once, ahead of the live ones (which may be pending: then the
+    // backlog is over).
+    while let Some(Some(next)) = kept.next().now_or_never() {
+        match next {
+            Ok(e) if e.seq > head => break,
+            Ok(e) if e.kind.task_id() == Some(id) => past.push((*e).clone()),
+            _ => {}
+        }
+    }
+    past
+}
+
 fn final_event(t: &koubou_task::Task, origin: &str) -> Event {
     let kind = match t.status {
         TaskStatus::Completed => EventKind::TaskCompleted {
@@ -681,9 +699,17 @@ impl Api for Koubou {
         if t.status.is_terminal() {
             return Ok(Box::pin(futures::stream::iter([Ok(final_event(&t, &self.inner.node))])));
         }
-        let events = rx
+        // What the log still keeps about the task comes first, so a watch opened after the
+        // task began (a client that submits, then watches) misses none of its tokens; the live
+        // events then start after the last one replayed (the watch was registered before
+        // `head` was read, so an event may reach both: it is sent once).
+        let head = self.inner.log.head();
+        let past = kept_events(&*self.inner.log, head, id);
+        let live = rx.filter(move |e| futures::future::ready(e.seq > head)).map(|e| (*e).clone());
+        let events = futures::stream::iter(past)
+            .chain(live)
             .filter(|e| futures::future::ready(!matches!(e.kind, EventKind::WorkerState { .. })))
-            .map(|e| Ok((*e).clone()));
+            .map(Ok);
         Ok(Box::pin(events))
     }
 

@@ -63,3 +63,34 @@ async fn no_watcher_outlives_its_watch() {
     assert_eq!(k.live().watchers(), 0, "a wait that timed out left its watch registered");
     k.shutdown(Some(Duration::from_secs(1))).await;
 }
+
+/// A watch opened after its task began (a client that submits, then watches) starts with what
+/// the log keeps about the task, then goes on live: every token once, in order, and none of
+/// another task's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_watch_replays_the_tasks_kept_events_first() {
+    use koubou_task::EventLog;
+    let dir = tempfile::tempdir().unwrap();
+    let k = system(&dir).await;
+    let id = submit(&k).await;
+    let other = submit(&k).await;
+    let token = |task_id, text: &str| EventKind::TaskToken { task_id, text: text.into() };
+    k.bus().publish(token(id, "a"));
+    k.bus().publish(token(other, "x"));
+    k.bus().publish(token(id, "b"));
+    let stream = k.watch(id).await.unwrap();
+    k.bus().publish(token(id, "c"));
+    k.cancel(id).await.unwrap();
+    let events: Vec<_> = tokio::time::timeout(Duration::from_secs(60), stream.collect::<Vec<_>>()).await.unwrap();
+    let seen: Vec<String> = events
+        .into_iter()
+        .map(|e| match e.unwrap().kind {
+            EventKind::TaskToken { task_id, text } => {
+                format!("token {text}{}", if task_id == id { "" } else { " (other)" })
+            }
+            kind => kind.name().to_owned(),
+        })
+        .collect();
+    assert_eq!(seen, ["task_created", "token a", "token b", "token c", "task_cancelled"]);
+    k.shutdown(Some(Duration::from_secs(1))).await;
+}
