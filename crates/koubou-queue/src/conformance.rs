@@ -837,6 +837,16 @@ where
     let d = q.submit(new("d", 5)).await.unwrap().task;
     q.cancel(d.id).await.unwrap();
     assert!(q.undispatched(100).await.unwrap().is_empty());
+
+    // The broker lost its deliveries: every pending task needs one again (each once, with its
+    // claim count), a running one does not.
+    let e = q.submit(new("e", 5)).await.unwrap().task;
+    q.mark_dispatched(vec![(e.id, 0)]).await.unwrap();
+    q.claim_id(c.id, &w(2), LEASE).await.unwrap().unwrap();
+    assert_eq!(q.redeliver().await.unwrap(), 3);
+    assert_eq!(outbox_prompts(&q).await, ["b", "a", "e"]);
+    assert_eq!(q.undispatched(100).await.unwrap()[1].claims, 1);
+    assert_eq!(q.redeliver().await.unwrap(), 0, "already in the outbox");
 }
 
 /// For an [`Outbox`] store, outside [`run_all`]: `claim_id` claims exactly the given task, and

@@ -53,6 +53,11 @@ pub trait Outbox: TaskQueue {
     /// claimed since (its count moved) keeps needing one.
     async fn mark_dispatched(&self, marks: Vec<(TaskId, u64)>) -> Result<(), QueueError>;
 
+    /// Puts every pending task back in the outbox, whatever deliveries were confirmed for it:
+    /// the broker lost them (its queue purged or deleted, its disk lost). Answers how many
+    /// tasks that were counted as delivered need a delivery again.
+    async fn redeliver(&self) -> Result<u64, QueueError>;
+
     /// The next moment the outbox may grow without any write (a retry's backoff ends, a lease
     /// runs out), for the dispatcher's sweep and parked workers.
     async fn next_due(&self) -> Result<Option<Millis>, QueueError>;

@@ -362,6 +362,16 @@ impl Broker {
         Ok(got.map(|m| Taken { link, delivery: Some(m.delivery) }))
     }
 
+    /// How many deliveries the broker's queue holds ready (not counting those handed out and
+    /// not yet acknowledged).
+    pub async fn depth(&self) -> Result<u32, QueueError> {
+        let link = self.link().await?;
+        let _one = link.get_lock.lock().await;
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let declare = link.get.queue_declare(self.queue.as_str().into(), passive, FieldTable::default());
+        Ok(self.within(&link, "queue.declare (passive)", declare).await?.message_count())
+    }
+
     /// Acknowledges a delivery: it leaves the queue. If the link broke meanwhile the broker
     /// hands it out again, to be dropped then.
     pub async fn ack(&self, mut taken: Taken) {

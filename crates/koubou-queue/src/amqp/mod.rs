@@ -150,6 +150,7 @@ impl<S: Outbox> AmqpDispatch<S> {
             period,
             stop.clone(),
         ));
+        tokio::spawn(audit_loop(store.clone(), broker.clone(), sweep.clone(), period, stop.clone()));
         let inner = Inner { store, broker, sweep, publishing, cfg, _stop: stop.drop_guard() };
         Ok(AmqpDispatch { inner: Arc::new(inner) })
     }
@@ -243,6 +244,55 @@ async fn sweep_loop<S: Outbox>(
             _ = stop.cancelled() => return,
         };
         sweep.done.send_replace(covers);
+    }
+}
+
+/// Finds deliveries the broker lost (its queue purged or deleted, its disk lost), which the
+/// outbox counts as delivered: every `period`, the broker's queue depth and the store's
+/// pending tasks. When the queue has held nothing ready at two looks in a row while tasks were
+/// pending at both, those tasks have no delivery left but the ones being claimed right then:
+/// every pending task goes back in the outbox and the sweep publishes it again. The few that
+/// were only being claimed get a second delivery, which finds them running and is dropped.
+async fn audit_loop<S: Outbox>(
+    store: Arc<S>,
+    broker: Arc<Broker>,
+    sweep: Arc<Sweep>,
+    period: Duration,
+    stop: CancellationToken,
+) {
+    let mut empty_before = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.cancelled() => return,
+        }
+        let looked = async {
+            let pending = store.counts().await?.pending;
+            let depth = broker.depth().await?;
+            Ok::<_, QueueError>(pending > 0 && depth == 0)
+        };
+        let empty = match looked.await {
+            Ok(empty) => empty,
+            Err(e) => {
+                tracing::debug!(error = %e, "the delivery audit could not look; it looks again later");
+                false
+            }
+        };
+        if empty && empty_before {
+            match store.redeliver().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(
+                        tasks = n,
+                        "the broker holds no delivery for pending tasks it had confirmed (its queue purged, deleted \
+                         or lost?): publishing them again"
+                    );
+                    sweep.kick.notify_one();
+                }
+                Err(e) => tracing::warn!(error = %e, "could not put pending tasks back in the outbox"),
+            }
+        }
+        empty_before = empty;
     }
 }
 

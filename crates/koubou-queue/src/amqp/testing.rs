@@ -13,7 +13,7 @@ use std::{
 
 use lapin::{
     Connect, ConnectionProperties,
-    options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},
+    options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions},
     types::FieldTable,
 };
 use tokio::{
@@ -50,6 +50,18 @@ impl Namespace {
         let q = ch.queue_declare(self.config().queue_name().into(), passive, FieldTable::default()).await.unwrap();
         let _ = conn.close(200, "".into()).await;
         q.message_count()
+    }
+}
+
+impl Namespace {
+    /// Drops every ready message of the namespace's queue, as an operator's `purge_queue` (or a
+    /// lost disk) would: their tasks stay pending in the store.
+    pub async fn purge(&self) -> u32 {
+        let conn = broker_url().connect(ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let n = ch.queue_purge(self.config().queue_name().into(), QueuePurgeOptions::default()).await.unwrap();
+        let _ = conn.close(200, "".into()).await;
+        n
     }
 }
 

@@ -143,6 +143,9 @@ impl Outbox for Gated {
     async fn mark_dispatched(&self, marks: Vec<(TaskId, u64)>) -> Result<(), QueueError> {
         self.inner.mark_dispatched(marks).await
     }
+    async fn redeliver(&self) -> Result<u64, QueueError> {
+        self.inner.redeliver().await
+    }
     async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
         Outbox::next_due(&*self.inner).await
     }
@@ -241,6 +244,30 @@ async fn a_task_a_dead_node_never_published_is_published_by_the_sweep() {
     let t = store.submit(new("orphan", 5)).await.unwrap().task;
     let c = soon("the sweep", q.claim_wait(&w(1), &ANY, LEASE, &CancellationToken::new())).await.unwrap().unwrap();
     assert_eq!(c.task.id, t.id);
+}
+
+/// Deliveries the broker lost after confirming them (its queue purged): the audit finds the
+/// queue empty while tasks wait, twice in a row, and they are published again and claimed,
+/// each once.
+#[tokio::test]
+async fn tasks_whose_confirmed_deliveries_the_broker_lost_are_published_again() {
+    let f = fixture();
+    let q =
+        AmqpDispatch::open(store(&f, Backoff::default()), AmqpConfig { sweep_ms: 100, ..f.ns.config() }).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(q.submit(new(&format!("t{i}"), 5)).await.unwrap().task.id);
+    }
+    assert_eq!(f.ns.ready().await, 3);
+    assert!(q.store().undispatched(10).await.unwrap().is_empty(), "all three confirmed");
+    assert_eq!(f.ns.purge().await, 3);
+    until("the lost deliveries to be published again", async || (f.ns.ready().await == 3).then_some(())).await;
+    let mut claimed = Vec::new();
+    while let Some(c) = q.claim(&w(1), &ANY, LEASE).await.unwrap() {
+        q.complete(&c.lease, done("ok")).await.unwrap();
+        claimed.push(c.task.id);
+    }
+    assert_eq!(claimed, ids);
 }
 
 /// A lease that runs out: the task is requeued in the store, republished by the sweep and

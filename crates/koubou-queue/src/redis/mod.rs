@@ -1324,6 +1324,14 @@ impl Outbox for RedisQueue {
         Ok(())
     }
 
+    async fn redeliver(&self) -> Result<u64, QueueError> {
+        let answer = self.write(Op::Redeliver, vec![]).await?;
+        match answer.first().and_then(|n| n.parse().ok()) {
+            Some(n) if answer.code == "ok" => Ok(n),
+            _ => Err(unexpected(&answer)),
+        }
+    }
+
     async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
         self.due().await
     }

@@ -31,12 +31,14 @@ pub enum Op {
     Outbox,
     /// Confirmed deliveries leave the outbox.
     Mark,
+    /// Every pending task back in the outbox (the broker lost its deliveries).
+    Redeliver,
 }
 
 const PRELUDE: &str = include_str!("lua/prelude.lua");
 
 /// Each operation, its name in the library, and its body.
-const BODIES: [(Op, &str, &str); 12] = [
+const BODIES: [(Op, &str, &str); 13] = [
     (Op::Submit, "submit", include_str!("lua/submit.lua")),
     (Op::Claim, "claim", include_str!("lua/claim.lua")),
     (Op::Heartbeat, "heartbeat", include_str!("lua/heartbeat.lua")),
@@ -49,6 +51,7 @@ const BODIES: [(Op, &str, &str); 12] = [
     (Op::ClaimId, "claim_id", include_str!("lua/claim_id.lua")),
     (Op::Outbox, "outbox", include_str!("lua/outbox.lua")),
     (Op::Mark, "mark", include_str!("lua/mark.lua")),
+    (Op::Redeliver, "redeliver", include_str!("lua/redeliver.lua")),
 ];
 
 pub struct Scripts {

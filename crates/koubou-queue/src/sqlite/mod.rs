@@ -656,6 +656,10 @@ impl Outbox for SqliteQueue {
         self.write(Ack::Commit, move |ctx| ops::mark_dispatched(ctx, &marks)).await
     }
 
+    async fn redeliver(&self) -> Result<u64, QueueError> {
+        self.write(Ack::Commit, ops::redeliver).await
+    }
+
     async fn next_due(&self) -> Result<Option<Millis>, QueueError> {
         Ok(self.due())
     }

@@ -285,6 +285,16 @@ pub fn mark_dispatched(ctx: &mut Ctx<'_>, marks: &[(TaskId, u64)]) -> Result<(),
     Ok(())
 }
 
+/// Every pending task back in the outbox (the broker lost its deliveries): how many were
+/// counted as delivered.
+pub fn redeliver(ctx: &mut Ctx<'_>) -> Result<u64, QueueError> {
+    let n = ctx
+        .conn
+        .execute("UPDATE tasks SET dispatched = NULL WHERE status = 'pending' AND dispatched IS NOT NULL", [])
+        .sql()?;
+    Ok(n as u64)
+}
+
 const FENCE: &str = "id = ?1 AND status = 'running' AND worker_id = ?2 AND attempts = ?3";
 
 /// Why a fenced write matched nothing.
