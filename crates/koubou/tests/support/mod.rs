@@ -61,8 +61,9 @@ impl Serve {
         // A face's port given in `extra` replaces the 0 that leaves it unbound.
         let ports = ["--port", "--ws-port", "--graphql-port"].into_iter().filter(|p| !extra.contains(p));
         let args: Vec<&str> = std::iter::once("serve").chain(ports.flat_map(|p| [p, "0"])).collect();
-        let mut child =
-            koubou_command(&args, home, env).args(extra).env("LOG_LEVEL", "info").spawn().expect("start koubou serve");
+        // LOG_LEVEL info unless `env` says otherwise (a later entry wins).
+        let env: Vec<(&str, &str)> = std::iter::once(("LOG_LEVEL", "info")).chain(env.iter().copied()).collect();
+        let mut child = koubou_command(&args, home, &env).args(extra).spawn().expect("start koubou serve");
         let (tx, rx) = std::sync::mpsc::channel();
         let (mut sent, mut ws, mut graphql) = (false, None, None);
         let url_after = |line: &str, what: &str| {
