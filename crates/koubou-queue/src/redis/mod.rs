@@ -240,7 +240,16 @@ struct Shared {
     /// The newest namespace version applied, and what waited then.
     version: Mutex<u64>,
     queued: AtomicU64,
+    /// Numbers this instance's operations (`<origin>#<n>` in their messages).
+    ops: AtomicU64,
+    /// Own messages whose events one of the two that see them (the operation's answer, the
+    /// stream reader) has published and the other has not yet seen: whichever comes first
+    /// publishes them, so they keep their place among other nodes' events (see `heard`).
+    published: Mutex<std::collections::BTreeSet<u64>>,
 }
+
+/// Most own messages `Shared::published` remembers (one whose answer never came stays).
+const PUBLISHED_KEPT: usize = 100_000;
 
 /// Most writes the writer task has sent and not yet seen answered (see `write_loop`).
 const WRITES_IN_FLIGHT: usize = 256;
@@ -369,6 +378,8 @@ impl RedisQueue {
             running: Mutex::new(HashMap::new()),
             version: Mutex::new(version.unwrap_or(0)),
             queued: AtomicU64::new(queued.0 + queued.1),
+            ops: AtomicU64::new(0),
+            published: Mutex::new(Default::default()),
             cfg,
         });
         let (ready_tx, ready) = oneshot::channel();
@@ -546,6 +557,14 @@ fn function_gone(e: &RedisError) -> bool {
     e.detail().is_some_and(|d| d.starts_with("Function not found"))
 }
 
+/// Notes that one of the two who see own message `id` published its events.
+fn remember(published: &mut std::collections::BTreeSet<u64>, id: u64) {
+    published.insert(id);
+    while published.len() > PUBLISHED_KEPT {
+        published.pop_first();
+    }
+}
+
 /// The same error again, for each operation of a batch that failed as a whole.
 fn same(e: &QueueError) -> QueueError {
     match e {
@@ -565,12 +584,20 @@ impl Shared {
         ]
     }
 
+    /// The next operation's number.
+    fn op_id(&self) -> u64 {
+        self.ops.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Runs one writing operation as a script, and applies what it did.
     async fn run(&self, conn: &mut ConnectionManager, op: Op, args: &[String]) -> Result<Answer, QueueError> {
+        let id = self.op_id();
+        let mut common = self.common();
+        common[0] = format!("{}#{id}", self.origin);
         let mut call = self.scripts.get(op).key(&self.prefix);
-        call.arg(&self.common()).arg(args);
+        call.arg(&common).arg(args);
         let raw: Vec<Option<String>> = call.invoke_async(conn).await.map_err(from_redis)?;
-        self.answer(op, raw)
+        self.answer(op, id, raw)
     }
 
     /// Runs writing operations, in order, as one batch of the library's, and applies what each
@@ -580,11 +607,12 @@ impl Shared {
         conn: &mut ConnectionManager,
         calls: &[(Op, &[String])],
     ) -> Vec<Result<Answer, QueueError>> {
+        let ids: Vec<u64> = calls.iter().map(|_| self.op_id()).collect();
         let fcall = || {
             let mut call = ::redis::cmd("FCALL");
             call.arg(&self.scripts.batch).arg(1).arg(&self.prefix).arg(&self.common());
-            for (op, args) in calls {
-                call.arg(Scripts::name(*op)).arg(args.len()).arg(*args);
+            for ((op, args), id) in calls.iter().zip(&ids) {
+                call.arg(Scripts::name(*op)).arg(id).arg(args.len()).arg(*args);
             }
             call
         };
@@ -604,7 +632,7 @@ impl Shared {
         }
         match answers {
             Ok(answers) if answers.len() == calls.len() => {
-                calls.iter().zip(answers).map(|((op, _), raw)| self.answer(*op, raw)).collect()
+                calls.iter().zip(ids).zip(answers).map(|(((op, _), id), raw)| self.answer(*op, id, raw)).collect()
             }
             Ok(answers) => {
                 let e = format!("a batch of {} queue operations answered {}", calls.len(), answers.len());
@@ -617,8 +645,8 @@ impl Shared {
         }
     }
 
-    /// What an operation answered, `{code, message, extra…}`, once its message is applied.
-    fn answer(&self, op: Op, raw: Vec<Option<String>>) -> Result<Answer, QueueError> {
+    /// What operation `id` answered, `{code, message, extra…}`, once its message is applied.
+    fn answer(&self, op: Op, id: u64, raw: Vec<Option<String>>) -> Result<Answer, QueueError> {
         let mut raw = raw.into_iter();
         let (Some(Some(code)), Some(Some(msg))) = (raw.next(), raw.next()) else {
             return Err(QueueError::Corrupt(format!("a queue script ({op:?}) answered nothing")));
@@ -647,20 +675,30 @@ impl Shared {
             _ => None,
         };
         let token = claimed.as_ref().map(|c| c.2.clone());
-        self.apply(&msg, events, msg.stops()?, claimed, None);
+        let stops = msg.stops()?;
+        // A message with news is also on the stream, where this instance's reader may have
+        // published its events already, in their place among other nodes' (`heard`).
+        let news = !msg.notes.is_empty() || !stops.is_empty() || msg.wake > 0;
+        let mut published = self.published.lock();
+        let publish = !(news && published.remove(&id));
+        if news && publish {
+            remember(&mut published, id);
+        }
+        self.apply(&msg, events, stops, claimed, publish.then_some(None));
         Ok(Answer { code, extra: raw.collect(), token })
     }
 
     /// After a script: stops the claims it ended, registers the claim it made, wakes parked
-    /// workers, counts what waits, then publishes its events — as this node's (`from` is
-    /// `None`) or as those of the node `from` that ran it.
+    /// workers, counts what waits, then publishes its events — as this node's (`publish` is
+    /// `Some(None)`) or as those of the node that ran it (`Some(Some(node))`); `None` when they
+    /// were published already.
     fn apply(
         &self,
         msg: &Message,
         events: Vec<EventKind>,
         stops: Vec<(TaskId, u32)>,
         claimed: Option<(TaskId, u32, CancellationToken)>,
-        from: Option<&str>,
+        publish: Option<Option<&str>>,
     ) {
         {
             let mut version = self.version.lock();
@@ -688,6 +726,7 @@ impl Shared {
         for _ in 0..msg.wake.min(1024) {
             self.wakeup.notify_one();
         }
+        let Some(from) = publish else { return };
         for e in events {
             match from {
                 Some(node) => self.bus.publish_from(node, e),
@@ -699,9 +738,20 @@ impl Shared {
     /// A message another instance published: its events keep the node that ran the script.
     fn heard(&self, payload: &[u8]) {
         let applied = Message::parse(payload).and_then(|msg| {
-            if msg.origin != self.origin {
+            if msg.instance() != self.origin {
                 let (events, stops) = (msg.events()?, msg.stops()?);
-                self.apply(&msg, events, stops, None, msg.node());
+                self.apply(&msg, events, stops, None, Some(msg.node()));
+            } else if let Some(id) = msg.op() {
+                // One of this instance's: its answer applies the rest (claims, stops, wake-ups);
+                // its events are published here if the answer has not come yet, so that they
+                // come before the other nodes' events that follow them on the stream.
+                let mut published = self.published.lock();
+                if !published.remove(&id) {
+                    remember(&mut published, id);
+                    for e in msg.events()? {
+                        self.bus.publish(e);
+                    }
+                }
             }
             Ok(())
         });
@@ -802,7 +852,10 @@ async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Job>
     let run = |job: Job, batch: Option<Vec<Call>>| {
         let (shared, stream) = (&shared, &stream);
         let mut conn = shared.conn.clone();
-        async move {
+        // Unconstrained by tokio's cooperative budget: a future whose budget ran out would yield
+        // before sending its command and be polled again after those pushed later, sending its
+        // write after theirs (seen: a burst of relayed events overtaken by a later script).
+        tokio::task::unconstrained(async move {
             match job {
                 Job::Script(call) if batch.is_none() => {
                     let r = shared.run(&mut conn, call.op, &call.args).await;
@@ -824,12 +877,12 @@ async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Job>
                     }
                 }
             }
-        }
+        })
     };
     // Writes are pipelined: each is sent as soon as it is asked for, without waiting for the
     // answers to earlier ones, on the one multiplexed connection. A `FuturesUnordered` first
-    // polls its futures in the order they were pushed, which is the order they are sent in, so
-    // Redis runs them in the order they were asked for; their answers come back in that order,
+    // polls its futures in the order they were pushed, and each (unconstrained) sends its
+    // command in that first poll, so Redis runs them in the order they were asked for; their answers come back in that order,
     // and each is applied (its events published) as it arrives.
     //
     // With the library loaded, the operations already waiting when one is taken (up to

@@ -118,7 +118,17 @@ impl Message {
     /// The node whose queue ran the script, which its events name as their `origin`; `None`
     /// from an older queue, whose instance id was the run alone.
     pub fn node(&self) -> Option<&str> {
-        self.origin.rsplit_once('@').map(|(node, _)| node)
+        self.instance().rsplit_once('@').map(|(node, _)| node)
+    }
+
+    /// The queue instance that ran the script (`origin` without the operation's number).
+    pub fn instance(&self) -> &str {
+        self.origin.split_once('#').map_or(&self.origin, |(instance, _)| instance)
+    }
+
+    /// The operation's number in its instance (`<instance>#<n>`); `None` from an older queue.
+    pub fn op(&self) -> Option<u64> {
+        self.origin.split_once('#').and_then(|(_, n)| n.parse().ok())
     }
 
     /// The events, in the order the script made them.
@@ -230,5 +240,8 @@ mod tests {
         assert!(quiet.events().unwrap().is_empty() && quiet.stops().unwrap().is_empty());
         assert_eq!((quiet.queued, quiet.wake), (None, 0), "a script that changed nothing that waits counts nothing");
         assert_eq!(quiet.node(), Some("gpu@01"), "the run is what follows the last @");
+        let numbered = Message::parse(br#"{"o":"gpu@01@ab12#42"}"#).unwrap();
+        assert_eq!((numbered.instance(), numbered.node(), numbered.op()), ("gpu@01@ab12", Some("gpu@01"), Some(42)));
+        assert_eq!((quiet.instance(), quiet.op()), ("gpu@01@ab12", None));
     }
 }

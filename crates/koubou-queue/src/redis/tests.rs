@@ -666,3 +666,38 @@ async fn concurrent_writes_go_in_batches_each_with_its_own_answer() {
     let entries: u64 = ::redis::cmd("XLEN").arg(format!("{{koubou:{}}}:events", ns.name)).query(&mut conn).unwrap();
     assert!(entries < 200, "{entries} stream entries for 200 submissions: none were batched");
 }
+
+/// A queue's own events and another node's keep the stream's order on its log, however its
+/// answers and its stream reader race: every task's `task_created` (made here) comes before
+/// its `task_claimed` and `task_completed` (made by the other instance), each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn own_and_other_nodes_events_keep_the_streams_order() {
+    let ns = fixture();
+    let (a, b) = (open(&ns).await, open(&ns).await);
+    let mut log = a.bus().subscribe(None);
+    let stop = CancellationToken::new();
+    let claimer = {
+        let (b, stop) = (b.clone(), stop.clone());
+        tokio::spawn(async move {
+            while let Some(c) = b.claim_wait(&w(1), &ANY, LEASE, &stop).await.unwrap() {
+                b.complete(&c.lease, done("ok")).await.unwrap();
+            }
+        })
+    };
+    let submits = (0..300).map(|i| a.submit(new(&format!("t{i}"), 5)));
+    let ids: Vec<TaskId> = futures::future::join_all(submits).await.into_iter().map(|s| s.unwrap().task.id).collect();
+    let mut seen: std::collections::HashMap<TaskId, Vec<&'static str>> = Default::default();
+    let mut completed = 0;
+    while completed < ids.len() {
+        let e = soon("the events of 300 tasks", log.next()).await.unwrap().unwrap();
+        if let Some(id) = e.kind.task_id() {
+            completed += usize::from(matches!(e.kind, EventKind::TaskCompleted { .. }));
+            seen.entry(id).or_default().push(e.kind.name());
+        }
+    }
+    stop.cancel();
+    claimer.await.unwrap();
+    for id in &ids {
+        assert_eq!(seen[id], ["task_created", "task_claimed", "task_completed"], "task {id}");
+    }
+}

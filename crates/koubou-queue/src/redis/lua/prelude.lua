@@ -371,8 +371,9 @@ end
 
 -- Runs a batch of operations (functions only): the writer sends the operations it has waiting
 -- in one call, which saves each the call's own cost (a third of a small operation's). ARGV
--- after the four shared arguments: for each operation its name in `ops`, how many arguments
--- it has, and those. Each runs as it would alone, in order, and has its own answer; an
+-- after the four shared arguments: for each operation its name in `ops`, its number in the
+-- calling instance (its messages' origin is then `<origin>#<number>`, as a script's ARGV[1]
+-- is), how many arguments it has, and those. Each runs as it would alone, in order, and has its own answer; an
 -- operation that raises an error answers {'!', the error} and the next ones still run. Their
 -- stream messages are appended as one entry, in order.
 local function batch(keys, argv, ops)
@@ -380,10 +381,11 @@ local function batch(keys, argv, ops)
   batched, outgoing = true, {}
   local answers, i = {}, 5
   while i <= #argv do
-    local name, n = argv[i], tonumber(argv[i + 1])
-    local args = { argv[1], argv[2], argv[3], argv[4] }
+    local name, n = argv[i], tonumber(argv[i + 2])
+    ORIGIN = argv[1] .. '#' .. argv[i + 1]
+    local args = { ORIGIN, argv[2], argv[3], argv[4] }
     for j = 1, n do
-      args[4 + j] = argv[i + 1 + j]
+      args[4 + j] = argv[i + 2 + j]
     end
     notes, stops, wake, touched = {}, {}, 0, false
     local ok, answer = pcall(ops[name], args)
@@ -391,7 +393,7 @@ local function batch(keys, argv, ops)
       answer = { '!', type(answer) == 'table' and answer.err or tostring(answer) }
     end
     answers[#answers + 1] = answer
-    i = i + 2 + n
+    i = i + 3 + n
   end
   batched = false
   if #outgoing > 0 then
