@@ -29,8 +29,9 @@
 //! worker's write applies only while the task is running under its (worker, attempt).
 //!
 //! This process's writes go through one writer task, in order (pipelined on one connection,
-//! so order holds), so its own events reach the bus in the order Redis ran them, after Redis
-//! answered. Other processes' events, wake-ups and
+//! so order holds). Its own events reach the bus in the stream's order, among other nodes':
+//! each operation is numbered (`<instance>#<n>` in its message), and whichever sees it first,
+//! its answer or the stream reader, publishes its events. Other processes' events, wake-ups and
 //! cancels arrive on the `events` stream, read from the last entry this instance saw (a
 //! blocking `XREAD` on a connection of its own), and are applied here too: a parked worker
 //! wakes for a task submitted elsewhere, and a cancel made elsewhere fires the claimer's token
