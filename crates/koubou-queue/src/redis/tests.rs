@@ -26,14 +26,19 @@ async fn open(ns: &Namespace) -> RedisQueue {
     RedisQueue::open(ns.config(), bus()).await.unwrap()
 }
 
-/// Queues on a namespace of their own, for the conformance suite.
-struct Namespaces;
+/// Queues on a namespace of their own, for the conformance suite: on the server tests share,
+/// or (`scripts`) on a private one whose user may not load functions, every write then a script.
+struct Namespaces {
+    scripts: bool,
+}
+
+const SHARED: Namespaces = Namespaces { scripts: false };
 
 impl Factory for Namespaces {
     type Queue = RedisQueue;
     type Place = Namespace;
     fn place(&self) -> Namespace {
-        fixture()
+        if self.scripts { Namespace::on(Arc::new(scripts_only())) } else { fixture() }
     }
     async fn open(&self, ns: &Namespace, retry: Backoff, events: Arc<dyn EventLog>) -> RedisQueue {
         RedisQueue::open(RedisConfig { retry, ..ns.config() }, events).await.unwrap()
@@ -43,21 +48,21 @@ impl Factory for Namespaces {
     }
 }
 
-crate::conformance_suite!(conformance, Namespaces);
+crate::conformance_suite!(conformance, SHARED);
 
 #[tokio::test]
 async fn the_outbox_holds_what_no_confirmed_delivery_covers() {
-    crate::conformance::outbox_holds_what_no_confirmed_delivery_covers(&Namespaces).await;
+    crate::conformance::outbox_holds_what_no_confirmed_delivery_covers(&SHARED).await;
 }
 
 #[tokio::test]
 async fn nodes_conform() {
-    crate::conformance::nodes_register_renew_expire(&Namespaces).await;
+    crate::conformance::nodes_register_renew_expire(&SHARED).await;
 }
 
 #[tokio::test]
 async fn claim_id_claims_exactly_that_task_when_claimable() {
-    crate::conformance::claim_id_claims_exactly_that_task_when_claimable(&Namespaces).await;
+    crate::conformance::claim_id_claims_exactly_that_task_when_claimable(&SHARED).await;
 }
 
 /// Bounds a wait that should end at once, generously for a loaded machine but below the
@@ -607,24 +612,7 @@ fn scripts_only() -> Server {
     )
 }
 
-/// The conformance suite again, with the writes run as scripts.
-struct ScriptNamespaces;
-
-impl Factory for ScriptNamespaces {
-    type Queue = RedisQueue;
-    type Place = Namespace;
-    fn place(&self) -> Namespace {
-        Namespace::on(Arc::new(scripts_only()))
-    }
-    async fn open(&self, ns: &Namespace, retry: Backoff, events: Arc<dyn EventLog>) -> RedisQueue {
-        RedisQueue::open(RedisConfig { retry, ..ns.config() }, events).await.unwrap()
-    }
-    fn queued(&self, q: &RedisQueue) -> u64 {
-        q.queued()
-    }
-}
-
-crate::conformance_suite!(conformance_as_scripts, ScriptNamespaces);
+crate::conformance_suite!(conformance_as_scripts, Namespaces { scripts: true });
 
 /// Writes sent at once go in batches: each still has its own answer, an operation that fails
 /// (here on a key of the wrong type) fails alone, and every event reaches another instance
