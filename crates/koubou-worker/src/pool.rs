@@ -309,8 +309,14 @@ impl Pool {
     /// short and hands them back to the queue.
     pub async fn shutdown(&self, grace: Option<Duration>) {
         self.stop_scaler.cancel();
-        if let Some(h) = self.scaler.lock().take() {
+        // The scaler is gone before the members are taken: running on another thread when
+        // aborted, it could otherwise still grow the pool it then finds empty, and start a
+        // worker nothing stops (seen once in CI: that worker claimed the task the stopping one
+        // had just handed back).
+        let scaler = self.scaler.lock().take();
+        if let Some(h) = scaler {
             h.abort();
+            let _ = h.await;
         }
         let mut members: Vec<Member> = std::mem::take(&mut *self.members.lock());
         members.append(&mut self.retiring.lock());

@@ -338,6 +338,10 @@ async fn shutdown_finishes_within_grace_or_hands_back() {
     let after = q.get(t.id).await.unwrap().unwrap();
     assert_eq!(after.status, TaskStatus::Pending, "handed back to the queue");
     assert_eq!(after.attempts, 0, "the interrupted attempt does not count");
+    // And no worker is left to claim it again (the scaler is stopped before the members are).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(q.get(t.id).await.unwrap().unwrap().status, TaskStatus::Pending, "claimed after the shutdown");
+    assert_eq!(b.running(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
