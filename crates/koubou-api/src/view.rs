@@ -459,9 +459,14 @@ pub struct SystemInfo {
     /// The server's home directory.
     #[schema(value_type = String)]
     pub koubou_home: std::path::PathBuf,
-    /// The task database.
+    /// Where the tasks are kept: the task database's file, or the Redis URL (without its
+    /// password).
     #[schema(value_type = String)]
     pub db_path: std::path::PathBuf,
+    /// With RabbitMQ handing the tasks out: the broker's URL (without its password) and the
+    /// queue on it; null otherwise.
+    #[schema(required = true)]
+    pub dispatcher: Option<String>,
     #[schema(value_type = String)]
     pub logs_dir: std::path::PathBuf,
     /// When this answer was made (RFC 3339).

@@ -249,6 +249,9 @@ pub(crate) struct Opened {
     pub log: Arc<dyn EventLog>,
     pub nodes: Arc<dyn Nodes>,
     pub place: PathBuf,
+    /// With RabbitMQ handing the tasks out: the broker (its URL without the password) and the
+    /// queue on it.
+    pub dispatcher: Option<String>,
 }
 
 /// Opens what `sel` (read from `cfg`) selects for node `node`; its events go to `log`, this
@@ -261,11 +264,12 @@ pub(crate) async fn open(
     node: &str,
 ) -> Result<Opened, StartError> {
     let broker = sel.broker.map(|url| cfg.amqp_for(url, &sel.store));
+    let dispatcher = broker.as_ref().map(|b| format!("{} (queue {})", redact_url(&b.url), b.queue_name()));
     Ok(match sel.store {
         Store::Sqlite(path) => {
             let db = path.unwrap_or_else(|| home.db_file());
             let q = SqliteQueue::open(db.clone(), cfg.sqlite.clone(), log.clone())?;
-            Opened { queue: dispatched(q.clone(), broker).await?, log, nodes: Arc::new(q), place: db }
+            Opened { queue: dispatched(q.clone(), broker).await?, log, nodes: Arc::new(q), place: db, dispatcher }
         }
         Store::Redis(url) => {
             let rc = RedisConfig {
@@ -278,7 +282,7 @@ pub(crate) async fn open(
             tracing::info!(queue = %place.display(), namespace = %rc.namespace, "opening the Redis queue");
             let q = RedisQueue::open(rc, log).await?;
             let relay = q.relay(node);
-            Opened { queue: dispatched(q.clone(), broker).await?, log: relay, nodes: Arc::new(q), place }
+            Opened { queue: dispatched(q.clone(), broker).await?, log: relay, nodes: Arc::new(q), place, dispatcher }
         }
     })
 }

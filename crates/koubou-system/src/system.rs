@@ -81,6 +81,8 @@ struct Inner {
     cfg: Config,
     home: std::path::PathBuf,
     db: std::path::PathBuf,
+    /// RabbitMQ, when it hands the tasks out (`SystemInfo::dispatcher`).
+    dispatcher: Option<String>,
     queue: Arc<dyn TaskQueue>,
     router: Arc<Router>,
     /// The event log every part publishes to and reads from (on a shared queue, it also relays
@@ -178,7 +180,8 @@ impl Koubou {
             return Err(if selection.broker.is_some() { StartError::NotSharedStore } else { StartError::NotShared });
         }
         let opened = crate::queue::open(&cfg.queue, selection, home, local, &opts.node).await?;
-        let (queue, log, registry, db) = (opened.queue, opened.log, opened.nodes, opened.place);
+        let (queue, log, registry, db, dispatcher) =
+            (opened.queue, opened.log, opened.nodes, opened.place, opened.dispatcher);
         if cfg.backends.is_empty() {
             let (backends, primary, fallback) = default_backends().await;
             tracing::info!(primary, fallback, "no backends configured; chose automatically");
@@ -233,6 +236,7 @@ impl Koubou {
                 cfg,
                 home: home.dir.clone(),
                 db,
+                dispatcher,
                 queue,
                 router,
                 log,
@@ -727,6 +731,7 @@ impl Api for Koubou {
             version: env!("CARGO_PKG_VERSION").into(),
             koubou_home: self.inner.home.clone(),
             db_path: self.inner.db.clone(),
+            dispatcher: self.inner.dispatcher.clone(),
             logs_dir: self.inner.home.join("logs"),
             timestamp: koubou_task::rfc3339(now_millis()),
         })

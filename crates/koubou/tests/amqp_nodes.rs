@@ -293,6 +293,11 @@ async fn rabbitmq_dispatches_the_tasks_of_a_serve_on_sqlite_and_of_koubou_run() 
         assert!(t["worker_id"].as_str().unwrap().starts_with("serve/"), "{t}");
     }
     assert!(!amqp.connections().is_empty(), "the serve has no connection to the broker");
+    // /system/info names the broker and its queue (not its password) beside the store.
+    let info: Value = reqwest::get(format!("{}/system/info", serve.url)).await.unwrap().json().await.unwrap();
+    let dispatcher = info["dispatcher"].as_str().unwrap_or_default();
+    assert!(dispatcher.starts_with("amqp://") && dispatcher.contains(".tasks)"), "{info}");
+    assert!(!dispatcher.contains("guest:guest") && info["db_path"].as_str().unwrap().ends_with(".db"), "{info}");
     let stderr_log = serve.stderr_log.clone();
     drop(serve);
     let log = std::fs::read_to_string(&stderr_log).unwrap();

@@ -224,6 +224,7 @@ async fn lists_workers_and_system_info_in_the_prototype_shapes() {
     assert_eq!(i["koubou_home"], home.path().to_str().unwrap(), "{i}");
     assert_eq!(i["db_path"], home.path().join("db/koubou.db").to_str().unwrap(), "{i}");
     assert!(i["server_type"].is_string() && i["timestamp"].is_string(), "{i}");
+    assert!(i["dispatcher"].is_null(), "no RabbitMQ here: {i}");
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
