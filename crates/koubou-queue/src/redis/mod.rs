@@ -234,6 +234,9 @@ struct Shared {
     scripts: Scripts,
     /// Whether the operations run as the library's functions (`FCALL`); as scripts otherwise.
     functions: AtomicBool,
+    /// The arguments every operation starts with (the prelude's ARGV[1..4]): this instance's
+    /// id, how many finished tasks to keep and for how long, about how many events.
+    common: [String; 4],
     bus: Arc<dyn EventLog>,
     wakeup: Notify,
     /// Tokens of tasks claimed through this instance, with the attempt they hold.
@@ -288,6 +291,10 @@ impl Answer {
     }
 }
 
+/// Redis's error codes for a condition that passes (out of memory, busy, loading, a replica
+/// without its master, a read-only replica): the same write may succeed later.
+const PASSING: [&str; 5] = ["OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY"];
+
 /// A connection failure, a timeout, a server loading or out of memory: the caller may try again.
 fn from_redis(e: RedisError) -> QueueError {
     let passing = e.is_io_error()
@@ -301,7 +308,7 @@ fn from_redis(e: RedisError) -> QueueError {
                 | RetryMethod::WaitAndRetry
                 | RetryMethod::RefreshSlotsAndRetry
         )
-        || matches!(e.code(), Some("OOM" | "BUSY" | "LOADING" | "MASTERDOWN" | "READONLY"));
+        || e.code().is_some_and(|c| PASSING.contains(&c));
     if passing { QueueError::Unavailable(e.to_string()) } else { QueueError::Storage(format!("Redis refused it: {e}")) }
 }
 
@@ -367,13 +374,20 @@ impl RedisQueue {
             .map_err(|e| refuse(e.to_string()))?;
         let scripts = Scripts::new();
         let functions = load_library(&mut conn, &scripts).await;
+        let origin = format!("{}@{:016x}", bus.origin(), fastrand::u64(..));
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             prefix,
-            origin: format!("{}@{:016x}", bus.origin(), fastrand::u64(..)),
+            origin: origin.clone(),
             conn,
             scripts,
             functions: AtomicBool::new(functions),
+            common: [
+                origin.clone(),
+                cfg.keep_finished.to_string(),
+                cfg.keep_finished_secs.saturating_mul(1000).to_string(),
+                cfg.keep_events.to_string(),
+            ],
             bus,
             wakeup: Notify::new(),
             running: Mutex::new(HashMap::new()),
@@ -575,16 +589,6 @@ fn same(e: &QueueError) -> QueueError {
 }
 
 impl Shared {
-    /// The arguments every operation starts with (the prelude's ARGV[1..4]).
-    fn common(&self) -> [String; 4] {
-        [
-            self.origin.clone(),
-            self.cfg.keep_finished.to_string(),
-            self.cfg.keep_finished_secs.saturating_mul(1000).to_string(),
-            self.cfg.keep_events.to_string(),
-        ]
-    }
-
     /// The next operation's number.
     fn op_id(&self) -> u64 {
         self.ops.fetch_add(1, Ordering::Relaxed)
@@ -593,7 +597,7 @@ impl Shared {
     /// Runs one writing operation as a script, and applies what it did.
     async fn run(&self, conn: &mut ConnectionManager, op: Op, args: &[String]) -> Result<Answer, QueueError> {
         let id = self.op_id();
-        let mut common = self.common();
+        let mut common = self.common.clone();
         common[0] = format!("{}#{id}", self.origin);
         let mut call = self.scripts.get(op).key(&self.prefix);
         call.arg(&common).arg(args);
@@ -611,7 +615,7 @@ impl Shared {
         let ids: Vec<u64> = calls.iter().map(|_| self.op_id()).collect();
         let fcall = || {
             let mut call = ::redis::cmd("FCALL");
-            call.arg(&self.scripts.batch).arg(1).arg(&self.prefix).arg(&self.common());
+            call.arg(&self.scripts.batch).arg(1).arg(&self.prefix).arg(&self.common);
             for ((op, args), id) in calls.iter().zip(&ids) {
                 call.arg(Scripts::name(*op)).arg(id).arg(args.len()).arg(*args);
             }
@@ -655,9 +659,7 @@ impl Shared {
         if code == "!" {
             // An error raised inside a batch, for this operation alone: Redis's own error
             // (its code first, as Redis sends it) or Lua's.
-            let passing = ["OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY"]
-                .iter()
-                .any(|c| msg.strip_prefix(c).is_some_and(|rest| rest.starts_with(' ')));
+            let passing = msg.split_once(' ').is_some_and(|(c, _)| PASSING.contains(&c));
             return Err(if passing {
                 QueueError::Unavailable(msg)
             } else {
@@ -883,8 +885,9 @@ async fn write_loop(shared: Arc<Shared>, mut calls: mpsc::UnboundedReceiver<Job>
     // Writes are pipelined: each is sent as soon as it is asked for, without waiting for the
     // answers to earlier ones, on the one multiplexed connection. A `FuturesUnordered` first
     // polls its futures in the order they were pushed, and each (unconstrained) sends its
-    // command in that first poll, so Redis runs them in the order they were asked for; their answers come back in that order,
-    // and each is applied (its events published) as it arrives.
+    // command in that first poll, so Redis runs them in the order they were asked for; their
+    // answers come back in that order, and each is applied (its events published) as it
+    // arrives.
     //
     // With the library loaded, the operations already waiting when one is taken (up to
     // `MAX_BATCH`, none waited for) go with it as one batch: one call instead of many under
